@@ -1,0 +1,72 @@
+//! The [`Backend`] trait each broker crate implements. Users never call it:
+//! they drive every backend through [`EventBus`](crate::EventBus).
+
+use async_trait::async_trait;
+use futures::future::BoxFuture;
+
+use crate::error::Result;
+use crate::health::ConnectionState;
+use crate::message::{Ack, Delivery, Message};
+
+/// The second stage of a publish: resolves when the broker acknowledges.
+pub type AckFuture = BoxFuture<'static, Result<Ack>>;
+
+/// What a subscription asks of a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubscribeSpec {
+    /// The topic to consume.
+    pub topic: String,
+    /// The consumer group: each group gets every message, the members of one
+    /// group share them.
+    pub group: String,
+}
+
+/// A broker, as the bus sees it.
+///
+/// Contract:
+/// - [`publish`](Backend::publish) returns once the broker client has
+///   accepted the message, without spawning a task per message; the returned
+///   future resolves with the broker's ACK.
+/// - A message published with an `X-Event-ID` header is deduplicated by the
+///   broker where it can (NATS `Nats-Msg-Id`).
+/// - Deliveries of one subscription come from one ordered source, so the
+///   bus's fetch loop sees each partition or stream in broker order.
+#[async_trait]
+pub trait Backend: Send + Sync + 'static {
+    /// Short name for health and metrics: `memory`, `nats`, `kafka`.
+    fn name(&self) -> &'static str;
+
+    /// Hands `message` to the broker client.
+    ///
+    /// # Errors
+    /// [`Backend`](crate::ErrorKind::Backend) or
+    /// [`Connection`](crate::ErrorKind::Connection) when the client refuses it,
+    /// [`Closed`](crate::ErrorKind::Closed) after [`close`](Backend::close).
+    async fn publish(&self, message: Message) -> Result<AckFuture>;
+
+    /// Joins `spec.group` on `spec.topic`.
+    ///
+    /// # Errors
+    /// [`NotFound`](crate::ErrorKind::NotFound) when the topic or stream is
+    /// missing and may not be created, or a client error.
+    async fn subscribe(&self, spec: &SubscribeSpec) -> Result<Box<dyn BackendSubscription>>;
+
+    /// The connection's state.
+    fn connection_state(&self) -> ConnectionState;
+
+    /// Flushes and closes the client. Called once, after every subscription
+    /// closed and every publish got its result.
+    async fn close(&self) -> Result<()>;
+}
+
+/// One member of a consumer group, as a source of deliveries.
+#[async_trait]
+pub trait BackendSubscription: Send + 'static {
+    /// The next delivery; `None` when the subscription can deliver no more.
+    /// Must be cancel-safe: dropping the future loses no message.
+    async fn next(&mut self) -> Option<Result<Delivery>>;
+
+    /// Leaves the group. Messages delivered and not settled go back to the
+    /// group (at once, or when the broker's redelivery deadline passes).
+    async fn close(self: Box<Self>) -> Result<()>;
+}

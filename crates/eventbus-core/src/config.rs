@@ -1,0 +1,266 @@
+//! [`BusConfig`]: every setting of the bus, its defaults in one place, and
+//! loading from TOML or YAML files with environment overrides.
+//!
+//! | key | default | meaning |
+//! |---|---|---|
+//! | `publish.max_in_flight` | 4,096 | publishes accepted but not yet acknowledged |
+//! | `publish.timeout_ms` | 5,000 | longest wait for room in the in-flight window or for the backend to accept |
+//! | `publish.ack_timeout_ms` | 30,000 | longest wait for a broker ACK; then the result is a `Timeout` error |
+//! | `results.enabled` | false | keep a lossless stream of publish results |
+//! | `results.capacity` | 10,000 | results buffered before publishers wait |
+//! | `consumer.concurrency` | 256 | handlers running at once, across all subscriptions |
+//! | `consumer.max_in_flight` | 10,000 | messages fetched but not yet settled; then fetching waits |
+//! | `consumer.retry` | 3 attempts, 100 ms × 2 up to 10 s, 20 % jitter | see [`RetryPolicy`] |
+//! | `consumer.dead_letter_suffix` | `.dlq` | dead-letter topic = topic + suffix |
+//! | `consumer.dead_letter` | true | dead-letter after the last attempt; false parks the aggregate |
+//! | `close_timeout_ms` | 10,000 | longest wait in `close()` for handlers and publishes |
+//! | `memory.max_messages_per_topic` | 1,000,000 | memory backend: retained messages per topic |
+//!
+//! Environment overrides use the prefix `EVENTBUS_` and `__` between levels:
+//! `EVENTBUS_CONSUMER__CONCURRENCY=64`.
+
+use std::path::Path;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml, Yaml};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, ErrorKind, Result};
+use crate::retry::RetryPolicy;
+
+/// Prefix of environment overrides.
+pub const ENV_PREFIX: &str = "EVENTBUS_";
+
+/// All settings of an [`EventBus`](crate::EventBus). See the module docs for defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BusConfig {
+    /// Publishing.
+    pub publish: PublishConfig,
+    /// The publish-results stream.
+    pub results: ResultsConfig,
+    /// Consuming: executor limits, retries, dead letters.
+    pub consumer: ConsumerConfig,
+    /// Longest wait in `close()` for in-flight handlers and publishes, in ms.
+    pub close_timeout_ms: u64,
+    /// The memory backend.
+    pub memory: MemoryConfig,
+}
+
+/// Publishing settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PublishConfig {
+    /// Publishes accepted but not yet acknowledged, per bus (count).
+    pub max_in_flight: usize,
+    /// Longest wait for room in the window and for the backend to accept, in ms.
+    pub timeout_ms: u64,
+    /// Longest wait for the broker's ACK, in ms.
+    pub ack_timeout_ms: u64,
+}
+
+/// Publish-results stream settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResultsConfig {
+    /// Whether envelope publishes report to [`EventBus::results`](crate::EventBus::results).
+    pub enabled: bool,
+    /// Results buffered per stream before publishers wait (count).
+    pub capacity: usize,
+}
+
+/// Consumer settings shared by all subscriptions of a bus.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsumerConfig {
+    /// Handlers running at once (count).
+    pub concurrency: usize,
+    /// Messages fetched and not yet settled before fetch loops wait (count).
+    pub max_in_flight: usize,
+    /// Default retry policy of subscriptions.
+    pub retry: RetryPolicy,
+    /// Whether exhausted messages are dead-lettered (else the aggregate parks).
+    pub dead_letter: bool,
+    /// Suffix making the default dead-letter topic from the topic.
+    pub dead_letter_suffix: String,
+}
+
+/// Memory backend settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryConfig {
+    /// Messages kept per topic until every group has acked them (count);
+    /// publishers wait when it is reached.
+    pub max_messages_per_topic: usize,
+}
+
+impl Default for BusConfig {
+    fn default() -> Self {
+        Self {
+            publish: PublishConfig::default(),
+            results: ResultsConfig::default(),
+            consumer: ConsumerConfig::default(),
+            close_timeout_ms: 10_000,
+            memory: MemoryConfig::default(),
+        }
+    }
+}
+
+impl Default for PublishConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 4_096,
+            timeout_ms: 5_000,
+            ack_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for ResultsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            capacity: 10_000,
+        }
+    }
+}
+
+impl Default for ConsumerConfig {
+    fn default() -> Self {
+        Self {
+            concurrency: 256,
+            max_in_flight: 10_000,
+            retry: RetryPolicy::default(),
+            dead_letter: true,
+            dead_letter_suffix: ".dlq".into(),
+        }
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            max_messages_per_topic: 1_000_000,
+        }
+    }
+}
+
+impl BusConfig {
+    /// Defaults, then `path` (TOML for `.toml`, YAML for `.yaml`/`.yml`), then
+    /// `EVENTBUS_*` environment variables.
+    ///
+    /// # Errors
+    /// [`Config`](ErrorKind::Config) when the file is missing, of another
+    /// extension, or holds unknown keys or wrong types.
+    pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let figment = Figment::from(Serialized::defaults(Self::default()));
+        let figment = match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => figment.merge(Toml::file_exact(path)),
+            Some("yaml" | "yml") => figment.merge(Yaml::file_exact(path)),
+            _ => {
+                return Err(Error::config(format!(
+                    "{}: expected .toml, .yaml or .yml",
+                    path.display()
+                )));
+            }
+        };
+        Self::extract(figment.merge(Env::prefixed(ENV_PREFIX).split("__")))
+    }
+
+    /// Defaults overridden by `EVENTBUS_*` environment variables.
+    ///
+    /// # Errors
+    /// [`Config`](ErrorKind::Config) when a variable has the wrong type.
+    pub fn from_env() -> Result<Self> {
+        Self::extract(
+            Figment::from(Serialized::defaults(Self::default())).merge(Env::prefixed(ENV_PREFIX).split("__")),
+        )
+    }
+
+    fn extract(figment: Figment) -> Result<Self> {
+        let config: Self = figment
+            .extract()
+            .map_err(|e| Error::new(ErrorKind::Config, "cannot load configuration").with_source(e))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks limits are usable.
+    ///
+    /// # Errors
+    /// [`Config`](ErrorKind::Config) naming the zero limit.
+    pub fn validate(&self) -> Result<()> {
+        let zero = [
+            ("publish.max_in_flight", self.publish.max_in_flight),
+            ("results.capacity", self.results.capacity),
+            ("consumer.concurrency", self.consumer.concurrency),
+            ("consumer.max_in_flight", self.consumer.max_in_flight),
+            (
+                "consumer.retry.max_attempts",
+                self.consumer.retry.max_attempts as usize,
+            ),
+            (
+                "memory.max_messages_per_topic",
+                self.memory.max_messages_per_topic,
+            ),
+        ];
+        match zero.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(Error::config(format!("{name} must be greater than 0"))),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn close_timeout(&self) -> Duration {
+        Duration::from_millis(self.close_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = BusConfig::default();
+        c.validate().unwrap();
+        assert_eq!(c.close_timeout_ms, 10_000);
+    }
+
+    #[test]
+    fn loads_toml_and_yaml_with_env_override() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = dir.path().join("bus.toml");
+        std::fs::write(
+            &toml,
+            "[consumer]\nconcurrency = 8\n[consumer.retry]\nmax_attempts = 5\n",
+        )
+        .unwrap();
+        let c = BusConfig::from_file(&toml).unwrap();
+        assert_eq!(c.consumer.concurrency, 8);
+        assert_eq!(c.consumer.retry.max_attempts, 5);
+        assert_eq!(c.publish.max_in_flight, 4_096);
+
+        let yaml = dir.path().join("bus.yaml");
+        std::fs::write(&yaml, "publish:\n  max_in_flight: 7\n").unwrap();
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("EVENTBUS_PUBLISH__TIMEOUT_MS", "42");
+            let c = BusConfig::from_file(&yaml).unwrap();
+            assert_eq!(c.publish.max_in_flight, 7);
+            assert_eq!(c.publish.timeout_ms, 42);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn unknown_keys_and_zero_limits_are_config_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("bad.toml");
+        std::fs::write(&p, "[consumer]\nconcurency = 8\n").unwrap();
+        assert_eq!(BusConfig::from_file(&p).unwrap_err().kind(), ErrorKind::Config);
+        std::fs::write(&p, "[consumer]\nconcurrency = 0\n").unwrap();
+        let e = BusConfig::from_file(&p).unwrap_err();
+        assert!(e.to_string().contains("consumer.concurrency"), "{e}");
+    }
+}

@@ -1,0 +1,420 @@
+//! The domain-event [`Envelope`]: its JSON format, validation and builder.
+//!
+//! The JSON field names and rules are those of the original Go SDK
+//! (`ORIGIN.md`, "The envelope"), so both exchange envelopes on the wire.
+
+use std::fmt;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde_json::value::RawValue;
+
+use crate::error::{Error, Result, ValidationError};
+
+/// Longest accepted `aggregate_id`, in characters (ORIGIN.md).
+pub const MAX_AGGREGATE_ID_LEN: usize = 256;
+/// Longest accepted `event_id`, in characters (it becomes the NATS `Nats-Msg-Id`).
+pub const MAX_EVENT_ID_LEN: usize = 256;
+
+/// One domain event with its metadata, as exchanged on the wire.
+///
+/// JSON shape (fields as in the original SDK):
+/// `{"event_id","aggregate_id","event_type","event_version","timestamp",
+/// "trace_id"?,"correlation_id"?,"tenant_id"?,"payload"}`.
+/// Optional fields are omitted when `None`; an empty string decodes as `None`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Unique id of the event; a UUIDv7 when generated. Used as the broker's dedup id.
+    pub event_id: String,
+    /// The aggregate this event belongs to: 1..=256 chars of `A-Z a-z 0-9 : _ - . /`.
+    pub aggregate_id: String,
+    /// The event's type name, non-blank (e.g. `OrderCreated`).
+    pub event_type: String,
+    /// Per-aggregate sequence number, > 0.
+    pub event_version: i64,
+    /// When the event was created (RFC 3339 with nanoseconds on the wire).
+    #[serde(with = "rfc3339")]
+    pub timestamp: DateTime<Utc>,
+    /// Distributed-tracing id.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty"
+    )]
+    pub trace_id: Option<String>,
+    /// Correlation id linking events of one business operation.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "non_empty"
+    )]
+    pub correlation_id: Option<String>,
+    /// Tenant of the event, for multi-tenant services.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<i64>,
+    /// The event body, raw JSON kept byte for byte.
+    pub payload: Payload,
+}
+
+impl fmt::Debug for Envelope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Envelope")
+            .field("event_id", &self.event_id)
+            .field("aggregate_id", &self.aggregate_id)
+            .field("event_type", &self.event_type)
+            .field("event_version", &self.event_version)
+            .field("timestamp", &self.timestamp)
+            .field("tenant_id", &self.tenant_id)
+            .field("payload_bytes", &self.payload.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Envelope {
+    /// Starts a builder with the three fields every event needs; the event id
+    /// (UUIDv7) and timestamp (now) are filled in by [`EnvelopeBuilder::build`].
+    pub fn builder(
+        aggregate_id: impl Into<String>,
+        event_type: impl Into<String>,
+        event_version: i64,
+    ) -> EnvelopeBuilder {
+        EnvelopeBuilder {
+            aggregate_id: aggregate_id.into(),
+            event_type: event_type.into(),
+            event_version,
+            event_id: None,
+            timestamp: None,
+            trace_id: None,
+            correlation_id: None,
+            tenant_id: None,
+            payload: None,
+        }
+    }
+
+    /// Checks the rules of ORIGIN.md.
+    ///
+    /// # Errors
+    /// A [`ValidationError`] naming the first field that breaks a rule.
+    pub fn validate(&self) -> Result<(), ValidationError> {
+        if self.event_id.trim().is_empty() {
+            return Err(ValidationError::new("event_id", "must not be blank"));
+        }
+        if self.event_id.chars().count() > MAX_EVENT_ID_LEN {
+            return Err(ValidationError::new("event_id", "longer than 256 characters"));
+        }
+        validate_aggregate_id(&self.aggregate_id)?;
+        if self.event_type.trim().is_empty() {
+            return Err(ValidationError::new("event_type", "must not be blank"));
+        }
+        if self.event_version <= 0 {
+            return Err(ValidationError::new("event_version", "must be greater than 0"));
+        }
+        if self.payload.get().trim() == "null" {
+            return Err(ValidationError::new("payload", "must not be null"));
+        }
+        Ok(())
+    }
+
+    /// Serializes to JSON bytes after validating.
+    ///
+    /// # Errors
+    /// [`Validation`](crate::ErrorKind::Validation) when a rule is broken.
+    pub fn encode(&self) -> Result<Bytes> {
+        self.validate()?;
+        Ok(Bytes::from(serde_json::to_vec(self)?))
+    }
+
+    /// Parses and validates JSON bytes. Never panics, whatever the input.
+    ///
+    /// # Errors
+    /// [`Serialization`](crate::ErrorKind::Serialization) when the bytes are not
+    /// an envelope, [`Validation`](crate::ErrorKind::Validation) when one is but
+    /// breaks a rule.
+    pub fn decode(bytes: &[u8]) -> Result<Self> {
+        let envelope: Envelope = serde_json::from_slice(bytes)?;
+        envelope.validate()?;
+        Ok(envelope)
+    }
+}
+
+/// Checks an aggregate id: 1..=256 characters of `A-Z a-z 0-9 : _ - . /`.
+///
+/// # Errors
+/// A [`ValidationError`] on field `aggregate_id`.
+pub fn validate_aggregate_id(id: &str) -> Result<(), ValidationError> {
+    if id.is_empty() {
+        return Err(ValidationError::new("aggregate_id", "must not be empty"));
+    }
+    if id.len() > MAX_AGGREGATE_ID_LEN {
+        return Err(ValidationError::new("aggregate_id", "longer than 256 characters"));
+    }
+    match id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, ':' | '_' | '-' | '.' | '/')))
+    {
+        Some(c) => Err(ValidationError::new(
+            "aggregate_id",
+            format!("character {c:?} is not one of A-Z a-z 0-9 : _ - . /"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A new UUIDv7 event id, as lowercase hyphenated text.
+pub fn new_event_id() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
+pub(crate) fn format_timestamp(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+mod rfc3339 {
+    use super::*;
+
+    pub(super) fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_timestamp(t))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&s)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+fn non_empty<'de, D: Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.filter(|s| !s.is_empty()))
+}
+
+/// The event body: raw JSON, kept byte for byte and shared cheaply on clone.
+///
+/// Decoding an envelope copies the payload's bytes once and never parses it
+/// into a value; encoding writes them back verbatim.
+#[derive(Clone)]
+pub struct Payload(Arc<RawValue>);
+
+impl Payload {
+    /// Wraps JSON text after checking it is one valid JSON value.
+    ///
+    /// # Errors
+    /// [`Serialization`](crate::ErrorKind::Serialization) when `json` is not valid JSON.
+    pub fn from_raw(json: impl Into<String>) -> Result<Self> {
+        Ok(Self(Arc::from(RawValue::from_string(json.into())?)))
+    }
+
+    /// Serializes `value` to JSON.
+    ///
+    /// # Errors
+    /// [`Serialization`](crate::ErrorKind::Serialization) when `value` cannot be serialized.
+    pub fn from_json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        Ok(Self(Arc::from(serde_json::value::to_raw_value(value)?)))
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Length of the JSON text in bytes.
+    pub fn len(&self) -> usize {
+        self.get().len()
+    }
+
+    /// Whether the JSON text is empty (never true for a valid payload).
+    pub fn is_empty(&self) -> bool {
+        self.get().is_empty()
+    }
+
+    /// Deserializes the payload into `T`.
+    ///
+    /// # Errors
+    /// [`Serialization`](crate::ErrorKind::Serialization) when it does not fit `T`.
+    pub fn deserialize<'a, T: Deserialize<'a>>(&'a self) -> Result<T> {
+        Ok(serde_json::from_str(self.get())?)
+    }
+}
+
+impl PartialEq for Payload {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for Payload {}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.get())
+    }
+}
+
+impl Serialize for Payload {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self(Arc::from(Box::<RawValue>::deserialize(d)?)))
+    }
+}
+
+/// Builds an [`Envelope`]; see [`Envelope::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct EnvelopeBuilder {
+    aggregate_id: String,
+    event_type: String,
+    event_version: i64,
+    event_id: Option<String>,
+    timestamp: Option<DateTime<Utc>>,
+    trace_id: Option<String>,
+    correlation_id: Option<String>,
+    tenant_id: Option<i64>,
+    payload: Option<Payload>,
+}
+
+impl EnvelopeBuilder {
+    /// Uses this event id instead of a new UUIDv7.
+    pub fn event_id(mut self, id: impl Into<String>) -> Self {
+        self.event_id = Some(id.into());
+        self
+    }
+
+    /// Uses this timestamp instead of now.
+    pub fn timestamp(mut self, t: DateTime<Utc>) -> Self {
+        self.timestamp = Some(t);
+        self
+    }
+
+    /// Sets the trace id; an empty string leaves it unset.
+    pub fn trace_id(mut self, id: impl Into<String>) -> Self {
+        self.trace_id = Some(id.into()).filter(|s: &String| !s.is_empty());
+        self
+    }
+
+    /// Sets the correlation id; an empty string leaves it unset.
+    pub fn correlation_id(mut self, id: impl Into<String>) -> Self {
+        self.correlation_id = Some(id.into()).filter(|s: &String| !s.is_empty());
+        self
+    }
+
+    /// Sets the tenant id.
+    pub fn tenant_id(mut self, id: i64) -> Self {
+        self.tenant_id = Some(id);
+        self
+    }
+
+    /// Sets an already-built payload.
+    pub fn payload(mut self, payload: Payload) -> Self {
+        self.payload = Some(payload);
+        self
+    }
+
+    /// Serializes `value` as the payload.
+    ///
+    /// # Errors
+    /// [`Serialization`](crate::ErrorKind::Serialization) when `value` cannot be serialized.
+    pub fn json_payload<T: Serialize + ?Sized>(self, value: &T) -> Result<Self> {
+        Ok(self.payload(Payload::from_json(value)?))
+    }
+
+    /// Fills the defaults and validates.
+    ///
+    /// # Errors
+    /// [`Validation`](crate::ErrorKind::Validation) naming the field, when a
+    /// rule is broken or no payload was given.
+    pub fn build(self) -> Result<Envelope> {
+        let payload = self
+            .payload
+            .ok_or_else(|| Error::from(ValidationError::new("payload", "is required")))?;
+        let envelope = Envelope {
+            event_id: self.event_id.unwrap_or_else(new_event_id),
+            aggregate_id: self.aggregate_id,
+            event_type: self.event_type,
+            event_version: self.event_version,
+            timestamp: self.timestamp.unwrap_or_else(Utc::now),
+            trace_id: self.trace_id,
+            correlation_id: self.correlation_id,
+            tenant_id: self.tenant_id,
+            payload,
+        };
+        envelope.validate()?;
+        Ok(envelope)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> EnvelopeBuilder {
+        Envelope::builder("order-1", "OrderCreated", 1).payload(Payload::from_raw(r#"{"x":1}"#).unwrap())
+    }
+
+    #[test]
+    fn builder_fills_uuid_v7_and_timestamp() {
+        let e = sample().build().unwrap();
+        let id = uuid::Uuid::parse_str(&e.event_id).unwrap();
+        assert_eq!(id.get_version_num(), 7);
+        assert!((Utc::now() - e.timestamp).num_seconds() < 5);
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        let cases: Vec<(EnvelopeBuilder, &str)> = vec![
+            (Envelope::builder("", "T", 1), "aggregate_id"),
+            (Envelope::builder("a b", "T", 1), "aggregate_id"),
+            (Envelope::builder("a".repeat(257), "T", 1), "aggregate_id"),
+            (Envelope::builder("a", " ", 1), "event_type"),
+            (Envelope::builder("a", "T", 0), "event_version"),
+            (Envelope::builder("a", "T", 1).event_id(" "), "event_id"),
+        ];
+        for (b, field) in cases {
+            let err = b.payload(Payload::from_raw("{}").unwrap()).build().unwrap_err();
+            assert_eq!(err.validation().unwrap().field, field, "{err}");
+        }
+        let err = Envelope::builder("a", "T", 1).build().unwrap_err();
+        assert_eq!(err.validation().unwrap().field, "payload");
+        let err = Envelope::builder("a", "T", 1)
+            .payload(Payload::from_raw("null").unwrap())
+            .build()
+            .unwrap_err();
+        assert_eq!(err.validation().unwrap().field, "payload");
+    }
+
+    #[test]
+    fn full_charset_and_max_length_aggregate_ids_are_valid() {
+        validate_aggregate_id("Az09:_-./x").unwrap();
+        validate_aggregate_id(&"a".repeat(256)).unwrap();
+    }
+
+    #[test]
+    fn payload_bytes_are_kept_verbatim() {
+        let raw = r#"{ "b" : 2,   "a":[1, 2.50] }"#;
+        let e = sample().payload(Payload::from_raw(raw).unwrap()).build().unwrap();
+        let bytes = e.encode().unwrap();
+        let back = Envelope::decode(&bytes).unwrap();
+        assert_eq!(back.payload.get(), raw);
+    }
+
+    #[test]
+    fn empty_optional_strings_decode_as_none() {
+        let json = r#"{"event_id":"e","aggregate_id":"a","event_type":"T","event_version":1,
+            "timestamp":"2025-10-01T12:00:00.123456789+08:00","trace_id":"","payload":{}}"#;
+        let e = Envelope::decode(json.as_bytes()).unwrap();
+        assert_eq!(e.trace_id, None);
+        assert_eq!(e.timestamp.timestamp_subsec_nanos(), 123_456_789);
+    }
+
+    #[test]
+    fn garbage_is_a_serialization_error() {
+        let err = Envelope::decode(b"{not json").unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::Serialization);
+    }
+}

@@ -1,0 +1,65 @@
+//! [`Health`]: the state of a bus's connection and subscriptions.
+
+/// State of the connection to the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConnectionState {
+    /// Connected and usable.
+    Connected,
+    /// Lost and being re-established by the client.
+    Reconnecting,
+    /// Down, with no reconnect under way.
+    Disconnected,
+    /// Closed by `close()`.
+    Closed,
+}
+
+/// A snapshot of a bus's health, from [`EventBus::health`](crate::EventBus::health).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Health {
+    /// The backend's name (`memory`, `nats`, `kafka`).
+    pub backend: &'static str,
+    /// The connection's state.
+    pub connection: ConnectionState,
+    /// Publishes accepted and not yet acknowledged (count).
+    pub publishes_in_flight: usize,
+    /// Each open subscription.
+    pub subscriptions: Vec<SubscriptionHealth>,
+}
+
+impl Health {
+    /// Connected, and no subscription has a stalled aggregate or a dead fetch loop.
+    pub fn is_healthy(&self) -> bool {
+        self.connection == ConnectionState::Connected
+            && self
+                .subscriptions
+                .iter()
+                .all(|s| s.fetching && s.stalled_aggregates == 0)
+    }
+}
+
+/// The state of one subscription.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SubscriptionHealth {
+    /// The topic.
+    pub topic: String,
+    /// The consumer group.
+    pub group: String,
+    /// Whether events are handled in per-aggregate order (envelope subscriptions).
+    pub ordered: bool,
+    /// Whether its fetch loop is running.
+    pub fetching: bool,
+    /// Messages fetched and not yet settled (count).
+    pub in_flight: usize,
+    /// Aggregates whose head message exhausted its attempts with no
+    /// dead-letter topic, parked and retried with capped backoff (count).
+    pub stalled_aggregates: usize,
+    /// Messages handled successfully (count).
+    pub handled: u64,
+    /// Failed handler attempts (count).
+    pub failed_attempts: u64,
+    /// Messages dead-lettered (count).
+    pub dead_lettered: u64,
+    /// The last handler or backend error, as text.
+    pub last_error: Option<String>,
+}

@@ -1,0 +1,40 @@
+//! Core of the event bus: the domain-event [`Envelope`], the [`EventBus`] API
+//! that drives every backend, the ordered executor behind envelope
+//! subscriptions, the in-process [`MemoryBackend`], and (feature `testing`)
+//! the conformance suite every backend passes.
+//!
+//! Backends live in their own crates (`eventbus-nats`, ...) and implement
+//! [`Backend`]; users reach everything through the `eventbus` facade crate.
+#![warn(missing_docs, unreachable_pub)]
+
+mod backend;
+mod bus;
+mod config;
+mod envelope;
+mod error;
+mod executor;
+pub mod headers;
+mod health;
+mod memory;
+mod message;
+mod publish;
+mod retry;
+mod subscription;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use backend::{AckFuture, Backend, BackendSubscription, SubscribeSpec};
+pub use bus::{EventBus, EventBusBuilder, MAX_TOPIC_LEN, validate_topic};
+pub use config::{BusConfig, ConsumerConfig, ENV_PREFIX, MemoryConfig, PublishConfig, ResultsConfig};
+pub use envelope::{
+    Envelope, EnvelopeBuilder, MAX_AGGREGATE_ID_LEN, MAX_EVENT_ID_LEN, Payload, new_event_id,
+    validate_aggregate_id,
+};
+pub use error::{BoxError, Error, ErrorKind, Result, ValidationError};
+pub use headers::Headers;
+pub use health::{ConnectionState, Health, SubscriptionHealth};
+pub use memory::MemoryBackend;
+pub use message::{Ack, Acker, Delivery, Message, Position};
+pub use publish::{PublishHandle, PublishResult, PublishResults};
+pub use retry::RetryPolicy;
+pub use subscription::{DeadLetter, SubscribeOptions, Subscription};

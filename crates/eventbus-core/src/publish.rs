@@ -1,0 +1,313 @@
+//! Two-stage publishing: [`PublishHandle`] resolves to a [`PublishResult`]
+//! once the broker answers; the optional lossless [`PublishResults`] stream
+//! carries one result per envelope publish.
+//!
+//! One collector task per bus awaits every pending ACK (no task per message),
+//! forwards its result to the results streams (waiting when they are full,
+//! never dropping), then to the handle, then frees the in-flight slot.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, Stream, StreamExt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
+
+use crate::backend::AckFuture;
+use crate::error::{Error, ErrorKind, Result};
+use crate::message::{Ack, Position};
+
+/// The outcome of one publish, as the broker reported it.
+#[derive(Debug, Clone)]
+pub struct PublishResult {
+    /// The envelope's event id (or the raw message's `X-Event-ID` header, else empty).
+    pub event_id: String,
+    /// The topic published to.
+    pub topic: String,
+    /// The envelope's aggregate id (raw messages: `X-Aggregate-ID`, else empty).
+    pub aggregate_id: String,
+    /// The envelope's event type (raw messages: `X-Event-Type`, else empty).
+    pub event_type: String,
+    /// The envelope's tenant id.
+    pub tenant_id: Option<i64>,
+    /// When the result became known.
+    pub timestamp: DateTime<Utc>,
+    /// Where the broker stored the message, where it tells.
+    pub position: Option<Position>,
+    /// The broker had already stored this event id (dedup window) and kept one copy.
+    pub duplicate: bool,
+    /// `None` on success; else why the broker did not confirm it.
+    pub error: Option<Arc<Error>>,
+}
+
+impl PublishResult {
+    /// Whether the broker confirmed the message.
+    pub fn is_success(&self) -> bool {
+        self.error.is_none()
+    }
+
+    /// `Ok(self)` on success, else the error (kind kept, this result's error as source).
+    ///
+    /// # Errors
+    /// The publish's error.
+    pub fn into_result(self) -> Result<PublishResult> {
+        match &self.error {
+            None => Ok(self),
+            Some(e) => Err(
+                Error::new(e.kind(), format!("publish of event {:?} failed", self.event_id))
+                    .with_source(e.clone()),
+            ),
+        }
+    }
+
+    pub(crate) fn new(meta: &ResultMeta, outcome: Result<Ack>) -> Self {
+        let (ack, error) = match outcome {
+            Ok(ack) => (ack, None),
+            Err(e) => (Ack::default(), Some(Arc::new(e))),
+        };
+        Self {
+            event_id: meta.event_id.clone(),
+            topic: meta.topic.clone(),
+            aggregate_id: meta.aggregate_id.clone(),
+            event_type: meta.event_type.clone(),
+            tenant_id: meta.tenant_id,
+            timestamp: Utc::now(),
+            position: ack.position,
+            duplicate: ack.duplicate,
+            error,
+        }
+    }
+}
+
+/// What a result says about the message, known before it is sent.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ResultMeta {
+    pub(crate) event_id: String,
+    pub(crate) topic: String,
+    pub(crate) aggregate_id: String,
+    pub(crate) event_type: String,
+    pub(crate) tenant_id: Option<i64>,
+    /// Envelope publishes report to the results streams; raw ones do not.
+    pub(crate) report: bool,
+}
+
+/// The second stage of a publish: a future of the broker's [`PublishResult`].
+///
+/// The result is produced whether or not the handle is awaited; dropping the
+/// handle does not cancel the publish.
+#[derive(Debug)]
+#[must_use = "await the handle to learn whether the broker confirmed the message"]
+pub struct PublishHandle {
+    rx: oneshot::Receiver<PublishResult>,
+    meta: Arc<ResultMeta>,
+}
+
+impl Future for PublishHandle {
+    type Output = PublishResult;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PublishResult> {
+        self.rx.poll_unpin(cx).map(|r| {
+            // The collector always answers; it is gone only when the runtime shuts down.
+            r.unwrap_or_else(|_| PublishResult::new(&self.meta, Err(Error::closed("publisher"))))
+        })
+    }
+}
+
+/// A lossless stream of [`PublishResult`]s, from
+/// [`EventBus::results`](crate::EventBus::results) or
+/// [`EventBus::tenant_results`](crate::EventBus::tenant_results).
+///
+/// It is bounded (`results.capacity`): when nobody reads it, publishers wait
+/// and then time out rather than a result being dropped. It ends after the
+/// bus is closed and every result was delivered.
+#[derive(Debug)]
+pub struct PublishResults(mpsc::Receiver<PublishResult>);
+
+impl Stream for PublishResults {
+    type Item = PublishResult;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<PublishResult>> {
+        self.0.poll_recv(cx)
+    }
+}
+
+struct Pending {
+    ack: AckFuture,
+    meta: Arc<ResultMeta>,
+    reply: oneshot::Sender<PublishResult>,
+    permit: OwnedSemaphorePermit,
+}
+
+#[derive(Default)]
+struct ResultRoutes {
+    global: Option<mpsc::Sender<PublishResult>>,
+    tenants: HashMap<i64, mpsc::Sender<PublishResult>>,
+}
+
+/// The publishing half of a bus: the in-flight window and the ACK collector.
+pub(crate) struct Publisher {
+    window: Arc<Semaphore>,
+    max_in_flight: usize,
+    pending: mpsc::UnboundedSender<Pending>,
+    routes: Arc<Mutex<ResultRoutes>>,
+    results_capacity: usize,
+    global_results: Mutex<Option<PublishResults>>,
+    timeout: Duration,
+    ack_timeout: Duration,
+}
+
+impl Publisher {
+    pub(crate) fn new(config: &crate::BusConfig) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let routes = Arc::new(Mutex::new(ResultRoutes::default()));
+        let mut global_results = None;
+        if config.results.enabled {
+            let (gtx, grx) = mpsc::channel(config.results.capacity);
+            routes.lock().unwrap().global = Some(gtx);
+            global_results = Some(PublishResults(grx));
+        }
+        tokio::spawn(collect(rx, routes.clone()));
+        Self {
+            // The unbounded channel holds at most `max_in_flight` items: each carries a permit.
+            window: Arc::new(Semaphore::new(config.publish.max_in_flight)),
+            max_in_flight: config.publish.max_in_flight,
+            pending: tx,
+            routes,
+            results_capacity: config.results.capacity,
+            global_results: Mutex::new(global_results),
+            timeout: Duration::from_millis(config.publish.timeout_ms),
+            ack_timeout: Duration::from_millis(config.publish.ack_timeout_ms),
+        }
+    }
+
+    /// Waits for room in the window, then runs `accept` (stage one) and queues
+    /// its ACK for the collector.
+    pub(crate) async fn publish<F>(&self, meta: ResultMeta, accept: F) -> Result<PublishHandle>
+    where
+        F: Future<Output = Result<AckFuture>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let permit = tokio::time::timeout_at(deadline, self.window.clone().acquire_owned())
+            .await
+            .map_err(|_| {
+                Error::timeout(format!(
+                    "no room in the publish window of {} after {:?}",
+                    self.max_in_flight, self.timeout
+                ))
+            })?
+            .map_err(|_| Error::closed("publisher"))?;
+        let ack = tokio::time::timeout_at(deadline, accept).await.map_err(|_| {
+            Error::timeout(format!(
+                "backend did not accept the message within {:?}",
+                self.timeout
+            ))
+        })??;
+        let ack_timeout = self.ack_timeout;
+        let ack = async move {
+            tokio::time::timeout(ack_timeout, ack)
+                .await
+                .unwrap_or_else(|_| Err(Error::timeout(format!("no ACK within {ack_timeout:?}"))))
+        }
+        .boxed();
+        let (reply, rx) = oneshot::channel();
+        let meta = Arc::new(meta);
+        let pending = Pending {
+            ack,
+            meta: meta.clone(),
+            reply,
+            permit,
+        };
+        self.pending
+            .send(pending)
+            .map_err(|_| Error::closed("publisher"))?;
+        Ok(PublishHandle { rx, meta })
+    }
+
+    pub(crate) fn take_results(&self) -> Option<PublishResults> {
+        self.global_results.lock().unwrap().take()
+    }
+
+    pub(crate) fn tenant_results(&self, tenant_id: i64) -> PublishResults {
+        let (tx, rx) = mpsc::channel(self.results_capacity);
+        self.routes.lock().unwrap().tenants.insert(tenant_id, tx);
+        PublishResults(rx)
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        self.max_in_flight - self.window.available_permits()
+    }
+
+    /// Waits until every accepted publish has its result, then refuses new ones.
+    pub(crate) async fn flush_and_close(&self, timeout: Duration) -> Result<()> {
+        let all = u32::try_from(self.max_in_flight).unwrap_or(u32::MAX);
+        let drained = tokio::time::timeout(timeout, self.window.acquire_many(all)).await;
+        self.window.close();
+        let mut routes = self.routes.lock().unwrap();
+        routes.global = None;
+        routes.tenants.clear();
+        match drained {
+            Ok(_) => Ok(()),
+            Err(_) => Err(Error::new(
+                ErrorKind::Timeout,
+                format!(
+                    "{} publishes still without a result after {timeout:?}",
+                    self.in_flight()
+                ),
+            )),
+        }
+    }
+}
+
+async fn collect(mut rx: mpsc::UnboundedReceiver<Pending>, routes: Arc<Mutex<ResultRoutes>>) {
+    let mut in_flight = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            Some((result, pending)) = in_flight.next(), if !in_flight.is_empty() => {
+                deliver(&routes, result, pending).await;
+            }
+            next = rx.recv() => match next {
+                Some(p) => in_flight.push(async move {
+                    let Pending { ack, meta, reply, permit } = p;
+                    let result = PublishResult::new(&meta, ack.await);
+                    (result, (meta.report, reply, permit))
+                }),
+                None => break,
+            },
+        }
+    }
+    while let Some((result, pending)) = in_flight.next().await {
+        deliver(&routes, result, pending).await;
+    }
+}
+
+async fn deliver(
+    routes: &Mutex<ResultRoutes>,
+    result: PublishResult,
+    (report, reply, permit): (bool, oneshot::Sender<PublishResult>, OwnedSemaphorePermit),
+) {
+    if result.is_success() {
+        metrics::counter!("eventbus_published_total", "topic" => result.topic.clone()).increment(1);
+    } else {
+        metrics::counter!("eventbus_publish_errors_total", "topic" => result.topic.clone()).increment(1);
+    }
+    let (global, tenant) = {
+        let r = routes.lock().unwrap();
+        let tenant = result.tenant_id.and_then(|t| r.tenants.get(&t).cloned());
+        (r.global.clone(), tenant)
+    };
+    // A closed receiver means nobody listens any more: nothing a listener could see is lost.
+    if report {
+        if let Some(tx) = global {
+            let _ = tx.send(result.clone()).await;
+        }
+        if let Some(tx) = tenant {
+            let _ = tx.send(result.clone()).await;
+        }
+    }
+    let _ = reply.send(result);
+    drop(permit);
+}
