@@ -1,0 +1,750 @@
+//! The cases of the conformance suite.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+
+use super::support::{OrderChecker, envelope, eventually, unique};
+use super::{BusFactory, Capabilities, Case};
+use crate::{BusConfig, Envelope, ErrorKind, Message, RetryPolicy, SubscribeOptions, headers};
+
+macro_rules! cases {
+    ($($name:ident),* $(,)?) => {
+        pub(super) fn all() -> Vec<(&'static str, Case)> {
+            vec![$((stringify!($name), $name as Case)),*]
+        }
+    };
+}
+
+cases!(
+    round_trip_keeps_payload_headers_and_key,
+    concurrent_publishers_all_received,
+    topics_are_isolated,
+    per_aggregate_order_over_five_topics,
+    retry_after_error_or_panic_keeps_order,
+    exhausted_message_is_dead_lettered_with_headers,
+    message_without_aggregate_id_is_dead_lettered,
+    parked_aggregate_is_reported_stalled_then_recovers,
+    blocked_aggregate_does_not_stall_others,
+    close_flushes_every_publish_with_one_result,
+    resubscribe_in_same_group_loses_nothing,
+    two_groups_each_get_everything,
+    invalid_envelope_is_rejected_and_nothing_sent,
+    operations_after_close_fail_closed,
+    every_envelope_yields_one_result_with_its_event_id,
+);
+
+type Seen<T> = Arc<Mutex<Vec<T>>>;
+
+fn seen<T>() -> Seen<T> {
+    Arc::new(Mutex::new(Vec::new()))
+}
+
+fn config_with_retry(attempts: u32, backoff_ms: u64) -> BusConfig {
+    let mut config = BusConfig::default();
+    config.consumer.retry = RetryPolicy::fixed(attempts, backoff_ms);
+    config
+}
+
+fn len<T>(s: &Seen<T>) -> usize {
+    s.lock().unwrap().len()
+}
+
+/// Subscribes an envelope handler that records every handled envelope.
+async fn record_envelopes(
+    bus: &crate::EventBus,
+    topic: &str,
+    group: &str,
+) -> (crate::Subscription, Seen<Envelope>) {
+    let out = seen();
+    let sink = out.clone();
+    let sub = bus
+        .subscribe_envelope(topic, SubscribeOptions::group(group), move |e: Envelope| {
+            sink.lock().unwrap().push(e);
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .expect("subscribe");
+    (sub, out)
+}
+
+/// Subscribes a raw handler that records every message.
+async fn record_raw(bus: &crate::EventBus, topic: &str, group: &str) -> (crate::Subscription, Seen<Message>) {
+    let out = seen();
+    let sink = out.clone();
+    let sub = bus
+        .subscribe(topic, SubscribeOptions::group(group), move |m: Message| {
+            sink.lock().unwrap().push(m);
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .expect("subscribe");
+    (sub, out)
+}
+
+async fn publish_all(bus: &crate::EventBus, topic: &str, events: &[Envelope]) {
+    let mut handles = Vec::with_capacity(events.len());
+    for e in events {
+        handles.push(bus.publish_envelope(topic, e).await.expect("publish accepted"));
+    }
+    for h in handles {
+        let r = h.await;
+        assert!(r.is_success(), "publish failed: {:?}", r.error);
+    }
+}
+
+fn round_trip_keeps_payload_headers_and_key<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("roundtrip");
+        let (raw_sub, raw) = record_raw(&bus, &topic, "g").await;
+        let message = Message::new(&topic, &b"\x00binary\xffpayload"[..])
+            .with_key("key-1")
+            .with_header("X-Custom", "value with spaces");
+        bus.publish_message(message.clone())
+            .await
+            .unwrap()
+            .await
+            .into_result()
+            .unwrap();
+        assert!(
+            eventually(caps.timeout, || len(&raw) == 1).await,
+            "raw message not received"
+        );
+        let got = raw.lock().unwrap()[0].clone();
+        assert_eq!(got.payload, message.payload);
+        assert_eq!(got.headers.get("X-Custom"), Some("value with spaces"));
+        if caps.keys {
+            assert_eq!(got.key, message.key);
+        }
+        raw_sub.close().await.unwrap();
+
+        let topic = unique("roundtrip-env");
+        let (sub, got) = record_envelopes(&bus, &topic, "g").await;
+        let sent = Envelope::builder("order-7", "OrderPlaced", 1)
+            .trace_id("trace-1")
+            .correlation_id("corr-1")
+            .tenant_id(3)
+            .json_payload(&serde_json::json!({"items": [1, 2], "note": "ünïcode"}))
+            .unwrap()
+            .build()
+            .unwrap();
+        bus.publish_envelope_sync(&topic, &sent).await.unwrap();
+        assert!(
+            eventually(caps.timeout, || len(&got) == 1).await,
+            "envelope not received"
+        );
+        assert_eq!(got.lock().unwrap()[0], sent);
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn concurrent_publishers_all_received<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("concurrent");
+        let (sub, got) = record_envelopes(&bus, &topic, "g").await;
+        let mut publishers = Vec::new();
+        for p in 0..50 {
+            let (bus, topic) = (bus.clone(), topic.clone());
+            publishers.push(tokio::spawn(async move {
+                let events: Vec<Envelope> = (1..=100).map(|v| envelope(&format!("pub-{p}"), v)).collect();
+                publish_all(&bus, &topic, &events).await;
+                events.into_iter().map(|e| e.event_id).collect::<Vec<_>>()
+            }));
+        }
+        let mut sent = HashSet::new();
+        for p in publishers {
+            sent.extend(p.await.unwrap());
+        }
+        assert_eq!(sent.len(), 5_000);
+        assert!(
+            eventually(caps.timeout, || len(&got) >= 5_000).await,
+            "received {} of 5000",
+            len(&got)
+        );
+        let received: HashSet<String> = got.lock().unwrap().iter().map(|e| e.event_id.clone()).collect();
+        assert_eq!(received, sent);
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn topics_are_isolated<'a>(f: &'a dyn BusFactory, caps: &'a Capabilities) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let prefix = unique("iso");
+        let topics: Vec<String> = (0..20).map(|i| format!("{prefix}-{i}")).collect();
+        let mut subs = Vec::new();
+        for t in &topics {
+            subs.push(record_envelopes(&bus, t, "g").await);
+        }
+        for (i, t) in topics.iter().enumerate() {
+            let events: Vec<Envelope> = (1..=10).map(|v| envelope(&format!("topic-{i}"), v)).collect();
+            publish_all(&bus, t, &events).await;
+        }
+        for (i, (_, got)) in subs.iter().enumerate() {
+            assert!(
+                eventually(caps.timeout, || len(got) >= 10).await,
+                "topic {i} got {}",
+                len(got)
+            );
+        }
+        // Every topic's own events arrived; one more publish round-trip gives strays time to show.
+        bus.publish_envelope_sync(&topics[0], &envelope("topic-0", 11))
+            .await
+            .unwrap();
+        assert!(eventually(caps.timeout, || len(&subs[0].1) == 11).await);
+        for (i, (sub, got)) in subs.iter().enumerate() {
+            let got = got.lock().unwrap().clone();
+            assert!(
+                got.iter().all(|e| e.aggregate_id == format!("topic-{i}")),
+                "topic {i} got another topic's event"
+            );
+            assert_eq!(got.len(), if i == 0 { 11 } else { 10 });
+            sub.close().await.unwrap();
+        }
+        bus.close().await.unwrap();
+    })
+}
+
+fn per_aggregate_order_over_five_topics<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        const TOPICS: usize = 5;
+        const AGGREGATES: usize = 250;
+        const VERSIONS: i64 = 40; // 250 × 40 = 10,000 events
+        let bus = f.bus(BusConfig::default()).await;
+        let prefix = unique("order");
+        let checker = Arc::new(OrderChecker::new());
+        let running = Arc::new(AtomicUsize::new(0));
+        let max_running = Arc::new(AtomicUsize::new(0));
+        let mut subs = Vec::new();
+        for t in 0..TOPICS {
+            let topic = format!("{prefix}-{t}");
+            let (checker, running, max_running) = (checker.clone(), running.clone(), max_running.clone());
+            let name = topic.clone();
+            let handler = move |e: Envelope| {
+                let (checker, running, max_running, name) = (
+                    checker.clone(),
+                    running.clone(),
+                    max_running.clone(),
+                    name.clone(),
+                );
+                async move {
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    max_running.fetch_max(now, Ordering::SeqCst);
+                    checker.record(&name, &e);
+                    tokio::task::yield_now().await;
+                    running.fetch_sub(1, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(())
+                }
+            };
+            subs.push(
+                bus.subscribe_envelope(&topic, SubscribeOptions::group("g"), handler)
+                    .await
+                    .unwrap(),
+            );
+        }
+        // Interleave aggregates as the original test did: round-robin over versions.
+        let mut handles = Vec::new();
+        for v in 1..=VERSIONS {
+            for a in 0..AGGREGATES {
+                let topic = format!("{prefix}-{}", a % TOPICS);
+                let e = envelope(&format!("agg-{a}"), v);
+                handles.push(bus.publish_envelope(&topic, &e).await.unwrap());
+            }
+        }
+        for h in handles {
+            assert!(h.await.is_success());
+        }
+        let total = (AGGREGATES as u64) * VERSIONS as u64;
+        assert!(
+            eventually(caps.timeout, || checker.report().received >= total).await,
+            "received {:?} of {total}",
+            checker.report()
+        );
+        let report = checker.report();
+        assert_eq!(report.violations, 0, "order violations: {report:?}");
+        assert_eq!(report.duplicates, 0, "duplicates: {report:?}");
+        assert!(
+            max_running.load(Ordering::SeqCst) > 1,
+            "aggregates never ran in parallel"
+        );
+        for s in subs {
+            s.close().await.unwrap();
+        }
+        bus.close().await.unwrap();
+    })
+}
+
+fn retry_after_error_or_panic_keeps_order<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(config_with_retry(3, 10)).await;
+        let topic = unique("retry");
+        let handled = seen::<i64>();
+        let attempts = Arc::new(Mutex::new(HashMap::<i64, u32>::new()));
+        let (sink, tries) = (handled.clone(), attempts.clone());
+        let sub = bus
+            .subscribe_envelope(&topic, SubscribeOptions::group("g"), move |e: Envelope| {
+                let n = {
+                    let mut t = tries.lock().unwrap();
+                    let n = t.entry(e.event_version).or_default();
+                    *n += 1;
+                    *n
+                };
+                let sink = sink.clone();
+                async move {
+                    match (e.event_version, n) {
+                        (2, 1) => Err(std::io::Error::other("transient failure")),
+                        (3, 1) => panic!("handler panic on first attempt"),
+                        _ => {
+                            sink.lock().unwrap().push(e.event_version);
+                            Ok(())
+                        }
+                    }
+                }
+            })
+            .await
+            .unwrap();
+        let events: Vec<Envelope> = (1..=5).map(|v| envelope("acct-1", v)).collect();
+        publish_all(&bus, &topic, &events).await;
+        assert!(
+            eventually(caps.timeout, || len(&handled) == 5).await,
+            "handled {:?}",
+            handled.lock().unwrap()
+        );
+        assert_eq!(*handled.lock().unwrap(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(attempts.lock().unwrap()[&2], 2);
+        assert_eq!(attempts.lock().unwrap()[&3], 2);
+        assert_eq!(sub.health().failed_attempts, 2);
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn exhausted_message_is_dead_lettered_with_headers<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(config_with_retry(2, 10)).await;
+        let topic = unique("dlq");
+        let dlq = format!("{topic}.dlq");
+        let (dlq_sub, dead) = record_raw(&bus, &dlq, "inspect").await;
+        let handled = seen::<i64>();
+        let attempts = Arc::new(AtomicUsize::new(0));
+        let (sink, tries) = (handled.clone(), attempts.clone());
+        let sub = bus
+            .subscribe_envelope(&topic, SubscribeOptions::group("g"), move |e: Envelope| {
+                let (sink, tries) = (sink.clone(), tries.clone());
+                async move {
+                    if e.event_version == 2 {
+                        tries.fetch_add(1, Ordering::SeqCst);
+                        return Err(std::io::Error::other("poison\nevent"));
+                    }
+                    sink.lock().unwrap().push(e.event_version);
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        let events: Vec<Envelope> = (1..=3).map(|v| envelope("poisoned", v)).collect();
+        publish_all(&bus, &topic, &events).await;
+        assert!(eventually(caps.timeout, || len(&dead) == 1 && len(&handled) == 2).await);
+        assert_eq!(
+            *handled.lock().unwrap(),
+            vec![1, 3],
+            "later events continue after the dead letter"
+        );
+        assert_eq!(attempts.load(Ordering::SeqCst), 2, "max attempts");
+        let dead = dead.lock().unwrap()[0].clone();
+        assert_eq!(dead.headers.get(headers::ORIGINAL_TOPIC), Some(topic.as_str()));
+        assert_eq!(dead.headers.get(headers::ERROR_MESSAGE), Some("poison event"));
+        assert_eq!(
+            dead.headers.get(headers::EVENT_ID),
+            Some(events[1].event_id.as_str())
+        );
+        assert_eq!(Envelope::decode(&dead.payload).unwrap(), events[1]);
+        assert_eq!(sub.health().dead_lettered, 1);
+        sub.close().await.unwrap();
+        dlq_sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn message_without_aggregate_id_is_dead_lettered<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(config_with_retry(3, 10)).await;
+        let topic = unique("noagg");
+        let (dlq_sub, dead) = record_raw(&bus, &format!("{topic}.dlq"), "inspect").await;
+        let (sub, got) = record_envelopes(&bus, &topic, "g").await;
+        bus.publish(&topic, &b"not an envelope"[..])
+            .await
+            .unwrap()
+            .await
+            .into_result()
+            .unwrap();
+        bus.publish_envelope_sync(&topic, &envelope("fine", 1))
+            .await
+            .unwrap();
+        assert!(eventually(caps.timeout, || len(&dead) == 1 && len(&got) == 1).await);
+        let dead = dead.lock().unwrap()[0].clone();
+        assert_eq!(&dead.payload[..], b"not an envelope");
+        let reason = dead.headers.get(headers::ERROR_MESSAGE).unwrap();
+        assert!(reason.contains("no aggregate id"), "{reason}");
+        sub.close().await.unwrap();
+        dlq_sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn parked_aggregate_is_reported_stalled_then_recovers<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(config_with_retry(2, 10)).await;
+        let topic = unique("park");
+        let healthy = Arc::new(AtomicBool::new(false));
+        let handled = seen::<i64>();
+        let (sink, ok) = (handled.clone(), healthy.clone());
+        let options = SubscribeOptions::group("g").park_on_failure();
+        let sub = bus
+            .subscribe_envelope(&topic, options, move |e: Envelope| {
+                let (sink, ok) = (sink.clone(), ok.clone());
+                async move {
+                    if !ok.load(Ordering::SeqCst) {
+                        return Err(std::io::Error::other("downstream unavailable"));
+                    }
+                    sink.lock().unwrap().push(e.event_version);
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap();
+        publish_all(&bus, &topic, &[envelope("parked", 1), envelope("parked", 2)]).await;
+        assert!(
+            eventually(caps.timeout, || sub.health().stalled_aggregates == 1).await,
+            "not reported stalled"
+        );
+        assert!(!bus.health().is_healthy());
+        assert!(len(&handled) == 0, "a parked message was skipped");
+        healthy.store(true, Ordering::SeqCst);
+        assert!(eventually(caps.timeout, || len(&handled) == 2).await);
+        assert_eq!(*handled.lock().unwrap(), vec![1, 2]);
+        assert_eq!(sub.health().stalled_aggregates, 0);
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn blocked_aggregate_does_not_stall_others<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("hol");
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let handled = seen::<(String, i64)>();
+        let (sink, g) = (handled.clone(), gate.clone());
+        let sub = bus
+            .subscribe_envelope(&topic, SubscribeOptions::group("g"), move |e: Envelope| {
+                let (sink, g) = (sink.clone(), g.clone());
+                async move {
+                    if e.aggregate_id == "slow" && e.event_version == 1 {
+                        let _ = g.acquire().await.unwrap();
+                    }
+                    sink.lock().unwrap().push((e.aggregate_id, e.event_version));
+                    Ok::<_, std::io::Error>(())
+                }
+            })
+            .await
+            .unwrap();
+        let mut events = vec![envelope("slow", 1), envelope("slow", 2)];
+        events.extend((0..1_000).map(|a| envelope(&format!("fast-{a}"), 1)));
+        publish_all(&bus, &topic, &events).await;
+        assert!(
+            eventually(caps.timeout, || len(&handled) == 1_000).await,
+            "others stalled behind a blocked aggregate: {} of 1000",
+            len(&handled)
+        );
+        assert!(
+            handled.lock().unwrap().iter().all(|(a, _)| a != "slow"),
+            "slow v2 overtook v1"
+        );
+        gate.add_permits(1);
+        assert!(eventually(caps.timeout, || len(&handled) == 1_002).await);
+        let slow: Vec<i64> = handled
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(a, _)| a == "slow")
+            .map(|(_, v)| *v)
+            .collect();
+        assert_eq!(slow, vec![1, 2]);
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn close_flushes_every_publish_with_one_result<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let mut config = BusConfig::default();
+        config.results.enabled = true;
+        let bus = f.bus(config).await;
+        let mut results = bus.results().expect("results enabled");
+        let collector = tokio::spawn(async move {
+            let mut all = Vec::new();
+            while let Some(r) = results.next().await {
+                all.push(r);
+            }
+            all
+        });
+        let topic = unique("flush");
+        let events: Vec<Envelope> = (1..=1_000).map(|v| envelope("flushed", v)).collect();
+        for e in &events {
+            // Handles dropped on purpose: close must still deliver every result.
+            drop(bus.publish_envelope(&topic, e).await.unwrap());
+        }
+        bus.close().await.unwrap();
+        let all = tokio::time::timeout(caps.timeout, collector)
+            .await
+            .expect("results stream ends")
+            .unwrap();
+        assert_eq!(all.len(), 1_000);
+        assert!(all.iter().all(|r| r.is_success()));
+        let ids: HashSet<&str> = all.iter().map(|r| r.event_id.as_str()).collect();
+        assert_eq!(ids, events.iter().map(|e| e.event_id.as_str()).collect());
+    })
+}
+
+fn resubscribe_in_same_group_loses_nothing<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        if !caps.persistent {
+            return;
+        }
+        let mut config = BusConfig::default();
+        config.close_timeout_ms = 100;
+        let bus = f.bus(config).await;
+        let topic = unique("resub");
+        let handled = seen::<String>();
+        let subscribe = |sink: Seen<String>| {
+            let bus = bus.clone();
+            let topic = topic.clone();
+            async move {
+                bus.subscribe_envelope(&topic, SubscribeOptions::group("durable"), move |e: Envelope| {
+                    let sink = sink.clone();
+                    async move {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        sink.lock().unwrap().push(e.event_id);
+                        Ok::<_, std::io::Error>(())
+                    }
+                })
+                .await
+                .unwrap()
+            }
+        };
+        let first = subscribe(handled.clone()).await;
+        let events: Vec<Envelope> = (0..300)
+            .map(|i| envelope(&format!("r-{}", i % 30), i / 30 + 1))
+            .collect();
+        publish_all(&bus, &topic, &events).await;
+        assert!(eventually(caps.timeout, || len(&handled) >= 50).await);
+        let _ = first.close().await; // may time out: unfinished messages are redelivered
+        let second = subscribe(handled.clone()).await;
+        let all: HashSet<String> = events.iter().map(|e| e.event_id.clone()).collect();
+        let complete = || handled.lock().unwrap().iter().cloned().collect::<HashSet<_>>() == all;
+        assert!(
+            eventually(caps.timeout, complete).await,
+            "lost events after re-subscribing"
+        );
+        second.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn two_groups_each_get_everything<'a>(f: &'a dyn BusFactory, caps: &'a Capabilities) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("groups");
+        let (a_sub, a) = record_envelopes(&bus, &topic, "group-a").await;
+        let (b_sub, b) = record_envelopes(&bus, &topic, "group-b").await;
+        let events: Vec<Envelope> = (1..=100).map(|v| envelope("shared", v)).collect();
+        publish_all(&bus, &topic, &events).await;
+        assert!(
+            eventually(caps.timeout, || len(&a) == 100 && len(&b) == 100).await,
+            "{} / {}",
+            len(&a),
+            len(&b)
+        );
+        assert_eq!(*a.lock().unwrap(), events);
+        assert_eq!(*b.lock().unwrap(), events);
+        a_sub.close().await.unwrap();
+        b_sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn invalid_envelope_is_rejected_and_nothing_sent<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("invalid");
+        let (sub, got) = record_raw(&bus, &topic, "g").await;
+        let mut bad = envelope("ok", 1);
+        bad.aggregate_id = "has space".into();
+        let err = bus.publish_envelope(&topic, &bad).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Validation);
+        assert_eq!(err.validation().unwrap().field, "aggregate_id");
+        let mut bad_version = envelope("ok", 1);
+        bad_version.event_version = 0;
+        let err = bus
+            .publish_batch(&topic, &[envelope("ok", 1), bad_version])
+            .await
+            .unwrap_err();
+        assert_eq!(err.validation().unwrap().field, "event_version");
+        let err = bus
+            .publish_envelope("bad topic", &envelope("ok", 1))
+            .await
+            .unwrap_err();
+        assert_eq!(err.validation().unwrap().field, "topic");
+        let good = envelope("ok", 1);
+        bus.publish_envelope_sync(&topic, &good).await.unwrap();
+        assert!(eventually(caps.timeout, || len(&got) >= 1).await);
+        let got = got.lock().unwrap().clone();
+        assert_eq!(got.len(), 1, "an invalid envelope reached the broker");
+        assert_eq!(
+            got[0].headers.get(headers::EVENT_ID),
+            Some(good.event_id.as_str())
+        );
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+fn operations_after_close_fail_closed<'a>(
+    f: &'a dyn BusFactory,
+    _caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("closed");
+        bus.close().await.unwrap();
+        bus.close().await.expect("close is idempotent");
+        fn kind<T>(r: crate::Result<T>) -> ErrorKind {
+            r.map(|_| ()).unwrap_err().kind()
+        }
+        assert_eq!(
+            kind(bus.publish_envelope(&topic, &envelope("a", 1)).await),
+            ErrorKind::Closed
+        );
+        assert_eq!(kind(bus.publish(&topic, "x").await), ErrorKind::Closed);
+        assert_eq!(
+            kind(bus.publish_batch(&topic, &[envelope("a", 1)]).await),
+            ErrorKind::Closed
+        );
+        assert_eq!(kind(bus.tenant_results(1)), ErrorKind::Closed);
+        let sub = bus
+            .subscribe_envelope(&topic, SubscribeOptions::group("g"), |_e: Envelope| async {
+                Ok::<_, std::io::Error>(())
+            })
+            .await;
+        assert_eq!(kind(sub), ErrorKind::Closed);
+        assert_eq!(bus.health().connection, crate::ConnectionState::Closed);
+    })
+}
+
+fn every_envelope_yields_one_result_with_its_event_id<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let mut config = BusConfig::default();
+        config.results.enabled = true;
+        let bus = f.bus(config).await;
+        let mut results = bus.results().unwrap();
+        assert!(bus.results().is_none(), "the results stream is given once");
+        let mut tenant_7 = bus.tenant_results(7).unwrap();
+        let topic = unique("results");
+        let mut sent = HashMap::new();
+        for i in 0..500 {
+            let e = Envelope::builder(format!("t-{}", i % 10), "Counted", i / 10 + 1)
+                .tenant_id(if i % 2 == 0 { 7 } else { 8 })
+                .json_payload(&i)
+                .unwrap()
+                .build()
+                .unwrap();
+            let handle = bus.publish_envelope(&topic, &e).await.unwrap();
+            sent.insert(e.event_id.clone(), (e, handle));
+        }
+        let batch: Vec<Envelope> = (1..=10).map(|v| envelope("batched", v)).collect();
+        let batch_results = bus.publish_batch(&topic, &batch).await.unwrap();
+        assert_eq!(batch_results.len(), 10);
+        for (r, e) in batch_results.iter().zip(&batch) {
+            assert!(r.is_success());
+            assert_eq!(r.event_id, e.event_id);
+            assert!(r.position.is_some(), "the broker position is reported");
+        }
+        for (id, (e, handle)) in sent.iter_mut() {
+            let r = handle.await;
+            assert_eq!(&r.event_id, id);
+            assert_eq!(r.aggregate_id, e.aggregate_id);
+            assert_eq!(r.tenant_id, e.tenant_id);
+            assert_eq!(r.topic, topic);
+        }
+        let mut global = Vec::new();
+        while global.len() < 510 {
+            let r = tokio::time::timeout(caps.timeout, results.next())
+                .await
+                .unwrap()
+                .unwrap();
+            global.push(r.event_id);
+        }
+        let unique_ids: HashSet<&String> = global.iter().collect();
+        assert_eq!(unique_ids.len(), 510, "one result per envelope");
+        assert!(sent.keys().all(|id| unique_ids.contains(id)));
+        let mut tenant = 0;
+        while tenant < 250 {
+            let r = tokio::time::timeout(caps.timeout, tenant_7.next())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.tenant_id, Some(7));
+            tenant += 1;
+        }
+        bus.close().await.unwrap();
+        assert!(
+            results.next().await.is_none(),
+            "exactly one result each: nothing more after close"
+        );
+    })
+}
