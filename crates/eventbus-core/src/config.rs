@@ -229,6 +229,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure must return figment::Error
     fn loads_toml_and_yaml_with_env_override() {
         let dir = tempfile::tempdir().unwrap();
         let toml = dir.path().join("bus.toml");

@@ -550,8 +550,10 @@ fn resubscribe_in_same_group_loses_nothing<'a>(
         if !caps.persistent {
             return;
         }
-        let mut config = BusConfig::default();
-        config.close_timeout_ms = 100;
+        let config = BusConfig {
+            close_timeout_ms: 100,
+            ..BusConfig::default()
+        };
         let bus = f.bus(config).await;
         let topic = unique("resub");
         let handled = seen::<String>();

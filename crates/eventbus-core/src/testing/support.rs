@@ -13,9 +13,12 @@ use crate::Envelope;
 /// that every aggregate publishes versions 1, 2, 3, ... in order.
 #[derive(Debug, Default)]
 pub struct OrderChecker {
-    state: Mutex<HashMap<(String, String), (i64, HashSet<i64>)>>,
+    /// Per (topic, aggregate id): the highest version and every version seen.
+    state: Mutex<HashMap<(String, String), VersionsSeen>>,
     report: Mutex<OrderReport>,
 }
+
+type VersionsSeen = (i64, HashSet<i64>);
 
 /// What an [`OrderChecker`] saw.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]

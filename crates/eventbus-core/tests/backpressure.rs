@@ -1,0 +1,150 @@
+//! Bounded memory and deadlines: publish window, consumer in-flight limit,
+//! concurrency cap, and close with stuck handlers (memory backend).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use eventbus_core::{BusConfig, Envelope, ErrorKind, EventBus, EventBusBuilder, SubscribeOptions};
+
+fn envelope(aggregate: &str, version: i64) -> Envelope {
+    Envelope::builder(aggregate, "T", version)
+        .json_payload(&version)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..2_000 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn an_unread_results_stream_makes_publishers_wait_then_time_out_without_dropping() {
+    let mut config = BusConfig::default();
+    config.results.enabled = true;
+    config.results.capacity = 1;
+    config.publish.max_in_flight = 2;
+    config.publish.timeout_ms = 100;
+    let bus = EventBus::memory_with(config).unwrap();
+    let results = bus.results().unwrap();
+    // 1 result sits in the stream, 1 waits to enter it, 1 waits in the window.
+    let _a = bus.publish_envelope("t", &envelope("a", 1)).await.unwrap();
+    let _b = bus.publish_envelope("t", &envelope("a", 2)).await.unwrap();
+    let _c = bus.publish_envelope("t", &envelope("a", 3)).await.unwrap();
+    let err = bus.publish_envelope("t", &envelope("a", 4)).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    assert!(err.is_retriable());
+    // Reading the stream frees the window: nothing was dropped.
+    use futures::StreamExt;
+    let got: Vec<_> = results.take(3).collect().await;
+    assert_eq!(
+        got.iter().map(|r| r.event_id.clone()).collect::<Vec<_>>().len(),
+        3
+    );
+    let _d = bus.publish_envelope("t", &envelope("a", 4)).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_consumer_in_flight_limit_bounds_fetched_messages() {
+    let bus = EventBusBuilder::new()
+        .consumer_max_in_flight(10)
+        .build_memory()
+        .unwrap();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (g, h) = (gate.clone(), handled.clone());
+    let sub = bus
+        .subscribe_envelope("bounded", SubscribeOptions::group("g"), move |_e: Envelope| {
+            let (g, h) = (g.clone(), h.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                h.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    for a in 0..100 {
+        bus.publish_envelope_sync("bounded", &envelope(&format!("a{a}"), 1))
+            .await
+            .unwrap();
+    }
+    assert!(eventually(|| sub.health().in_flight == 10).await);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(sub.health().in_flight, 10, "fetched past the limit");
+    gate.add_permits(100);
+    assert!(eventually(|| handled.load(Ordering::SeqCst) == 100).await);
+    bus.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn concurrency_caps_handlers_running_at_once() {
+    let bus = EventBusBuilder::new().concurrency(4).build_memory().unwrap();
+    let (running, max) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let done = Arc::new(AtomicUsize::new(0));
+    let (r, m, d) = (running.clone(), max.clone(), done.clone());
+    let _sub = bus
+        .subscribe_envelope("capped", SubscribeOptions::group("g"), move |_e: Envelope| {
+            let (r, m, d) = (r.clone(), m.clone(), d.clone());
+            async move {
+                m.fetch_max(r.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+                d.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    for a in 0..64 {
+        bus.publish_envelope_sync("capped", &envelope(&format!("a{a}"), 1))
+            .await
+            .unwrap();
+    }
+    assert!(eventually(|| done.load(Ordering::SeqCst) == 64).await);
+    assert_eq!(max.load(Ordering::SeqCst), 4);
+    bus.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn close_gives_up_on_stuck_handlers_and_their_messages_are_redelivered() {
+    let bus = EventBusBuilder::new()
+        .close_timeout(Duration::from_millis(100))
+        .build_memory()
+        .unwrap();
+    let stuck = bus
+        .subscribe_envelope("stuck", SubscribeOptions::group("g"), |_e: Envelope| async {
+            std::future::pending::<()>().await;
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .unwrap();
+    let sent = envelope("a", 1);
+    bus.publish_envelope_sync("stuck", &sent).await.unwrap();
+    assert!(eventually(|| stuck.health().in_flight == 1).await);
+    let err = stuck.close().await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout);
+    stuck.close().await.expect("close is idempotent");
+
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let _again = bus
+        .subscribe_envelope("stuck", SubscribeOptions::group("g"), move |e: Envelope| {
+            let _ = tx.send(e);
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    let redelivered = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(redelivered, sent);
+    bus.close().await.unwrap();
+}

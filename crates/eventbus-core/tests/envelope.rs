@@ -1,0 +1,131 @@
+//! The envelope's wire format: a golden sample in the original Go SDK's
+//! format, and property tests of encode/decode.
+
+use chrono::{DateTime, TimeZone, Utc};
+use eventbus_core::{Envelope, ErrorKind, Payload};
+use proptest::prelude::*;
+
+const GOLDEN: &str = include_str!("golden/go_envelope.json");
+
+#[test]
+fn decodes_the_go_sdk_format() {
+    let e = Envelope::decode(GOLDEN.as_bytes()).unwrap();
+    assert_eq!(e.event_id, "0199e4a8-6b1c-7c3e-9a55-3f1d2b7c8e90");
+    assert_eq!(e.aggregate_id, "tenant-9:order/2025.10-0042");
+    assert_eq!(e.event_type, "OrderCreated");
+    assert_eq!(e.event_version, 3);
+    let expected = DateTime::parse_from_rfc3339("2025-10-15T00:30:00.123456789Z").unwrap();
+    assert_eq!(e.timestamp, expected.with_timezone(&Utc));
+    assert_eq!(e.trace_id.as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert_eq!(e.correlation_id.as_deref(), Some("req-77"));
+    assert_eq!(e.tenant_id, Some(9));
+    assert_eq!(
+        e.payload.get(),
+        r#"{"order_id":"0042","lines":[{"sku":"A-1","qty":2,"price":"19.90"}],"note":null}"#
+    );
+}
+
+#[test]
+fn encodes_to_the_same_keys_as_the_go_sdk() {
+    let golden: serde_json::Value = serde_json::from_str(GOLDEN).unwrap();
+    let ours: serde_json::Value =
+        serde_json::from_slice(&Envelope::decode(GOLDEN.as_bytes()).unwrap().encode().unwrap()).unwrap();
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&ours), keys(&golden));
+    assert_eq!(ours["payload"], golden["payload"]);
+    assert_eq!(ours["timestamp"], "2025-10-15T00:30:00.123456789Z");
+}
+
+#[test]
+fn optional_fields_are_omitted_when_unset() {
+    let e = Envelope::builder("a", "T", 1)
+        .payload(Payload::from_raw("{}").unwrap())
+        .build()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&e.encode().unwrap()).unwrap();
+    for absent in ["trace_id", "correlation_id", "tenant_id"] {
+        assert!(v.get(absent).is_none(), "{absent} should be omitted");
+    }
+}
+
+#[test]
+fn a_missing_required_field_is_a_serialization_error() {
+    let mut v: serde_json::Value = serde_json::from_str(GOLDEN).unwrap();
+    v.as_object_mut().unwrap().remove("event_type");
+    let err = Envelope::decode(v.to_string().as_bytes()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Serialization);
+    assert!(err.to_string().contains("event_type"), "{err}");
+}
+
+fn aggregate_id() -> impl Strategy<Value = String> {
+    "[A-Za-z0-9:_./-]{1,256}"
+}
+
+fn opt_text() -> impl Strategy<Value = Option<String>> {
+    proptest::option::of("[^\u{0}]{1,40}")
+}
+
+fn json_value() -> impl Strategy<Value = serde_json::Value> {
+    let leaf = prop_oneof![
+        any::<bool>().prop_map(serde_json::Value::from),
+        any::<i64>().prop_map(serde_json::Value::from),
+        ".{0,20}".prop_map(serde_json::Value::from),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..4).prop_map(serde_json::Value::from),
+            prop::collection::btree_map("[a-z]{1,6}", inner, 0..4)
+                .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+prop_compose! {
+    fn envelope()(
+        aggregate_id in aggregate_id(),
+        event_type in "[A-Za-z][A-Za-z0-9.]{0,30}",
+        event_version in 1..i64::MAX,
+        nanos in 0i64..4_102_444_800_000_000_000,
+        trace_id in opt_text(),
+        correlation_id in opt_text(),
+        tenant_id in proptest::option::of(any::<i64>()),
+        payload in json_value(),
+    ) -> Envelope {
+        Envelope {
+            event_id: eventbus_core::new_event_id(),
+            aggregate_id,
+            event_type,
+            event_version,
+            timestamp: Utc.timestamp_nanos(nanos),
+            trace_id,
+            correlation_id,
+            tenant_id,
+            payload: Payload::from_json(&payload).unwrap(),
+        }
+    }
+}
+
+proptest! {
+    #[test]
+    fn encode_then_decode_is_the_identity(e in envelope()) {
+        let back = Envelope::decode(&e.encode().unwrap()).unwrap();
+        prop_assert_eq!(back, e);
+    }
+
+    #[test]
+    fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = Envelope::decode(&bytes);
+    }
+
+    #[test]
+    fn decoding_mutated_envelopes_never_panics(e in envelope(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+        let mut bytes = e.encode().unwrap().to_vec();
+        let i = at.index(bytes.len());
+        bytes[i] = byte;
+        let _ = Envelope::decode(&bytes);
+    }
+}
