@@ -19,6 +19,7 @@ mod memory;
 mod message;
 mod publish;
 mod retry;
+mod secret;
 mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -37,4 +38,5 @@ pub use memory::MemoryBackend;
 pub use message::{Ack, Acker, Delivery, Message, Position};
 pub use publish::{PublishHandle, PublishResult, PublishResults};
 pub use retry::RetryPolicy;
+pub use secret::Secret;
 pub use subscription::{DeadLetter, SubscribeOptions, Subscription};

@@ -1,0 +1,245 @@
+//! [`NatsConfig`]: connection, topology and consumer settings of the NATS backend.
+
+use std::path::PathBuf;
+
+use eventbus_core::Secret;
+use serde::{Deserialize, Serialize};
+
+/// Settings of the NATS JetStream backend. Deserializes from the `nats`
+/// section of a configuration file; every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URLs; the client uses all of them (the original dialed only the first).
+    /// Default `["nats://127.0.0.1:4222"]`.
+    pub servers: Vec<String>,
+    /// Client name shown in the server's monitoring.
+    pub client_name: Option<String>,
+    /// Authentication.
+    pub auth: NatsAuth,
+    /// TLS; `None` for plain TCP.
+    pub tls: Option<NatsTls>,
+    /// Reconnect behaviour.
+    pub reconnect: NatsReconnect,
+    /// Prefix prepended to a topic to make its subject. Default `events.`
+    /// (topic `orders` is subject `events.orders`).
+    pub subject_prefix: String,
+    /// Streams to provision. Default: one stream `EVENTS` over `events.>`.
+    pub streams: Vec<StreamSpec>,
+    /// What to do with [`streams`](NatsConfig::streams) at connect.
+    pub provision: ProvisionStrategy,
+    /// Consumer settings.
+    pub consumer: NatsConsumer,
+    /// JetStream API and publish-ACK timeout, in ms. Default 10,000.
+    pub request_timeout_ms: u64,
+}
+
+/// How to authenticate. At most one of token, user/password, NKey seed and
+/// credentials file is usually set.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsAuth {
+    /// User name, with [`password`](NatsAuth::password).
+    pub user: Option<String>,
+    /// Password of [`user`](NatsAuth::user).
+    pub password: Option<Secret>,
+    /// Token authentication.
+    pub token: Option<Secret>,
+    /// NKey seed (`SU...`).
+    pub nkey_seed: Option<Secret>,
+    /// A `.creds` file (JWT and NKey seed).
+    pub credentials_file: Option<PathBuf>,
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsTls {
+    /// PEM file of CA certificates to trust.
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate, with [`key_file`](NatsTls::key_file), for mutual TLS.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key of [`cert_file`](NatsTls::cert_file).
+    pub key_file: Option<PathBuf>,
+    /// Refuse servers that do not offer TLS.
+    pub required: bool,
+}
+
+/// Reconnect settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsReconnect {
+    /// Reconnect attempts before giving up; `None` retries forever (default).
+    pub max_reconnects: Option<usize>,
+    /// Timeout of one connection attempt, in ms. Default 5,000.
+    pub connect_timeout_ms: u64,
+    /// Keep retrying when no server is reachable at start. Default false:
+    /// connecting fails with a `Connection` error instead.
+    pub retry_on_initial_connect: bool,
+}
+
+/// One JetStream stream, as provisioned. Field meanings are JetStream's
+/// (`nats-server` stream configuration); 0 means unlimited.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamSpec {
+    /// Stream name (no `.`, `*`, `>` or whitespace). Default `EVENTS`.
+    pub name: String,
+    /// Subjects stored. Default `["events.>"]`.
+    pub subjects: Vec<String>,
+    /// `file` (default) or `memory`.
+    pub storage: Storage,
+    /// `limits` (default), `interest` or `work_queue`.
+    pub retention: Retention,
+    /// Oldest message kept, in ms; 0 = forever.
+    pub max_age_ms: u64,
+    /// Largest stream size, in bytes; 0 = unlimited.
+    pub max_bytes: i64,
+    /// Most messages kept; 0 = unlimited.
+    pub max_messages: i64,
+    /// Replicas in a cluster, 1..=5. Default 1.
+    pub replicas: usize,
+    /// Window in which a repeated `Nats-Msg-Id` is acked as a duplicate, in ms. Default 120,000.
+    pub duplicate_window_ms: u64,
+    /// `old` (default: drop oldest) or `new` (refuse new) when a limit is reached.
+    pub discard: Discard,
+}
+
+/// Stream storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Storage {
+    /// On disk.
+    #[default]
+    File,
+    /// In server memory.
+    Memory,
+}
+
+/// Stream retention policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Retention {
+    /// Kept until a limit (age, bytes, count) removes it.
+    #[default]
+    Limits,
+    /// Kept while some consumer has not acked it.
+    Interest,
+    /// Removed once acked.
+    WorkQueue,
+}
+
+/// What a full stream does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Discard {
+    /// Drop the oldest messages.
+    #[default]
+    Old,
+    /// Refuse new messages (publishes fail).
+    New,
+}
+
+/// What to do with configured streams at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProvisionStrategy {
+    /// Create missing streams; leave existing ones as they are.
+    CreateOnly,
+    /// Create missing streams and update existing ones to the configuration.
+    #[default]
+    CreateOrUpdate,
+    /// Change nothing; fail with `NotFound` or `Conflict` when a stream is
+    /// missing or differs from the configuration.
+    ValidateOnly,
+    /// Change and check nothing.
+    Skip,
+}
+
+/// Pull-consumer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConsumer {
+    /// Time the server waits for an ack before redelivering, in ms. Handlers
+    /// running longer send "in progress" every half of it. Default 30,000.
+    pub ack_wait_ms: u64,
+    /// Messages delivered and unacked per consumer. Default 10,000.
+    pub max_ack_pending: i64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            servers: vec!["nats://127.0.0.1:4222".into()],
+            client_name: None,
+            auth: NatsAuth::default(),
+            tls: None,
+            reconnect: NatsReconnect::default(),
+            subject_prefix: "events.".into(),
+            streams: vec![StreamSpec::default()],
+            provision: ProvisionStrategy::default(),
+            consumer: NatsConsumer::default(),
+            request_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl Default for NatsReconnect {
+    fn default() -> Self {
+        Self {
+            max_reconnects: None,
+            connect_timeout_ms: 5_000,
+            retry_on_initial_connect: false,
+        }
+    }
+}
+
+impl Default for StreamSpec {
+    fn default() -> Self {
+        Self {
+            name: "EVENTS".into(),
+            subjects: vec!["events.>".into()],
+            storage: Storage::File,
+            retention: Retention::Limits,
+            max_age_ms: 0,
+            max_bytes: 0,
+            max_messages: 0,
+            replicas: 1,
+            duplicate_window_ms: 120_000,
+            discard: Discard::Old,
+        }
+    }
+}
+
+impl Default for NatsConsumer {
+    fn default() -> Self {
+        Self {
+            ack_wait_ms: 30_000,
+            max_ack_pending: 10_000,
+        }
+    }
+}
+
+impl NatsConfig {
+    /// Defaults with these server URLs.
+    pub fn with_servers<I: IntoIterator<Item = S>, S: Into<String>>(servers: I) -> Self {
+        Self {
+            servers: servers.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_are_redacted_in_debug() {
+        let mut c = NatsConfig::default();
+        c.auth.password = Some("s3cret".into());
+        c.auth.token = Some("t0ken".into());
+        let debug = format!("{c:?}");
+        assert!(!debug.contains("s3cret") && !debug.contains("t0ken"), "{debug}");
+    }
+}

@@ -1,0 +1,24 @@
+//! NATS JetStream backend of the event bus, over `async-nats`.
+//!
+//! ```no_run
+//! # async fn run() -> eventbus_core::Result<()> {
+//! use eventbus_nats::{NatsBackend, NatsConfig};
+//! let backend = NatsBackend::connect(NatsConfig::with_servers(["nats://127.0.0.1:4222"])).await?;
+//! let bus = eventbus_core::EventBus::new(backend, eventbus_core::BusConfig::default())?;
+//! # bus.close().await }
+//! ```
+#![warn(missing_docs, unreachable_pub)]
+
+mod backend;
+mod config;
+mod connect;
+mod server;
+mod topology;
+
+pub use backend::{MSG_ID_HEADER, NatsBackend};
+pub use config::{
+    Discard, NatsAuth, NatsConfig, NatsConsumer, NatsReconnect, NatsTls, ProvisionStrategy, Retention,
+    Storage, StreamSpec,
+};
+pub use connect::ConnectionEvent;
+pub use server::NatsServer;

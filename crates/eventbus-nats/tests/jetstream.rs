@@ -1,0 +1,274 @@
+//! NATS-specific behaviour against a real nats-server: dedup, crash and
+//! restart without loss, server restarts, stream provisioning.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus_core::{BusConfig, ConnectionState, Envelope, ErrorKind, EventBus, Position, SubscribeOptions};
+use eventbus_nats::{ConnectionEvent, NatsBackend, NatsConfig, NatsServer, ProvisionStrategy, StreamSpec};
+
+fn envelope(aggregate: &str, version: i64) -> Envelope {
+    Envelope::builder(aggregate, "T", version)
+        .json_payload(&version)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+async fn bus(server: &NatsServer, config: BusConfig) -> EventBus {
+    let backend = NatsBackend::connect(NatsConfig::with_servers([server.url()]))
+        .await
+        .unwrap();
+    EventBus::new(backend, config).unwrap()
+}
+
+async fn eventually(secs: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    done()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_republished_event_id_is_acked_as_duplicate_and_stored_once() {
+    let server = NatsServer::start().await.unwrap();
+    let bus = bus(&server, BusConfig::default()).await;
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let sink = got.clone();
+    let _sub = bus
+        .subscribe_envelope("dedup", SubscribeOptions::group("g"), move |e: Envelope| {
+            sink.lock().unwrap().push(e.event_id);
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    let e = envelope("a", 1);
+    let first = bus.publish_envelope_sync("dedup", &e).await.unwrap();
+    let second = bus.publish_envelope_sync("dedup", &e).await.unwrap();
+    assert!(!first.duplicate);
+    assert!(
+        second.duplicate,
+        "JetStream should report the repeat as a duplicate"
+    );
+    assert_eq!(first.position, second.position);
+    assert!(matches!(first.position, Some(Position::Sequence(_))));
+    bus.publish_envelope_sync("dedup", &envelope("a", 2))
+        .await
+        .unwrap();
+    assert!(eventually(10, || got.lock().unwrap().len() == 2).await);
+    assert_eq!(got.lock().unwrap()[0], e.event_id);
+    bus.close().await.unwrap();
+}
+
+/// Runs a subscriber on its own runtime and kills it there, as a crashed
+/// process would end: no close, no flush, acks in flight lost.
+#[test]
+fn a_killed_consumer_restarted_in_its_group_loses_nothing_and_keeps_order() {
+    let control = tokio::runtime::Runtime::new().unwrap();
+    let server = control.block_on(NatsServer::start()).unwrap();
+    let url = server.url();
+    let events: Vec<Envelope> = (1..=40)
+        .flat_map(|v| (0..50).map(move |a| envelope(&format!("k-{a}"), v)))
+        .collect();
+    let first_seen = Arc::new(Mutex::new(Vec::<(String, i64)>::new()));
+
+    let victim = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sink = first_seen.clone();
+    let victim_bus = victim.block_on(async {
+        let backend = NatsBackend::connect(NatsConfig::with_servers([url.clone()]))
+            .await
+            .unwrap();
+        let bus = EventBus::new(backend, BusConfig::default()).unwrap();
+        for e in &events {
+            let _ = bus.publish_envelope("crash", e).await.unwrap();
+        }
+        bus.subscribe_envelope("crash", SubscribeOptions::group("durable"), move |e: Envelope| {
+            let sink = sink.clone();
+            async move {
+                tokio::time::sleep(Duration::from_micros(200)).await;
+                sink.lock().unwrap().push((e.aggregate_id, e.event_version));
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+        bus
+    });
+    control.block_on(async {
+        assert!(eventually(30, || first_seen.lock().unwrap().len() >= 300).await);
+    });
+    // The crash: every task of the victim dropped mid-flight, no close, no flush.
+    victim.shutdown_timeout(Duration::from_secs(5));
+    drop(victim_bus);
+    let handled_before = first_seen.lock().unwrap().len();
+    assert!(
+        handled_before < events.len(),
+        "the victim finished before it was killed"
+    );
+
+    control.block_on(async {
+        let bus = bus(&server, BusConfig::default()).await;
+        let second = Arc::new(Mutex::new(Vec::<(String, i64)>::new()));
+        let sink = second.clone();
+        let _sub = bus
+            .subscribe_envelope("crash", SubscribeOptions::group("durable"), move |e: Envelope| {
+                sink.lock().unwrap().push((e.aggregate_id, e.event_version));
+                async { Ok::<_, std::io::Error>(()) }
+            })
+            .await
+            .unwrap();
+        let all: HashSet<(String, i64)> = events
+            .iter()
+            .map(|e| (e.aggregate_id.clone(), e.event_version))
+            .collect();
+        let covered = || {
+            let mut seen: HashSet<(String, i64)> = first_seen.lock().unwrap().iter().cloned().collect();
+            seen.extend(second.lock().unwrap().iter().cloned());
+            seen == all
+        };
+        assert!(eventually(60, covered).await, "events lost across the crash");
+        // The restarted member sees each aggregate in strictly increasing order.
+        let mut last: HashMap<String, i64> = HashMap::new();
+        for (a, v) in second.lock().unwrap().iter() {
+            let prev = last.insert(a.clone(), *v).unwrap_or(0);
+            assert!(*v > prev, "aggregate {a}: v{v} after v{prev}");
+        }
+        bus.close().await.unwrap();
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_restart_while_publishing_gives_every_publish_a_result_or_typed_error() {
+    let mut server = NatsServer::start().await.unwrap();
+    let mut config = BusConfig::default();
+    config.publish.timeout_ms = 2_000;
+    config.publish.ack_timeout_ms = 5_000;
+    let backend = NatsBackend::connect(NatsConfig::with_servers([server.url()]))
+        .await
+        .unwrap();
+    let mut events = backend.connection_events();
+    let bus = EventBus::new(backend, config).unwrap();
+    let mut handles = Vec::new();
+    let mut refused = Vec::new();
+    for i in 1..=3_000 {
+        if i == 1_000 {
+            server.kill();
+        }
+        if i == 2_000 {
+            server.restart().await.unwrap();
+        }
+        match bus.publish_envelope("restart", &envelope("r", i)).await {
+            Ok(h) => handles.push(h),
+            Err(e) => {
+                assert!(
+                    matches!(
+                        e.kind(),
+                        ErrorKind::Timeout | ErrorKind::Connection | ErrorKind::Backend
+                    ),
+                    "{e}"
+                );
+                refused.push(e);
+            }
+        }
+    }
+    let results = tokio::time::timeout(Duration::from_secs(60), futures::future::join_all(handles))
+        .await
+        .expect("a publish handle hung");
+    let ok = results.iter().filter(|r| r.is_success()).count();
+    let failed: Vec<_> = results.iter().filter_map(|r| r.error.as_ref()).collect();
+    assert!(
+        failed.iter().all(|e| e.is_retriable()),
+        "untyped failure: {failed:?}"
+    );
+    assert!(
+        ok >= 1_000,
+        "publishes before the kill or after the restart were lost: {ok}"
+    );
+    assert_eq!(ok + failed.len() + refused.len(), 3_000);
+    let mut saw = Vec::new();
+    while let Ok(e) = events.try_recv() {
+        saw.push(e);
+    }
+    assert!(saw.contains(&ConnectionEvent::Disconnected), "{saw:?}");
+    assert!(saw.contains(&ConnectionEvent::Connected), "{saw:?}");
+    assert_eq!(bus.health().connection, ConnectionState::Connected);
+    bus.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_provisioning_strategy_does_what_it_says() {
+    let server = NatsServer::start().await.unwrap();
+    let config = |strategy, max_age_ms| NatsConfig {
+        provision: strategy,
+        subject_prefix: "prov.".into(),
+        streams: vec![StreamSpec {
+            name: "PROV".into(),
+            subjects: vec!["prov.>".into()],
+            max_age_ms,
+            ..StreamSpec::default()
+        }],
+        ..NatsConfig::with_servers([server.url()])
+    };
+    let kind = |r: eventbus_core::Result<NatsBackend>| r.map(|_| ()).unwrap_err().kind();
+
+    // Skip: nothing is created, so subscribing finds no stream.
+    let skipped = NatsBackend::connect(config(ProvisionStrategy::Skip, 0))
+        .await
+        .unwrap();
+    let bus = EventBus::new(skipped, BusConfig::default()).unwrap();
+    let err = bus
+        .subscribe_envelope("t", SubscribeOptions::group("g"), |_e: Envelope| async {
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+
+    assert_eq!(
+        kind(NatsBackend::connect(config(ProvisionStrategy::ValidateOnly, 0)).await),
+        ErrorKind::NotFound
+    );
+    NatsBackend::connect(config(ProvisionStrategy::CreateOnly, 0))
+        .await
+        .unwrap();
+    NatsBackend::connect(config(ProvisionStrategy::ValidateOnly, 0))
+        .await
+        .unwrap();
+    // Create-only leaves an existing stream alone...
+    NatsBackend::connect(config(ProvisionStrategy::CreateOnly, 600_000))
+        .await
+        .unwrap();
+    let err = NatsBackend::connect(config(ProvisionStrategy::ValidateOnly, 600_000))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict);
+    assert!(err.to_string().contains("max_age"), "{err}");
+    // ...create-or-update changes it.
+    NatsBackend::connect(config(ProvisionStrategy::CreateOrUpdate, 600_000))
+        .await
+        .unwrap();
+    NatsBackend::connect(config(ProvisionStrategy::ValidateOnly, 600_000))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_a_connection_error() {
+    let mut config = NatsConfig::with_servers(["nats://127.0.0.1:1"]);
+    config.reconnect.connect_timeout_ms = 500;
+    let err = NatsBackend::connect(config).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Connection);
+    let err = NatsBackend::connect(NatsConfig::with_servers(["not a url at all://"]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config);
+}
