@@ -89,7 +89,7 @@ fn a_killed_consumer_restarted_in_its_group_loses_nothing_and_keeps_order() {
             .unwrap();
         let bus = EventBus::new(backend, BusConfig::default()).unwrap();
         for e in &events {
-            let _ = bus.publish_envelope("crash", e).await.unwrap();
+            bus.publish_envelope_sync("crash", e).await.unwrap();
         }
         bus.subscribe_envelope("crash", SubscribeOptions::group("durable"), move |e: Envelope| {
             let sink = sink.clone();
