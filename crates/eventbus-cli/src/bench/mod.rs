@@ -8,11 +8,13 @@
 mod report;
 mod run;
 mod scenario;
+mod target;
 
 use clap::{Args, ValueEnum};
 
 pub(crate) use report::LevelReport;
 pub(crate) use scenario::Scenario;
+use target::Target;
 
 /// Options of `eventbus bench`.
 #[derive(Debug, Args)]
@@ -35,6 +37,9 @@ pub(crate) struct BenchArgs {
     /// Longest wait for a level's deliveries, in seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// NATS server URL; without it the bench starts a local nats-server.
+    #[arg(long, env = "EVENTBUS_NATS_URL")]
+    nats_url: Option<String>,
 }
 
 /// The backends the bench can drive.
@@ -42,6 +47,10 @@ pub(crate) struct BenchArgs {
 pub(crate) enum BackendKind {
     /// The in-process memory backend.
     Memory,
+    /// NATS JetStream.
+    Nats,
+    /// Every backend in turn.
+    All,
 }
 
 /// Runs every level on the chosen backend and prints the table.
@@ -53,15 +62,28 @@ pub(crate) async fn run(args: BenchArgs) -> eventbus::Result<()> {
         timeout: std::time::Duration::from_secs(args.timeout_secs),
     };
     let mut reports = Vec::new();
-    for &level in &args.levels {
-        let bus = match args.backend {
-            BackendKind::Memory => eventbus::EventBus::memory(),
-        };
-        let report = run::level(&bus, &scenario, level).await?;
-        bus.close().await?;
-        eprintln!("{}", report.one_line());
-        reports.push(report);
+    for target in targets(&args).await? {
+        for &level in &args.levels {
+            let bus = target.bus(eventbus::BusConfig::default()).await?;
+            let report = run::level(&bus, &scenario, level).await?;
+            bus.close().await?;
+            eprintln!("{}", report.one_line());
+            reports.push(report);
+        }
+        eprintln!("{} done", target.name());
     }
     println!("{}", report::table(&reports));
     Ok(())
+}
+
+async fn targets(args: &BenchArgs) -> eventbus::Result<Vec<Target>> {
+    let all = args.backend == BackendKind::All;
+    let mut targets = Vec::new();
+    if all || args.backend == BackendKind::Memory {
+        targets.push(Target::memory());
+    }
+    if all || args.backend == BackendKind::Nats {
+        targets.push(Target::nats(args.nats_url.clone()).await?);
+    }
+    Ok(targets)
 }

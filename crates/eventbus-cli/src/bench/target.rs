@@ -1,0 +1,54 @@
+//! The broker a bench runs against: given by URL, or started locally.
+
+use eventbus::nats::{NatsBackend, NatsConfig, NatsServer};
+use eventbus::{BusConfig, EventBus, Result};
+
+/// A backend to bench, with the local server it started, if any.
+pub(crate) enum Target {
+    Memory,
+    Nats {
+        url: String,
+        _server: Option<NatsServer>,
+    },
+}
+
+impl Target {
+    /// The memory backend.
+    pub(crate) fn memory() -> Self {
+        Self::Memory
+    }
+
+    /// NATS at `url`, or a local `nats-server` started now when `url` is `None`.
+    pub(crate) async fn nats(url: Option<String>) -> Result<Self> {
+        Ok(match url {
+            Some(url) => Self::Nats { url, _server: None },
+            None => {
+                let server = NatsServer::start().await?;
+                eprintln!("started nats-server on {}", server.url());
+                Self::Nats {
+                    url: server.url(),
+                    _server: Some(server),
+                }
+            }
+        })
+    }
+
+    /// The backend's name.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Nats { .. } => "nats",
+        }
+    }
+
+    /// A fresh bus over this backend.
+    pub(crate) async fn bus(&self, config: BusConfig) -> Result<EventBus> {
+        match self {
+            Self::Memory => EventBus::memory_with(config),
+            Self::Nats { url, .. } => {
+                let backend = NatsBackend::connect(NatsConfig::with_servers([url.clone()])).await?;
+                EventBus::new(backend, config)
+            }
+        }
+    }
+}

@@ -1,0 +1,227 @@
+//! [`KafkaBackend`]: the [`Backend`] over rdkafka.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventbus_core::{
+    Ack, AckFuture, Backend, BackendSubscription, ConnectionState, Error, ErrorKind, Message, Position,
+    Result, SubscribeSpec,
+};
+use futures::FutureExt;
+use rdkafka::ClientContext;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::KafkaConfig;
+use crate::consumer::{KafkaSubscription, MemberContext};
+use crate::offsets::OffsetTracker;
+use crate::topics::Topics;
+
+/// How long a publish waits between tries while the client's queue is full.
+const QUEUE_FULL_RETRY: Duration = Duration::from_millis(1);
+
+/// The Kafka backend.
+///
+/// - Producer: idempotent, `acks=all`; envelope publishes are keyed by
+///   aggregate id, so one aggregate's events stay in one partition, in order.
+///   Delivery reports become publish results with partition and offset.
+///   A full client queue makes publishing wait, bounded by the bus's
+///   `publish.timeout_ms` (the original blocked forever).
+/// - Consumer: one group member (`StreamConsumer`) per subscription. Only
+///   the contiguous finished prefix of each partition is committed, so a
+///   crash never skips an unfinished message. On a revoke, the member waits
+///   up to `consumer.revoke_timeout_ms` for in-flight messages of the revoked
+///   partitions and commits their finished prefix before handing them over.
+#[derive(Clone)]
+pub struct KafkaBackend {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: KafkaConfig,
+    producer: FutureProducer<ProducerContext>,
+    topics: Topics,
+    state: Arc<AtomicU8>,
+}
+
+const CONNECTED: u8 = 0;
+const DISCONNECTED: u8 = 1;
+
+/// Tracks "all brokers down" reports from librdkafka.
+struct ProducerContext {
+    state: Arc<AtomicU8>,
+}
+
+impl ClientContext for ProducerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.state.store(DISCONNECTED, Ordering::Relaxed);
+        }
+        tracing::warn!(%error, reason, "librdkafka error");
+    }
+}
+
+impl std::fmt::Debug for KafkaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaBackend")
+            .field("config", &self.inner.config)
+            .finish()
+    }
+}
+
+impl KafkaBackend {
+    /// Creates the producer and admin client and provisions the configured topics.
+    ///
+    /// # Errors
+    /// [`Config`](ErrorKind::Config) when librdkafka refuses a property, and
+    /// the provisioning errors (`NotFound`, `Conflict`, `Backend`).
+    pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        let state = Arc::new(AtomicU8::new(CONNECTED));
+        let mut props = config.client_properties();
+        let p = &config.producer;
+        props
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", p.compression.as_str())
+            .set("linger.ms", p.linger_ms.to_string())
+            .set("queue.buffering.max.messages", p.queue_max_messages.to_string())
+            .set("message.timeout.ms", p.delivery_timeout_ms.to_string());
+        config.apply_extra(&mut props);
+        let producer = props
+            .create_with_context(ProducerContext { state: state.clone() })
+            .map_err(|e| Error::new(ErrorKind::Config, "cannot create the Kafka producer").with_source(e))?;
+        let topics = Topics::new(&config)?;
+        topics.provision(&config.topics, config.provision).await?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                config,
+                producer,
+                topics,
+                state,
+            }),
+        })
+    }
+
+    /// The underlying producer.
+    pub fn producer(&self) -> &FutureProducer<impl ClientContext> {
+        &self.inner.producer
+    }
+
+    fn member(&self, spec: &SubscribeSpec) -> Result<KafkaSubscription> {
+        let c = &self.inner.config.consumer;
+        let group_id = match c.group_id_per_topic {
+            true => format!("{}.{}", spec.group, spec.topic),
+            false => spec.group.clone(),
+        };
+        let mut props = self.inner.config.client_properties();
+        props
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "true")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.commit.interval.ms", c.commit_interval_ms.to_string())
+            .set("auto.offset.reset", &c.auto_offset_reset)
+            .set("session.timeout.ms", c.session_timeout_ms.to_string())
+            .set("heartbeat.interval.ms", c.heartbeat_interval_ms.to_string())
+            .set("enable.partition.eof", "false");
+        self.inner.config.apply_extra(&mut props);
+        let tracker = Arc::new(OffsetTracker::default());
+        let context = MemberContext {
+            tracker: tracker.clone(),
+            revoke_timeout: Duration::from_millis(c.revoke_timeout_ms),
+        };
+        let consumer: StreamConsumer<MemberContext> = props
+            .create_with_context(context)
+            .map_err(|e| Error::new(ErrorKind::Config, "cannot create the Kafka consumer").with_source(e))?;
+        consumer
+            .subscribe(&[&spec.topic])
+            .map_err(|e| Error::backend(format!("cannot subscribe to {}", spec.topic), e))?;
+        Ok(KafkaSubscription {
+            consumer: Arc::new(consumer),
+            tracker,
+        })
+    }
+}
+
+fn kafka_headers(message: &Message) -> OwnedHeaders {
+    message.headers.iter().fold(
+        OwnedHeaders::new_with_capacity(message.headers.len()),
+        |h, (key, value)| {
+            h.insert(Header {
+                key,
+                value: Some(value.as_bytes()),
+            })
+        },
+    )
+}
+
+#[async_trait]
+impl Backend for KafkaBackend {
+    fn name(&self) -> &'static str {
+        "kafka"
+    }
+
+    async fn publish(&self, message: Message) -> Result<AckFuture> {
+        self.inner.topics.ensure(&message.topic).await?;
+        let headers = kafka_headers(&message);
+        let delivery = loop {
+            let mut record = FutureRecord::to(&message.topic)
+                .payload(&message.payload[..])
+                .headers(headers.clone());
+            if let Some(key) = &message.key {
+                record = record.key(&key[..]);
+            }
+            match self.inner.producer.send_result(record) {
+                Ok(delivery) => break delivery,
+                // Backpressure: the bus bounds this wait with publish.timeout_ms.
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    tokio::time::sleep(QUEUE_FULL_RETRY).await;
+                }
+                Err((e, _)) => return Err(Error::backend("Kafka producer refused the message", e)),
+            }
+        };
+        let state = self.inner.state.clone();
+        Ok(async move {
+            match delivery.await {
+                Ok(Ok(d)) => {
+                    state.store(CONNECTED, Ordering::Relaxed);
+                    Ok(Ack {
+                        position: Some(Position::Offset {
+                            partition: d.partition,
+                            offset: d.offset,
+                        }),
+                        duplicate: false,
+                    })
+                }
+                Ok(Err((e, _))) => Err(Error::backend("Kafka did not confirm the delivery", e)),
+                Err(_) => Err(Error::closed("Kafka producer")),
+            }
+        }
+        .boxed())
+    }
+
+    async fn subscribe(&self, spec: &SubscribeSpec) -> Result<Box<dyn BackendSubscription>> {
+        self.inner.topics.ensure(&spec.topic).await?;
+        Ok(Box::new(self.member(spec)?))
+    }
+
+    fn connection_state(&self) -> ConnectionState {
+        match self.inner.state.load(Ordering::Relaxed) {
+            CONNECTED => ConnectionState::Connected,
+            _ => ConnectionState::Disconnected,
+        }
+    }
+
+    async fn close(&self) -> Result<()> {
+        let inner = self.inner.clone();
+        let timeout = Duration::from_millis(self.inner.config.producer.delivery_timeout_ms);
+        tokio::task::spawn_blocking(move || inner.producer.flush(timeout))
+            .await
+            .map_err(|e| Error::backend("flush failed", e))?
+            .map_err(|e| Error::new(ErrorKind::Timeout, "Kafka producer flush timed out").with_source(e))
+    }
+}

@@ -1,0 +1,319 @@
+//! [`KafkaConfig`]: brokers, security, producer, consumer and topic settings.
+
+use std::collections::BTreeMap;
+
+use eventbus_core::Secret;
+use serde::{Deserialize, Serialize};
+
+/// Settings of the Kafka backend; every field has a default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port`. Default `["127.0.0.1:9092"]`.
+    pub brokers: Vec<String>,
+    /// librdkafka `client.id`. Default `eventbus`.
+    pub client_id: String,
+    /// TLS and SASL, passed through to librdkafka.
+    pub security: KafkaSecurity,
+    /// Producer settings.
+    pub producer: KafkaProducer,
+    /// Consumer settings.
+    pub consumer: KafkaConsumer,
+    /// Topics to provision at connect.
+    pub topics: Vec<TopicSpec>,
+    /// Settings of topics created on first use (publish or subscribe) when
+    /// [`auto_create_topics`](KafkaConfig::auto_create_topics) is on.
+    pub default_topic: TopicSpec,
+    /// Create unknown topics on first use with [`default_topic`](KafkaConfig::default_topic). Default true.
+    pub auto_create_topics: bool,
+    /// What to do with [`topics`](KafkaConfig::topics) at connect.
+    pub provision: ProvisionStrategy,
+    /// Further librdkafka properties, set last (they win).
+    pub extra: BTreeMap<String, String>,
+}
+
+/// Security protocol (librdkafka `security.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SecurityProtocol {
+    /// No TLS, no SASL.
+    #[default]
+    Plaintext,
+    /// TLS.
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+/// SASL mechanism (librdkafka `sasl.mechanism`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum SaslMechanism {
+    /// `PLAIN`.
+    #[default]
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// `SCRAM-SHA-256`.
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// `SCRAM-SHA-512`.
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+/// TLS and SASL settings. Secrets never show in `Debug` output or logs.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSecurity {
+    /// `security.protocol`.
+    pub protocol: SecurityProtocol,
+    /// `sasl.mechanism`, with SASL protocols.
+    pub sasl_mechanism: SaslMechanism,
+    /// `sasl.username`.
+    pub sasl_username: Option<String>,
+    /// `sasl.password`.
+    pub sasl_password: Option<Secret>,
+    /// `ssl.ca.location`: PEM file of CAs to trust.
+    pub ssl_ca_location: Option<String>,
+    /// `ssl.certificate.location`: client certificate (PEM).
+    pub ssl_certificate_location: Option<String>,
+    /// `ssl.key.location`: client key (PEM).
+    pub ssl_key_location: Option<String>,
+    /// `ssl.key.password`.
+    pub ssl_key_password: Option<Secret>,
+}
+
+/// Compression codec (librdkafka `compression.type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Compression {
+    /// None.
+    #[default]
+    None,
+    /// gzip.
+    Gzip,
+    /// Snappy.
+    Snappy,
+    /// LZ4.
+    Lz4,
+    /// Zstandard.
+    Zstd,
+}
+
+impl Compression {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Gzip => "gzip",
+            Self::Snappy => "snappy",
+            Self::Lz4 => "lz4",
+            Self::Zstd => "zstd",
+        }
+    }
+}
+
+/// Producer settings. The producer is always idempotent with `acks=all`,
+/// so one aggregate's events (one key, one partition) keep their order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaProducer {
+    /// `compression.type`. Default none.
+    pub compression: Compression,
+    /// `linger.ms`: batching delay, in ms. Default 5.
+    pub linger_ms: u64,
+    /// `queue.buffering.max.messages`: the client's local queue (count);
+    /// when full, publishing waits (bounded by the bus's publish timeout). Default 100,000.
+    pub queue_max_messages: u64,
+    /// `message.timeout.ms`: how long the client retries a delivery before
+    /// reporting it failed, in ms. Default 30,000.
+    pub delivery_timeout_ms: u64,
+}
+
+/// Consumer settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConsumer {
+    /// `session.timeout.ms`. Default 10,000.
+    pub session_timeout_ms: u64,
+    /// `heartbeat.interval.ms`. Default 1,000.
+    pub heartbeat_interval_ms: u64,
+    /// `auto.commit.interval.ms`: how often the finished prefix is committed, in ms. Default 200.
+    pub commit_interval_ms: u64,
+    /// On a rebalance revoke, longest wait for in-flight messages of the
+    /// revoked partitions before their finished prefix is committed, in ms. Default 5,000.
+    pub revoke_timeout_ms: u64,
+    /// `auto.offset.reset` for a new group: `earliest` (default) or `latest`.
+    pub auto_offset_reset: String,
+    /// Use `<group>.<topic>` as the Kafka `group.id` (default true), so each
+    /// (group, topic) subscription is its own Kafka group, as a NATS durable
+    /// consumer is, and joining one topic never rebalances another. False
+    /// uses the group name as-is (one Kafka group across topics).
+    pub group_id_per_topic: bool,
+}
+
+/// One topic, as provisioned.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TopicSpec {
+    /// Topic name (ignored in [`KafkaConfig::default_topic`]).
+    pub name: String,
+    /// Partitions. Default 8.
+    pub partitions: i32,
+    /// Replication factor. Default 1.
+    pub replication: i32,
+    /// `retention.ms`; `None` keeps the broker's default.
+    pub retention_ms: Option<i64>,
+    /// `compression.type` of the topic; `None` keeps the broker's default.
+    pub compression: Option<Compression>,
+    /// `cleanup.policy` (`delete`, `compact`); `None` keeps the broker's default.
+    pub cleanup_policy: Option<String>,
+}
+
+/// What to do with configured topics at connect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ProvisionStrategy {
+    /// Create missing topics; leave existing ones alone.
+    CreateOnly,
+    /// Create missing topics; grow partitions and update configs of existing ones.
+    #[default]
+    CreateOrUpdate,
+    /// Change nothing; fail with `NotFound` or `Conflict` when a topic is
+    /// missing or has fewer partitions than configured.
+    ValidateOnly,
+    /// Change and check nothing.
+    Skip,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: vec!["127.0.0.1:9092".into()],
+            client_id: "eventbus".into(),
+            security: KafkaSecurity::default(),
+            producer: KafkaProducer::default(),
+            consumer: KafkaConsumer::default(),
+            topics: Vec::new(),
+            default_topic: TopicSpec::default(),
+            auto_create_topics: true,
+            provision: ProvisionStrategy::default(),
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+impl Default for KafkaProducer {
+    fn default() -> Self {
+        Self {
+            compression: Compression::None,
+            linger_ms: 5,
+            queue_max_messages: 100_000,
+            delivery_timeout_ms: 30_000,
+        }
+    }
+}
+
+impl Default for KafkaConsumer {
+    fn default() -> Self {
+        Self {
+            session_timeout_ms: 10_000,
+            heartbeat_interval_ms: 1_000,
+            commit_interval_ms: 200,
+            revoke_timeout_ms: 5_000,
+            auto_offset_reset: "earliest".into(),
+            group_id_per_topic: true,
+        }
+    }
+}
+
+impl Default for TopicSpec {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            partitions: 8,
+            replication: 1,
+            retention_ms: None,
+            compression: None,
+            cleanup_policy: None,
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// Defaults with these bootstrap brokers.
+    pub fn with_brokers<I: IntoIterator<Item = S>, S: Into<String>>(brokers: I) -> Self {
+        Self {
+            brokers: brokers.into_iter().map(Into::into).collect(),
+            ..Self::default()
+        }
+    }
+
+    /// The librdkafka properties shared by producer, consumer and admin client.
+    pub(crate) fn client_properties(&self) -> rdkafka::ClientConfig {
+        let mut c = rdkafka::ClientConfig::new();
+        c.set("bootstrap.servers", self.brokers.join(","));
+        c.set("client.id", &self.client_id);
+        let s = &self.security;
+        let protocol = match s.protocol {
+            SecurityProtocol::Plaintext => "plaintext",
+            SecurityProtocol::Ssl => "ssl",
+            SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+            SecurityProtocol::SaslSsl => "sasl_ssl",
+        };
+        c.set("security.protocol", protocol);
+        if matches!(
+            s.protocol,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        ) {
+            let mechanism = match s.sasl_mechanism {
+                SaslMechanism::Plain => "PLAIN",
+                SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+                SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+            };
+            c.set("sasl.mechanism", mechanism);
+        }
+        let optional = [
+            ("sasl.username", s.sasl_username.as_deref()),
+            ("sasl.password", s.sasl_password.as_ref().map(Secret::expose)),
+            ("ssl.ca.location", s.ssl_ca_location.as_deref()),
+            ("ssl.certificate.location", s.ssl_certificate_location.as_deref()),
+            ("ssl.key.location", s.ssl_key_location.as_deref()),
+            (
+                "ssl.key.password",
+                s.ssl_key_password.as_ref().map(Secret::expose),
+            ),
+        ];
+        for (key, value) in optional {
+            if let Some(v) = value {
+                c.set(key, v);
+            }
+        }
+        c
+    }
+
+    pub(crate) fn apply_extra(&self, c: &mut rdkafka::ClientConfig) {
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_never_show_in_debug_and_reach_librdkafka() {
+        let mut c = KafkaConfig::default();
+        c.security.protocol = SecurityProtocol::SaslSsl;
+        c.security.sasl_mechanism = SaslMechanism::ScramSha512;
+        c.security.sasl_username = Some("svc".into());
+        c.security.sasl_password = Some("pa55word".into());
+        assert!(!format!("{c:?}").contains("pa55word"));
+        let props = c.client_properties();
+        assert_eq!(props.get("sasl.password"), Some("pa55word"));
+        assert_eq!(props.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(props.get("security.protocol"), Some("sasl_ssl"));
+    }
+}

@@ -1,0 +1,24 @@
+//! Kafka backend of the event bus, over `rdkafka` (bundled librdkafka 2.12).
+//!
+//! ```no_run
+//! # async fn run() -> eventbus_core::Result<()> {
+//! use eventbus_kafka::{KafkaBackend, KafkaConfig};
+//! let backend = KafkaBackend::connect(KafkaConfig::with_brokers(["127.0.0.1:9092"])).await?;
+//! let bus = eventbus_core::EventBus::new(backend, eventbus_core::BusConfig::default())?;
+//! # bus.close().await }
+//! ```
+#![warn(missing_docs, unreachable_pub)]
+
+mod backend;
+mod config;
+mod consumer;
+mod offsets;
+mod server;
+mod topics;
+
+pub use backend::KafkaBackend;
+pub use config::{
+    Compression, KafkaConfig, KafkaConsumer, KafkaProducer, KafkaSecurity, ProvisionStrategy, SaslMechanism,
+    SecurityProtocol, TopicSpec,
+};
+pub use server::TansuServer;

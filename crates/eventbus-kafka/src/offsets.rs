@@ -1,0 +1,149 @@
+//! Contiguous-prefix offset tracking, as Confluent's Parallel Consumer does:
+//! a partition's committable offset is the lowest offset still in flight, or
+//! one past the highest fetched when none is. A crash therefore never skips
+//! an unfinished message; finished ones above a gap are consumed again.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// (topic, partition).
+pub(crate) type PartitionKey = (String, i32);
+
+#[derive(Debug, Default)]
+struct Partition {
+    in_flight: BTreeSet<i64>,
+    next_after_fetched: i64,
+    /// Revoked in a rebalance: its offsets are no longer ours to commit.
+    revoked: bool,
+    /// Bumped on each revoke, so a late finish of an earlier assignment's
+    /// message cannot touch offsets fetched again after a re-assignment.
+    generation: u64,
+}
+
+impl Partition {
+    fn committable(&self) -> i64 {
+        self.in_flight.first().copied().unwrap_or(self.next_after_fetched)
+    }
+}
+
+/// The in-flight offsets of one consumer's partitions.
+#[derive(Debug, Default)]
+pub(crate) struct OffsetTracker {
+    partitions: Mutex<HashMap<PartitionKey, Partition>>,
+    settled: Condvar,
+}
+
+impl OffsetTracker {
+    /// A message was fetched; returns the assignment generation to finish it with.
+    pub(crate) fn fetched(&self, key: &PartitionKey, offset: i64) -> u64 {
+        let mut parts = self.partitions.lock().unwrap();
+        let p = parts.entry(key.clone()).or_default();
+        if p.revoked {
+            p.revoked = false;
+            p.next_after_fetched = 0;
+        }
+        p.in_flight.insert(offset);
+        p.next_after_fetched = p.next_after_fetched.max(offset + 1);
+        p.generation
+    }
+
+    /// A message finished; returns the new committable offset when the
+    /// contiguous prefix advanced and the partition is still ours.
+    pub(crate) fn finished(&self, key: &PartitionKey, offset: i64, generation: u64) -> Option<i64> {
+        let mut parts = self.partitions.lock().unwrap();
+        let p = parts.get_mut(key).filter(|p| p.generation == generation)?;
+        let before = p.committable();
+        p.in_flight.remove(&offset);
+        let after = p.committable();
+        self.settled.notify_all();
+        (after != before && !p.revoked).then_some(after)
+    }
+
+    /// Marks partitions revoked and waits, at most `timeout`, until none of
+    /// them has a message in flight; returns their committable offsets.
+    pub(crate) fn revoke(&self, keys: &[PartitionKey], timeout: Duration) -> Vec<(PartitionKey, i64)> {
+        let deadline = Instant::now() + timeout;
+        let mut parts = self.partitions.lock().unwrap();
+        loop {
+            let busy = keys
+                .iter()
+                .any(|k| parts.get(k).is_some_and(|p| !p.in_flight.is_empty()));
+            let now = Instant::now();
+            if !busy || now >= deadline {
+                break;
+            }
+            parts = self.settled.wait_timeout(parts, deadline - now).unwrap().0;
+        }
+        keys.iter()
+            .filter_map(|k| {
+                let p = parts.get_mut(k)?;
+                let committable = p.committable();
+                p.revoked = true;
+                p.generation += 1;
+                p.in_flight.clear();
+                (committable > 0).then(|| (k.clone(), committable))
+            })
+            .collect()
+    }
+
+    /// Committable offsets of every partition still ours.
+    pub(crate) fn committable(&self) -> Vec<(PartitionKey, i64)> {
+        let parts = self.partitions.lock().unwrap();
+        parts
+            .iter()
+            .filter(|(_, p)| !p.revoked && p.next_after_fetched > 0)
+            .map(|(k, p)| (k.clone(), p.committable()))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key() -> PartitionKey {
+        ("t".into(), 0)
+    }
+
+    #[test]
+    fn only_the_contiguous_finished_prefix_is_committable() {
+        let t = OffsetTracker::default();
+        for o in 10..15 {
+            t.fetched(&key(), o);
+        }
+        assert_eq!(t.finished(&key(), 12, 0), None, "a gap below 12 stays");
+        assert_eq!(t.finished(&key(), 11, 0), None);
+        assert_eq!(t.finished(&key(), 10, 0), Some(13));
+        assert_eq!(t.finished(&key(), 14, 0), None);
+        assert_eq!(t.finished(&key(), 13, 0), Some(15));
+        assert_eq!(t.committable(), vec![(key(), 15)]);
+    }
+
+    #[test]
+    fn revoke_waits_for_in_flight_then_stops_committing() {
+        let t = std::sync::Arc::new(OffsetTracker::default());
+        t.fetched(&key(), 0);
+        t.fetched(&key(), 1);
+        let t2 = t.clone();
+        let worker = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            t2.finished(&key(), 0, 0);
+            t2.finished(&key(), 1, 0);
+        });
+        let got = t.revoke(&[key()], Duration::from_secs(5));
+        worker.join().unwrap();
+        assert_eq!(got, vec![(key(), 2)]);
+        assert!(t.committable().is_empty());
+        assert_eq!(t.finished(&key(), 1, 0), None, "stale generation");
+    }
+
+    #[test]
+    fn revoke_gives_up_at_its_deadline_and_keeps_the_gap() {
+        let t = OffsetTracker::default();
+        t.fetched(&key(), 5);
+        t.fetched(&key(), 6);
+        t.finished(&key(), 6, 0);
+        assert_eq!(t.revoke(&[key()], Duration::from_millis(20)), vec![(key(), 5)]);
+    }
+}

@@ -1,0 +1,197 @@
+//! Topic provisioning through the admin API, and auto-creation on first use.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus_core::{Error, ErrorKind, Result};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
+};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+
+use crate::config::{KafkaConfig, ProvisionStrategy, TopicSpec};
+
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub(crate) struct Topics {
+    admin: Arc<AdminClient<DefaultClientContext>>,
+    known: Mutex<HashSet<String>>,
+    default: TopicSpec,
+    auto_create: bool,
+}
+
+impl Topics {
+    pub(crate) fn new(config: &KafkaConfig) -> Result<Self> {
+        let mut props = config.client_properties();
+        config.apply_extra(&mut props);
+        let admin = props.create().map_err(|e| {
+            Error::new(ErrorKind::Config, "cannot create the Kafka admin client").with_source(e)
+        })?;
+        Ok(Self {
+            admin: Arc::new(admin),
+            known: Mutex::new(HashSet::new()),
+            default: config.default_topic.clone(),
+            auto_create: config.auto_create_topics,
+        })
+    }
+
+    /// Applies `strategy` to every spec.
+    ///
+    /// # Errors
+    /// `NotFound` / `Conflict` when validating, `Backend` when the admin API fails.
+    pub(crate) async fn provision(&self, specs: &[TopicSpec], strategy: ProvisionStrategy) -> Result<()> {
+        for spec in specs {
+            match strategy {
+                ProvisionStrategy::Skip => {}
+                ProvisionStrategy::CreateOnly => {
+                    self.create(spec).await?;
+                }
+                ProvisionStrategy::CreateOrUpdate => {
+                    if !self.create(spec).await? {
+                        self.update(spec).await?;
+                    }
+                }
+                ProvisionStrategy::ValidateOnly => self.validate(spec).await?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes sure `topic` exists, creating it with the default spec when
+    /// auto-creation is on. Cached: one admin call per topic per process.
+    pub(crate) async fn ensure(&self, topic: &str) -> Result<()> {
+        if !self.auto_create || self.known.lock().unwrap().contains(topic) {
+            return Ok(());
+        }
+        let spec = TopicSpec {
+            name: topic.to_owned(),
+            ..self.default.clone()
+        };
+        self.create(&spec).await?;
+        Ok(())
+    }
+
+    /// Creates the topic; false when it already existed.
+    async fn create(&self, spec: &TopicSpec) -> Result<bool> {
+        let retention = spec.retention_ms.map(|r| r.to_string());
+        let mut topic = NewTopic::new(
+            &spec.name,
+            spec.partitions,
+            TopicReplication::Fixed(spec.replication),
+        );
+        if let Some(r) = &retention {
+            topic = topic.set("retention.ms", r);
+        }
+        if let Some(c) = spec.compression {
+            topic = topic.set("compression.type", c.as_str());
+        }
+        if let Some(p) = &spec.cleanup_policy {
+            topic = topic.set("cleanup.policy", p);
+        }
+        let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+        let results = self
+            .admin
+            .create_topics([&topic], &options)
+            .await
+            .map_err(|e| admin("create topic", e))?;
+        let created = match results.into_iter().next() {
+            Some(Ok(_)) => true,
+            Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => false,
+            Some(Err((name, code))) => {
+                return Err(Error::backend(
+                    format!("cannot create topic {name}"),
+                    code.to_string(),
+                ));
+            }
+            None => true,
+        };
+        self.known.lock().unwrap().insert(spec.name.clone());
+        Ok(created)
+    }
+
+    async fn update(&self, spec: &TopicSpec) -> Result<()> {
+        let have = self.partition_count(&spec.name).await?.unwrap_or(0);
+        let options = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+        if (have as i32) < spec.partitions {
+            let grow = NewPartitions::new(&spec.name, spec.partitions as usize);
+            let results = self
+                .admin
+                .create_partitions([&grow], &options)
+                .await
+                .map_err(|e| admin("add partitions", e))?;
+            if let Some(Err((name, code))) = results.into_iter().next() {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("cannot grow {name}: {code}"),
+                ));
+            }
+        }
+        let retention = spec.retention_ms.map(|r| r.to_string());
+        let mut change = AlterConfig::new(ResourceSpecifier::Topic(&spec.name));
+        let mut any = false;
+        for (key, value) in [
+            ("retention.ms", retention.as_deref()),
+            ("compression.type", spec.compression.map(|c| c.as_str())),
+            ("cleanup.policy", spec.cleanup_policy.as_deref()),
+        ] {
+            if let Some(v) = value {
+                change = change.set(key, v);
+                any = true;
+            }
+        }
+        if any {
+            let results = self
+                .admin
+                .alter_configs([&change], &options)
+                .await
+                .map_err(|e| admin("alter configs", e))?;
+            if let Some(Err((_, code))) = results.into_iter().next() {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!("cannot update topic {}: {code}", spec.name),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn validate(&self, spec: &TopicSpec) -> Result<()> {
+        match self.partition_count(&spec.name).await? {
+            None => Err(Error::new(
+                ErrorKind::NotFound,
+                format!("topic {} does not exist", spec.name),
+            )),
+            Some(have) if (have as i32) < spec.partitions => Err(Error::new(
+                ErrorKind::Conflict,
+                format!(
+                    "topic {}: partitions {have} < configured {}",
+                    spec.name, spec.partitions
+                ),
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Partitions of `topic`; `None` when it does not exist. Lists every
+    /// topic rather than asking for this one, because a metadata request
+    /// naming a topic may auto-create it (tansu does).
+    async fn partition_count(&self, topic: &str) -> Result<Option<usize>> {
+        let client = self.admin.clone();
+        let metadata =
+            tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, ADMIN_TIMEOUT))
+                .await
+                .map_err(|e| Error::backend("metadata lookup failed", e))?
+                .map_err(|e| admin("metadata", e))?;
+        Ok(metadata
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len()))
+    }
+}
+
+fn admin(what: &'static str, e: rdkafka::error::KafkaError) -> Error {
+    Error::backend(format!("Kafka {what} failed"), e)
+}

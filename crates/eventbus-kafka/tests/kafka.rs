@@ -1,0 +1,251 @@
+//! Kafka-specific behaviour against a real broker (tansu): group members
+//! splitting partitions, order across a rebalance, resume after a crash,
+//! topic provisioning, producer backpressure.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus_core::testing::OrderChecker;
+use eventbus_core::{BusConfig, Envelope, ErrorKind, EventBus, SubscribeOptions, Subscription};
+use eventbus_kafka::{KafkaBackend, KafkaConfig, ProvisionStrategy, TansuServer, TopicSpec};
+
+fn envelope(aggregate: &str, version: i64) -> Envelope {
+    Envelope::builder(aggregate, "T", version)
+        .json_payload(&version)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+async fn bus(bootstrap: &str) -> EventBus {
+    let backend = KafkaBackend::connect(KafkaConfig::with_brokers([bootstrap]))
+        .await
+        .unwrap();
+    EventBus::new(backend, BusConfig::default()).unwrap()
+}
+
+async fn eventually(secs: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while tokio::time::Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    done()
+}
+
+type Log = Arc<Mutex<Vec<(String, i64)>>>;
+
+async fn member(bus: &EventBus, topic: &str, checker: Arc<OrderChecker>, log: Log) -> Subscription {
+    let name = topic.to_owned();
+    bus.subscribe_envelope(topic, SubscribeOptions::group("split"), move |e: Envelope| {
+        checker.record(&name, &e);
+        log.lock()
+            .unwrap()
+            .push((e.aggregate_id.clone(), e.event_version));
+        async { Ok::<_, std::io::Error>(()) }
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_members_split_partitions_and_keep_order_when_one_leaves() {
+    let broker = TansuServer::start().await.unwrap();
+    let (a, b) = (bus(&broker.bootstrap()).await, bus(&broker.bootstrap()).await);
+    let checker = Arc::new(OrderChecker::new());
+    let (log_a, log_b): (Log, Log) = Default::default();
+    let sub_a = member(&a, "split", checker.clone(), log_a.clone()).await;
+    let _sub_b = member(&b, "split", checker.clone(), log_b.clone()).await;
+    let events: Vec<Envelope> = (1..=20)
+        .flat_map(|v| (0..200).map(move |k| envelope(&format!("s-{k}"), v)))
+        .collect();
+    for e in &events[..2_000] {
+        a.publish_envelope_sync("split", e).await.unwrap();
+    }
+    assert!(
+        eventually(60, || log_a.lock().unwrap().len() + log_b.lock().unwrap().len()
+            >= 2_000)
+        .await
+    );
+    assert!(
+        !log_a.lock().unwrap().is_empty() && !log_b.lock().unwrap().is_empty(),
+        "both members got partitions"
+    );
+    // One member leaves mid-stream; the other takes over its partitions.
+    let publisher = {
+        let (a, rest) = (a.clone(), events[2_000..].to_vec());
+        tokio::spawn(async move {
+            for e in &rest {
+                a.publish_envelope_sync("split", e).await.unwrap();
+            }
+        })
+    };
+    sub_a.close().await.unwrap();
+    publisher.await.unwrap();
+    let all: HashSet<(String, i64)> = events
+        .iter()
+        .map(|e| (e.aggregate_id.clone(), e.event_version))
+        .collect();
+    let covered = || {
+        let mut seen: HashSet<(String, i64)> = log_a.lock().unwrap().iter().cloned().collect();
+        seen.extend(log_b.lock().unwrap().iter().cloned());
+        seen == all
+    };
+    assert!(eventually(90, covered).await, "events lost across the rebalance");
+    let report = checker.report();
+    assert_eq!(report.violations, 0, "{report:?}");
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
+
+#[test]
+fn a_killed_member_restarted_resumes_from_the_committed_prefix_without_loss() {
+    let control = tokio::runtime::Runtime::new().unwrap();
+    let broker = control.block_on(TansuServer::start()).unwrap();
+    let events: Vec<Envelope> = (1..=20)
+        .flat_map(|v| (0..100).map(move |k| envelope(&format!("c-{k}"), v)))
+        .collect();
+    let first: Log = Default::default();
+    let victim = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let sink = first.clone();
+    let bootstrap = broker.bootstrap();
+    let victim_bus = victim.block_on(async {
+        let bus = bus(&bootstrap).await;
+        for e in &events {
+            bus.publish_envelope_sync("crash", e).await.unwrap();
+        }
+        bus.subscribe_envelope("crash", SubscribeOptions::group("resume"), move |e: Envelope| {
+            let sink = sink.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                sink.lock().unwrap().push((e.aggregate_id, e.event_version));
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+        bus
+    });
+    control.block_on(async { assert!(eventually(60, || first.lock().unwrap().len() >= 300).await) });
+    victim.shutdown_timeout(Duration::from_secs(5)); // the crash: no close, no final commit
+    drop(victim_bus);
+    assert!(
+        first.lock().unwrap().len() < events.len(),
+        "the victim finished before it was killed"
+    );
+
+    control.block_on(async {
+        let bus = bus(&bootstrap).await;
+        let second: Log = Default::default();
+        let sink = second.clone();
+        let _sub = bus
+            .subscribe_envelope("crash", SubscribeOptions::group("resume"), move |e: Envelope| {
+                sink.lock().unwrap().push((e.aggregate_id, e.event_version));
+                async { Ok::<_, std::io::Error>(()) }
+            })
+            .await
+            .unwrap();
+        let all: HashSet<(String, i64)> = events
+            .iter()
+            .map(|e| (e.aggregate_id.clone(), e.event_version))
+            .collect();
+        let covered = || {
+            let mut seen: HashSet<(String, i64)> = first.lock().unwrap().iter().cloned().collect();
+            seen.extend(second.lock().unwrap().iter().cloned());
+            seen == all
+        };
+        assert!(eventually(90, covered).await, "events lost across the crash");
+        let resumed = second.lock().unwrap().len();
+        assert!(
+            resumed < events.len(),
+            "restarted from the beginning ({resumed}): nothing was committed"
+        );
+        bus.close().await.unwrap();
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_provisioning_strategy_does_what_it_says() {
+    let broker = TansuServer::start().await.unwrap();
+    let config = |strategy, partitions| KafkaConfig {
+        provision: strategy,
+        topics: vec![TopicSpec {
+            name: "provisioned".into(),
+            partitions,
+            ..TopicSpec::default()
+        }],
+        ..KafkaConfig::with_brokers([broker.bootstrap()])
+    };
+    let kind = |r: eventbus_core::Result<KafkaBackend>| r.map(|_| ()).unwrap_err().kind();
+    KafkaBackend::connect(config(ProvisionStrategy::Skip, 4))
+        .await
+        .unwrap();
+    assert_eq!(
+        kind(KafkaBackend::connect(config(ProvisionStrategy::ValidateOnly, 4)).await),
+        ErrorKind::NotFound
+    );
+    KafkaBackend::connect(config(ProvisionStrategy::CreateOnly, 4))
+        .await
+        .unwrap();
+    KafkaBackend::connect(config(ProvisionStrategy::ValidateOnly, 4))
+        .await
+        .unwrap();
+    KafkaBackend::connect(config(ProvisionStrategy::CreateOnly, 6))
+        .await
+        .unwrap();
+    let err = KafkaBackend::connect(config(ProvisionStrategy::ValidateOnly, 6))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Conflict, "{err}");
+    assert!(err.to_string().contains("partitions"), "{err}");
+    KafkaBackend::connect(config(ProvisionStrategy::CreateOrUpdate, 4))
+        .await
+        .unwrap();
+    // Growing partitions needs CreatePartitions, which tansu does not implement:
+    // either it works and validates, or the error is typed and says why.
+    match KafkaBackend::connect(config(ProvisionStrategy::CreateOrUpdate, 6)).await {
+        Ok(_) => {
+            KafkaBackend::connect(config(ProvisionStrategy::ValidateOnly, 6))
+                .await
+                .unwrap();
+        }
+        Err(e) => {
+            assert_eq!(e.kind(), ErrorKind::Backend);
+            assert!(format!("{e}").contains("UnsupportedFeature"), "{e}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_times_out_and_undeliverable_messages_fail_typed() {
+    let mut kafka = KafkaConfig::with_brokers(["127.0.0.1:1"]);
+    kafka.auto_create_topics = false;
+    kafka.producer.queue_max_messages = 5;
+    kafka.producer.delivery_timeout_ms = 1_000;
+    let mut config = BusConfig::default();
+    config.publish.timeout_ms = 300;
+    let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), config).unwrap();
+    let mut handles = Vec::new();
+    for v in 1..=5 {
+        handles.push(bus.publish_envelope("nowhere", &envelope("q", v)).await.unwrap());
+    }
+    let err = bus
+        .publish_envelope("nowhere", &envelope("q", 6))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    for h in handles {
+        let r = tokio::time::timeout(Duration::from_secs(30), h)
+            .await
+            .expect("result never came");
+        let e = r.error.expect("undeliverable message reported as delivered");
+        assert!(e.is_retriable(), "{e}");
+    }
+}
