@@ -62,6 +62,12 @@ struct BusInner {
     next_subscription: AtomicU64,
 }
 
+impl Drop for BusInner {
+    fn drop(&mut self) {
+        self.executor.shutdown();
+    }
+}
+
 impl std::fmt::Debug for EventBus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EventBus")
@@ -248,7 +254,7 @@ impl EventBus {
                         tenant_id: envelope.tenant_id,
                         report: false,
                     };
-                    futures::future::ready(PublishResult::new(&meta, Err(e))).right_future()
+                    futures::future::ready(PublishResult::new(meta, Err(e))).right_future()
                 }
             });
         }

@@ -32,8 +32,10 @@ pub const ERROR_MESSAGE: &str = "X-Error-Message";
 /// Ordered broker headers: name/value pairs, names matched case-insensitively.
 ///
 /// Values are UTF-8 text; Kafka and NATS both carry them as bytes on the wire.
+/// Cloning is a reference-count increment; the first change after a clone
+/// copies the pairs (copy on write).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(String, String)>);
+pub struct Headers(std::sync::Arc<Vec<(String, String)>>);
 
 impl Headers {
     /// No headers.
@@ -44,9 +46,10 @@ impl Headers {
     /// Sets `name` to `value`, replacing an existing value of that name.
     pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
         let (name, value) = (name.into(), value.into());
-        match self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+        let pairs = std::sync::Arc::make_mut(&mut self.0);
+        match pairs.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
             Some(slot) => slot.1 = value,
-            None => self.0.push((name, value)),
+            None => pairs.push((name, value)),
         }
     }
 
@@ -61,7 +64,7 @@ impl Headers {
     /// Removes `name` and returns its value.
     pub fn remove(&mut self, name: &str) -> Option<String> {
         let i = self.0.iter().position(|(n, _)| n.eq_ignore_ascii_case(name))?;
-        Some(self.0.remove(i).1)
+        Some(std::sync::Arc::make_mut(&mut self.0).remove(i).1)
     }
 
     /// The pairs in insertion order.
@@ -94,25 +97,25 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
 /// `X-Event-Type`, `X-Event-Version`, `X-Timestamp`, and when set
 /// `X-Trace-ID`, `X-Correlation-ID`, `X-Tenant-ID`.
 pub fn envelope_headers(envelope: &Envelope) -> Headers {
-    let mut h = Headers(Vec::with_capacity(8));
-    h.0.push((EVENT_ID.into(), envelope.event_id.clone()));
-    h.0.push((AGGREGATE_ID.into(), envelope.aggregate_id.clone()));
-    h.0.push((EVENT_TYPE.into(), envelope.event_type.clone()));
-    h.0.push((EVENT_VERSION.into(), envelope.event_version.to_string()));
-    h.0.push((
+    let mut h = Vec::with_capacity(8);
+    h.push((EVENT_ID.into(), envelope.event_id.clone()));
+    h.push((AGGREGATE_ID.into(), envelope.aggregate_id.clone()));
+    h.push((EVENT_TYPE.into(), envelope.event_type.clone()));
+    h.push((EVENT_VERSION.into(), envelope.event_version.to_string()));
+    h.push((
         TIMESTAMP.into(),
         crate::envelope::format_timestamp(&envelope.timestamp),
     ));
     if let Some(v) = &envelope.trace_id {
-        h.0.push((TRACE_ID.into(), v.clone()));
+        h.push((TRACE_ID.into(), v.clone()));
     }
     if let Some(v) = &envelope.correlation_id {
-        h.0.push((CORRELATION_ID.into(), v.clone()));
+        h.push((CORRELATION_ID.into(), v.clone()));
     }
     if let Some(v) = envelope.tenant_id {
-        h.0.push((TENANT_ID.into(), v.to_string()));
+        h.push((TENANT_ID.into(), v.to_string()));
     }
-    h
+    Headers(std::sync::Arc::new(h))
 }
 
 /// The reverse of [`envelope_headers`]: rebuilds and validates an envelope from
@@ -168,6 +171,14 @@ mod tests {
         assert_eq!(h.get("X-EVENT-ID"), Some("b"));
         assert_eq!(h.remove("x-event-ID"), Some("b".into()));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn a_clone_is_not_changed_by_writes_to_the_original() {
+        let mut a: Headers = [("k", "1")].into_iter().collect();
+        let b = a.clone();
+        a.insert("k", "2");
+        assert_eq!((a.get("k"), b.get("k")), (Some("2"), Some("1")));
     }
 
     #[test]

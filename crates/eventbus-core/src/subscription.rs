@@ -103,6 +103,14 @@ enum Input {
     Invalid(String),
 }
 
+/// What the fast path did with a message.
+pub(crate) enum Outcome {
+    /// Settled (acked, or left for redelivery on abort).
+    Done,
+    /// The first attempt failed with this error: continue on the slow path.
+    Retry(Box<Work>, String),
+}
+
 enum Settle {
     Ack,
     DeadLetter(String),
@@ -209,11 +217,28 @@ impl SubscriptionShared {
         (key, Work { delivery, input })
     }
 
-    /// Runs one message to its end: handler attempts, then ack, dead letter,
-    /// or (on close) nothing.
-    pub(crate) async fn process(&self, work: Work, concurrency: &Semaphore) {
-        let Work { delivery, input } = work;
-        let settle = self.attempt_until_settled(&delivery, &input, concurrency).await;
+    /// The fast path: one handler attempt. On success or abort the message is
+    /// settled here; on failure it is handed back for [`process_retrying`].
+    pub(crate) async fn process(&self, work: Work, concurrency: &Semaphore) -> Outcome {
+        match self.attempt(&work.delivery, &work.input, concurrency).await {
+            Some(Ok(())) => self.finish(&work.delivery, Settle::Ack).await,
+            None => self.finish(&work.delivery, Settle::Abandon).await,
+            Some(Err(error)) => return Outcome::Retry(Box::new(work), error),
+        }
+        Outcome::Done
+    }
+
+    /// The slow path, after a failed first attempt: retries with backoff, then
+    /// dead-letters or parks, and settles.
+    pub(crate) async fn process_retrying(&self, work: Work, error: String, concurrency: &Semaphore) {
+        let settle = self
+            .settle_after_failure(&work.delivery, &work.input, concurrency, error)
+            .await;
+        self.finish(&work.delivery, settle).await;
+    }
+
+    /// Acks, terms or leaves the delivery, and counts it out of the in-flight set.
+    async fn finish(&self, delivery: &Delivery, settle: Settle) {
         let settled = match settle {
             Settle::Ack => delivery.acker.ack().await.map(|()| Some(&self.handled)),
             Settle::DeadLetter(reason) => match self.dead_letter(&delivery.message, &reason).await {
@@ -235,20 +260,17 @@ impl SubscriptionShared {
         }
     }
 
-    async fn attempt_until_settled(
+    async fn settle_after_failure(
         &self,
         delivery: &Delivery,
         input: &Input,
         concurrency: &Semaphore,
+        first_error: String,
     ) -> Settle {
         let mut attempt = 1;
+        let mut error = first_error;
         let mut stalled = false;
         let settle = loop {
-            let error = match self.attempt(delivery, input, concurrency).await {
-                None => break Settle::Abandon,
-                Some(Ok(())) => break Settle::Ack,
-                Some(Err(e)) => e,
-            };
             self.failed_attempts.fetch_add(1, Ordering::Relaxed);
             self.record_error(error.clone());
             let exhausted = attempt >= self.retry.max_attempts || matches!(input, Input::Invalid(_));
@@ -264,6 +286,11 @@ impl SubscriptionShared {
                 break Settle::Abandon;
             }
             attempt = attempt.saturating_add(1);
+            error = match self.attempt(delivery, input, concurrency).await {
+                None => break Settle::Abandon,
+                Some(Ok(())) => break Settle::Ack,
+                Some(Err(e)) => e,
+            };
         };
         if stalled {
             self.stalled.fetch_sub(1, Ordering::Relaxed);

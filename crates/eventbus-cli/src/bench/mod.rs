@@ -1,16 +1,26 @@
-//! `eventbus bench`: the original SDK's performance test (ORIGIN.md), measured honestly.
+//! `eventbus bench`: the original SDK's performance test (ORIGIN.md),
+//! measured honestly, on every backend, beside the raw clients.
 //!
 //! Per load level: a fresh bus, one envelope subscription per topic, every
 //! aggregate publishing versions 1..n in order to topic (index mod topics).
-//! Throughput is events received divided by the time from the first send to
-//! the last receive; no fixed sleeps.
+//! Timing starts after every consumer has received a readiness probe (so a
+//! Kafka group join is not counted), and throughput is events received
+//! divided by first send to last receive; no fixed sleeps. The raw client
+//! then does the same work without our layer.
 
+mod measure;
+mod plot;
+mod raw;
 mod report;
 mod run;
 mod scenario;
 mod target;
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
 
 pub(crate) use report::LevelReport;
 pub(crate) use scenario::Scenario;
@@ -25,6 +35,9 @@ pub(crate) struct BenchArgs {
     /// Load levels: envelopes per level, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "500,2000,5000,10000")]
     levels: Vec<usize>,
+    /// Sustained mode: one long level of this many envelopes instead of the levels.
+    #[arg(long)]
+    sustained: Option<usize>,
     /// Number of topics.
     #[arg(long, default_value_t = 5)]
     topics: usize,
@@ -37,9 +50,24 @@ pub(crate) struct BenchArgs {
     /// Longest wait for a level's deliveries, in seconds.
     #[arg(long, default_value_t = 120)]
     timeout_secs: u64,
+    /// Skip the raw-client baselines.
+    #[arg(long)]
+    no_raw: bool,
     /// NATS server URL; without it the bench starts a local nats-server.
     #[arg(long, env = "EVENTBUS_NATS_URL")]
     nats_url: Option<String>,
+    /// Kafka bootstrap brokers (comma-separated); without them the bench starts a local tansu broker.
+    #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
+    kafka_brokers: Option<String>,
+    /// Also write every figure as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Print a markdown table (for the README) instead of the plain one.
+    #[arg(long)]
+    markdown: bool,
+    /// Also draw throughput and latency per level and backend to this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// The backends the bench can drive.
@@ -49,31 +77,71 @@ pub(crate) enum BackendKind {
     Memory,
     /// NATS JetStream.
     Nats,
+    /// Kafka.
+    Kafka,
     /// Every backend in turn.
     All,
 }
 
-/// Runs every level on the chosen backend and prints the table.
+/// A name unique to one level of one run, for topics and groups.
+pub(crate) fn run_id(kind: &str, events: usize) -> String {
+    let id = eventbus::new_event_id();
+    format!("bench-{kind}-{events}-{}", &id[id.len() - 8..])
+}
+
+/// Runs every level on the chosen backends and prints the report.
 pub(crate) async fn run(args: BenchArgs) -> eventbus::Result<()> {
     let scenario = Scenario {
         topics: args.topics.max(1),
         aggregates: args.aggregates,
         payload_bytes: args.payload_bytes,
-        timeout: std::time::Duration::from_secs(args.timeout_secs),
+        timeout: Duration::from_secs(args.timeout_secs),
     };
+    let levels = args.sustained.map_or_else(|| args.levels.clone(), |n| vec![n]);
     let mut reports = Vec::new();
     for target in targets(&args).await? {
-        for &level in &args.levels {
-            let bus = target.bus(eventbus::BusConfig::default()).await?;
-            let report = run::level(&bus, &scenario, level).await?;
-            bus.close().await?;
-            eprintln!("{}", report.one_line());
-            reports.push(report);
+        for &events in &levels {
+            reports.push(run::level(&target, &scenario, events, bar(target.name(), events)).await?);
+            eprintln!(
+                "{}",
+                reports.last().map(LevelReport::one_line).unwrap_or_default()
+            );
+            if !args.no_raw {
+                let label = format!("{}-raw", target.name());
+                reports.push(raw::level(&target, &scenario, events, bar(&label, events)).await?);
+                eprintln!(
+                    "{}",
+                    reports.last().map(LevelReport::one_line).unwrap_or_default()
+                );
+            }
         }
-        eprintln!("{} done", target.name());
     }
-    println!("{}", report::table(&reports));
+    write_outputs(&args, &reports)
+}
+
+fn write_outputs(args: &BenchArgs, reports: &[LevelReport]) -> eventbus::Result<()> {
+    let io = |e: std::io::Error| eventbus::Error::config("cannot write the bench output").with_source(e);
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report::rows(reports))?;
+        std::fs::write(path, json).map_err(io)?;
+    }
+    if let Some(path) = &args.plot {
+        std::fs::write(path, plot::svg(reports)).map_err(io)?;
+    }
+    match args.markdown {
+        true => println!("{}", report::markdown(reports)),
+        false => println!("{}", report::table(reports)),
+    }
     Ok(())
+}
+
+fn bar(label: &str, events: usize) -> ProgressBar {
+    let bar = ProgressBar::new(events as u64);
+    let style = ProgressStyle::with_template("{prefix:>12} {bar:40} {pos}/{len} {per_sec}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(format!("{label} {events}"));
+    bar
 }
 
 async fn targets(args: &BenchArgs) -> eventbus::Result<Vec<Target>> {
@@ -84,6 +152,9 @@ async fn targets(args: &BenchArgs) -> eventbus::Result<Vec<Target>> {
     }
     if all || args.backend == BackendKind::Nats {
         targets.push(Target::nats(args.nats_url.clone()).await?);
+    }
+    if all || args.backend == BackendKind::Kafka {
+        targets.push(Target::kafka(args.kafka_brokers.clone()).await?);
     }
     Ok(targets)
 }

@@ -1,54 +1,52 @@
-//! Runs one level against a bus.
+//! One level through our bus.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use eventbus::testing::OrderChecker;
-use eventbus::{Envelope, EventBus, Payload, SubscribeOptions};
-use hdrhistogram::Histogram;
+use eventbus::{BusConfig, Envelope, EventBus, SubscribeOptions};
+use indicatif::ProgressBar;
 
+use super::measure::{PROBE_AGGREGATE, Recorder, Sampler, histogram};
+use super::target::Target;
 use super::{LevelReport, Scenario};
 
-/// What the handlers of one level record.
-struct Receipts {
-    checker: OrderChecker,
-    end_to_end_us: Mutex<Histogram<u64>>,
-    received: AtomicU64,
-    last_receive: Mutex<Option<Instant>>,
-}
-
-/// Publishes and consumes one level of `events`, then reports.
+/// Publishes and consumes one level of `events` through an `EventBus`.
 pub(crate) async fn level(
-    bus: &EventBus,
+    target: &Target,
     scenario: &Scenario,
     events: usize,
+    progress: ProgressBar,
 ) -> eventbus::Result<LevelReport> {
-    let run = format!("bench-{events}-{}", &eventbus::new_event_id()[24..]);
-    let topics: Vec<String> = (0..scenario.topics).map(|t| format!("{run}-{t}")).collect();
-    let receipts = Arc::new(Receipts {
-        checker: OrderChecker::new(),
-        end_to_end_us: Mutex::new(histogram()),
-        received: AtomicU64::new(0),
-        last_receive: Mutex::new(None),
-    });
+    let sampler = Sampler::start();
+    let bus = target.bus(BusConfig::default()).await?;
+    let topics = scenario.topic_names(&super::run_id("bus", events));
+    let recorder = Recorder::new(progress);
     let mut subscriptions = Vec::new();
     for topic in &topics {
-        subscriptions.push(subscribe(bus, topic, receipts.clone()).await?);
+        let (name, recorder) = (topic.clone(), recorder.clone());
+        let handler = move |e: Envelope| {
+            recorder.record(&name, &e);
+            async { Ok::<_, std::convert::Infallible>(()) }
+        };
+        subscriptions.push(
+            bus.subscribe_envelope(topic, SubscribeOptions::group("bench"), handler)
+                .await?,
+        );
     }
-    let payload = Payload::from_raw(scenario.payload())?;
-    let aggregates: Vec<String> = (0..scenario.aggregates_for(events))
-        .map(|a| format!("agg-{a}"))
-        .collect();
+    for topic in &topics {
+        let probe = Envelope::builder(PROBE_AGGREGATE, "Probe", 1)
+            .json_payload(&0)?
+            .build()?;
+        bus.publish_envelope_sync(topic, &probe).await?;
+    }
+    if !recorder.wait_ready(topics.len(), scenario.timeout).await {
+        return Err(eventbus::Error::timeout("consumers did not become ready"));
+    }
     let mut publish_us = histogram();
     let mut handles = Vec::with_capacity(events);
     let first_send = Instant::now();
-    for (a, version) in scenario.plan(events) {
-        let envelope = Envelope::builder(&aggregates[a], "BenchEvent", version)
-            .payload(payload.clone())
-            .build()?;
+    for (t, envelope) in scenario.envelopes(events)? {
         let started = Instant::now();
-        handles.push(bus.publish_envelope(&topics[a % topics.len()], &envelope).await?);
+        handles.push(bus.publish_envelope(&topics[t], &envelope).await?);
         publish_us.saturating_record(started.elapsed().as_micros() as u64);
     }
     let acked = futures::future::join_all(handles)
@@ -56,50 +54,25 @@ pub(crate) async fn level(
         .iter()
         .filter(|r| r.is_success())
         .count();
-    let deadline = Instant::now() + scenario.timeout;
-    while receipts.received.load(Ordering::Acquire) < events as u64 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    recorder.wait_received(events as u64, scenario.timeout).await;
+    let last = recorder.last_receive().unwrap_or(first_send);
     for s in subscriptions {
         s.close().await?;
     }
-    let last = receipts.last_receive.lock().unwrap().unwrap_or(first_send);
+    bus.close().await?;
     Ok(LevelReport {
-        backend: bus.backend_name(),
+        label: bus_label(&bus),
         events,
-        aggregates: aggregates.len(),
+        aggregates: scenario.aggregates_for(events),
         acked,
-        order: receipts.checker.report(),
+        order: recorder.report(),
         publish_us,
-        end_to_end_us: receipts.end_to_end_us.lock().unwrap().clone(),
+        end_to_end_us: recorder.end_to_end(),
         elapsed: last.duration_since(first_send),
+        resources: sampler.finish().await,
     })
 }
 
-async fn subscribe(
-    bus: &EventBus,
-    topic: &str,
-    receipts: Arc<Receipts>,
-) -> eventbus::Result<eventbus::Subscription> {
-    let name = topic.to_owned();
-    bus.subscribe_envelope(topic, SubscribeOptions::group("bench"), move |e: Envelope| {
-        let latency = (chrono::Utc::now() - e.timestamp)
-            .num_microseconds()
-            .unwrap_or(i64::MAX)
-            .max(0);
-        receipts
-            .end_to_end_us
-            .lock()
-            .unwrap()
-            .saturating_record(latency as u64);
-        receipts.checker.record(&name, &e);
-        *receipts.last_receive.lock().unwrap() = Some(Instant::now());
-        receipts.received.fetch_add(1, Ordering::Release);
-        async { Ok::<_, std::convert::Infallible>(()) }
-    })
-    .await
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+fn bus_label(bus: &EventBus) -> String {
+    bus.backend_name().to_owned()
 }

@@ -32,6 +32,31 @@ impl Scenario {
             .collect()
     }
 
+    /// Topic names of one run: `<run>-0`, `<run>-1`, ...
+    pub(crate) fn topic_names(&self, run: &str) -> Vec<String> {
+        (0..self.topics).map(|t| format!("{run}-{t}")).collect()
+    }
+
+    /// The envelopes of a level in publish order, built lazily so each
+    /// timestamp is taken just before its publish: (topic index, envelope).
+    pub(crate) fn envelopes(
+        &self,
+        events: usize,
+    ) -> eventbus::Result<impl Iterator<Item = (usize, eventbus::Envelope)>> {
+        let payload = eventbus::Payload::from_raw(self.payload())?;
+        let aggregates: Vec<String> = (0..self.aggregates_for(events))
+            .map(|a| format!("agg-{a}"))
+            .collect();
+        let topics = self.topics;
+        Ok(self.plan(events).into_iter().map(move |(a, version)| {
+            let e = eventbus::Envelope::builder(&aggregates[a], "BenchEvent", version)
+                .payload(payload.clone())
+                .build()
+                .expect("bench envelopes are valid");
+            (a % topics, e)
+        }))
+    }
+
     /// A JSON payload of about `payload_bytes` bytes.
     pub(crate) fn payload(&self) -> String {
         let pad = self.payload_bytes.saturating_sub(10);

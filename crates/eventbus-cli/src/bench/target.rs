@@ -1,5 +1,6 @@
 //! The broker a bench runs against: given by URL, or started locally.
 
+use eventbus::kafka::{KafkaBackend, KafkaConfig, TansuServer};
 use eventbus::nats::{NatsBackend, NatsConfig, NatsServer};
 use eventbus::{BusConfig, EventBus, Result};
 
@@ -9,6 +10,10 @@ pub(crate) enum Target {
     Nats {
         url: String,
         _server: Option<NatsServer>,
+    },
+    Kafka {
+        brokers: String,
+        _server: Option<TansuServer>,
     },
 }
 
@@ -33,11 +38,30 @@ impl Target {
         })
     }
 
+    /// Kafka at `brokers`, or a local tansu broker started now when `brokers` is `None`.
+    pub(crate) async fn kafka(brokers: Option<String>) -> Result<Self> {
+        Ok(match brokers {
+            Some(brokers) => Self::Kafka {
+                brokers,
+                _server: None,
+            },
+            None => {
+                let server = TansuServer::start().await?;
+                eprintln!("started tansu on {}", server.bootstrap());
+                Self::Kafka {
+                    brokers: server.bootstrap(),
+                    _server: Some(server),
+                }
+            }
+        })
+    }
+
     /// The backend's name.
     pub(crate) fn name(&self) -> &'static str {
         match self {
             Self::Memory => "memory",
             Self::Nats { .. } => "nats",
+            Self::Kafka { .. } => "kafka",
         }
     }
 
@@ -47,6 +71,10 @@ impl Target {
             Self::Memory => EventBus::memory_with(config),
             Self::Nats { url, .. } => {
                 let backend = NatsBackend::connect(NatsConfig::with_servers([url.clone()])).await?;
+                EventBus::new(backend, config)
+            }
+            Self::Kafka { brokers, .. } => {
+                let backend = KafkaBackend::connect(KafkaConfig::with_brokers(brokers.split(','))).await?;
                 EventBus::new(backend, config)
             }
         }

@@ -46,8 +46,10 @@ struct Inner {
 #[derive(Debug)]
 struct Topic {
     state: Mutex<TopicState>,
-    /// Bumped on every change: new message, redelivery, trim, close.
+    /// Bumped for consumers: new message, redelivery, close.
     changed: watch::Sender<u64>,
+    /// Bumped for publishers waiting on a full log: trim, close.
+    space: watch::Sender<u64>,
 }
 
 #[derive(Debug)]
@@ -97,7 +99,16 @@ impl Topic {
     fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
     }
+
+    fn notify_space(&self) {
+        if self.space.receiver_count() > 0 {
+            self.space.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
 }
+
+/// Messages a subscription takes from the log per lock.
+const TAKE_BATCH: usize = 64;
 
 impl Default for MemoryBackend {
     fn default() -> Self {
@@ -130,6 +141,7 @@ impl MemoryBackend {
                         groups: HashMap::new(),
                     }),
                     changed: watch::Sender::new(0),
+                    space: watch::Sender::new(0),
                 })
             })
             .clone()
@@ -157,7 +169,7 @@ impl Backend for MemoryBackend {
     async fn publish(&self, message: Message) -> Result<AckFuture> {
         self.ensure_open()?;
         let topic = self.topic(&message.topic);
-        let mut changed = topic.changed.subscribe();
+        let mut changed: Option<watch::Receiver<u64>> = None;
         let mut message = Some(message);
         loop {
             {
@@ -175,9 +187,13 @@ impl Backend for MemoryBackend {
                 }
             }
             // Full: wait for a trim (or close), as a broker's full buffer would.
-            changed.borrow_and_update();
-            let _ = changed.changed().await;
-            self.ensure_open()?;
+            match changed.as_mut() {
+                None => changed = Some(topic.space.subscribe()),
+                Some(rx) => {
+                    let _ = rx.changed().await;
+                    self.ensure_open()?;
+                }
+            }
         }
     }
 
@@ -195,6 +211,7 @@ impl Backend for MemoryBackend {
             });
         }
         Ok(Box::new(MemorySubscription {
+            buffer: VecDeque::new(),
             changed: topic.changed.subscribe(),
             topic,
             group: spec.group.as_str().into(),
@@ -214,12 +231,15 @@ impl Backend for MemoryBackend {
         self.inner.closed.store(true, Ordering::Release);
         for topic in self.inner.topics.lock().unwrap().values() {
             topic.notify();
+            topic.space.send_modify(|v| *v = v.wrapping_add(1));
         }
         Ok(())
     }
 }
 
 struct MemorySubscription {
+    /// Taken from the log (pending for this member), not yet handed out.
+    buffer: VecDeque<Delivery>,
     topic: Arc<Topic>,
     group: Arc<str>,
     member: u64,
@@ -228,31 +248,40 @@ struct MemorySubscription {
 }
 
 impl MemorySubscription {
-    fn try_take(&self) -> Option<Delivery> {
+    /// Moves up to [`TAKE_BATCH`] deliverable messages into `self.buffer`
+    /// under one lock; they are pending for this member from now on.
+    fn take_batch(&mut self) {
         let mut state = self.topic.state.lock().unwrap();
         let (base, len) = (state.base, state.log.len() as u64);
-        let group = state.groups.get_mut(&*self.group)?;
-        let seq = match group.redeliver.pop_first() {
-            Some(seq) => seq,
-            None if group.next < base + len => {
-                group.next += 1;
-                group.next - 1
-            }
-            None => return None,
+        let Some(group) = state.groups.get_mut(&*self.group) else {
+            return;
         };
-        group.pending.insert(seq, self.member);
-        let delivery_count = group.counts.get(&seq).map_or(1, |c| c + 1);
-        let message = state.log[(seq - base) as usize].clone();
-        Some(Delivery {
-            message,
-            position: Some(Position::Sequence(seq)),
-            delivery_count,
-            acker: Box::new(MemoryAcker {
-                topic: self.topic.clone(),
-                group: self.group.clone(),
-                seq,
-            }),
-        })
+        let mut taken = Vec::new();
+        while taken.len() < TAKE_BATCH {
+            let seq = match group.redeliver.pop_first() {
+                Some(seq) => seq,
+                None if group.next < base + len => {
+                    group.next += 1;
+                    group.next - 1
+                }
+                None => break,
+            };
+            group.pending.insert(seq, self.member);
+            taken.push((seq, group.counts.get(&seq).map_or(1, |c| c + 1)));
+        }
+        for (seq, delivery_count) in taken {
+            let message = state.log[(seq - base) as usize].clone();
+            self.buffer.push_back(Delivery {
+                message,
+                position: Some(Position::Sequence(seq)),
+                delivery_count,
+                acker: Box::new(MemoryAcker {
+                    topic: self.topic.clone(),
+                    group: self.group.clone(),
+                    seq,
+                }),
+            });
+        }
     }
 }
 
@@ -264,7 +293,10 @@ impl BackendSubscription for MemorySubscription {
             if self.backend.ensure_open().is_err() {
                 return None;
             }
-            if let Some(delivery) = self.try_take() {
+            if self.buffer.is_empty() {
+                self.take_batch();
+            }
+            if let Some(delivery) = self.buffer.pop_front() {
                 return Some(Ok(delivery));
             }
             if self.changed.changed().await.is_err() {
@@ -273,7 +305,9 @@ impl BackendSubscription for MemorySubscription {
         }
     }
 
-    async fn close(self: Box<Self>) -> Result<()> {
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        // Buffered deliveries are pending for this member: returned below with the rest.
+        self.buffer.clear();
         let mut state = self.topic.state.lock().unwrap();
         if let Some(group) = state.groups.get_mut(&*self.group) {
             let mine: Vec<u64> = group
@@ -311,7 +345,7 @@ impl Acker for MemoryAcker {
         let trimmed = state.trim();
         drop(state);
         if trimmed {
-            self.topic.notify();
+            self.topic.notify_space();
         }
         Ok(())
     }

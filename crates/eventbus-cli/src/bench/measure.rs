@@ -1,0 +1,162 @@
+//! What both our run and the raw baselines record: deliveries (order,
+//! duplicates, end-to-end latency) and process resources (RSS, tasks).
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use eventbus::Envelope;
+use eventbus::testing::OrderChecker;
+use hdrhistogram::Histogram;
+use indicatif::ProgressBar;
+
+/// Aggregate id of readiness probes: one per topic, sent before timing starts.
+pub(crate) const PROBE_AGGREGATE: &str = "bench-probe";
+
+/// A latency histogram in µs, 1 µs to 1 h, 3 significant digits.
+pub(crate) fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records every delivery of one level.
+pub(crate) struct Recorder {
+    checker: OrderChecker,
+    end_to_end_us: Mutex<Histogram<u64>>,
+    received: AtomicU64,
+    probes: AtomicUsize,
+    last_receive: Mutex<Option<Instant>>,
+    progress: ProgressBar,
+}
+
+impl Recorder {
+    pub(crate) fn new(progress: ProgressBar) -> Arc<Self> {
+        Arc::new(Self {
+            checker: OrderChecker::new(),
+            end_to_end_us: Mutex::new(histogram()),
+            received: AtomicU64::new(0),
+            probes: AtomicUsize::new(0),
+            last_receive: Mutex::new(None),
+            progress,
+        })
+    }
+
+    /// Records one handled envelope of `topic`; probes only count as readiness.
+    pub(crate) fn record(&self, topic: &str, e: &Envelope) {
+        if e.aggregate_id == PROBE_AGGREGATE {
+            self.probes.fetch_add(1, Ordering::AcqRel);
+            return;
+        }
+        let latency = (chrono::Utc::now() - e.timestamp)
+            .num_microseconds()
+            .unwrap_or(i64::MAX)
+            .max(1);
+        self.end_to_end_us
+            .lock()
+            .unwrap()
+            .saturating_record(latency as u64);
+        self.checker.record(topic, e);
+        *self.last_receive.lock().unwrap() = Some(Instant::now());
+        self.received.fetch_add(1, Ordering::AcqRel);
+        self.progress.inc(1);
+    }
+
+    /// Waits until `topics` probes arrived (consumers joined and fetching).
+    pub(crate) async fn wait_ready(&self, topics: usize, timeout: Duration) -> bool {
+        wait(timeout, || self.probes.load(Ordering::Acquire) >= topics).await
+    }
+
+    /// Waits until `events` deliveries arrived; false at the deadline.
+    pub(crate) async fn wait_received(&self, events: u64, timeout: Duration) -> bool {
+        wait(timeout, || self.received.load(Ordering::Acquire) >= events).await
+    }
+
+    pub(crate) fn report(&self) -> eventbus::testing::OrderReport {
+        self.checker.report()
+    }
+
+    pub(crate) fn end_to_end(&self) -> Histogram<u64> {
+        self.end_to_end_us.lock().unwrap().clone()
+    }
+
+    pub(crate) fn last_receive(&self) -> Option<Instant> {
+        *self.last_receive.lock().unwrap()
+    }
+}
+
+async fn wait(timeout: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    true
+}
+
+/// Resident memory and live tasks: before, peak while running, after.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub(crate) struct Resources {
+    pub(crate) rss_before_mb: f64,
+    pub(crate) rss_peak_mb: f64,
+    pub(crate) rss_after_mb: f64,
+    pub(crate) tasks_before: usize,
+    pub(crate) tasks_peak: usize,
+    pub(crate) tasks_after: usize,
+}
+
+/// Samples RSS and live tokio tasks every 10 ms until stopped.
+pub(crate) struct Sampler {
+    stop: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<(f64, usize)>,
+    before: (f64, usize),
+}
+
+impl Sampler {
+    pub(crate) fn start() -> Self {
+        let before = (rss_mb(), live_tasks());
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let task = tokio::spawn(async move {
+            let (mut rss, mut tasks) = (0.0_f64, 0);
+            while !flag.load(Ordering::Relaxed) {
+                rss = rss.max(rss_mb());
+                tasks = tasks.max(live_tasks());
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (rss, tasks)
+        });
+        Self { stop, task, before }
+    }
+
+    /// Stops sampling; `after` is read now (call it once the bus is closed).
+    pub(crate) async fn finish(self) -> Resources {
+        self.stop.store(true, Ordering::Relaxed);
+        let (peak_rss, peak_tasks) = self.task.await.unwrap_or_default();
+        // Let closed tasks finish unwinding before counting what is left.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        Resources {
+            rss_before_mb: self.before.0,
+            rss_peak_mb: peak_rss.max(self.before.0),
+            rss_after_mb: rss_mb(),
+            tasks_before: self.before.1,
+            tasks_peak: peak_tasks.max(self.before.1),
+            tasks_after: live_tasks().saturating_sub(0),
+        }
+    }
+}
+
+/// Resident set size of this process in MiB (Linux `/proc/self/statm`).
+fn rss_mb() -> f64 {
+    let pages = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()))
+        .unwrap_or(0.0);
+    pages * 4096.0 / (1024.0 * 1024.0)
+}
+
+fn live_tasks() -> usize {
+    tokio::runtime::Handle::current().metrics().num_alive_tasks()
+}
