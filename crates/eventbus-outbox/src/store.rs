@@ -1,0 +1,314 @@
+//! [`OutboxStore`]: the outbox table on SQLite or PostgreSQL.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use eventbus_core::{Error, Result};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+
+/// Microseconds since the Unix epoch: the unit of every time column.
+pub(crate) fn now_us() -> i64 {
+    chrono::Utc::now().timestamp_micros()
+}
+
+/// Which SQL dialect a statement is written for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Dialect {
+    Sqlite,
+    Postgres,
+}
+
+impl Dialect {
+    /// `sql` with `?` placeholders, rewritten to `$1, $2, ...` for PostgreSQL.
+    pub(crate) fn sql(self, sql: &str) -> String {
+        match self {
+            Dialect::Sqlite => sql.to_owned(),
+            Dialect::Postgres => {
+                let mut out = String::with_capacity(sql.len() + 16);
+                let mut n = 0;
+                for c in sql.chars() {
+                    if c == '?' {
+                        n += 1;
+                        out.push('$');
+                        out.push_str(&n.to_string());
+                    } else {
+                        out.push(c);
+                    }
+                }
+                out
+            }
+        }
+    }
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool and `$d` to its dialect.
+macro_rules! with_pool {
+    ($store:expr, |$pool:ident, $d:ident| $body:expr) => {
+        match $store {
+            $crate::store::OutboxStore::Sqlite($pool) => {
+                let $d = $crate::store::Dialect::Sqlite;
+                $body
+            }
+            $crate::store::OutboxStore::Postgres($pool) => {
+                let $d = $crate::store::Dialect::Postgres;
+                $body
+            }
+        }
+    };
+}
+
+pub(crate) fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
+    move |e| Error::backend(format!("outbox database: {what} failed"), e)
+}
+
+/// The outbox's database: SQLite (embedded, one relay) or PostgreSQL (many relays).
+#[derive(Debug, Clone)]
+pub enum OutboxStore {
+    /// SQLite, e.g. `sqlite://app.db` (created when missing).
+    Sqlite(SqlitePool),
+    /// PostgreSQL, e.g. `postgres://user@host/db`.
+    Postgres(PgPool),
+}
+
+/// A claimed row, ready to publish.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct OutboxRow {
+    /// The event id.
+    pub id: String,
+    /// Destination topic.
+    pub topic: String,
+    /// The envelope's JSON.
+    pub envelope: String,
+    /// The aggregate id.
+    pub aggregate_id: String,
+    /// The event version.
+    pub event_version: i64,
+    /// Failed publish attempts so far.
+    pub attempts: i32,
+    /// Commit time, µs since the epoch.
+    pub created_at: i64,
+}
+
+/// Row counts by status and the age of the oldest pending row.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct OutboxStatus {
+    /// Rows per status (`pending`, `published`, `dead_lettered`).
+    pub counts: BTreeMap<String, i64>,
+    /// Age of the oldest pending row, in ms.
+    pub oldest_pending_age_ms: Option<i64>,
+}
+
+impl OutboxStore {
+    /// Connects to `url` (`sqlite:` or `postgres:`/`postgresql:`) with a pool of `max_connections`.
+    ///
+    /// # Errors
+    /// [`Config`](ErrorKind::Config) for another scheme, `Backend` when the database refuses.
+    pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
+        if url.starts_with("sqlite:") {
+            let options: SqliteConnectOptions = url
+                .parse::<SqliteConnectOptions>()
+                .map_err(|e| Error::config("invalid SQLite URL").with_source(e))?
+                .create_if_missing(true)
+                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(10));
+            let pool = SqlitePoolOptions::new()
+                .max_connections(max_connections)
+                .connect_with(options)
+                .await
+                .map_err(db("connect"))?;
+            Ok(Self::Sqlite(pool))
+        } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+            let pool = PgPoolOptions::new()
+                .max_connections(max_connections)
+                .connect(url)
+                .await
+                .map_err(db("connect"))?;
+            Ok(Self::Postgres(pool))
+        } else {
+            Err(Error::config(format!(
+                "unsupported database URL {url:?}: use sqlite: or postgres:"
+            )))
+        }
+    }
+
+    /// Creates or upgrades the outbox and inbox tables (sqlx migrations).
+    ///
+    /// # Errors
+    /// `Backend` when a migration fails.
+    pub async fn migrate(&self) -> Result<()> {
+        let run = match self {
+            Self::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await,
+            Self::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await,
+        };
+        run.map_err(|e| Error::backend("outbox migration failed", e))
+    }
+
+    /// Claims up to `limit` due rows for `relay`, oldest first: only the head
+    /// (lowest pending `event_version`) of each aggregate, and only when it is
+    /// not leased by another relay. The lease lasts `lease`.
+    pub(crate) async fn claim(&self, relay: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>> {
+        let now = now_us();
+        let until = now + lease.as_micros() as i64;
+        // A row is a head when no pending row of its aggregate comes before it.
+        let heads = "SELECT o.seq FROM outbox_events o
+            WHERE o.status = 'pending' AND o.next_attempt_at <= ?
+              AND (o.lease_until IS NULL OR o.lease_until < ? OR o.claimed_by = ?)
+              AND NOT EXISTS (SELECT 1 FROM outbox_events p
+                  WHERE p.aggregate_id = o.aggregate_id AND p.status = 'pending'
+                    AND (p.event_version < o.event_version
+                         OR (p.event_version = o.event_version AND p.seq < o.seq)))
+            ORDER BY o.seq LIMIT ?";
+        let returning = "RETURNING id, topic, envelope, aggregate_id, event_version, attempts, created_at";
+        let rows = with_pool!(self, |pool, d| {
+            let sql = match d {
+                Dialect::Sqlite => format!(
+                    "UPDATE outbox_events SET claimed_by = ?, lease_until = ? WHERE seq IN ({heads}) {returning}"
+                ),
+                // SKIP LOCKED: rows another relay is claiming right now are left to it;
+                // the lease check is evaluated again on the locked row.
+                Dialect::Postgres => format!(
+                    "UPDATE outbox_events SET claimed_by = ?, lease_until = ?
+                     WHERE seq IN (SELECT seq FROM outbox_events WHERE seq IN ({heads}) FOR UPDATE SKIP LOCKED)
+                       AND (lease_until IS NULL OR lease_until < ? OR claimed_by = ?) {returning}"
+                ),
+            };
+            let sql = d.sql(&sql);
+            let mut q = sqlx::query_as::<_, OutboxRow>(&sql)
+                .bind(relay)
+                .bind(until)
+                .bind(now)
+                .bind(now)
+                .bind(relay)
+                .bind(limit);
+            if d == Dialect::Postgres {
+                q = q.bind(now).bind(relay);
+            }
+            q.fetch_all(pool).await.map_err(db("claim"))?
+        });
+        let mut rows = rows;
+        rows.sort_by_key(|r| r.created_at);
+        Ok(rows)
+    }
+
+    /// Marks rows published, in one statement.
+    pub(crate) async fn mark_published(&self, ids: &[String]) -> Result<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let marks = vec!["?"; ids.len()].join(",");
+        let sql = format!(
+            "UPDATE outbox_events SET status = 'published', published_at = ?, claimed_by = NULL, lease_until = NULL, last_error = NULL WHERE id IN ({marks})"
+        );
+        with_pool!(self, |pool, d| {
+            let sql = d.sql(&sql);
+            let mut q = sqlx::query(&sql).bind(now_us());
+            for id in ids {
+                q = q.bind(id);
+            }
+            q.execute(pool).await.map_err(db("mark published"))?;
+        });
+        Ok(())
+    }
+
+    /// Records a failed attempt: back to pending at `next_attempt_at`, or
+    /// `dead_lettered` when `dead` is true.
+    pub(crate) async fn fail(&self, id: &str, error: &str, next_attempt_at: i64, dead: bool) -> Result<()> {
+        let status = if dead { "dead_lettered" } else { "pending" };
+        let sql = "UPDATE outbox_events SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, claimed_by = NULL, lease_until = NULL WHERE id = ?";
+        with_pool!(self, |pool, d| {
+            sqlx::query(&d.sql(sql))
+                .bind(status)
+                .bind(error)
+                .bind(next_attempt_at)
+                .bind(id)
+                .execute(pool)
+                .await
+                .map_err(db("record failure"))?;
+        });
+        Ok(())
+    }
+
+    /// Deletes published rows published more than `retention` ago; returns how many.
+    ///
+    /// # Errors
+    /// `Backend` when the database fails.
+    pub async fn cleanup(&self, retention: Duration) -> Result<u64> {
+        let cutoff = now_us() - retention.as_micros() as i64;
+        let sql = "DELETE FROM outbox_events WHERE status = 'published' AND published_at < ?";
+        Ok(with_pool!(self, |pool, d| {
+            sqlx::query(&d.sql(sql))
+                .bind(cutoff)
+                .execute(pool)
+                .await
+                .map_err(db("cleanup"))?
+                .rows_affected()
+        }))
+    }
+
+    /// Counts by status and the oldest pending row's age.
+    ///
+    /// # Errors
+    /// `Backend` when the database fails.
+    pub async fn status(&self) -> Result<OutboxStatus> {
+        let (counts, oldest): (Vec<(String, i64)>, Option<i64>) = with_pool!(self, |pool, d| {
+            let counts = sqlx::query_as(&d.sql("SELECT status, COUNT(*) FROM outbox_events GROUP BY status"))
+                .fetch_all(pool)
+                .await
+                .map_err(db("status"))?;
+            let oldest: (Option<i64>,) =
+                sqlx::query_as(&d.sql("SELECT MIN(created_at) FROM outbox_events WHERE status = 'pending'"))
+                    .fetch_one(pool)
+                    .await
+                    .map_err(db("status"))?;
+            (counts, oldest.0)
+        });
+        Ok(OutboxStatus {
+            counts: counts.into_iter().collect(),
+            oldest_pending_age_ms: oldest.map(|t| (now_us() - t) / 1000),
+        })
+    }
+
+    /// Takes or renews the named lease for `holder` until `lease` from now;
+    /// false while another holder's lease runs.
+    pub(crate) async fn acquire_lease(&self, name: &str, holder: &str, lease: Duration) -> Result<bool> {
+        let now = now_us();
+        let sql = "INSERT INTO outbox_relay_lease (name, holder, lease_until) VALUES (?, ?, ?)
+            ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
+            WHERE outbox_relay_lease.holder = excluded.holder OR outbox_relay_lease.lease_until < ?";
+        let affected = with_pool!(self, |pool, d| {
+            sqlx::query(&d.sql(sql))
+                .bind(name)
+                .bind(holder)
+                .bind(now + lease.as_micros() as i64)
+                .bind(now)
+                .execute(pool)
+                .await
+                .map_err(db("lease"))?
+                .rows_affected()
+        });
+        Ok(affected == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres() {
+        assert_eq!(
+            Dialect::Postgres.sql("a = ? AND b IN (?, ?)"),
+            "a = $1 AND b IN ($2, $3)"
+        );
+        assert_eq!(Dialect::Sqlite.sql("a = ?"), "a = ?");
+    }
+
+    #[test]
+    fn unknown_schemes_are_config_errors() {
+        use eventbus_core::ErrorKind;
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let err = rt.block_on(OutboxStore::connect("mysql://x", 1)).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Config);
+    }
+}

@@ -1,0 +1,285 @@
+//! The outbox and inbox on SQLite, relayed through the memory backend.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventbus_core::testing::OrderChecker;
+use eventbus_core::{BusConfig, Envelope, EventBus, MemoryBackend, SubscribeOptions};
+use eventbus_outbox::{
+    InboxOutcome, OutboxEvent, OutboxStore, Relay, RelayConfig, append, handle_once_sqlite,
+};
+use futures::FutureExt;
+
+fn envelope(aggregate: &str, version: i64) -> Envelope {
+    Envelope::builder(aggregate, "OrderPlaced", version)
+        .json_payload(&version)
+        .unwrap()
+        .build()
+        .unwrap()
+}
+
+async fn store() -> (OutboxStore, sqlx::SqlitePool, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("app.db").display());
+    let store = OutboxStore::connect(&url, 4).await.unwrap();
+    store.migrate().await.unwrap();
+    let OutboxStore::Sqlite(pool) = &store else {
+        unreachable!()
+    };
+    sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY, total INTEGER NOT NULL)")
+        .execute(pool)
+        .await
+        .unwrap();
+    (store.clone(), pool.clone(), dir)
+}
+
+static POISONED_RECEIVED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn fast() -> RelayConfig {
+    RelayConfig {
+        poll_interval_ms: 20,
+        backoff: eventbus_core::RetryPolicy::fixed(3, 20),
+        max_attempts: 3,
+        ..RelayConfig::default()
+    }
+}
+
+async fn eventually(mut done: impl FnMut() -> bool) -> bool {
+    for _ in 0..3_000 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Records deliveries in an order checker; the aggregate `poisoned` (whose
+/// v1 is dead-lettered, leaving a gap by design) is counted apart.
+async fn recorder(bus: &EventBus, topic: &str) -> (eventbus_core::Subscription, Arc<OrderChecker>) {
+    let checker = Arc::new(OrderChecker::new());
+    let c = checker.clone();
+    let name = topic.to_owned();
+    let sub = bus
+        .subscribe_envelope(topic, SubscribeOptions::group("consumer"), move |e: Envelope| {
+            match e.aggregate_id.as_str() {
+                "poisoned" => POISONED_RECEIVED.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+                _ => {
+                    c.record(&name, &e);
+                    0
+                }
+            };
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    (sub, checker)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_transaction_publishes_nothing_and_a_committed_one_everything() {
+    let (store, pool, _dir) = store().await;
+    let backend = MemoryBackend::default();
+    let bus = EventBus::new(backend.clone(), BusConfig::default()).unwrap();
+    let (_sub, checker) = recorder(&bus, "orders").await;
+
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO orders VALUES ('o-1', 100)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert!(
+        append(&mut *tx, OutboxEvent::new("orders", &envelope("o-1", 1), "Order"))
+            .await
+            .unwrap()
+    );
+    tx.rollback().await.unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO orders VALUES ('o-2', 200)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let committed = envelope("o-2", 1);
+    append(&mut *tx, OutboxEvent::new("orders", &committed, "Order"))
+        .await
+        .unwrap();
+    assert!(
+        !append(&mut *tx, OutboxEvent::new("orders", &committed, "Order"))
+            .await
+            .unwrap(),
+        "idempotent"
+    );
+    tx.commit().await.unwrap();
+
+    let relay = Relay::new(store.clone(), bus.clone(), fast());
+    while relay.run_once().await.unwrap() > 0 {}
+    assert!(eventually(|| checker.report().received == 1).await);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(
+        checker.report().received,
+        1,
+        "the rolled-back event was published"
+    );
+    let status = store.status().await.unwrap();
+    assert_eq!(status.counts.get("published"), Some(&1));
+    assert_eq!(status.counts.get("pending"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_keeps_per_aggregate_order_and_dead_letters_a_poison_event() {
+    let (store, pool, _dir) = store().await;
+    let backend = MemoryBackend::default();
+    let bus = EventBus::new(backend.clone(), BusConfig::default()).unwrap();
+    let (_sub, checker) = recorder(&bus, "orders").await;
+    let mut tx = pool.begin().await.unwrap();
+    for v in 1..=20 {
+        for a in 0..25 {
+            append(
+                &mut *tx,
+                OutboxEvent::new("orders", &envelope(&format!("a-{a}"), v), "Order"),
+            )
+            .await
+            .unwrap();
+        }
+    }
+    // A poison event: its topic is invalid, so every publish fails.
+    let poison = envelope("poisoned", 1);
+    sqlx::query("INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, event_version, topic, envelope, next_attempt_at, created_at, idempotency_key) VALUES (?, 'Order', 'poisoned', 'T', 1, 'bad topic', ?, 0, 0, ?)")
+        .bind(&poison.event_id)
+        .bind(String::from_utf8(poison.encode().unwrap().to_vec()).unwrap())
+        .bind(&poison.event_id)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    append(
+        &mut *tx,
+        OutboxEvent::new("orders", &envelope("poisoned", 2), "Order"),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+
+    let relay = Relay::new(store.clone(), bus.clone(), fast());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let running = {
+        let (shutdown, relay) = (shutdown.clone(), relay);
+        tokio::spawn(async move {
+            relay.run(shutdown).await.unwrap();
+            relay
+        })
+    };
+    let poisoned = || POISONED_RECEIVED.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        eventually(|| checker.report().received == 500 && poisoned() == 1).await,
+        "{:?}",
+        checker.report()
+    );
+    let report = checker.report();
+    assert_eq!((report.violations, report.duplicates), (0, 0), "{report:?}");
+    shutdown.cancel();
+    let relay = running.await.unwrap();
+    assert_eq!(
+        relay
+            .stats()
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+    let status = store.status().await.unwrap();
+    assert_eq!(status.counts.get("dead_lettered"), Some(&1));
+    assert_eq!(
+        status.counts.get("published"),
+        Some(&501),
+        "poisoned v2 went out after v1 was dead-lettered"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_removes_only_published_rows_past_retention() {
+    let (store, pool, _dir) = store().await;
+    let bus = EventBus::memory();
+    let mut tx = pool.begin().await.unwrap();
+    for v in 1..=3 {
+        append(&mut *tx, OutboxEvent::new("orders", &envelope("c", v), "Order"))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let relay = Relay::new(store.clone(), bus, fast());
+    relay.run_once().await.unwrap(); // publishes v1 only: one event per aggregate per round
+    assert_eq!(
+        store.cleanup(Duration::from_secs(3600)).await.unwrap(),
+        0,
+        "too recent"
+    );
+    assert_eq!(
+        store.cleanup(Duration::ZERO).await.unwrap(),
+        1,
+        "only the published row"
+    );
+    let status = store.status().await.unwrap();
+    assert_eq!(status.counts.get("pending"), Some(&2));
+    assert!(status.oldest_pending_age_ms.is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_one_relay_holds_the_sqlite_lease() {
+    let (store, pool, _dir) = store().await;
+    let mut tx = pool.begin().await.unwrap();
+    append(&mut *tx, OutboxEvent::new("orders", &envelope("l", 1), "Order"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let first = Relay::new(store.clone(), EventBus::memory(), fast());
+    let second = Relay::new(store.clone(), EventBus::memory(), fast());
+    assert_eq!(first.run_once().await.unwrap(), 1);
+    let mut tx = pool.begin().await.unwrap();
+    append(&mut *tx, OutboxEvent::new("orders", &envelope("l", 2), "Order"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(
+        second.run_once().await.unwrap(),
+        0,
+        "the second relay must wait for the lease"
+    );
+    assert_eq!(first.run_once().await.unwrap(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbox_runs_a_redelivered_event_once() {
+    let (_store, pool, _dir) = store().await;
+    let e = envelope("i", 1);
+    for expected in [InboxOutcome::Processed, InboxOutcome::Duplicate] {
+        let outcome = handle_once_sqlite(&pool, "billing", &e.event_id, |conn| {
+            async move {
+                sqlx::query("INSERT INTO orders VALUES ('i', 1)")
+                    .execute(&mut *conn)
+                    .await?;
+                Ok(())
+            }
+            .boxed()
+        })
+        .await
+        .unwrap();
+        assert_eq!(outcome, expected);
+    }
+    // A failing handler rolls back its inbox row too, so a redelivery runs it again.
+    let failing = handle_once_sqlite(&pool, "billing", "other-event", |_conn| {
+        async { Err::<(), _>("downstream down".into()) }.boxed()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(failing.kind(), eventbus_core::ErrorKind::Handler);
+    let count: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM inbox_events")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(count.0, 1);
+    let orders: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orders")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(orders.0, 1);
+}
