@@ -2,6 +2,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod bench;
+mod outbox;
 
 use clap::{Parser, Subcommand};
 
@@ -17,22 +18,28 @@ struct Cli {
 enum Command {
     /// Runs the original SDK's performance scenario and reports honest figures.
     Bench(bench::BenchArgs),
+    /// Transactional outbox: run a relay, show status.
+    #[command(subcommand)]
+    Outbox(outbox::OutboxCommand),
 }
 
 #[tokio::main]
-async fn main() -> std::process::ExitCode {
+async fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_writer(std::io::stderr)
         .init();
     let outcome = match Cli::parse().command {
         Command::Bench(args) => bench::run(args).await,
+        Command::Outbox(command) => outbox::run(command).await,
     };
+    // Exit now: dropping the runtime would wait for blocking client
+    // teardown (librdkafka's consumer close) that serves no purpose here.
     match outcome {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => std::process::exit(0),
         Err(e) => {
             eprintln!("error: {e}");
-            std::process::ExitCode::FAILURE
+            std::process::exit(1)
         }
     }
 }

@@ -412,6 +412,7 @@ impl EventBus {
             .flush_and_close(self.inner.config.close_timeout())
             .await;
         let backend = self.inner.backend.close().await;
+        self.inner.executor.shutdown();
         *done = true;
         closes.into_iter().collect::<Result<Vec<()>>>()?;
         flushed?;

@@ -1,0 +1,150 @@
+//! `eventbus outbox relay` and `eventbus outbox status`.
+
+mod http;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use clap::{Args, Subcommand, ValueEnum};
+use eventbus::{BusConfig, EventBus, Result};
+use eventbus_outbox::{OutboxStore, Relay, RelayConfig};
+use tokio_util::sync::CancellationToken;
+
+/// Outbox commands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum OutboxCommand {
+    /// Runs a relay: publishes committed outbox rows through a backend.
+    /// Serves `/metrics` (Prometheus text format) and `/health` (JSON) over HTTP.
+    Relay(RelayArgs),
+    /// Shows row counts by status and the age of the oldest pending row.
+    Status(StatusArgs),
+}
+
+/// The backends a relay can publish through.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum RelayBackend {
+    /// In-process (for trials and benchmarks: nothing outside sees the events).
+    Memory,
+    /// NATS JetStream (`--nats-url`).
+    Nats,
+    /// Kafka (`--kafka-brokers`).
+    Kafka,
+}
+
+/// Options of `eventbus outbox relay`.
+#[derive(Debug, Args)]
+pub(crate) struct RelayArgs {
+    /// Database URL: `sqlite://FILE` or `postgres://...`.
+    #[arg(long, env = "EVENTBUS_DATABASE_URL")]
+    database: String,
+    /// Backend to publish through.
+    #[arg(long, value_enum)]
+    backend: RelayBackend,
+    /// NATS server URL (with `--backend nats`).
+    #[arg(long, env = "EVENTBUS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// Kafka bootstrap brokers, comma-separated (with `--backend kafka`).
+    #[arg(long, env = "EVENTBUS_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// Address of the `/metrics` and `/health` endpoints.
+    #[arg(long, default_value = "127.0.0.1:9464")]
+    listen: SocketAddr,
+    /// Rows claimed per round.
+    #[arg(long, default_value_t = RelayConfig::default().batch_size)]
+    batch_size: i64,
+    /// Idle poll interval, in ms.
+    #[arg(long, default_value_t = RelayConfig::default().poll_interval_ms)]
+    poll_interval_ms: u64,
+    /// Publish attempts before a row is dead-lettered.
+    #[arg(long, default_value_t = RelayConfig::default().max_attempts)]
+    max_attempts: i32,
+}
+
+/// Options of `eventbus outbox status`.
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// Database URL: `sqlite://FILE` or `postgres://...`.
+    #[arg(long, env = "EVENTBUS_DATABASE_URL")]
+    database: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+pub(crate) async fn run(command: OutboxCommand) -> Result<()> {
+    match command {
+        OutboxCommand::Relay(args) => relay(args).await,
+        OutboxCommand::Status(args) => status(args).await,
+    }
+}
+
+async fn bus(args: &RelayArgs) -> Result<EventBus> {
+    let config = BusConfig::default();
+    match args.backend {
+        RelayBackend::Memory => EventBus::memory_with(config),
+        RelayBackend::Nats => {
+            let nats = eventbus::nats::NatsConfig::with_servers(args.nats_url.split(','));
+            EventBus::new(eventbus::nats::NatsBackend::connect(nats).await?, config)
+        }
+        RelayBackend::Kafka => {
+            let kafka = eventbus::kafka::KafkaConfig::with_brokers(args.kafka_brokers.split(','));
+            EventBus::new(eventbus::kafka::KafkaBackend::connect(kafka).await?, config)
+        }
+    }
+}
+
+async fn relay(args: RelayArgs) -> Result<()> {
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| eventbus::Error::config("cannot install the metrics recorder").with_source(e))?;
+    let store = OutboxStore::connect(&args.database, 8).await?;
+    store.migrate().await?;
+    let bus = bus(&args).await?;
+    let config = RelayConfig {
+        batch_size: args.batch_size,
+        poll_interval_ms: args.poll_interval_ms,
+        max_attempts: args.max_attempts,
+        ..RelayConfig::default()
+    };
+    let relay = Arc::new(Relay::new(store.clone(), bus.clone(), config));
+    let shutdown = CancellationToken::new();
+    let state = http::State {
+        metrics,
+        store,
+        bus: bus.clone(),
+        stats: relay.stats(),
+        relay_id: relay.id().to_owned(),
+    };
+    let server = http::serve(args.listen, state, shutdown.clone()).await?;
+    eprintln!(
+        "relay {} running; metrics and health on http://{}",
+        relay.id(),
+        args.listen
+    );
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        stop.cancel();
+    });
+    relay.run(shutdown.clone()).await?;
+    shutdown.cancel();
+    let _ = server.await;
+    bus.close().await
+}
+
+async fn status(args: StatusArgs) -> Result<()> {
+    let store = OutboxStore::connect(&args.database, 1).await?;
+    let status = store.status().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(());
+    }
+    for (state, count) in &status.counts {
+        println!("{state:<14} {count}");
+    }
+    match status.oldest_pending_age_ms {
+        Some(ms) => println!("oldest pending  {:.3} s", ms as f64 / 1000.0),
+        None => println!("oldest pending  -"),
+    }
+    Ok(())
+}
