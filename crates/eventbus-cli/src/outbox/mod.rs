@@ -1,5 +1,6 @@
 //! `eventbus outbox relay` and `eventbus outbox status`.
 
+mod bench;
 mod http;
 
 use std::net::SocketAddr;
@@ -18,6 +19,8 @@ pub(crate) enum OutboxCommand {
     Relay(RelayArgs),
     /// Shows row counts by status and the age of the oldest pending row.
     Status(StatusArgs),
+    /// Measures relay throughput and commit-to-ACK latency.
+    Bench(bench::BenchArgs),
 }
 
 /// The backends a relay can publish through.
@@ -75,6 +78,7 @@ pub(crate) async fn run(command: OutboxCommand) -> Result<()> {
     match command {
         OutboxCommand::Relay(args) => relay(args).await,
         OutboxCommand::Status(args) => status(args).await,
+        OutboxCommand::Bench(args) => bench::run(args).await,
     }
 }
 
