@@ -15,6 +15,7 @@ mod error;
 mod executor;
 pub mod headers;
 mod health;
+pub mod local;
 mod memory;
 mod message;
 mod publish;

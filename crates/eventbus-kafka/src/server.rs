@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use eventbus_core::{Error, ErrorKind, Result};
+use eventbus_core::local::{free_port, wait_for_port};
+use eventbus_core::{Error, Result};
 
 /// A `tansu broker` child process (Kafka protocol) on 127.0.0.1, on a free
 /// port, with in-memory storage; killed on `Drop`.
@@ -65,16 +66,8 @@ impl TansuServer {
             port,
             log_dir,
         };
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Ok(server);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err(Error::new(
-            ErrorKind::Timeout,
-            format!("tansu did not listen on {port} within 10 s"),
-        ))
+        wait_for_port(port, Duration::from_secs(10), "tansu").await?;
+        Ok(server)
     }
 
     /// `127.0.0.1:<port>`, for `bootstrap.servers`.
@@ -95,13 +88,4 @@ impl Drop for TansuServer {
             let _ = child.wait();
         }
     }
-}
-
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::config("cannot find a free port").with_source(e))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| Error::config("cannot find a free port").with_source(e))
 }

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use eventbus_core::{Error, ErrorKind, Result};
+use eventbus_core::local::{free_port, wait_for_port};
+use eventbus_core::{Error, Result};
 
 /// A `nats-server -js` child process on 127.0.0.1, on a free port, with a
 /// temporary store directory; killed and cleaned up on `Drop`.
@@ -84,19 +85,7 @@ impl NatsServer {
                 Error::config(format!("cannot start {} (install nats-server)", bin.display())).with_source(e)
             })?;
         self.child = Some(child);
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Err(Error::new(
-            ErrorKind::Timeout,
-            format!("nats-server did not listen on {} within 10 s", self.port),
-        ))
+        wait_for_port(self.port, Duration::from_secs(10), "nats-server").await
     }
 }
 
@@ -104,13 +93,4 @@ impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::config("cannot find a free port").with_source(e))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| Error::config("cannot find a free port").with_source(e))
 }

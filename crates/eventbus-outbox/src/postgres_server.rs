@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use eventbus_core::local::free_port;
 use eventbus_core::{Error, ErrorKind, Result};
 
 /// A PostgreSQL cluster made by `initdb` in a temporary directory, serving
@@ -158,13 +159,4 @@ impl Drop for PostgresServer {
         let _ = child.kill();
         let _ = child.wait();
     }
-}
-
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")
-        .map_err(|e| Error::config("cannot find a free port").with_source(e))?;
-    listener
-        .local_addr()
-        .map(|a| a.port())
-        .map_err(|e| Error::config("cannot find a free port").with_source(e))
 }
