@@ -272,3 +272,31 @@ async fn an_unreachable_server_is_a_connection_error() {
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Config);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_longer_than_ack_wait_sends_progress_and_is_not_redelivered() {
+    let server = NatsServer::start().await.unwrap();
+    let mut nats = NatsConfig::with_servers([server.url()]);
+    nats.consumer.ack_wait_ms = 1_000;
+    let bus = EventBus::new(NatsBackend::connect(nats).await.unwrap(), BusConfig::default()).unwrap();
+    let calls = Arc::new(Mutex::new(Vec::new()));
+    let sink = calls.clone();
+    let _sub = bus
+        .subscribe_envelope("slow", SubscribeOptions::group("g"), move |e: Envelope| {
+            let sink = sink.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(2_500)).await; // 2.5 × ack_wait
+                sink.lock().unwrap().push(e.event_version);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    bus.publish_envelope_sync("slow", &envelope("s", 1)).await.unwrap();
+    bus.publish_envelope_sync("slow", &envelope("s", 2)).await.unwrap();
+    assert!(eventually(20, || calls.lock().unwrap().len() >= 2).await);
+    // Had the server redelivered v1 after 1 s, it would have run again.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert_eq!(*calls.lock().unwrap(), vec![1, 2]);
+    bus.close().await.unwrap();
+}
