@@ -127,7 +127,8 @@ impl KafkaBackend {
             .set("auto.offset.reset", &c.auto_offset_reset)
             .set("session.timeout.ms", c.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", c.heartbeat_interval_ms.to_string())
-            .set("enable.partition.eof", "false");
+            .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", c.fetch_wait_max_ms.to_string());
         self.inner.config.apply_extra(&mut props);
         let tracker = Arc::new(OffsetTracker::default());
         let context = MemberContext {

@@ -292,8 +292,12 @@ async fn a_handler_longer_than_ack_wait_sends_progress_and_is_not_redelivered() 
         })
         .await
         .unwrap();
-    bus.publish_envelope_sync("slow", &envelope("s", 1)).await.unwrap();
-    bus.publish_envelope_sync("slow", &envelope("s", 2)).await.unwrap();
+    bus.publish_envelope_sync("slow", &envelope("s", 1))
+        .await
+        .unwrap();
+    bus.publish_envelope_sync("slow", &envelope("s", 2))
+        .await
+        .unwrap();
     assert!(eventually(20, || calls.lock().unwrap().len() >= 2).await);
     // Had the server redelivered v1 after 1 s, it would have run again.
     tokio::time::sleep(Duration::from_millis(1_500)).await;

@@ -267,6 +267,8 @@ impl KafkaRaw {
                 .set("auto.offset.reset", "earliest")
                 .set("session.timeout.ms", "10000")
                 .set("heartbeat.interval.ms", "1000")
+                // The same fetch wait as the bus's consumer (KafkaConsumer::fetch_wait_max_ms).
+                .set("fetch.wait.max.ms", "20")
                 .create()
                 .map_err(|e| Error::backend("consumer", e))?;
             consumer
