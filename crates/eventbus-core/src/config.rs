@@ -14,7 +14,7 @@
 //! | `consumer.dead_letter_suffix` | `.dlq` | dead-letter topic = topic + suffix |
 //! | `consumer.dead_letter` | true | dead-letter after the last attempt; false parks the aggregate |
 //! | `close_timeout_ms` | 10,000 | longest wait in `close()` for handlers and publishes |
-//! | `memory.max_messages_per_topic` | 1,000,000 | memory backend: retained messages per topic |
+//! | `memory.max_messages_per_topic` | 100,000 | memory backend: retained messages per topic |
 //!
 //! Environment overrides use the prefix `EVENTBUS_` and `__` between levels:
 //! `EVENTBUS_CONSUMER__CONCURRENCY=64`.
@@ -141,7 +141,7 @@ impl Default for ConsumerConfig {
 impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
-            max_messages_per_topic: 1_000_000,
+            max_messages_per_topic: 100_000,
         }
     }
 }

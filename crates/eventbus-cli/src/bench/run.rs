@@ -3,6 +3,7 @@
 use std::time::Instant;
 
 use eventbus::{BusConfig, Envelope, EventBus, SubscribeOptions};
+use futures::{FutureExt, StreamExt};
 use indicatif::ProgressBar;
 
 use super::measure::{PROBE_AGGREGATE, Recorder, Sampler, histogram};
@@ -42,18 +43,21 @@ pub(crate) async fn level(
         return Err(eventbus::Error::timeout("consumers did not become ready"));
     }
     let mut publish_us = histogram();
-    let mut handles = Vec::with_capacity(events);
+    // Results are collected as they complete, so a sustained run holds only the unacked ones.
+    let mut pending = futures::stream::FuturesUnordered::new();
+    let mut acked = 0;
     let first_send = Instant::now();
     for (t, envelope) in scenario.envelopes(events)? {
         let started = Instant::now();
-        handles.push(bus.publish_envelope(&topics[t], &envelope).await?);
+        pending.push(bus.publish_envelope(&topics[t], &envelope).await?);
         publish_us.saturating_record(started.elapsed().as_micros() as u64);
+        while let Some(Some(result)) = pending.next().now_or_never() {
+            acked += usize::from(result.is_success());
+        }
     }
-    let acked = futures::future::join_all(handles)
-        .await
-        .iter()
-        .filter(|r| r.is_success())
-        .count();
+    while let Some(result) = pending.next().await {
+        acked += usize::from(result.is_success());
+    }
     recorder.wait_received(events as u64, scenario.timeout).await;
     let last = recorder.last_receive().unwrap_or(first_send);
     for s in subscriptions {
