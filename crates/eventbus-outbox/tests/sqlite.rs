@@ -283,3 +283,64 @@ async fn the_inbox_runs_a_redelivered_event_once() {
         .unwrap();
     assert_eq!(orders.0, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers() {
+    let (store, pool, _dir) = store().await;
+    let bus = EventBus::memory();
+    let dead = Arc::new(std::sync::Mutex::new(Vec::<eventbus_core::Message>::new()));
+    let sink = dead.clone();
+    let _dlq = bus
+        .subscribe(
+            "orders.dlq",
+            SubscribeOptions::group("ops"),
+            move |m: eventbus_core::Message| {
+                sink.lock().unwrap().push(m);
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .unwrap();
+    let (_sub, checker) = recorder(&bus, "orders").await;
+    // A row whose stored envelope is corrupt can never be published.
+    sqlx::query("INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, event_version, topic, envelope, next_attempt_at, created_at, idempotency_key) VALUES ('corrupt-1', 'Order', 'x', 'T', 1, 'orders', '{not json', 0, 0, 'corrupt-1')")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    append(&mut *tx, OutboxEvent::new("orders", &envelope("y", 1), "Order"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let config = RelayConfig {
+        dead_letter_suffix: Some(".dlq".into()),
+        max_attempts: 2,
+        ..fast()
+    };
+    let relay = Relay::new(store.clone(), bus.clone(), config);
+    for _ in 0..100 {
+        relay.run_once().await.unwrap();
+        if !dead.lock().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(eventually(|| dead.lock().unwrap().len() == 1 && checker.report().received == 1).await);
+    let m = dead.lock().unwrap()[0].clone();
+    assert_eq!(
+        m.headers.get(eventbus_core::headers::ORIGINAL_TOPIC),
+        Some("orders")
+    );
+    assert_eq!(m.headers.get(eventbus_core::headers::EVENT_ID), Some("corrupt-1"));
+    assert!(
+        m.headers
+            .get(eventbus_core::headers::ERROR_MESSAGE)
+            .unwrap()
+            .contains("invalid")
+    );
+    assert_eq!(&m.payload[..], b"{not json");
+    assert_eq!(
+        store.status().await.unwrap().counts.get("dead_lettered"),
+        Some(&1)
+    );
+}
