@@ -6,34 +6,15 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus_core::testing::OrderChecker;
+use eventbus_core::testing::{OrderChecker, envelope, eventually};
 use eventbus_core::{BusConfig, Envelope, ErrorKind, EventBus, SubscribeOptions, Subscription};
 use eventbus_kafka::{KafkaBackend, KafkaConfig, ProvisionStrategy, TansuServer, TopicSpec};
-
-fn envelope(aggregate: &str, version: i64) -> Envelope {
-    Envelope::builder(aggregate, "T", version)
-        .json_payload(&version)
-        .unwrap()
-        .build()
-        .unwrap()
-}
 
 async fn bus(bootstrap: &str) -> EventBus {
     let backend = KafkaBackend::connect(KafkaConfig::with_brokers([bootstrap]))
         .await
         .unwrap();
     EventBus::new(backend, BusConfig::default()).unwrap()
-}
-
-async fn eventually(secs: u64, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    done()
 }
 
 type Log = Arc<Mutex<Vec<(String, i64)>>>;
@@ -66,7 +47,8 @@ async fn two_members_split_partitions_and_keep_order_when_one_leaves() {
         a.publish_envelope_sync("split", e).await.unwrap();
     }
     assert!(
-        eventually(60, || log_a.lock().unwrap().len() + log_b.lock().unwrap().len()
+        eventually(Duration::from_secs(60), || log_a.lock().unwrap().len()
+            + log_b.lock().unwrap().len()
             >= 2_000)
         .await
     );
@@ -94,7 +76,10 @@ async fn two_members_split_partitions_and_keep_order_when_one_leaves() {
         seen.extend(log_b.lock().unwrap().iter().cloned());
         seen == all
     };
-    assert!(eventually(90, covered).await, "events lost across the rebalance");
+    assert!(
+        eventually(Duration::from_secs(90), covered).await,
+        "events lost across the rebalance"
+    );
     let report = checker.report();
     assert_eq!(report.violations, 0, "{report:?}");
     a.close().await.unwrap();
@@ -133,7 +118,9 @@ fn a_killed_member_restarted_resumes_from_the_committed_prefix_without_loss() {
         .unwrap();
         bus
     });
-    control.block_on(async { assert!(eventually(60, || first.lock().unwrap().len() >= 300).await) });
+    control.block_on(async {
+        assert!(eventually(Duration::from_secs(60), || first.lock().unwrap().len() >= 300).await)
+    });
     victim.shutdown_timeout(Duration::from_secs(5)); // the crash: no close, no final commit
     drop(victim_bus);
     assert!(
@@ -161,7 +148,10 @@ fn a_killed_member_restarted_resumes_from_the_committed_prefix_without_loss() {
             seen.extend(second.lock().unwrap().iter().cloned());
             seen == all
         };
-        assert!(eventually(90, covered).await, "events lost across the crash");
+        assert!(
+            eventually(Duration::from_secs(90), covered).await,
+            "events lost across the crash"
+        );
         let resumed = second.lock().unwrap().len();
         assert!(
             resumed < events.len(),

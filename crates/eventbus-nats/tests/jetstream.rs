@@ -5,33 +5,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eventbus_core::testing::{envelope, eventually};
 use eventbus_core::{BusConfig, ConnectionState, Envelope, ErrorKind, EventBus, Position, SubscribeOptions};
 use eventbus_nats::{ConnectionEvent, NatsBackend, NatsConfig, NatsServer, ProvisionStrategy, StreamSpec};
-
-fn envelope(aggregate: &str, version: i64) -> Envelope {
-    Envelope::builder(aggregate, "T", version)
-        .json_payload(&version)
-        .unwrap()
-        .build()
-        .unwrap()
-}
 
 async fn bus(server: &NatsServer, config: BusConfig) -> EventBus {
     let backend = NatsBackend::connect(NatsConfig::with_servers([server.url()]))
         .await
         .unwrap();
     EventBus::new(backend, config).unwrap()
-}
-
-async fn eventually(secs: u64, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    done()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,7 +42,7 @@ async fn a_republished_event_id_is_acked_as_duplicate_and_stored_once() {
     bus.publish_envelope_sync("dedup", &envelope("a", 2))
         .await
         .unwrap();
-    assert!(eventually(10, || got.lock().unwrap().len() == 2).await);
+    assert!(eventually(Duration::from_secs(10), || got.lock().unwrap().len() == 2).await);
     assert_eq!(got.lock().unwrap()[0], e.event_id);
     bus.close().await.unwrap();
 }
@@ -104,7 +86,11 @@ fn a_killed_consumer_restarted_in_its_group_loses_nothing_and_keeps_order() {
         bus
     });
     control.block_on(async {
-        assert!(eventually(30, || first_seen.lock().unwrap().len() >= 300).await);
+        assert!(
+            eventually(Duration::from_secs(30), || first_seen.lock().unwrap().len()
+                >= 300)
+            .await
+        );
     });
     // The crash: every task of the victim dropped mid-flight, no close, no flush.
     victim.shutdown_timeout(Duration::from_secs(5));
@@ -135,7 +121,10 @@ fn a_killed_consumer_restarted_in_its_group_loses_nothing_and_keeps_order() {
             seen.extend(second.lock().unwrap().iter().cloned());
             seen == all
         };
-        assert!(eventually(60, covered).await, "events lost across the crash");
+        assert!(
+            eventually(Duration::from_secs(60), covered).await,
+            "events lost across the crash"
+        );
         // The restarted member sees each aggregate in strictly increasing order.
         let mut last: HashMap<String, i64> = HashMap::new();
         for (a, v) in second.lock().unwrap().iter() {
@@ -298,7 +287,7 @@ async fn a_handler_longer_than_ack_wait_sends_progress_and_is_not_redelivered() 
     bus.publish_envelope_sync("slow", &envelope("s", 2))
         .await
         .unwrap();
-    assert!(eventually(20, || calls.lock().unwrap().len() >= 2).await);
+    assert!(eventually(Duration::from_secs(20), || calls.lock().unwrap().len() >= 2).await);
     // Had the server redelivered v1 after 1 s, it would have run again.
     tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(*calls.lock().unwrap(), vec![1, 2]);

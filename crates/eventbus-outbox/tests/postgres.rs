@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use eventbus_core::testing::OrderChecker;
+use eventbus_core::testing::{OrderChecker, envelope, eventually};
 use eventbus_core::{BusConfig, Envelope, EventBus, MemoryBackend, SubscribeOptions};
 use eventbus_nats::{NatsBackend, NatsConfig, NatsServer};
 use eventbus_outbox::{
@@ -12,14 +12,6 @@ use eventbus_outbox::{
 };
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
-
-fn envelope(aggregate: &str, version: i64) -> Envelope {
-    Envelope::builder(aggregate, "OrderPlaced", version)
-        .json_payload(&version)
-        .unwrap()
-        .build()
-        .unwrap()
-}
 
 async fn store(pg: &PostgresServer) -> (OutboxStore, sqlx::PgPool) {
     let store = OutboxStore::connect(&pg.url(), 10).await.unwrap();
@@ -37,17 +29,6 @@ fn fast() -> RelayConfig {
         max_attempts: 100,
         ..RelayConfig::default()
     }
-}
-
-async fn eventually(secs: u64, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    while tokio::time::Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    done()
 }
 
 fn spawn_relay(relay: Relay, shutdown: &CancellationToken) -> tokio::task::JoinHandle<Relay> {
@@ -102,7 +83,7 @@ async fn three_relays_publish_ten_thousand_events_in_per_aggregate_order() {
         }
     }
     assert!(
-        eventually(120, || checker.report().received >= 10_000).await,
+        eventually(Duration::from_secs(120), || checker.report().received >= 10_000).await,
         "{:?}",
         checker.report()
     );
@@ -168,7 +149,9 @@ async fn rows_stay_pending_while_the_broker_is_down_then_flow() {
     let shutdown = CancellationToken::new();
     let running = spawn_relay(relay, &shutdown);
     assert!(
-        eventually(30, || stats.failed.load(Ordering::Relaxed) >= 20).await,
+        eventually(Duration::from_secs(30), || stats.failed.load(Ordering::Relaxed)
+            >= 20)
+        .await,
         "publishes did not fail"
     );
     let status = store.status().await.unwrap();
@@ -176,7 +159,7 @@ async fn rows_stay_pending_while_the_broker_is_down_then_flow() {
     assert_eq!(status.counts.get("published"), None);
     nats.restart().await.unwrap();
     assert!(
-        eventually(60, || tx_seen.report().received >= 100).await,
+        eventually(Duration::from_secs(60), || tx_seen.report().received >= 100).await,
         "{:?}",
         tx_seen.report()
     );

@@ -3,20 +3,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus_core::testing::OrderChecker;
+use eventbus_core::testing::{OrderChecker, envelope, eventually};
 use eventbus_core::{BusConfig, Envelope, EventBus, MemoryBackend, SubscribeOptions};
 use eventbus_outbox::{
     InboxOutcome, OutboxEvent, OutboxStore, Relay, RelayConfig, append, handle_once_sqlite,
 };
 use futures::FutureExt;
-
-fn envelope(aggregate: &str, version: i64) -> Envelope {
-    Envelope::builder(aggregate, "OrderPlaced", version)
-        .json_payload(&version)
-        .unwrap()
-        .build()
-        .unwrap()
-}
 
 async fn store() -> (OutboxStore, sqlx::SqlitePool, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -42,16 +34,6 @@ fn fast() -> RelayConfig {
         max_attempts: 3,
         ..RelayConfig::default()
     }
-}
-
-async fn eventually(mut done: impl FnMut() -> bool) -> bool {
-    for _ in 0..3_000 {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
 }
 
 /// Records deliveries in an order checker; the aggregate `poisoned` (whose
@@ -114,7 +96,7 @@ async fn a_rolled_back_transaction_publishes_nothing_and_a_committed_one_everyth
 
     let relay = Relay::new(store.clone(), bus.clone(), fast());
     while relay.run_once().await.unwrap() > 0 {}
-    assert!(eventually(|| checker.report().received == 1).await);
+    assert!(eventually(Duration::from_secs(30), || checker.report().received == 1).await);
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
         checker.report().received,
@@ -171,7 +153,9 @@ async fn the_relay_keeps_per_aggregate_order_and_dead_letters_a_poison_event() {
     };
     let poisoned = || POISONED_RECEIVED.load(std::sync::atomic::Ordering::SeqCst);
     assert!(
-        eventually(|| checker.report().received == 500 && poisoned() == 1).await,
+        eventually(Duration::from_secs(30), || checker.report().received == 500
+            && poisoned() == 1)
+        .await,
         "{:?}",
         checker.report()
     );
@@ -325,7 +309,11 @@ async fn an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers() {
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
-    assert!(eventually(|| dead.lock().unwrap().len() == 1 && checker.report().received == 1).await);
+    assert!(
+        eventually(Duration::from_secs(30), || dead.lock().unwrap().len() == 1
+            && checker.report().received == 1)
+        .await
+    );
     let m = dead.lock().unwrap()[0].clone();
     assert_eq!(
         m.headers.get(eventbus_core::headers::ORIGINAL_TOPIC),

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use crate::{BusConfig, EventBus};
 
-pub use support::{OrderChecker, OrderReport};
+pub use support::{OrderChecker, OrderReport, envelope, eventually};
 
 /// What a backend can do, so the suite skips what does not apply.
 #[derive(Debug, Clone)]

@@ -62,7 +62,7 @@ impl OrderChecker {
 }
 
 /// Polls `done` every 5 ms until it holds or `timeout` passes; returns whether it held.
-pub(crate) async fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
+pub async fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     while tokio::time::Instant::now() < deadline {
         if done() {
@@ -80,7 +80,7 @@ pub(crate) fn unique(prefix: &str) -> String {
 }
 
 /// A valid envelope of `aggregate` at `version` with a small JSON payload.
-pub(crate) fn envelope(aggregate: &str, version: i64) -> Envelope {
+pub fn envelope(aggregate: &str, version: i64) -> Envelope {
     Envelope::builder(aggregate, "TestEvent", version)
         .json_payload(&serde_json::json!({ "aggregate": aggregate, "version": version }))
         .and_then(|b| b.build())
