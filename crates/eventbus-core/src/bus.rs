@@ -205,14 +205,7 @@ impl EventBus {
         self.ensure_open()?;
         validate_topic(topic)?;
         let message = envelope_message(topic, envelope)?;
-        let meta = ResultMeta {
-            event_id: envelope.event_id.clone(),
-            topic: topic.to_owned(),
-            aggregate_id: envelope.aggregate_id.clone(),
-            event_type: envelope.event_type.clone(),
-            tenant_id: envelope.tenant_id,
-            report: true,
-        };
+        let meta = ResultMeta::for_envelope(topic, envelope, true);
         self.inner
             .publisher
             .publish(meta, self.inner.backend.publish(message))
@@ -246,14 +239,7 @@ impl EventBus {
             handles.push(match self.publish_envelope(topic, envelope).await {
                 Ok(handle) => handle.left_future(),
                 Err(e) => {
-                    let meta = ResultMeta {
-                        event_id: envelope.event_id.clone(),
-                        topic: topic.to_owned(),
-                        aggregate_id: envelope.aggregate_id.clone(),
-                        event_type: envelope.event_type.clone(),
-                        tenant_id: envelope.tenant_id,
-                        report: false,
-                    };
+                    let meta = ResultMeta::for_envelope(topic, envelope, false);
                     futures::future::ready(PublishResult::new(meta, Err(e))).right_future()
                 }
             });

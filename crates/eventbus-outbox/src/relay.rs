@@ -224,9 +224,9 @@ impl Relay {
         let attempt = row.attempts + 1;
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         let exhausted = attempt >= self.config.max_attempts;
+        let next = now_us() + self.config.backoff.backoff(attempt as u32).as_micros() as i64;
         if exhausted && !self.publish_dead_letter(row, error).await {
             // The dead-letter topic is unreachable too: keep the row, try later.
-            let next = now_us() + self.config.backoff.backoff(attempt as u32).as_micros() as i64;
             return self.store.fail(&row.id, error, next, false).await;
         }
         if exhausted {
@@ -234,7 +234,6 @@ impl Relay {
             metrics::counter!("eventbus_outbox_dead_lettered_total").increment(1);
             tracing::warn!(event_id = %row.id, error, "outbox row dead-lettered");
         }
-        let next = now_us() + self.config.backoff.backoff(attempt as u32).as_micros() as i64;
         self.store.fail(&row.id, error, next, exhausted).await
     }
 

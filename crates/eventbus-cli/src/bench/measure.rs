@@ -83,6 +83,34 @@ impl Recorder {
     }
 }
 
+/// What a level's publish loop measured, turned into its report with the
+/// recorder's deliveries and the sampler's resources.
+pub(crate) struct Published {
+    pub(crate) label: String,
+    pub(crate) events: usize,
+    pub(crate) aggregates: usize,
+    pub(crate) acked: usize,
+    pub(crate) publish_us: Histogram<u64>,
+    pub(crate) first_send: Instant,
+}
+
+impl Published {
+    pub(crate) async fn report(self, recorder: &Recorder, sampler: Sampler) -> super::LevelReport {
+        let last = recorder.last_receive().unwrap_or(self.first_send);
+        super::LevelReport {
+            label: self.label,
+            events: self.events,
+            aggregates: self.aggregates,
+            acked: self.acked,
+            order: recorder.report(),
+            publish_us: self.publish_us,
+            end_to_end_us: recorder.end_to_end(),
+            elapsed: last.duration_since(self.first_send),
+            resources: sampler.finish().await,
+        }
+    }
+}
+
 async fn wait(timeout: Duration, done: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while !done() {
@@ -143,7 +171,7 @@ impl Sampler {
             rss_after_mb: rss_mb(),
             tasks_before: self.before.1,
             tasks_peak: peak_tasks.max(self.before.1),
-            tasks_after: live_tasks().saturating_sub(0),
+            tasks_after: live_tasks(),
         }
     }
 }

@@ -20,7 +20,7 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use super::measure::{PROBE_AGGREGATE, Recorder, Sampler, histogram};
+use super::measure::{PROBE_AGGREGATE, Published, Recorder, Sampler, histogram};
 use super::target::Target;
 use super::{LevelReport, Scenario};
 
@@ -62,20 +62,17 @@ pub(crate) async fn level(
     }
     let acked = sink.acked().await;
     recorder.wait_received(events as u64, scenario.timeout).await;
-    let last = recorder.last_receive().unwrap_or(first_send);
     sink.stop();
     drop(sink);
-    Ok(LevelReport {
+    let published = Published {
         label: format!("{}-raw", target.name()),
         events,
         aggregates: scenario.aggregates_for(events),
         acked,
-        order: recorder.report(),
         publish_us,
-        end_to_end_us: recorder.end_to_end(),
-        elapsed: last.duration_since(first_send),
-        resources: sampler.finish().await,
-    })
+        first_send,
+    };
+    Ok(published.report(&recorder, sampler).await)
 }
 
 /// A raw client: publish (stage one), then await every outstanding ACK.

@@ -2,11 +2,11 @@
 
 use std::time::Instant;
 
-use eventbus::{BusConfig, Envelope, EventBus, SubscribeOptions};
+use eventbus::{BusConfig, Envelope, SubscribeOptions};
 use futures::{FutureExt, StreamExt};
 use indicatif::ProgressBar;
 
-use super::measure::{PROBE_AGGREGATE, Recorder, Sampler, histogram};
+use super::measure::{PROBE_AGGREGATE, Published, Recorder, Sampler, histogram};
 use super::target::Target;
 use super::{LevelReport, Scenario};
 
@@ -59,24 +59,17 @@ pub(crate) async fn level(
         acked += usize::from(result.is_success());
     }
     recorder.wait_received(events as u64, scenario.timeout).await;
-    let last = recorder.last_receive().unwrap_or(first_send);
     for s in subscriptions {
         s.close().await?;
     }
     bus.close().await?;
-    Ok(LevelReport {
-        label: bus_label(&bus),
+    let published = Published {
+        label: bus.backend_name().to_owned(),
         events,
         aggregates: scenario.aggregates_for(events),
         acked,
-        order: recorder.report(),
         publish_us,
-        end_to_end_us: recorder.end_to_end(),
-        elapsed: last.duration_since(first_send),
-        resources: sampler.finish().await,
-    })
-}
-
-fn bus_label(bus: &EventBus) -> String {
-    bus.backend_name().to_owned()
+        first_send,
+    };
+    Ok(published.report(&recorder, sampler).await)
 }
