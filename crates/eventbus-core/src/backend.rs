@@ -51,6 +51,20 @@ pub trait Backend: Send + Sync + 'static {
     /// missing and may not be created, or a client error.
     async fn subscribe(&self, spec: &SubscribeSpec) -> Result<Box<dyn BackendSubscription>>;
 
+    /// Checks, at subscribe time, that messages to `topic` can be stored
+    /// (used for dead-letter topics): a NATS subject that no stream covers or
+    /// a Kafka topic that is missing while auto-create is off is an error
+    /// naming what to create. The default accepts every topic.
+    ///
+    /// # Errors
+    /// [`NotFound`](crate::ErrorKind::NotFound) naming the missing stream
+    /// subject or topic; [`Validation`](crate::ErrorKind::Validation) for a
+    /// name the broker refuses.
+    async fn check_publishable(&self, topic: &str) -> Result<()> {
+        let _ = topic;
+        Ok(())
+    }
+
     /// The connection's state.
     fn connection_state(&self) -> ConnectionState;
 

@@ -8,19 +8,20 @@ use bytes::Bytes;
 use futures::FutureExt;
 
 use crate::backend::{Backend, SubscribeSpec};
+use crate::codec::envelope_message;
 use crate::config::BusConfig;
+use crate::consume::executor::OrderedExecutor;
+use crate::consume::process::Job;
+use crate::consume::process::{Handler, HandlerFn, SubscriptionParams, SubscriptionShared};
+use crate::consume::subscription::{DeadLetter, SubscribeOptions, Subscription};
 use crate::envelope::Envelope;
 use crate::error::{BoxError, Error, Result, ValidationError};
-use crate::executor::OrderedExecutor;
 use crate::headers;
 use crate::health::{ConnectionState, Health};
 use crate::memory::MemoryBackend;
 use crate::message::Message;
 use crate::publish::{PublishHandle, PublishResult, PublishResults, Publisher, ResultMeta};
 use crate::retry::RetryPolicy;
-use crate::subscription::{
-    DeadLetter, Handler, HandlerFn, SubscribeOptions, Subscription, SubscriptionParams, SubscriptionShared,
-};
 
 /// Longest topic name, in characters (Kafka's limit, `Topic.java`).
 pub const MAX_TOPIC_LEN: usize = 249;
@@ -55,7 +56,7 @@ struct BusInner {
     backend: Arc<dyn Backend>,
     config: BusConfig,
     publisher: Publisher,
-    executor: Arc<OrderedExecutor>,
+    executor: Arc<OrderedExecutor<Job>>,
     closed: AtomicBool,
     close_done: tokio::sync::Mutex<bool>,
     subscriptions: Mutex<Vec<Subscription>>,
@@ -94,7 +95,7 @@ impl EventBus {
     /// As [`new`](EventBus::new).
     pub fn from_arc(backend: Arc<dyn Backend>, config: BusConfig) -> Result<Self> {
         config.validate()?;
-        let executor = OrderedExecutor::new(config.consumer.max_in_flight, config.consumer.concurrency);
+        let executor = OrderedExecutor::new(config.consumer.concurrency);
         Ok(Self {
             inner: Arc::new(BusInner {
                 backend,
@@ -329,6 +330,10 @@ impl EventBus {
             DeadLetter::Default | DeadLetter::Park => None,
             DeadLetter::Topic(t) => Some(t),
         };
+        if let Some(dlq) = &dead_letter_topic {
+            validate_topic(dlq).map_err(|e| ValidationError::new("dead_letter_topic", e.reason))?;
+            self.inner.backend.check_publishable(dlq).await?;
+        }
         let spec = SubscribeSpec {
             topic: topic.to_owned(),
             group: options.group.clone(),
@@ -342,7 +347,10 @@ impl EventBus {
             retry: options.retry.unwrap_or_else(|| consumer.retry.clone()),
             dead_letter_topic,
             backend: self.inner.backend.clone(),
+            publish_timeout: Duration::from_millis(self.inner.config.publish.timeout_ms),
             ack_timeout: Duration::from_millis(self.inner.config.publish.ack_timeout_ms),
+            handler_timeout: consumer.handler_timeout_ms.map(Duration::from_millis),
+            max_in_flight: consumer.max_in_flight,
         });
         let subscription = Subscription::start(
             shared,
@@ -425,15 +433,6 @@ pub fn validate_topic(topic: &str) -> Result<(), ValidationError> {
         )),
         None => Ok(()),
     }
-}
-
-fn envelope_message(topic: &str, envelope: &Envelope) -> Result<Message> {
-    Ok(Message {
-        topic: topic.to_owned(),
-        key: Some(Bytes::copy_from_slice(envelope.aggregate_id.as_bytes())),
-        headers: headers::envelope_headers(envelope),
-        payload: envelope.encode()?,
-    })
 }
 
 /// Builds an [`EventBus`] from a backend and settings.

@@ -9,7 +9,8 @@
 //! | `results.enabled` | false | keep a lossless stream of publish results |
 //! | `results.capacity` | 10,000 | results buffered before publishers wait |
 //! | `consumer.concurrency` | 256 | handlers running at once, across all subscriptions |
-//! | `consumer.max_in_flight` | 10,000 | messages fetched but not yet settled; then fetching waits |
+//! | `consumer.max_in_flight` | 10,000 | messages fetched but not yet settled, per subscription; then its fetching waits |
+//! | `consumer.handler_timeout_ms` | none | longest handler attempt; then it counts as failed (and is retried) |
 //! | `consumer.retry` | 3 attempts, 100 ms × 2 up to 10 s, 20 % jitter | see [`RetryPolicy`] |
 //! | `consumer.dead_letter_suffix` | `.dlq` | dead-letter topic = topic + suffix |
 //! | `consumer.dead_letter` | true | dead-letter after the last attempt; false parks the aggregate |
@@ -76,8 +77,14 @@ pub struct ResultsConfig {
 pub struct ConsumerConfig {
     /// Handlers running at once (count).
     pub concurrency: usize,
-    /// Messages fetched and not yet settled before fetch loops wait (count).
+    /// Messages fetched and not yet settled, per subscription, before its
+    /// fetch loop waits (count). Per subscription, so a parked or slow
+    /// aggregate on one topic never stops another subscription.
     pub max_in_flight: usize,
+    /// Longest handler attempt, in ms; a longer one is cancelled and counts
+    /// as a failed attempt. `None` (default): no limit. Set it below Kafka's
+    /// `consumer.revoke_timeout_ms` so a rebalance never waits on a handler.
+    pub handler_timeout_ms: Option<u64>,
     /// Default retry policy of subscriptions.
     pub retry: RetryPolicy,
     /// Whether exhausted messages are dead-lettered (else the aggregate parks).
@@ -131,6 +138,7 @@ impl Default for ConsumerConfig {
         Self {
             concurrency: 256,
             max_in_flight: 10_000,
+            handler_timeout_ms: None,
             retry: RetryPolicy::default(),
             dead_letter: true,
             dead_letter_suffix: ".dlq".into(),

@@ -9,10 +9,12 @@
 
 mod backend;
 mod bus;
+mod codec;
 mod config;
+mod consume;
+pub mod dead_letter;
 mod envelope;
 mod error;
-mod executor;
 pub mod headers;
 mod health;
 pub mod local;
@@ -21,13 +23,13 @@ mod message;
 mod publish;
 mod retry;
 mod secret;
-mod subscription;
 #[cfg(feature = "testing")]
 pub mod testing;
 
 pub use backend::{AckFuture, Backend, BackendSubscription, SubscribeSpec};
 pub use bus::{EventBus, EventBusBuilder, MAX_TOPIC_LEN, validate_topic};
 pub use config::{BusConfig, ConsumerConfig, ENV_PREFIX, MemoryConfig, PublishConfig, ResultsConfig};
+pub use consume::subscription::{DeadLetter, SubscribeOptions, Subscription};
 pub use envelope::{
     Envelope, EnvelopeBuilder, MAX_AGGREGATE_ID_LEN, MAX_EVENT_ID_LEN, Payload, new_event_id,
     validate_aggregate_id,
@@ -36,8 +38,7 @@ pub use error::{BoxError, Error, ErrorKind, Result, ValidationError};
 pub use headers::Headers;
 pub use health::{ConnectionState, Health, SubscriptionHealth};
 pub use memory::MemoryBackend;
-pub use message::{Ack, Acker, Delivery, Message, Position};
+pub use message::{Ack, Acker, Delivery, Message, Ownership, Position};
 pub use publish::{PublishHandle, PublishResult, PublishResults};
 pub use retry::RetryPolicy;
 pub use secret::Secret;
-pub use subscription::{DeadLetter, SubscribeOptions, Subscription};

@@ -1,9 +1,11 @@
 //! Raw messages as they cross a broker, deliveries and their acknowledgement.
 
-use std::time::Duration;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use tokio_util::sync::CancellationToken;
 
 use crate::error::Result;
 use crate::headers::Headers;
@@ -20,6 +22,11 @@ pub struct Message {
     pub headers: Headers,
     /// The body. For envelope publishes, the envelope's JSON.
     pub payload: Bytes,
+    /// The broker dedup id, where the broker has one (NATS `Nats-Msg-Id`):
+    /// a repeat within the broker's window is stored once. Envelope
+    /// publishes set the event id; dead letters `<event id>/dead-letter`
+    /// (see [`dead_letter`](crate::dead_letter)). Not sent as a header.
+    pub dedup_id: Option<String>,
 }
 
 impl Message {
@@ -43,6 +50,13 @@ impl Message {
     #[must_use]
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
         self.headers.insert(name, value);
+        self
+    }
+
+    /// Sets the broker dedup id.
+    #[must_use]
+    pub fn with_dedup_id(mut self, id: impl Into<String>) -> Self {
+        self.dedup_id = Some(id.into());
         self
     }
 }
@@ -73,9 +87,11 @@ pub struct Ack {
 
 /// Settles one delivery with its backend. Implemented by each backend.
 ///
-/// The bus calls exactly one of [`ack`](Acker::ack) or [`term`](Acker::term)
-/// once the handler succeeded or the failure path finished, or neither when
-/// the subscription closed first (the backend then redelivers).
+/// The vocabulary is JetStream's `AckKind`: the bus calls exactly one of
+/// [`ack`](Acker::ack) (handled), [`term`](Acker::term) (dead-lettered) or
+/// [`nak`](Acker::nak) (handed back unhandled: the subscription closed
+/// first), or none when the backend took the delivery back itself
+/// ([`Ownership`] revoked).
 #[async_trait]
 pub trait Acker: Send + Sync + 'static {
     /// The message is done; it must not be delivered again to this group.
@@ -85,6 +101,15 @@ pub trait Acker: Send + Sync + 'static {
     /// (NATS `+TERM`). Defaults to [`ack`](Acker::ack).
     async fn term(&self) -> Result<()> {
         self.ack().await
+    }
+
+    /// The message was not handled and goes back to the group, redelivered
+    /// after `delay` (`None`: at once). NATS `-NAK`; the default does
+    /// nothing (the backend redelivers on its own, e.g. Kafka from the
+    /// committed offset, memory when the member leaves).
+    async fn nak(&self, delay: Option<Duration>) -> Result<()> {
+        let _ = delay;
+        Ok(())
     }
 
     /// The handler is still working: extend the redelivery deadline (NATS `+WPI`).
@@ -109,6 +134,123 @@ pub struct Delivery {
     pub delivery_count: u64,
     /// Settles the delivery.
     pub acker: Box<dyn Acker>,
+    /// Set by backends that can take deliveries back (Kafka: revoked
+    /// partitions): once revoked, the bus starts no attempt of this delivery.
+    pub ownership: Option<Ownership>,
+}
+
+/// A backend's hold on a set of deliveries that it may take back, such as
+/// one Kafka partition's assignment. The bus checks it before each handler
+/// attempt and during retry backoffs; the backend calls
+/// [`revoke_blocking`](Ownership::revoke_blocking) when it loses them.
+///
+/// Guarantee: once `revoke_blocking` returns `true`, no attempt of these
+/// deliveries runs and none will start, so the next owner never overlaps.
+#[derive(Clone, Default)]
+pub struct Ownership {
+    inner: Arc<OwnershipInner>,
+}
+
+#[derive(Default)]
+struct OwnershipInner {
+    state: Mutex<OwnershipState>,
+    idle: Condvar,
+    revoked: CancellationToken,
+    aborted: CancellationToken,
+}
+
+#[derive(Default)]
+struct OwnershipState {
+    revoked: bool,
+    running: usize,
+}
+
+impl std::fmt::Debug for Ownership {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.inner.state.lock().unwrap();
+        f.debug_struct("Ownership")
+            .field("revoked", &s.revoked)
+            .field("running", &s.running)
+            .finish()
+    }
+}
+
+/// One running handler attempt under an [`Ownership`]; ends on drop.
+#[derive(Debug)]
+pub(crate) struct AttemptGuard(Ownership);
+
+impl Drop for AttemptGuard {
+    fn drop(&mut self) {
+        let mut s = self.0.inner.state.lock().unwrap();
+        s.running -= 1;
+        if s.running == 0 {
+            self.0.inner.idle.notify_all();
+        }
+    }
+}
+
+impl Ownership {
+    /// A new hold, not revoked.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether the deliveries were taken back.
+    pub fn is_revoked(&self) -> bool {
+        self.inner.state.lock().unwrap().revoked
+    }
+
+    /// Resolves once revoked.
+    pub async fn revoked(&self) {
+        self.inner.revoked.cancelled().await;
+    }
+
+    /// Resolves once running attempts must stop at once.
+    pub(crate) async fn aborted(&self) {
+        self.inner.aborted.cancelled().await;
+    }
+
+    /// Registers a running attempt; `None` when already revoked.
+    pub(crate) fn begin_attempt(&self) -> Option<AttemptGuard> {
+        let mut s = self.inner.state.lock().unwrap();
+        if s.revoked {
+            return None;
+        }
+        s.running += 1;
+        Some(AttemptGuard(self.clone()))
+    }
+
+    /// Takes the deliveries back: no attempt starts from now on; running
+    /// attempts get `grace` to finish, then are cancelled (their handler
+    /// futures dropped), and the call waits up to `abort_wait` more for that.
+    /// Blocks the calling thread (a rebalance callback is synchronous);
+    /// returns `true` when no attempt runs any more.
+    pub fn revoke_blocking(&self, grace: Duration, abort_wait: Duration) -> bool {
+        let mut s = self.inner.state.lock().unwrap();
+        s.revoked = true;
+        self.inner.revoked.cancel();
+        let deadline = Instant::now() + grace;
+        while s.running > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            s = self.inner.idle.wait_timeout(s, deadline - now).unwrap().0;
+        }
+        if s.running == 0 {
+            return true;
+        }
+        self.inner.aborted.cancel();
+        let deadline = Instant::now() + abort_wait;
+        while s.running > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            s = self.inner.idle.wait_timeout(s, deadline - now).unwrap().0;
+        }
+        s.running == 0
+    }
 }
 
 impl std::fmt::Debug for Delivery {
@@ -117,6 +259,7 @@ impl std::fmt::Debug for Delivery {
             .field("message", &self.message)
             .field("position", &self.position)
             .field("delivery_count", &self.delivery_count)
+            .field("ownership", &self.ownership)
             .finish_non_exhaustive()
     }
 }

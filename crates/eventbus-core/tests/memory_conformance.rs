@@ -1,10 +1,11 @@
-//! The conformance suite on the memory backend.
+//! The conformance suite on the memory backend, one test per case.
 
-use eventbus_core::testing::{Capabilities, run_suite};
+use eventbus_core::testing::Capabilities;
 use eventbus_core::{BusConfig, EventBus};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_backend_passes_the_conformance_suite() {
+async fn setup() -> (impl eventbus_core::testing::BusFactory, Capabilities) {
     let factory = |config: BusConfig| async move { EventBus::memory_with(config).unwrap() };
-    run_suite(&factory, Capabilities::all("memory")).await;
+    (factory, Capabilities::all("memory"))
 }
+
+eventbus_core::conformance_tests!(setup);

@@ -1,23 +1,28 @@
-//! The conformance suite against a real Kafka-protocol broker (tansu).
+//! The conformance suite against a real Kafka-protocol broker (tansu), one
+//! test (and one broker) per case.
 
-use eventbus_core::testing::{Capabilities, run_suite};
+use std::sync::Arc;
+
+use eventbus_core::testing::{BusFactory, Capabilities};
 use eventbus_core::{BusConfig, EventBus};
 use eventbus_kafka::{KafkaBackend, KafkaConfig, TansuServer};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kafka_backend_passes_the_conformance_suite() {
-    let broker = TansuServer::start()
-        .await
-        .expect("tansu (scripts/install-test-deps installs it)");
-    let bootstrap = broker.bootstrap();
+async fn setup() -> (impl BusFactory, Capabilities) {
+    let broker = Arc::new(
+        TansuServer::start()
+            .await
+            .expect("tansu (scripts/install-test-deps installs it)"),
+    );
     let factory = move |config: BusConfig| {
-        let bootstrap = bootstrap.clone();
+        let broker = broker.clone();
         async move {
-            let backend = KafkaBackend::connect(KafkaConfig::with_brokers([bootstrap]))
+            let backend = KafkaBackend::connect(KafkaConfig::with_brokers([broker.bootstrap()]))
                 .await
                 .unwrap();
             EventBus::new(backend, config).unwrap()
         }
     };
-    run_suite(&factory, Capabilities::all("kafka")).await;
+    (factory, Capabilities::all("kafka"))
 }
+
+eventbus_core::conformance_tests!(setup);

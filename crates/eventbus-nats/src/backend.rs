@@ -1,8 +1,9 @@
 //! [`NatsBackend`]: the [`Backend`] over JetStream.
 
+use std::collections::HashMap;
 use std::str::FromStr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
@@ -10,9 +11,10 @@ use async_nats::jetstream::context::ConsumerInfoErrorKind;
 use async_nats::jetstream::{self, AckKind};
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use async_trait::async_trait;
+use bytes::Bytes;
 use eventbus_core::{
     Ack, AckFuture, Acker, Backend, BackendSubscription, ConnectionState, Delivery, Error, ErrorKind,
-    Message, Position, Result, SubscribeSpec, ValidationError, headers,
+    Message, Position, Result, SubscribeSpec, ValidationError,
 };
 use futures::{FutureExt, StreamExt};
 use tokio::sync::broadcast;
@@ -21,8 +23,9 @@ use crate::config::NatsConfig;
 use crate::connect::{self, ConnectionEvent};
 use crate::topology::{self, api};
 
-/// JetStream's dedup header (`Nats-Msg-Id`): the event id, or for a dead
-/// letter `<event id>/dead-letter`.
+/// JetStream's dedup header (`Nats-Msg-Id`): the message's
+/// [`dedup_id`](Message::dedup_id) (the event id, or for a dead letter
+/// `<event id>/dead-letter`).
 pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// The NATS JetStream backend.
@@ -35,6 +38,12 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// - Each (group, topic) is one durable pull consumer with explicit acks.
 ///   Ordered subscriptions expect one member per group (as with one Kafka
 ///   partition): pull consumers hand messages to members in no aggregate order.
+/// - A fetched message stays owned by its member until settled: one timer
+///   per subscription sends `+WPI` for every unsettled message (queued,
+///   running, in retry backoff or parked) every `ack_wait / 3`, so the
+///   server does not redeliver it behind newer versions; a redelivered copy
+///   of a message still unsettled here (same stream sequence) is dropped,
+///   never queued twice.
 /// - On subscribe, a durable with unacked messages (left by a crashed or
 ///   closed member) is rewound to its ack floor, so they are redelivered
 ///   first and in stream order, never after newer events of their aggregate.
@@ -168,15 +177,8 @@ fn nats_headers(message: &Message) -> Result<HeaderMap> {
             .map_err(|_| ValidationError::new("headers", format!("header {name} holds CR or LF")))?;
         out.insert(n, v);
     }
-    if let Some(id) = message.headers.get(headers::EVENT_ID) {
-        // A dead letter keeps the event's headers; it needs a dedup id of its
-        // own, or the stream holding the original drops it as a duplicate.
-        let id = match message.headers.get(headers::ORIGINAL_TOPIC) {
-            Some(_) => format!("{id}/dead-letter"),
-            None => id.to_owned(),
-        };
-        let id =
-            HeaderValue::from_str(&id).map_err(|_| ValidationError::new("event_id", "holds CR or LF"))?;
+    if let Some(id) = &message.dedup_id {
+        let id = HeaderValue::from_str(id).map_err(|_| ValidationError::new("dedup_id", "holds CR or LF"))?;
         out.insert(MSG_ID_HEADER, id);
     }
     Ok(out)
@@ -212,12 +214,35 @@ impl Backend for NatsBackend {
     async fn subscribe(&self, spec: &SubscribeSpec) -> Result<Box<dyn BackendSubscription>> {
         let consumer = self.consumer(spec).await?;
         let messages = consumer.messages().await.map_err(|e| api("pull", e))?;
+        let unsettled = Arc::new(Mutex::new(HashMap::new()));
+        let ack_wait = Duration::from_millis(self.inner.config.consumer.ack_wait_ms);
+        let keep_alive = tokio::spawn(keep_alive(
+            self.inner.client.clone(),
+            unsettled.clone(),
+            (ack_wait / 3).max(Duration::from_millis(10)),
+        ));
         Ok(Box::new(NatsSubscription {
             messages,
             prefix_len: self.inner.config.subject_prefix.len(),
-            ack_wait: Duration::from_millis(self.inner.config.consumer.ack_wait_ms),
             client: self.inner.client.clone(),
+            unsettled,
+            keep_alive,
         }))
+    }
+
+    async fn check_publishable(&self, topic: &str) -> Result<()> {
+        let subject = self.subject(topic);
+        match self.inner.js.stream_by_subject(subject.clone()).await {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Error::new(
+                ErrorKind::NotFound,
+                format!(
+                    "no JetStream stream stores subject {subject} (topic {topic}): add it to a stream's subjects, \
+                     or choose another dead-letter topic"
+                ),
+            )
+            .with_source(e)),
+        }
     }
 
     fn connection_state(&self) -> ConnectionState {
@@ -237,22 +262,60 @@ impl Backend for NatsBackend {
     }
 }
 
+/// Reply subjects of the messages this member fetched and has not settled,
+/// by stream sequence.
+type Unsettled = Arc<Mutex<HashMap<u64, async_nats::Subject>>>;
+
+/// Sends `+WPI` for every unsettled message every `every`: one timer per
+/// subscription, not one per message. Ends when the subscription closes.
+async fn keep_alive(client: async_nats::Client, unsettled: Unsettled, every: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let replies: Vec<async_nats::Subject> = unsettled.lock().unwrap().values().cloned().collect();
+        for reply in replies {
+            if let Err(e) = client.publish(reply, Bytes::from_static(b"+WPI")).await {
+                tracing::debug!(error = %e, "in-progress ack failed");
+            }
+        }
+    }
+}
+
 struct NatsSubscription {
     messages: pull::Stream,
     prefix_len: usize,
-    ack_wait: Duration,
     client: async_nats::Client,
+    unsettled: Unsettled,
+    keep_alive: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for NatsSubscription {
+    fn drop(&mut self) {
+        self.keep_alive.abort();
+    }
 }
 
 impl NatsSubscription {
-    fn delivery(&self, m: jetstream::Message) -> Delivery {
-        let (position, delivery_count) = match m.info() {
+    /// The delivery of `m`; `None` for a redelivered copy of a message this
+    /// member still holds (it must not be queued twice).
+    fn delivery(&self, m: jetstream::Message) -> Option<Delivery> {
+        let (position, delivery_count, sequence) = match m.info() {
             Ok(info) => (
                 Some(Position::Sequence(info.stream_sequence)),
                 info.delivered.max(1) as u64,
+                Some(info.stream_sequence),
             ),
-            Err(_) => (None, 1),
+            Err(_) => (None, 1, None),
         };
+        if let (Some(seq), Some(reply)) = (sequence, m.message.reply.clone()) {
+            let mut unsettled = self.unsettled.lock().unwrap();
+            if unsettled.contains_key(&seq) {
+                tracing::debug!(seq, "dropping a redelivered copy of a message still in flight");
+                return None;
+            }
+            unsettled.insert(seq, reply);
+        }
         let mut headers = eventbus_core::Headers::new();
         if let Some(h) = &m.message.headers {
             for (name, values) in h.iter() {
@@ -276,30 +339,38 @@ impl NatsSubscription {
             key: None,
             headers,
             payload: m.message.payload.clone(),
+            dedup_id: None,
         };
-        Delivery {
+        Some(Delivery {
             message,
             position,
             delivery_count,
             acker: Box::new(NatsAcker {
                 message: m,
-                ack_wait: self.ack_wait,
+                sequence,
+                unsettled: self.unsettled.clone(),
             }),
-        }
+            ownership: None,
+        })
     }
 }
 
 #[async_trait]
 impl BackendSubscription for NatsSubscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
-        match self.messages.next().await? {
-            Ok(m) => Some(Ok(self.delivery(m))),
-            Err(e) => Some(Err(api("pull", e))),
+        loop {
+            match self.messages.next().await? {
+                Ok(m) => match self.delivery(m) {
+                    Some(delivery) => return Some(Ok(delivery)),
+                    None => continue,
+                },
+                Err(e) => return Some(Err(api("pull", e))),
+            }
         }
     }
 
     async fn close(self: Box<Self>) -> Result<()> {
-        drop(self.messages);
+        self.keep_alive.abort();
         // Push out acks still buffered, so the next member's ack floor is current.
         self.client
             .flush()
@@ -310,11 +381,17 @@ impl BackendSubscription for NatsSubscription {
 
 struct NatsAcker {
     message: jetstream::Message,
-    ack_wait: Duration,
+    sequence: Option<u64>,
+    unsettled: Unsettled,
 }
 
 impl NatsAcker {
+    /// Settles the message: it is no longer kept alive, and a later copy is
+    /// a new delivery.
     async fn send(&self, kind: AckKind) -> Result<()> {
+        if let Some(seq) = self.sequence {
+            self.unsettled.lock().unwrap().remove(&seq);
+        }
         self.message
             .ack_with(kind)
             .await
@@ -332,11 +409,9 @@ impl Acker for NatsAcker {
         self.send(AckKind::Term).await
     }
 
-    async fn in_progress(&self) -> Result<()> {
-        self.send(AckKind::Progress).await
+    async fn nak(&self, delay: Option<Duration>) -> Result<()> {
+        self.send(AckKind::Nak(delay)).await
     }
 
-    fn in_progress_interval(&self) -> Option<Duration> {
-        Some(self.ack_wait / 2)
-    }
+    // In-progress acks come from the subscription's keep-alive timer.
 }

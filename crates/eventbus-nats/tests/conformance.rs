@@ -1,21 +1,25 @@
-//! The conformance suite against a real nats-server.
+//! The conformance suite against a real nats-server, one test (and one
+//! server) per case. Consumers use a 1 s `ack_wait`, so every case also runs
+//! under a redelivery deadline shorter than its slow handlers and queues.
 
-use eventbus_core::testing::{Capabilities, run_suite};
+use std::sync::Arc;
+
+use eventbus_core::testing::{BusFactory, Capabilities};
 use eventbus_core::{BusConfig, EventBus};
 use eventbus_nats::{NatsBackend, NatsConfig, NatsServer};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nats_backend_passes_the_conformance_suite() {
-    let server = NatsServer::start()
-        .await
-        .expect("nats-server (scripts/install-test-deps installs it)");
-    let url = server.url();
+async fn setup() -> (impl BusFactory, Capabilities) {
+    let server = Arc::new(
+        NatsServer::start()
+            .await
+            .expect("nats-server (scripts/install-test-deps installs it)"),
+    );
     let factory = move |config: BusConfig| {
-        let url = url.clone();
+        let server = server.clone();
         async move {
-            let backend = NatsBackend::connect(NatsConfig::with_servers([url]))
-                .await
-                .unwrap();
+            let mut nats = NatsConfig::with_servers([server.url()]);
+            nats.consumer.ack_wait_ms = 1_000;
+            let backend = NatsBackend::connect(nats).await.unwrap();
             EventBus::new(backend, config).unwrap()
         }
     };
@@ -23,5 +27,7 @@ async fn nats_backend_passes_the_conformance_suite() {
         keys: false, // NATS messages have no record key
         ..Capabilities::all("nats")
     };
-    run_suite(&factory, caps).await;
+    (factory, caps)
 }
+
+eventbus_core::conformance_tests!(setup);

@@ -280,6 +280,7 @@ impl MemorySubscription {
                     group: self.group.clone(),
                     seq,
                 }),
+                ownership: None,
             });
         }
     }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use crate::{BusConfig, EventBus};
 
-pub use support::{OrderChecker, OrderReport, envelope, eventually};
+pub use support::{Attempt, OrderChecker, OrderReport, envelope, eventually};
 
 /// What a backend can do, so the suite skips what does not apply.
 #[derive(Debug, Clone)]
@@ -70,18 +70,74 @@ pub fn cases() -> Vec<(&'static str, Case)> {
     cases::all()
 }
 
-/// Runs every case in turn; panics with the case's name on the first failure.
-pub async fn run_suite(factory: &dyn BusFactory, caps: Capabilities) {
-    for (name, case) in cases() {
-        let started = std::time::Instant::now();
-        eprintln!("conformance[{}]: {name} ...", caps.name);
-        match tokio::time::timeout(caps.timeout * 3, case(factory, &caps)).await {
-            Ok(()) => eprintln!("conformance[{}]: {name} ok ({:?})", caps.name, started.elapsed()),
-            Err(_) => panic!(
-                "conformance[{}]: {name} did not finish within {:?}",
-                caps.name,
-                caps.timeout * 3
-            ),
-        }
+/// Runs the case called `name`, bounded by three times `caps.timeout`.
+///
+/// # Panics
+/// When the case fails, does not finish in time, or no case has that name.
+pub async fn run_case(name: &str, factory: &dyn BusFactory, caps: &Capabilities) {
+    let case = cases()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no conformance case {name}"))
+        .1;
+    let started = std::time::Instant::now();
+    match tokio::time::timeout(caps.timeout * 3, case(factory, caps)).await {
+        Ok(()) => eprintln!("conformance[{}]: {name} ok ({:?})", caps.name, started.elapsed()),
+        Err(_) => panic!(
+            "conformance[{}]: {name} did not finish within {:?}",
+            caps.name,
+            caps.timeout * 3
+        ),
     }
+}
+
+/// Generates the conformance suite in a backend's test file: one
+/// `#[tokio::test]` per case (each reported and failing on its own, as
+/// Watermill's `TestPubSub` subtests), plus a test that the list is complete.
+///
+/// `$setup` is an `async fn() -> (F, Capabilities)` where `F:` [`BusFactory`];
+/// the factory owns whatever server it started, dropped after the case.
+///
+/// ```ignore
+/// eventbus_core::conformance_tests!(setup);
+/// ```
+#[macro_export]
+macro_rules! conformance_tests {
+    ($setup:path) => {
+        $crate::conformance_tests!(@cases $setup;
+            round_trip_keeps_payload_headers_and_key,
+            concurrent_publishers_all_received,
+            topics_are_isolated,
+            per_aggregate_order_over_five_topics,
+            retry_after_error_or_panic_keeps_order,
+            exhausted_message_is_dead_lettered_with_headers,
+            message_without_aggregate_id_is_dead_lettered,
+            parked_aggregate_is_reported_stalled_then_recovers,
+            blocked_aggregate_does_not_stall_others,
+            close_flushes_every_publish_with_one_result,
+            resubscribe_in_same_group_loses_nothing,
+            two_groups_each_get_everything,
+            invalid_envelope_is_rejected_and_nothing_sent,
+            operations_after_close_fail_closed,
+            every_envelope_yields_one_result_with_its_event_id,
+            slow_handler_with_a_deep_queue_keeps_order,
+            parked_aggregate_does_not_stop_another_subscription,
+        );
+    };
+    (@cases $setup:path; $($case:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (factory, caps) = $setup().await;
+                $crate::testing::run_case(stringify!($case), &factory, &caps).await;
+            }
+        )*
+
+        #[test]
+        fn the_suite_runs_every_case() {
+            let generated = [$(stringify!($case)),*];
+            let all: Vec<&str> = $crate::testing::cases().into_iter().map(|(n, _)| n).collect();
+            assert_eq!(generated.as_slice(), all.as_slice(), "conformance_tests! lists another set of cases");
+        }
+    };
 }

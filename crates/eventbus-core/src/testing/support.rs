@@ -1,34 +1,151 @@
 //! Helpers of the conformance suite, public for backends' own tests and the bench.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::Envelope;
 
-/// Counts order violations and duplicates per (topic, aggregate id).
+/// The one strict order check, used by the conformance suite, the fault
+/// tests and the bench. Per (topic, aggregate id), across every member of a
+/// group, in order of handler start, given that each aggregate's versions
+/// are published as 1, 2, 3, ... (none skipped):
 ///
-/// A duplicate is a version already seen for that key. A violation is a
-/// new version other than the last one plus 1 (a reorder or a gap), given
-/// that every aggregate publishes versions 1, 2, 3, ... in order.
+/// - a **regression**: an attempt of a version below the highest already
+///   attempted (even when that version was handled before);
+/// - a **gap**: an attempt of version `v` while some version below `v` was
+///   never attempted (a dead-lettered version was attempted, so it is no gap;
+///   a message dead-lettered without an attempt must be declared with
+///   [`skipped`](OrderChecker::skipped));
+/// - an **overlap**: an attempt starting while another attempt of the same
+///   aggregate runs;
+/// - a **duplicate**: the highest attempted version attempted again after
+///   it once succeeded (re-handling after a crash or redelivery). Attempting
+///   it again after a failure is a **retry**, which is normal.
+///
+/// Record every attempt with [`begin`](OrderChecker::begin) and finish it
+/// with [`Attempt::succeeded`] (dropping the guard records a failure, so a
+/// handler that panics or is cancelled is still counted), or use
+/// [`record`](OrderChecker::record) for a handler that cannot fail.
 #[derive(Debug, Default)]
 pub struct OrderChecker {
-    /// Per (topic, aggregate id): the highest version and every version seen.
-    state: Mutex<HashMap<(String, String), VersionsSeen>>,
-    report: Mutex<OrderReport>,
+    state: Mutex<State>,
 }
 
-type VersionsSeen = (i64, HashSet<i64>);
+#[derive(Debug, Default)]
+struct State {
+    aggregates: HashMap<(String, String), AggregateSeen>,
+    report: OrderReport,
+}
 
-/// What an [`OrderChecker`] saw.
+#[derive(Debug, Default)]
+struct AggregateSeen {
+    /// Highest version attempted.
+    highest: i64,
+    /// Every version up to this one was attempted or declared skipped.
+    contiguous: i64,
+    /// Attempted or skipped versions above `contiguous`.
+    above: std::collections::BTreeSet<i64>,
+    /// Whether an attempt of `highest` succeeded.
+    highest_succeeded: bool,
+    /// Attempts running now.
+    running: u32,
+}
+
+impl AggregateSeen {
+    fn mark(&mut self, version: i64) {
+        if version > self.contiguous {
+            self.above.insert(version);
+        }
+        while self.above.first() == Some(&(self.contiguous + 1)) {
+            self.above.pop_first();
+            self.contiguous += 1;
+        }
+    }
+}
+
+/// What an [`OrderChecker`] saw (counts).
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct OrderReport {
-    /// Events recorded (count).
+    /// Attempts recorded.
+    pub attempts: u64,
+    /// Attempts that succeeded (a version handled).
     pub received: u64,
-    /// Versions seen before (count).
+    /// Attempts of the highest version after an earlier failed attempt of it.
+    pub retries: u64,
+    /// Attempts of the highest version after it once succeeded.
     pub duplicates: u64,
-    /// New versions out of sequence (count).
-    pub violations: u64,
+    /// Attempts of a version below the highest already attempted.
+    pub regressions: u64,
+    /// Attempts of a version while an earlier one was never attempted.
+    pub gaps: u64,
+    /// Attempts that started while another attempt of the aggregate ran.
+    pub overlaps: u64,
+}
+
+impl OrderReport {
+    /// Order violations: regressions plus gaps (overlaps are counted apart).
+    pub fn violations(&self) -> u64 {
+        self.regressions + self.gaps
+    }
+
+    /// True when nothing broke the order: no regression, gap or overlap.
+    pub fn is_strictly_ordered(&self) -> bool {
+        self.violations() == 0 && self.overlaps == 0
+    }
+}
+
+impl std::fmt::Display for OrderReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} handled ({} attempts), {} violations ({} regressions, {} gaps), {} overlaps, {} duplicates, {} retries",
+            self.received,
+            self.attempts,
+            self.violations(),
+            self.regressions,
+            self.gaps,
+            self.overlaps,
+            self.duplicates,
+            self.retries
+        )
+    }
+}
+
+/// One running attempt, from [`OrderChecker::begin`]. Dropping it without
+/// [`succeeded`](Attempt::succeeded) records a failed attempt.
+#[derive(Debug)]
+#[must_use = "an attempt ends when this guard is dropped"]
+pub struct Attempt {
+    checker: Arc<OrderChecker>,
+    key: Option<(String, String)>,
+    version: i64,
+}
+
+impl Attempt {
+    /// The attempt succeeded: the version counts as handled.
+    pub fn succeeded(mut self) {
+        self.end(true);
+    }
+
+    fn end(&mut self, ok: bool) {
+        let Some(key) = self.key.take() else { return };
+        let mut state = self.checker.state.lock().unwrap();
+        if ok {
+            state.report.received += 1;
+        }
+        let seen = state.aggregates.get_mut(&key).expect("begun before");
+        seen.running -= 1;
+        if ok && self.version == seen.highest {
+            seen.highest_succeeded = true;
+        }
+    }
+}
+
+impl Drop for Attempt {
+    fn drop(&mut self) {
+        self.end(false);
+    }
 }
 
 impl OrderChecker {
@@ -37,27 +154,76 @@ impl OrderChecker {
         Self::default()
     }
 
-    /// Records one handled envelope of `topic`.
+    /// Records the start of a handler attempt for `envelope` on `topic`;
+    /// the attempt ends when the returned guard is finished or dropped.
+    pub fn begin(self: &Arc<Self>, topic: &str, envelope: &Envelope) -> Attempt {
+        self.start(topic, &envelope.aggregate_id, envelope.event_version);
+        Attempt {
+            checker: self.clone(),
+            key: Some((topic.to_owned(), envelope.aggregate_id.clone())),
+            version: envelope.event_version,
+        }
+    }
+
+    /// Records one attempt that started and succeeded at once (a handler that
+    /// cannot fail and does not wait).
     pub fn record(&self, topic: &str, envelope: &Envelope) {
+        self.start(topic, &envelope.aggregate_id, envelope.event_version);
         let mut state = self.state.lock().unwrap();
-        let (last, seen) = state
-            .entry((topic.to_owned(), envelope.aggregate_id.clone()))
-            .or_insert_with(|| (0, HashSet::new()));
-        let mut report = self.report.lock().unwrap();
-        report.received += 1;
-        if !seen.insert(envelope.event_version) {
-            report.duplicates += 1;
-            return;
+        state.report.received += 1;
+        let seen = state
+            .aggregates
+            .get_mut(&(topic.to_owned(), envelope.aggregate_id.clone()))
+            .expect("just started");
+        seen.running -= 1;
+        if envelope.event_version == seen.highest {
+            seen.highest_succeeded = true;
         }
-        if envelope.event_version != *last + 1 {
-            report.violations += 1;
+    }
+
+    /// Declares that `version` of `aggregate` will never reach a handler
+    /// (dead-lettered without an attempt), so later versions are no gap.
+    pub fn skipped(&self, topic: &str, aggregate: &str, version: i64) {
+        let mut state = self.state.lock().unwrap();
+        let seen = state
+            .aggregates
+            .entry((topic.to_owned(), aggregate.to_owned()))
+            .or_default();
+        seen.mark(version);
+    }
+
+    fn start(&self, topic: &str, aggregate: &str, version: i64) {
+        let mut state = self.state.lock().unwrap();
+        let State { aggregates, report } = &mut *state;
+        let seen = aggregates
+            .entry((topic.to_owned(), aggregate.to_owned()))
+            .or_default();
+        report.attempts += 1;
+        if seen.running > 0 {
+            report.overlaps += 1;
         }
-        *last = (*last).max(envelope.event_version);
+        seen.running += 1;
+        if version < seen.highest {
+            report.regressions += 1;
+        } else if version == seen.highest {
+            if seen.highest_succeeded {
+                report.duplicates += 1;
+            } else {
+                report.retries += 1;
+            }
+        } else {
+            if version > seen.contiguous + 1 {
+                report.gaps += 1;
+            }
+            seen.highest = version;
+            seen.highest_succeeded = false;
+        }
+        seen.mark(version);
     }
 
     /// The counts so far.
     pub fn report(&self) -> OrderReport {
-        *self.report.lock().unwrap()
+        self.state.lock().unwrap().report
     }
 }
 
@@ -91,20 +257,53 @@ pub fn envelope(aggregate: &str, version: i64) -> Envelope {
 mod tests {
     use super::*;
 
-    #[test]
-    fn checker_separates_duplicates_from_violations() {
-        let c = OrderChecker::new();
-        for v in [1, 2, 2, 4, 3] {
-            c.record("t", &envelope("a", v));
-        }
-        c.record("u", &envelope("a", 1));
-        assert_eq!(
-            c.report(),
-            OrderReport {
-                received: 6,
-                duplicates: 1,
-                violations: 2
+    fn attempts(c: &Arc<OrderChecker>, versions: &[(i64, bool)]) {
+        for &(v, ok) in versions {
+            let a = c.begin("t", &envelope("a", v));
+            if ok {
+                a.succeeded();
             }
+        }
+    }
+
+    #[test]
+    fn an_older_version_after_a_newer_one_is_a_regression_even_when_seen_before() {
+        let c = Arc::new(OrderChecker::new());
+        // The NATS redelivery pattern of issue 9: 1..8, then 4 again.
+        attempts(
+            &c,
+            &[(1, true), (2, true), (3, true), (4, true), (5, true), (4, true)],
         );
+        let r = c.report();
+        assert_eq!((r.regressions, r.duplicates, r.gaps), (1, 0, 0), "{r}");
+    }
+
+    #[test]
+    fn retries_duplicates_and_gaps_are_told_apart() {
+        let c = Arc::new(OrderChecker::new());
+        attempts(&c, &[(1, false), (1, true), (2, true), (2, true), (4, true)]);
+        let r = c.report();
+        assert_eq!(
+            (r.retries, r.duplicates, r.gaps, r.regressions, r.received),
+            (1, 1, 1, 0, 4),
+            "{r}"
+        );
+        c.skipped("t", "b", 1);
+        c.record("t", &envelope("b", 2));
+        c.record("u", &envelope("a", 1));
+        assert_eq!(c.report().gaps, 1, "a declared skip and another topic are no gap");
+    }
+
+    #[test]
+    fn overlapping_attempts_of_one_aggregate_are_counted() {
+        let c = Arc::new(OrderChecker::new());
+        let first = c.begin("t", &envelope("a", 1));
+        let other = c.begin("t", &envelope("b", 1));
+        let second = c.begin("t", &envelope("a", 1));
+        assert_eq!(c.report().overlaps, 1);
+        drop((first, other, second));
+        c.begin("t", &envelope("a", 2)).succeeded();
+        assert_eq!(c.report().overlaps, 1);
+        assert!(!c.report().is_strictly_ordered());
     }
 }

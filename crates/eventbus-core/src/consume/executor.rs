@@ -1,4 +1,6 @@
 //! The ordered executor: one per bus, shared by all its subscriptions.
+//! Generic over the [`Task`] it runs, which the consume code implements:
+//! this file imports nothing from it.
 //!
 //! - **Order.** Each key (subscription, aggregate id) has its own FIFO queue,
 //!   drained by at most one worker at a time, so one aggregate's events run
@@ -12,9 +14,8 @@
 //! - **Parallelism.** Up to `consumer.concurrency` pooled workers, started on
 //!   demand and kept; a semaphore of the same size caps handlers running at
 //!   once, retrying ones included.
-//! - **Bounded memory.** Every queued or running message holds one of
-//!   `consumer.max_in_flight` slots; fetch loops take a slot *before* fetching,
-//!   so at the limit they wait and nothing is dropped or refused.
+//! - **Bounded memory** is the tasks' business: each carries the in-flight
+//!   slot of its subscription (see `consume::subscription`).
 //! - **No allocation per message** for the executor itself: pooled workers
 //!   run the first attempt inline (a task per message cost a ~3 KB future).
 
@@ -23,9 +24,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-
-use crate::subscription::{Outcome, SubscriptionShared, Work};
+use tokio::sync::Semaphore;
 
 /// What must run in order: one aggregate of one subscription, or (unordered
 /// subscriptions) one message alone.
@@ -35,20 +34,26 @@ pub(crate) enum Key {
     Unordered(u64),
 }
 
-/// A fetched message waiting for, or in, its handler.
-pub(crate) struct Job {
-    pub(crate) work: Work,
-    pub(crate) subscription: Arc<SubscriptionShared>,
-    pub(crate) slot: OwnedSemaphorePermit,
+/// A unit of ordered work: one fetched message and everything it takes
+/// (attempts, retries, settlement).
+pub(crate) trait Task: Sized + Send + 'static {
+    /// The first attempt, run inline on a pooled worker, which holds
+    /// `concurrency` permits while handlers run. `Some(self)` hands the task
+    /// to [`retry`](Task::retry) on a task of its own, still owning its key.
+    fn first(self, concurrency: &Semaphore) -> impl Future<Output = Option<Self>> + Send;
+
+    /// The retry path after a failed first attempt; the key's later tasks
+    /// wait until it returns.
+    fn retry(self, concurrency: &Semaphore) -> impl Future<Output = ()> + Send;
 }
 
-pub(crate) struct OrderedExecutor {
-    slots: Arc<Semaphore>,
+/// Runs tasks one at a time per [`Key`], keys in parallel.
+pub(crate) struct OrderedExecutor<T> {
     concurrency: Semaphore,
     max_workers: usize,
     /// Active keys and their queued jobs; a key is present while a worker or
     /// a retry task owns it, or while it waits in `ready`.
-    queues: Mutex<HashMap<Key, VecDeque<Job>>>,
+    queues: Mutex<HashMap<Key, VecDeque<T>>>,
     ready: Mutex<VecDeque<Key>>,
     /// One permit per key in `ready`; closed on shutdown to stop the workers.
     ready_count: Semaphore,
@@ -56,10 +61,10 @@ pub(crate) struct OrderedExecutor {
     idle_workers: AtomicUsize,
 }
 
-impl OrderedExecutor {
-    pub(crate) fn new(max_in_flight: usize, concurrency: usize) -> Arc<Self> {
+impl<T: Task> OrderedExecutor<T> {
+    /// An executor running at most `concurrency` handlers at once.
+    pub(crate) fn new(concurrency: usize) -> Arc<Self> {
         Arc::new(Self {
-            slots: Arc::new(Semaphore::new(max_in_flight)),
             concurrency: Semaphore::new(concurrency),
             max_workers: concurrency,
             queues: Mutex::new(HashMap::new()),
@@ -70,18 +75,9 @@ impl OrderedExecutor {
         })
     }
 
-    /// Waits for room for one more message (backpressure for fetch loops).
-    pub(crate) async fn reserve(&self) -> OwnedSemaphorePermit {
-        self.slots
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("the executor never closes its slot semaphore")
-    }
-
     /// Queues `job` behind earlier jobs of `key`, or makes the idle key ready
-    /// for a worker. Never waits: the slot was reserved beforehand.
-    pub(crate) fn submit(self: &Arc<Self>, key: Key, job: Job) {
+    /// for a worker. Never waits (callers bound what they submit).
+    pub(crate) fn submit(self: &Arc<Self>, key: Key, job: T) {
         let mut queues = self.queues.lock().unwrap();
         match queues.entry(key) {
             Entry::Occupied(mut queue) => queue.get_mut().push_back(job),
@@ -137,40 +133,19 @@ impl OrderedExecutor {
     /// key to a retry task when a first attempt fails.
     async fn drain(self: &Arc<Self>, key: Key) {
         loop {
-            let Some(Job {
-                work,
-                subscription,
-                slot,
-            }) = self.next_job(&key)
-            else {
+            let Some(job) = self.next_job(&key) else {
                 return;
             };
-            match subscription.process(work, &self.concurrency).await {
-                Outcome::Done => drop(slot),
-                Outcome::Retry(work, error) => {
-                    let job = Job {
-                        work: *work,
-                        subscription,
-                        slot,
-                    };
-                    tokio::spawn(self.clone().retry(key, job, error));
-                    return;
-                }
+            if let Some(job) = job.first(&self.concurrency).await {
+                tokio::spawn(self.clone().retry(key, job));
+                return;
             }
         }
     }
 
-    /// The retry path of one message; then the key goes back to the workers.
-    async fn retry(self: Arc<Self>, key: Key, job: Job, error: String) {
-        let Job {
-            work,
-            subscription,
-            slot,
-        } = job;
-        subscription
-            .process_retrying(work, error, &self.concurrency)
-            .await;
-        drop(slot);
+    /// The retry path of one task; then the key goes back to the workers.
+    async fn retry(self: Arc<Self>, key: Key, job: T) {
+        job.retry(&self.concurrency).await;
         let more = {
             let mut queues = self.queues.lock().unwrap();
             let more = queues.get(&key).is_some_and(|q| !q.is_empty());
@@ -185,7 +160,7 @@ impl OrderedExecutor {
     }
 
     /// The next job of `key`; removes the key when its queue is empty.
-    fn next_job(&self, key: &Key) -> Option<Job> {
+    fn next_job(&self, key: &Key) -> Option<T> {
         let mut queues = self.queues.lock().unwrap();
         let job = queues.get_mut(key).and_then(VecDeque::pop_front);
         if job.is_none() {

@@ -1,0 +1,60 @@
+//! The envelope ⇄ broker message mapping, both ways: body, headers, record
+//! key and dedup id on publish; body first, then headers, then key on
+//! receive (ORIGIN.md's order). The header names and the header ⇄ envelope
+//! field mapping live in [`headers`](crate::headers).
+
+use bytes::Bytes;
+
+use crate::envelope::{Envelope, Payload};
+use crate::error::{Error, ErrorKind, Result};
+use crate::headers;
+use crate::message::Message;
+
+/// The broker message of an envelope publish: body = the envelope's JSON,
+/// key = the aggregate id (Kafka keeps an aggregate in one partition),
+/// the `X-Event-*` headers, dedup id = the event id.
+///
+/// # Errors
+/// [`Serialization`](ErrorKind::Serialization) when the envelope cannot be encoded.
+pub(crate) fn envelope_message(topic: &str, envelope: &Envelope) -> Result<Message> {
+    Ok(Message {
+        topic: topic.to_owned(),
+        key: Some(Bytes::copy_from_slice(envelope.aggregate_id.as_bytes())),
+        headers: headers::envelope_headers(envelope),
+        payload: envelope.encode()?,
+        dedup_id: Some(envelope.event_id.clone()),
+    })
+}
+
+/// The body as an envelope; failing that, an envelope rebuilt from its
+/// `X-Event-*` headers around a raw JSON body.
+///
+/// # Errors
+/// The body's decode error when there are no envelope headers, else the
+/// header mapping's error.
+pub(crate) fn decode_envelope(message: &Message) -> Result<Envelope> {
+    let body_error = match Envelope::decode(&message.payload) {
+        Ok(envelope) => return Ok(envelope),
+        Err(e) => e,
+    };
+    if message.headers.get(headers::EVENT_ID).is_none() {
+        return Err(body_error);
+    }
+    let payload = std::str::from_utf8(&message.payload)
+        .map_err(|e| Error::new(ErrorKind::Serialization, "payload is not UTF-8").with_source(e))
+        .and_then(|s| Payload::from_raw(s.to_owned()));
+    headers::envelope_from_headers(&message.headers, payload?)
+}
+
+/// The aggregate id of a message that is not a valid envelope: the
+/// `X-Aggregate-ID` header, then the record key (ORIGIN.md's order after the body).
+pub(crate) fn fallback_aggregate_id(message: &Message) -> Option<String> {
+    let from_header = message.headers.get(headers::AGGREGATE_ID).map(str::to_owned);
+    let from_key = || {
+        message
+            .key
+            .as_ref()
+            .and_then(|k| String::from_utf8(k.to_vec()).ok())
+    };
+    from_header.or_else(from_key).filter(|id| !id.is_empty())
+}

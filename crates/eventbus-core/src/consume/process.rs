@@ -1,0 +1,475 @@
+//! What happens to one fetched message: classify it (ordering key, handler
+//! input), run handler attempts, retry with backoff, then dead-letter or
+//! park, and settle it with the backend (ack, term or nak).
+//!
+//! Guarantees enforced here:
+//! - an attempt starts only while the delivery is still owned
+//!   ([`Ownership`]) and the subscription is not aborted, and is cancelled
+//!   when either ends, so a revoked Kafka partition never runs twice;
+//! - every wait is bounded or cancellable: handler attempts by
+//!   `consumer.handler_timeout_ms`, both stages of a dead-letter publish by
+//!   `publish.timeout_ms` / `publish.ack_timeout_ms`, backoffs by close and
+//!   revoke;
+//! - an aggregate whose message cannot be settled (parked, or its dead
+//!   letter cannot be published) is reported stalled at once.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use super::executor::{Key, Task};
+use crate::backend::Backend;
+use crate::codec::{decode_envelope, fallback_aggregate_id};
+use crate::dead_letter;
+use crate::envelope::Envelope;
+use crate::error::{BoxError, Error, Result};
+use crate::health::SubscriptionHealth;
+use crate::message::{Delivery, Message, Ownership};
+use crate::retry::RetryPolicy;
+
+pub(crate) type HandlerFn<T> = Arc<dyn Fn(T) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
+
+/// A user's handler: raw messages (unordered) or envelopes (ordered per aggregate).
+pub(crate) enum Handler {
+    Raw(HandlerFn<Message>),
+    Envelope(HandlerFn<Envelope>),
+}
+
+/// A fetched message and what the handler will get.
+pub(crate) struct Work {
+    delivery: Delivery,
+    input: Input,
+}
+
+enum Input {
+    Raw,
+    Envelope(Envelope),
+    /// Not an envelope: dead-lettered without calling the handler.
+    Invalid(String),
+}
+
+/// How one attempt ended.
+enum Attempted {
+    Ok,
+    Failed(String),
+    /// Closed or revoked first: the handler did not run or was cancelled.
+    Stopped,
+}
+
+/// How a message is settled with its backend.
+enum Settle {
+    Ack,
+    DeadLettered,
+    /// Closed first: handed back (nak) for redelivery.
+    Abandon,
+    /// The backend took it back (revoked): not ours to settle.
+    Revoked,
+}
+
+/// A fetched message in the executor: its work, its subscription and the
+/// subscription's in-flight slot it holds until settled.
+pub(crate) struct Job {
+    work: Work,
+    first_error: Option<String>,
+    subscription: Arc<SubscriptionShared>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl Task for Job {
+    async fn first(mut self, concurrency: &Semaphore) -> Option<Self> {
+        let sub = self.subscription.clone();
+        let settle = match sub.attempt(&self.work, concurrency).await {
+            Attempted::Ok => Settle::Ack,
+            Attempted::Stopped => sub.stopped(&self.work.delivery),
+            Attempted::Failed(error) => {
+                self.first_error = Some(error);
+                return Some(self);
+            }
+        };
+        sub.finish(&self.work.delivery, settle).await;
+        None
+    }
+
+    async fn retry(self, concurrency: &Semaphore) {
+        let sub = self.subscription.clone();
+        let error = self.first_error.clone().unwrap_or_default();
+        let settle = sub.settle_after_failure(&self.work, concurrency, error).await;
+        sub.finish(&self.work.delivery, settle).await;
+    }
+}
+
+/// State shared by a subscription's fetch loop, its jobs and its handle.
+pub(crate) struct SubscriptionShared {
+    id: u64,
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    handler: Handler,
+    retry: RetryPolicy,
+    dead_letter_topic: Option<String>,
+    backend: Arc<dyn Backend>,
+    publish_timeout: Duration,
+    ack_timeout: Duration,
+    handler_timeout: Option<Duration>,
+    /// This subscription's in-flight limit: one permit per fetched, unsettled message.
+    slots: Arc<Semaphore>,
+    pub(crate) stop_fetch: CancellationToken,
+    pub(crate) abort: CancellationToken,
+    pub(crate) fetching: AtomicBool,
+    in_flight: AtomicUsize,
+    idle: Notify,
+    stalled: AtomicUsize,
+    handled: AtomicU64,
+    failed_attempts: AtomicU64,
+    dead_lettered: AtomicU64,
+    unordered_seq: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// What [`SubscriptionShared::new`] needs.
+pub(crate) struct SubscriptionParams {
+    pub(crate) id: u64,
+    pub(crate) topic: String,
+    pub(crate) group: String,
+    pub(crate) handler: Handler,
+    pub(crate) retry: RetryPolicy,
+    pub(crate) dead_letter_topic: Option<String>,
+    pub(crate) backend: Arc<dyn Backend>,
+    pub(crate) publish_timeout: Duration,
+    pub(crate) ack_timeout: Duration,
+    pub(crate) handler_timeout: Option<Duration>,
+    pub(crate) max_in_flight: usize,
+}
+
+impl SubscriptionShared {
+    pub(crate) fn new(p: SubscriptionParams) -> Arc<Self> {
+        Arc::new(Self {
+            id: p.id,
+            topic: p.topic,
+            group: p.group,
+            handler: p.handler,
+            retry: p.retry,
+            dead_letter_topic: p.dead_letter_topic,
+            backend: p.backend,
+            publish_timeout: p.publish_timeout,
+            ack_timeout: p.ack_timeout,
+            handler_timeout: p.handler_timeout,
+            slots: Arc::new(Semaphore::new(p.max_in_flight)),
+            stop_fetch: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            fetching: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            idle: Notify::new(),
+            stalled: AtomicUsize::new(0),
+            handled: AtomicU64::new(0),
+            failed_attempts: AtomicU64::new(0),
+            dead_lettered: AtomicU64::new(0),
+            unordered_seq: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    /// Waits for room for one more message in this subscription
+    /// (backpressure for its fetch loop; other subscriptions are unaffected).
+    pub(crate) async fn reserve(&self) -> OwnedSemaphorePermit {
+        self.slots
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("a subscription never closes its slot semaphore")
+    }
+
+    /// Turns a delivery into a job under its ordering key.
+    pub(crate) fn job(self: &Arc<Self>, delivery: Delivery, slot: OwnedSemaphorePermit) -> (Key, Job) {
+        let (key, work) = self.classify(delivery);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        let job = Job {
+            work,
+            first_error: None,
+            subscription: self.clone(),
+            _slot: slot,
+        };
+        (key, job)
+    }
+
+    /// Decides the ordering key and the handler's input of a delivery.
+    fn classify(&self, delivery: Delivery) -> (Key, Work) {
+        if let Handler::Raw(_) = self.handler {
+            let key = Key::Unordered(self.unordered_seq.fetch_add(1, Ordering::Relaxed));
+            return (
+                key,
+                Work {
+                    delivery,
+                    input: Input::Raw,
+                },
+            );
+        }
+        let (aggregate, input) = match decode_envelope(&delivery.message) {
+            Ok(envelope) => (Some(envelope.aggregate_id.clone()), Input::Envelope(envelope)),
+            Err(e) => (
+                fallback_aggregate_id(&delivery.message),
+                Input::Invalid(e.to_string()),
+            ),
+        };
+        let key = match aggregate {
+            Some(aggregate) => Key::Aggregate {
+                subscription: self.id,
+                aggregate: aggregate.into(),
+            },
+            None => {
+                let input = match input {
+                    Input::Invalid(e) => Input::Invalid(format!(
+                        "{e}; no aggregate id in the body, the X-Aggregate-ID header or the key"
+                    )),
+                    other => other,
+                };
+                return (
+                    Key::Unordered(self.unordered_seq.fetch_add(1, Ordering::Relaxed)),
+                    Work { delivery, input },
+                );
+            }
+        };
+        (key, Work { delivery, input })
+    }
+
+    /// How a message that was stopped before settling is left.
+    fn stopped(&self, delivery: &Delivery) -> Settle {
+        match &delivery.ownership {
+            Some(o) if o.is_revoked() => Settle::Revoked,
+            _ => Settle::Abandon,
+        }
+    }
+
+    /// Acks, terms or naks the delivery, and counts it out of the in-flight set.
+    async fn finish(&self, delivery: &Delivery, settle: Settle) {
+        let settled = match settle {
+            Settle::Ack => delivery.acker.ack().await.map(|()| Some(&self.handled)),
+            Settle::DeadLettered => delivery.acker.term().await.map(|()| Some(&self.dead_lettered)),
+            Settle::Abandon => delivery.acker.nak(None).await.map(|()| None),
+            Settle::Revoked => Ok(None),
+        };
+        match settled {
+            Ok(Some(counter)) => {
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(None) => {}
+            // The broker will redeliver: at-least-once.
+            Err(e) => self.record_error(format!("settling failed: {e}")),
+        }
+        if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.idle.notify_waiters();
+        }
+    }
+
+    /// After a failed first attempt: retries with backoff, then dead-letters
+    /// (retrying the dead-letter publish with backoff until it is confirmed)
+    /// or parks the aggregate (retrying the handler with capped backoff).
+    async fn settle_after_failure(
+        &self,
+        work: &Work,
+        concurrency: &Semaphore,
+        first_error: String,
+    ) -> Settle {
+        let delivery = &work.delivery;
+        let mut attempt = 1;
+        let mut error = first_error;
+        let mut stalled = false;
+        let settle = loop {
+            self.failed_attempts.fetch_add(1, Ordering::Relaxed);
+            self.record_error(error.clone());
+            let exhausted = attempt >= self.retry.max_attempts || matches!(work.input, Input::Invalid(_));
+            if exhausted && let Some(dlq) = &self.dead_letter_topic {
+                match self.publish_dead_letter(delivery, dlq, &error).await {
+                    Attempted::Ok => {
+                        tracing::warn!(topic = %self.topic, %dlq, reason = %error, "message dead-lettered");
+                        break Settle::DeadLettered;
+                    }
+                    Attempted::Stopped => break self.stopped(delivery),
+                    Attempted::Failed(e) => {
+                        // A failed dead-letter publish is a failed attempt:
+                        // the aggregate is stalled until it goes through.
+                        error = format!("dead-letter publish to {dlq} failed: {e}; handler error: {error}");
+                    }
+                }
+            }
+            if exhausted && !stalled {
+                stalled = true;
+                self.stalled.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(topic = %self.topic, group = %self.group, %error, "aggregate stalled");
+            }
+            if !self.sleep(self.retry.backoff(attempt), delivery).await {
+                break self.stopped(delivery);
+            }
+            attempt = attempt.saturating_add(1);
+            if exhausted && self.dead_letter_topic.is_some() {
+                continue; // retry the dead letter, not the handler
+            }
+            error = match self.attempt(work, concurrency).await {
+                Attempted::Stopped => break self.stopped(delivery),
+                Attempted::Ok => break Settle::Ack,
+                Attempted::Failed(e) => e,
+            };
+        };
+        if stalled {
+            self.stalled.fetch_sub(1, Ordering::Relaxed);
+        }
+        settle
+    }
+
+    /// One handler call, unless closed or revoked first.
+    async fn attempt(&self, work: &Work, concurrency: &Semaphore) -> Attempted {
+        let delivery = &work.delivery;
+        let ownership = delivery.ownership.as_ref();
+        let _permit = tokio::select! {
+            p = concurrency.acquire() => p.expect("the concurrency semaphore never closes"),
+            _ = self.abort.cancelled() => return Attempted::Stopped,
+            _ = revoked(ownership) => return Attempted::Stopped,
+        };
+        let _running = match ownership.map(Ownership::begin_attempt) {
+            Some(None) => return Attempted::Stopped,
+            Some(guard) => guard,
+            None => None,
+        };
+        let call = match (&self.handler, &work.input) {
+            (_, Input::Invalid(reason)) => return Attempted::Failed(reason.clone()),
+            (Handler::Raw(h), _) => h(delivery.message.clone()),
+            (Handler::Envelope(h), Input::Envelope(e)) => h(e.clone()),
+            (Handler::Envelope(_), Input::Raw) => {
+                unreachable!("envelope subscriptions classify every delivery")
+            }
+        };
+        let call = AssertUnwindSafe(call).catch_unwind();
+        let run = with_progress(call, delivery);
+        let limit = self.handler_timeout;
+        let run = async move {
+            match limit {
+                Some(limit) => tokio::time::timeout(limit, run).await.ok(),
+                None => Some(run.await),
+            }
+        };
+        tokio::select! {
+            outcome = run => match outcome {
+                Some(Ok(Ok(()))) => Attempted::Ok,
+                Some(Ok(Err(e))) => Attempted::Failed(e.to_string()),
+                Some(Err(panic)) => Attempted::Failed(format!("handler panicked: {}", panic_message(&panic))),
+                None => Attempted::Failed(format!(
+                    "handler timed out after {} ms (consumer.handler_timeout_ms)",
+                    limit.unwrap_or_default().as_millis()
+                )),
+            },
+            _ = self.abort.cancelled() => Attempted::Stopped,
+            _ = aborted(ownership) => Attempted::Stopped,
+        }
+    }
+
+    /// Publishes the dead letter once: stage one bounded by `publish.timeout_ms`,
+    /// the ACK by `publish.ack_timeout_ms`; stops on close or revoke.
+    async fn publish_dead_letter(&self, delivery: &Delivery, dlq: &str, reason: &str) -> Attempted {
+        let dead = dead_letter::dead_letter(&delivery.message, &self.topic, dlq, reason);
+        let publish = async {
+            let ack = tokio::time::timeout(self.publish_timeout, self.backend.publish(dead))
+                .await
+                .map_err(|_| Error::timeout("dead-letter publish (publish.timeout_ms)"))??;
+            tokio::time::timeout(self.ack_timeout, ack)
+                .await
+                .map_err(|_| Error::timeout("dead-letter ACK (publish.ack_timeout_ms)"))??;
+            Ok::<_, Error>(())
+        };
+        tokio::select! {
+            r = publish => match r {
+                Ok(()) => Attempted::Ok,
+                Err(e) => Attempted::Failed(e.to_string()),
+            },
+            _ = self.abort.cancelled() => Attempted::Stopped,
+            _ = revoked(delivery.ownership.as_ref()) => Attempted::Stopped,
+        }
+    }
+
+    /// Sleeps unless closed or revoked; false when stopped.
+    async fn sleep(&self, d: Duration, delivery: &Delivery) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = self.abort.cancelled() => false,
+            _ = revoked(delivery.ownership.as_ref()) => false,
+        }
+    }
+
+    pub(crate) fn record_error(&self, error: String) {
+        *self.last_error.lock().unwrap() = Some(error);
+    }
+
+    /// Waits until no message of this subscription is in flight.
+    pub(crate) async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    pub(crate) fn health(&self) -> SubscriptionHealth {
+        SubscriptionHealth {
+            topic: self.topic.clone(),
+            group: self.group.clone(),
+            ordered: matches!(self.handler, Handler::Envelope(_)),
+            fetching: self.fetching.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            stalled_aggregates: self.stalled.load(Ordering::Relaxed),
+            handled: self.handled.load(Ordering::Relaxed),
+            failed_attempts: self.failed_attempts.load(Ordering::Relaxed),
+            dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            last_error: self.last_error.lock().unwrap().clone(),
+        }
+    }
+}
+
+/// Resolves when `ownership` is revoked; never without one.
+async fn revoked(ownership: Option<&Ownership>) {
+    match ownership {
+        Some(o) => o.revoked().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when running attempts under `ownership` must stop; never without one.
+async fn aborted(ownership: Option<&Ownership>) {
+    match ownership {
+        Some(o) => o.aborted().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn with_progress<F: Future>(call: F, delivery: &Delivery) -> F::Output {
+    let Some(every) = delivery.acker.in_progress_interval() else {
+        return call.await;
+    };
+    tokio::pin!(call);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tokio::select! {
+            out = &mut call => return out,
+            _ = tick.tick() => {
+                if let Err(e) = delivery.acker.in_progress().await {
+                    tracing::debug!(error = %e, "in-progress ack failed");
+                }
+            }
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
+}
