@@ -220,16 +220,21 @@ impl Ownership {
         Some(AttemptGuard(self.clone()))
     }
 
-    /// Takes the deliveries back: no attempt starts from now on; running
-    /// attempts get `grace` to finish, then are cancelled (their handler
-    /// futures dropped), and the call waits up to `abort_wait` more for that.
-    /// Blocks the calling thread (a rebalance callback is synchronous);
-    /// returns `true` when no attempt runs any more.
-    pub fn revoke_blocking(&self, grace: Duration, abort_wait: Duration) -> bool {
-        let mut s = self.inner.state.lock().unwrap();
-        s.revoked = true;
+    /// Takes the deliveries back: no attempt starts from now on, retry
+    /// backoffs end. Does not wait; see [`stop_running`](Ownership::stop_running).
+    pub fn revoke(&self) {
+        self.inner.state.lock().unwrap().revoked = true;
         self.inner.revoked.cancel();
-        let deadline = Instant::now() + grace;
+    }
+
+    /// After [`revoke`](Ownership::revoke): gives running attempts until
+    /// `deadline` to finish, then cancels them (their handler futures are
+    /// dropped) and waits up to `abort_wait` more. Blocks the calling thread
+    /// (a rebalance callback is synchronous); returns `true` when no attempt
+    /// runs any more.
+    pub fn stop_running(&self, deadline: Instant, abort_wait: Duration) -> bool {
+        let mut s = self.inner.state.lock().unwrap();
+        debug_assert!(s.revoked, "revoke first");
         while s.running > 0 {
             let now = Instant::now();
             if now >= deadline {
@@ -250,6 +255,42 @@ impl Ownership {
             s = self.inner.idle.wait_timeout(s, deadline - now).unwrap().0;
         }
         s.running == 0
+    }
+
+    /// [`revoke`](Ownership::revoke), then [`stop_running`](Ownership::stop_running)
+    /// with `grace` from now.
+    pub fn revoke_blocking(&self, grace: Duration, abort_wait: Duration) -> bool {
+        self.revoke();
+        self.stop_running(Instant::now() + grace, abort_wait)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_revoked_ownership_starts_nothing_and_waits_for_running_attempts() {
+        let o = Ownership::new();
+        let running = o.begin_attempt().expect("not revoked");
+        let o2 = o.clone();
+        let waiter = std::thread::spawn(move || o2.revoke_blocking(Duration::from_secs(5), Duration::ZERO));
+        while !o.is_revoked() {
+            std::thread::yield_now();
+        }
+        assert!(o.begin_attempt().is_none(), "no attempt starts once revoked");
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(!waiter.is_finished(), "waits for the running attempt");
+        drop(running);
+        assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn a_running_attempt_past_the_grace_is_aborted() {
+        let o = Ownership::new();
+        let _stuck = o.begin_attempt().unwrap();
+        assert!(!o.revoke_blocking(Duration::from_millis(10), Duration::from_millis(10)));
+        assert!(o.inner.aborted.is_cancelled());
     }
 }
 

@@ -15,8 +15,10 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 
 use crate::offsets::{OffsetTracker, PartitionKey};
 
-/// Rebalance handling: on revoke, wait (bounded) for in-flight messages of
-/// the revoked partitions, then commit their finished prefix.
+/// Rebalance handling: on revoke, fence the revoked partitions (no attempt
+/// of their queued or retrying messages starts again here), wait (bounded
+/// by `revoke_timeout`, then cancel) for running attempts, then commit
+/// their finished prefix.
 pub(crate) struct MemberContext {
     pub(crate) tracker: Arc<OffsetTracker>,
     pub(crate) revoke_timeout: Duration,
@@ -75,7 +77,7 @@ pub(crate) struct KafkaSubscription {
 impl KafkaSubscription {
     fn delivery(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
         let key: PartitionKey = (m.topic().to_owned(), m.partition());
-        let generation = self.tracker.fetched(&key, m.offset());
+        let (generation, ownership) = self.tracker.fetched(&key, m.offset());
         let mut headers = Headers::new();
         if let Some(h) = m.headers() {
             for header in h.iter() {
@@ -88,6 +90,7 @@ impl KafkaSubscription {
             key: m.key().map(bytes::Bytes::copy_from_slice),
             headers,
             payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+            dedup_id: None,
         };
         Delivery {
             message,
@@ -103,6 +106,7 @@ impl KafkaSubscription {
                 offset: m.offset(),
                 generation,
             }),
+            ownership: Some(ownership),
         }
     }
 }

@@ -4,8 +4,10 @@
 //! an unfinished message; finished ones above a gap are consumed again.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Condvar, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use eventbus_core::Ownership;
 
 /// (topic, partition).
 pub(crate) type PartitionKey = (String, i32);
@@ -19,6 +21,9 @@ struct Partition {
     /// Bumped on each revoke, so a late finish of an earlier assignment's
     /// message cannot touch offsets fetched again after a re-assignment.
     generation: u64,
+    /// This assignment's hold on its deliveries: revoked on revoke, so the
+    /// bus starts no attempt of them afterwards (fencing by generation).
+    ownership: Ownership,
 }
 
 impl Partition {
@@ -31,21 +36,25 @@ impl Partition {
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
     partitions: Mutex<HashMap<PartitionKey, Partition>>,
-    settled: Condvar,
 }
 
+/// Longest wait, after a revoke cancelled running handlers, for them to stop.
+const ABORT_WAIT: Duration = Duration::from_secs(2);
+
 impl OffsetTracker {
-    /// A message was fetched; returns the assignment generation to finish it with.
-    pub(crate) fn fetched(&self, key: &PartitionKey, offset: i64) -> u64 {
+    /// A message was fetched; returns the assignment generation to finish it
+    /// with, and the assignment's ownership.
+    pub(crate) fn fetched(&self, key: &PartitionKey, offset: i64) -> (u64, Ownership) {
         let mut parts = self.partitions.lock().unwrap();
         let p = parts.entry(key.clone()).or_default();
         if p.revoked {
             p.revoked = false;
             p.next_after_fetched = 0;
+            p.ownership = Ownership::new();
         }
         p.in_flight.insert(offset);
         p.next_after_fetched = p.next_after_fetched.max(offset + 1);
-        p.generation
+        (p.generation, p.ownership.clone())
     }
 
     /// A message finished; returns the new committable offset when the
@@ -56,25 +65,32 @@ impl OffsetTracker {
         let before = p.committable();
         p.in_flight.remove(&offset);
         let after = p.committable();
-        self.settled.notify_all();
         (after != before && !p.revoked).then_some(after)
     }
 
-    /// Marks partitions revoked and waits, at most `timeout`, until none of
-    /// them has a message in flight; returns their committable offsets.
+    /// Fences revoked partitions: their ownership is revoked (no attempt of
+    /// a queued or retrying message starts any more, backoffs end), running
+    /// attempts get until `timeout` to finish and are then cancelled. Then
+    /// returns the committable offsets (the finished contiguous prefix; the
+    /// unfinished rest goes to the next owner) and forgets the partitions'
+    /// in-flight offsets.
     pub(crate) fn revoke(&self, keys: &[PartitionKey], timeout: Duration) -> Vec<(PartitionKey, i64)> {
         let deadline = Instant::now() + timeout;
-        let mut parts = self.partitions.lock().unwrap();
-        loop {
-            let busy = keys
-                .iter()
-                .any(|k| parts.get(k).is_some_and(|p| !p.in_flight.is_empty()));
-            let now = Instant::now();
-            if !busy || now >= deadline {
-                break;
-            }
-            parts = self.settled.wait_timeout(parts, deadline - now).unwrap().0;
+        let owned: Vec<Ownership> = {
+            let parts = self.partitions.lock().unwrap();
+            keys.iter()
+                .filter_map(|k| parts.get(k).map(|p| p.ownership.clone()))
+                .collect()
+        };
+        for o in &owned {
+            o.revoke();
         }
+        for o in &owned {
+            if !o.stop_running(deadline, ABORT_WAIT) {
+                tracing::warn!("a revoked partition's handler did not stop; set consumer.handler_timeout_ms");
+            }
+        }
+        let mut parts = self.partitions.lock().unwrap();
         keys.iter()
             .filter_map(|k| {
                 let p = parts.get_mut(k)?;
@@ -121,21 +137,20 @@ mod tests {
     }
 
     #[test]
-    fn revoke_waits_for_in_flight_then_stops_committing() {
-        let t = std::sync::Arc::new(OffsetTracker::default());
-        t.fetched(&key(), 0);
+    fn revoke_fences_the_assignment_and_commits_the_finished_prefix() {
+        let t = OffsetTracker::default();
+        let (generation, ownership) = t.fetched(&key(), 0);
         t.fetched(&key(), 1);
-        let t2 = t.clone();
-        let worker = std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_millis(50));
-            t2.finished(&key(), 0, 0);
-            t2.finished(&key(), 1, 0);
-        });
+        t.fetched(&key(), 2);
+        assert_eq!(t.finished(&key(), 0, generation), Some(1));
         let got = t.revoke(&[key()], Duration::from_secs(5));
-        worker.join().unwrap();
-        assert_eq!(got, vec![(key(), 2)]);
+        assert!(ownership.is_revoked(), "queued offsets 1 and 2 must not start");
+        assert_eq!(got, vec![(key(), 1)], "1 and 2 go to the next owner");
         assert!(t.committable().is_empty());
-        assert_eq!(t.finished(&key(), 1, 0), None, "stale generation");
+        assert_eq!(t.finished(&key(), 1, generation), None, "stale generation");
+        let (next, fresh) = t.fetched(&key(), 1);
+        assert_eq!(next, generation + 1);
+        assert!(!fresh.is_revoked(), "a re-assignment is owned anew");
     }
 
     #[test]

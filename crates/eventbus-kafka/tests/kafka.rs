@@ -19,10 +19,10 @@ async fn bus(bootstrap: &str) -> EventBus {
 
 type Log = Arc<Mutex<Vec<(String, i64)>>>;
 
-async fn member(bus: &EventBus, topic: &str, checker: Arc<OrderChecker>, log: Log) -> Subscription {
+async fn member(bus: &EventBus, id: u64, topic: &str, checker: Arc<OrderChecker>, log: Log) -> Subscription {
     let name = topic.to_owned();
     bus.subscribe_envelope(topic, SubscribeOptions::group("split"), move |e: Envelope| {
-        checker.record(&name, &e);
+        checker.record_as(id, &name, &e);
         log.lock()
             .unwrap()
             .push((e.aggregate_id.clone(), e.event_version));
@@ -38,8 +38,8 @@ async fn two_members_split_partitions_and_keep_order_when_one_leaves() {
     let (a, b) = (bus(&broker.bootstrap()).await, bus(&broker.bootstrap()).await);
     let checker = Arc::new(OrderChecker::new());
     let (log_a, log_b): (Log, Log) = Default::default();
-    let sub_a = member(&a, "split", checker.clone(), log_a.clone()).await;
-    let _sub_b = member(&b, "split", checker.clone(), log_b.clone()).await;
+    let sub_a = member(&a, 1, "split", checker.clone(), log_a.clone()).await;
+    let _sub_b = member(&b, 2, "split", checker.clone(), log_b.clone()).await;
     let events: Vec<Envelope> = (1..=20)
         .flat_map(|v| (0..200).map(move |k| envelope(&format!("s-{k}"), v)))
         .collect();
@@ -81,9 +81,83 @@ async fn two_members_split_partitions_and_keep_order_when_one_leaves() {
         "events lost across the rebalance"
     );
     let report = checker.report();
-    assert_eq!(report.violations, 0, "{report:?}");
+    assert!(report.is_strictly_ordered(), "{report}");
     a.close().await.unwrap();
     b.close().await.unwrap();
+}
+
+/// Issue 9, break 2: member A's only partition is revoked while A waits in
+/// a retry backoff longer than `revoke_timeout_ms`; member B takes over.
+/// A must never start another attempt of the revoked partition, so the
+/// strict checker sees no overlap and no regression across A and B.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_during_a_retry_backoff_fences_the_old_member() {
+    let broker = TansuServer::start().await.unwrap();
+    let kafka = || {
+        let mut c = KafkaConfig::with_brokers([broker.bootstrap()]);
+        c.default_topic.partitions = 1;
+        c.consumer.revoke_timeout_ms = 1_000;
+        c
+    };
+    let config = || {
+        let mut c = BusConfig::default();
+        c.consumer.retry = eventbus_core::RetryPolicy::fixed(5, 10_000);
+        c
+    };
+    let a = EventBus::new(KafkaBackend::connect(kafka()).await.unwrap(), config()).unwrap();
+    let b = EventBus::new(KafkaBackend::connect(kafka()).await.unwrap(), config()).unwrap();
+    let checker = Arc::new(OrderChecker::new());
+    let handled: Log = Default::default();
+    let subscribe = |bus: EventBus, id: u64| {
+        let (checker, handled) = (checker.clone(), handled.clone());
+        async move {
+            let failed_once = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            bus.subscribe_envelope("fenced", SubscribeOptions::group("fence"), move |e: Envelope| {
+                let attempt = checker.begin_as(id, "fenced", &e);
+                let (handled, failed_once) = (handled.clone(), failed_once.clone());
+                async move {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    // Member A fails its first attempt of v1: a 10 s backoff follows.
+                    if id == 1 && e.event_version == 1 && !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        return Err(std::io::Error::other("first attempt fails"));
+                    }
+                    handled.lock().unwrap().push((format!("{id}"), e.event_version));
+                    attempt.succeeded();
+                    Ok(())
+                }
+            })
+            .await
+            .unwrap()
+        }
+    };
+    let events: Vec<Envelope> = (1..=20).map(|v| envelope("fenced-1", v)).collect();
+    for e in &events {
+        a.publish_envelope_sync("fenced", e).await.unwrap();
+    }
+    let sub_a = subscribe(a.clone(), 1).await;
+    assert!(
+        eventually(Duration::from_secs(30), || checker.report().attempts >= 1).await,
+        "A never started"
+    );
+    // B joins while A sits in its backoff: the rebalance revokes A's partition.
+    let sub_b = subscribe(b.clone(), 2).await;
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            let h = handled.lock().unwrap();
+            (1..=20).all(|v| h.iter().any(|(_, hv)| *hv == v))
+        })
+        .await,
+        "not every version was handled: {:?}",
+        handled.lock().unwrap()
+    );
+    // Outlast A's backoff: a fenced member must not come back to v1.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let report = checker.report();
+    assert!(report.is_strictly_ordered(), "{report}; handled {:?}", handled.lock().unwrap());
+    let _ = sub_a.close().await;
+    let _ = sub_b.close().await;
+    let _ = a.close().await;
+    let _ = b.close().await;
 }
 
 #[test]

@@ -12,7 +12,11 @@ use crate::Envelope;
 /// are published as 1, 2, 3, ... (none skipped):
 ///
 /// - a **regression**: an attempt of a version below the highest already
-///   attempted (even when that version was handled before);
+///   attempted (even when that version was handled before), except in a
+///   *replay*: after an aggregate moves to another member (a rebalance, a
+///   crash and restart: see [`begin_as`](OrderChecker::begin_as)), the new
+///   member may start again below the highest, and re-handles in order;
+///   within one member's run, going back is always a regression;
 /// - a **gap**: an attempt of version `v` while some version below `v` was
 ///   never attempted (a dead-lettered version was attempted, so it is no gap;
 ///   a message dead-lettered without an attempt must be declared with
@@ -48,6 +52,12 @@ struct AggregateSeen {
     above: std::collections::BTreeSet<i64>,
     /// Whether an attempt of `highest` succeeded.
     highest_succeeded: bool,
+    /// Versions that once succeeded, below or at `highest`, kept only while
+    /// a replay may revisit them.
+    succeeded: std::collections::BTreeSet<i64>,
+    /// The member of the current run, and the highest version it attempted.
+    run_member: u64,
+    run_highest: i64,
     /// Attempts running now.
     running: u32,
 }
@@ -136,8 +146,11 @@ impl Attempt {
         }
         let seen = state.aggregates.get_mut(&key).expect("begun before");
         seen.running -= 1;
-        if ok && self.version == seen.highest {
-            seen.highest_succeeded = true;
+        if ok {
+            seen.succeeded.insert(self.version);
+            if self.version == seen.highest {
+                seen.highest_succeeded = true;
+            }
         }
     }
 }
@@ -157,7 +170,14 @@ impl OrderChecker {
     /// Records the start of a handler attempt for `envelope` on `topic`;
     /// the attempt ends when the returned guard is finished or dropped.
     pub fn begin(self: &Arc<Self>, topic: &str, envelope: &Envelope) -> Attempt {
-        self.start(topic, &envelope.aggregate_id, envelope.event_version);
+        self.begin_as(0, topic, envelope)
+    }
+
+    /// As [`begin`](OrderChecker::begin), for group member `member` (any id
+    /// that differs per member and per restart of a member): an aggregate
+    /// whose attempts move to another member starts a replay.
+    pub fn begin_as(self: &Arc<Self>, member: u64, topic: &str, envelope: &Envelope) -> Attempt {
+        self.start(member, topic, &envelope.aggregate_id, envelope.event_version);
         Attempt {
             checker: self.clone(),
             key: Some((topic.to_owned(), envelope.aggregate_id.clone())),
@@ -168,7 +188,13 @@ impl OrderChecker {
     /// Records one attempt that started and succeeded at once (a handler that
     /// cannot fail and does not wait).
     pub fn record(&self, topic: &str, envelope: &Envelope) {
-        self.start(topic, &envelope.aggregate_id, envelope.event_version);
+        self.record_as(0, topic, envelope);
+    }
+
+    /// As [`record`](OrderChecker::record), for group member `member` (see
+    /// [`begin_as`](OrderChecker::begin_as)).
+    pub fn record_as(&self, member: u64, topic: &str, envelope: &Envelope) {
+        self.start(member, topic, &envelope.aggregate_id, envelope.event_version);
         let mut state = self.state.lock().unwrap();
         state.report.received += 1;
         let seen = state
@@ -176,6 +202,7 @@ impl OrderChecker {
             .get_mut(&(topic.to_owned(), envelope.aggregate_id.clone()))
             .expect("just started");
         seen.running -= 1;
+        seen.succeeded.insert(envelope.event_version);
         if envelope.event_version == seen.highest {
             seen.highest_succeeded = true;
         }
@@ -192,7 +219,7 @@ impl OrderChecker {
         seen.mark(version);
     }
 
-    fn start(&self, topic: &str, aggregate: &str, version: i64) {
+    fn start(&self, member: u64, topic: &str, aggregate: &str, version: i64) {
         let mut state = self.state.lock().unwrap();
         let State { aggregates, report } = &mut *state;
         let seen = aggregates
@@ -203,8 +230,22 @@ impl OrderChecker {
             report.overlaps += 1;
         }
         seen.running += 1;
+        let new_run = seen.run_member != member;
+        if new_run {
+            seen.run_member = member;
+            seen.run_highest = 0;
+        }
+        let run_highest = seen.run_highest;
+        seen.run_highest = run_highest.max(version);
         if version < seen.highest {
-            report.regressions += 1;
+            // Going back: only a replay by another member's run, in order.
+            if version < run_highest || run_highest == seen.highest {
+                report.regressions += 1;
+            } else if seen.succeeded.contains(&version) {
+                report.duplicates += 1;
+            } else {
+                report.retries += 1;
+            }
         } else if version == seen.highest {
             if seen.highest_succeeded {
                 report.duplicates += 1;
@@ -292,6 +333,22 @@ mod tests {
         c.record("t", &envelope("b", 2));
         c.record("u", &envelope("a", 1));
         assert_eq!(c.report().gaps, 1, "a declared skip and another topic are no gap");
+    }
+
+    #[test]
+    fn a_new_member_may_replay_in_order_but_never_go_back_within_its_run() {
+        let c = Arc::new(OrderChecker::new());
+        for v in 1..=5 {
+            c.record_as(1, "t", &envelope("a", v));
+        }
+        // Member 2 takes over from the committed prefix (3): a replay.
+        for v in 3..=6 {
+            c.record_as(2, "t", &envelope("a", v));
+        }
+        let r = c.report();
+        assert_eq!((r.regressions, r.duplicates, r.gaps), (0, 3, 0), "{r}");
+        c.record_as(2, "t", &envelope("a", 4));
+        assert_eq!(c.report().regressions, 1, "back within one run");
     }
 
     #[test]
