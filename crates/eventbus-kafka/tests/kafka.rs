@@ -118,7 +118,10 @@ async fn a_revoke_during_a_retry_backoff_fences_the_old_member() {
                 async move {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                     // Member A fails its first attempt of v1: a 10 s backoff follows.
-                    if id == 1 && e.event_version == 1 && !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    if id == 1
+                        && e.event_version == 1
+                        && !failed_once.swap(true, std::sync::atomic::Ordering::SeqCst)
+                    {
                         return Err(std::io::Error::other("first attempt fails"));
                     }
                     handled.lock().unwrap().push((format!("{id}"), e.event_version));
@@ -153,7 +156,11 @@ async fn a_revoke_during_a_retry_backoff_fences_the_old_member() {
     // Outlast A's backoff: a fenced member must not come back to v1.
     tokio::time::sleep(Duration::from_secs(11)).await;
     let report = checker.report();
-    assert!(report.is_strictly_ordered(), "{report}; handled {:?}", handled.lock().unwrap());
+    assert!(
+        report.is_strictly_ordered(),
+        "{report}; handled {:?}",
+        handled.lock().unwrap()
+    );
     let _ = sub_a.close().await;
     let _ = sub_b.close().await;
     let _ = a.close().await;

@@ -6,7 +6,7 @@
 //! - [`Relay`] publishes committed events through any [`EventBus`](eventbus_core::EventBus)
 //!   backend, strictly in per-aggregate `event_version` order with at most one
 //!   event per aggregate in flight, marks them published when the broker's
-//!   ACK arrives, retries with backoff and dead-letters after `max_attempts`.
+//!   ACK arrives, retries with backoff and dead-letters after `backoff.max_attempts`.
 //!   On PostgreSQL several relays share the work (`FOR UPDATE SKIP LOCKED`
 //!   and a lease that expires when a relay dies) and wake on `NOTIFY`.
 //! - [`handle_once_sqlite`] / [`handle_once_postgres`] make a consumer

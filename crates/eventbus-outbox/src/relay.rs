@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use eventbus_core::{Envelope, EventBus, Message, PublishResult, Result, RetryPolicy, headers};
+use eventbus_core::{Envelope, EventBus, Message, PublishResult, Result, RetryPolicy, dead_letter, headers};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -22,12 +22,15 @@ pub struct RelayConfig {
     pub batch_size: i64,
     /// Wait between polls when idle, in ms (PostgreSQL also wakes on NOTIFY). Default 500.
     pub poll_interval_ms: u64,
-    /// How long a claim (or the SQLite relay lease) lasts without renewal, in ms.
-    /// A dead relay's rows are claimable again after it. Default 30,000.
+    /// How long a claim (or the SQLite relay lease) lasts without renewal, in
+    /// ms, on the database's clock. A relay renews its claims every third of
+    /// it while a round waits for ACKs; a dead or frozen relay's rows are
+    /// claimable again after it. Keep it well above the bus's
+    /// `publish.ack_timeout_ms` (default 30,000). Default 120,000.
     pub lease_ms: u64,
-    /// Publish attempts before a row is dead-lettered. Default 5.
-    pub max_attempts: i32,
-    /// Backoff between a row's attempts.
+    /// Publish attempts of a row (`max_attempts`, after which it is
+    /// dead-lettered) and the backoff between them. Default 5 attempts,
+    /// 200 ms × 2 up to 30 s, 20 % jitter.
     pub backoff: RetryPolicy,
     /// Also publish dead-lettered rows to `<topic><suffix>` when set. Default none.
     pub dead_letter_suffix: Option<String>,
@@ -42,8 +45,7 @@ impl Default for RelayConfig {
         Self {
             batch_size: 500,
             poll_interval_ms: 500,
-            lease_ms: 30_000,
-            max_attempts: 5,
+            lease_ms: 120_000,
             backoff: RetryPolicy {
                 max_attempts: 5,
                 initial_backoff_ms: 200,
@@ -69,6 +71,9 @@ pub struct RelayStats {
     pub dead_lettered: AtomicU64,
     /// Rounds run.
     pub rounds: AtomicU64,
+    /// Results discarded because the row's claim was lost (its lease expired
+    /// and another relay took it) before the result was recorded.
+    pub lost_claims: AtomicU64,
 }
 
 /// Publishes outbox rows through a bus.
@@ -76,8 +81,8 @@ pub struct RelayStats {
 /// Each round claims the head row of each aggregate (at most one event per
 /// aggregate in flight, strictly in `event_version` order), publishes them
 /// all, waits for every ACK, marks the confirmed ones published in one
-/// statement, and reschedules failures with backoff; after `max_attempts` a
-/// row is dead-lettered and its aggregate moves on. A failed row blocks its
+/// statement, and reschedules failures with backoff; after
+/// `backoff.max_attempts` a row is dead-lettered and its aggregate moves on. A failed row blocks its
 /// aggregate's later rows until then.
 pub struct Relay {
     store: OutboxStore,
@@ -166,6 +171,12 @@ impl Relay {
 
     /// One round; returns the rows it claimed.
     ///
+    /// The round's claim token is unique, and every status change is a
+    /// compare-and-set on it and on `pending`: a relay whose claim expired
+    /// (frozen, or slower than its lease) and was taken over discards its
+    /// results instead of undoing the other relay's work. Claims are renewed
+    /// every `lease_ms / 3` while the round waits for ACKs.
+    ///
     /// # Errors
     /// `Backend` when the database fails (claimed rows are claimable again after their lease).
     pub async fn run_once(&self) -> Result<usize> {
@@ -175,25 +186,51 @@ impl Relay {
         {
             return Ok(0);
         }
-        let rows = self.store.claim(&self.id, self.config.batch_size, lease).await?;
+        let claim = format!("{}/{}", self.id, eventbus_core::new_event_id());
+        let rows = self.store.claim(&claim, self.config.batch_size, lease).await?;
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         if rows.is_empty() {
             return Ok(0);
         }
-        let results = self.publish_all(&rows).await;
+        let results = self.renewing(&claim, lease, self.publish_all(&rows)).await;
         let mut published = Vec::with_capacity(rows.len());
         for (row, outcome) in rows.iter().zip(results) {
             match outcome {
                 Ok(()) => published.push(row.id.clone()),
-                Err(error) => self.failed(row, &error).await?,
+                Err(error) => self.failed(&claim, row, &error).await?,
             }
         }
-        self.store.mark_published(&published).await?;
-        self.stats
-            .published
-            .fetch_add(published.len() as u64, Ordering::Relaxed);
-        metrics::counter!("eventbus_outbox_published_total").increment(published.len() as u64);
+        let marked = self.store.mark_published(&claim, &published).await?;
+        let lost = published.len() as u64 - marked;
+        if lost > 0 {
+            self.lost_claims(lost);
+        }
+        self.stats.published.fetch_add(marked, Ordering::Relaxed);
+        metrics::counter!("eventbus_outbox_published_total").increment(marked);
         Ok(rows.len())
+    }
+
+    /// Runs `work` while renewing `claim` every third of `lease`.
+    async fn renewing<T>(&self, claim: &str, lease: Duration, work: impl Future<Output = T>) -> T {
+        tokio::pin!(work);
+        let every = lease / 3;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => {
+                    if let Err(e) = self.store.renew(claim, lease).await {
+                        tracing::warn!(error = %e, "renewing outbox claims failed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn lost_claims(&self, n: u64) {
+        self.stats.lost_claims.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("eventbus_outbox_lost_claims_total").increment(n);
+        tracing::warn!(rows = n, "outbox claim lost to another relay: result discarded");
     }
 
     /// Publishes every row (stage one for all, then every ACK); one outcome per row.
@@ -220,38 +257,35 @@ impl Relay {
         outcomes
     }
 
-    async fn failed(&self, row: &OutboxRow, error: &str) -> Result<()> {
+    async fn failed(&self, claim: &str, row: &OutboxRow, error: &str) -> Result<()> {
         let attempt = row.attempts + 1;
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
-        let exhausted = attempt >= self.config.max_attempts;
+        let exhausted = attempt >= self.config.backoff.max_attempts as i32;
         let next = now_us() + self.config.backoff.backoff(attempt as u32).as_micros() as i64;
-        if exhausted && !self.publish_dead_letter(row, error).await {
-            // The dead-letter topic is unreachable too: keep the row, try later.
-            return self.store.fail(&row.id, error, next, false).await;
+        // The dead-letter topic is unreachable too: keep the row, try later.
+        let dead = exhausted && self.publish_dead_letter(row, error).await;
+        if !self.store.fail(claim, &row.id, error, next, dead).await? {
+            self.lost_claims(1);
+            return Ok(());
         }
-        if exhausted {
+        if dead {
             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("eventbus_outbox_dead_lettered_total").increment(1);
             tracing::warn!(event_id = %row.id, error, "outbox row dead-lettered");
         }
-        self.store.fail(&row.id, error, next, exhausted).await
+        Ok(())
     }
 
-    /// Publishes to the dead-letter topic when one is configured; true when
+    /// Publishes to the dead-letter topic when one is configured (built by
+    /// [`eventbus_core::dead_letter`], as a subscription's are); true when
     /// there is none or the broker confirmed.
     async fn publish_dead_letter(&self, row: &OutboxRow, error: &str) -> bool {
         let Some(suffix) = &self.config.dead_letter_suffix else {
             return true;
         };
-        let mut message = Message::new(
-            format!("{}{suffix}", row.topic),
-            row.envelope.clone().into_bytes(),
-        );
-        message.headers.insert(headers::EVENT_ID, row.id.clone());
-        message.headers.insert(headers::ORIGINAL_TOPIC, row.topic.clone());
-        message
-            .headers
-            .insert(headers::ERROR_MESSAGE, error.replace(['\r', '\n'], " "));
+        let stored = Message::new(row.topic.clone(), row.envelope.clone().into_bytes())
+            .with_header(headers::EVENT_ID, row.id.clone());
+        let message = dead_letter::dead_letter(&stored, &row.topic, &format!("{}{suffix}", row.topic), error);
         match self.bus.publish_message(message).await {
             Ok(handle) => handle.await.is_success(),
             Err(_) => false,

@@ -20,6 +20,16 @@ pub(crate) enum Dialect {
 }
 
 impl Dialect {
+    /// The database's clock in µs since the Unix epoch, as SQL: leases are
+    /// compared on one clock, never on each relay's own.
+    pub(crate) fn now_us(self) -> &'static str {
+        match self {
+            // Embedded: the database's clock is this process's.
+            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)",
+            Dialect::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT",
+        }
+    }
+
     /// `sql` with `?` placeholders, rewritten to `$1, $2, ...` for PostgreSQL.
     pub(crate) fn sql(self, sql: &str) -> String {
         match self {
@@ -144,89 +154,123 @@ impl OutboxStore {
         run.map_err(|e| Error::backend("outbox migration failed", e))
     }
 
-    /// Claims up to `limit` due rows for `relay`, oldest first: only the head
-    /// (lowest pending `event_version`) of each aggregate, and only when it is
-    /// not leased by another relay. The lease lasts `lease`.
-    pub(crate) async fn claim(&self, relay: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>> {
-        let now = now_us();
-        let until = now + lease.as_micros() as i64;
-        // A row is a head when no pending row of its aggregate comes before it.
-        let heads = "SELECT o.seq FROM outbox_events o
+    /// Claims up to `limit` due rows under `claim` (a token unique to one
+    /// relay round), oldest first: only the head (lowest pending
+    /// `event_version`) of each aggregate, and only when no live lease
+    /// (database clock) holds it. The lease lasts `lease`.
+    pub(crate) async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>> {
+        let lease_us = lease.as_micros() as i64;
+        let now_ts = now_us();
+        let rows = with_pool!(self, |pool, d| {
+            let now = d.now_us();
+            // A row is a head when no pending row of its aggregate comes before it.
+            let heads = format!(
+                "SELECT o.seq FROM outbox_events o
             WHERE o.status = 'pending' AND o.next_attempt_at <= ?
-              AND (o.lease_until IS NULL OR o.lease_until < ? OR o.claimed_by = ?)
+              AND (o.lease_until IS NULL OR o.lease_until < {now})
               AND NOT EXISTS (SELECT 1 FROM outbox_events p
                   WHERE p.aggregate_id = o.aggregate_id AND p.status = 'pending'
                     AND (p.event_version < o.event_version
                          OR (p.event_version = o.event_version AND p.seq < o.seq)))
-            ORDER BY o.seq LIMIT ?";
-        let returning = "RETURNING id, topic, envelope, aggregate_id, event_version, attempts, created_at";
-        let rows = with_pool!(self, |pool, d| {
+            ORDER BY o.seq LIMIT ?"
+            );
+            let returning =
+                "RETURNING id, topic, envelope, aggregate_id, event_version, attempts, created_at";
             let sql = match d {
                 Dialect::Sqlite => format!(
-                    "UPDATE outbox_events SET claimed_by = ?, lease_until = ? WHERE seq IN ({heads}) {returning}"
+                    "UPDATE outbox_events SET claimed_by = ?, lease_until = {now} + ? WHERE seq IN ({heads}) {returning}"
                 ),
                 // SKIP LOCKED: rows another relay is claiming right now are left to it;
-                // the lease check is evaluated again on the locked row.
+                // status and lease are checked again on the locked row.
                 Dialect::Postgres => format!(
-                    "UPDATE outbox_events SET claimed_by = ?, lease_until = ?
+                    "UPDATE outbox_events SET claimed_by = ?, lease_until = {now} + ?
                      WHERE seq IN (SELECT seq FROM outbox_events WHERE seq IN ({heads}) FOR UPDATE SKIP LOCKED)
-                       AND (lease_until IS NULL OR lease_until < ? OR claimed_by = ?) {returning}"
+                       AND status = 'pending' AND (lease_until IS NULL OR lease_until < {now}) {returning}"
                 ),
             };
             let sql = d.sql(&sql);
-            let mut q = sqlx::query_as::<_, OutboxRow>(&sql)
-                .bind(relay)
-                .bind(until)
-                .bind(now)
-                .bind(now)
-                .bind(relay)
-                .bind(limit);
-            if d == Dialect::Postgres {
-                q = q.bind(now).bind(relay);
-            }
-            q.fetch_all(pool).await.map_err(db("claim"))?
+            sqlx::query_as::<_, OutboxRow>(&sql)
+                .bind(claim)
+                .bind(lease_us)
+                .bind(now_ts)
+                .bind(limit)
+                .fetch_all(pool)
+                .await
+                .map_err(db("claim"))?
         });
         let mut rows = rows;
         rows.sort_by_key(|r| r.created_at);
         Ok(rows)
     }
 
-    /// Marks rows published, in one statement.
-    pub(crate) async fn mark_published(&self, ids: &[String]) -> Result<()> {
+    /// Extends the lease of every row still held under `claim` by `lease`
+    /// from now (database clock); returns how many it still holds.
+    pub(crate) async fn renew(&self, claim: &str, lease: Duration) -> Result<u64> {
+        Ok(with_pool!(self, |pool, d| {
+            let sql = format!(
+                "UPDATE outbox_events SET lease_until = {} + ? WHERE claimed_by = ? AND status = 'pending'",
+                d.now_us()
+            );
+            sqlx::query(&d.sql(&sql))
+                .bind(lease.as_micros() as i64)
+                .bind(claim)
+                .execute(pool)
+                .await
+                .map_err(db("renew claim"))?
+                .rows_affected()
+        }))
+    }
+
+    /// Marks rows published, in one statement: only rows still pending and
+    /// held under `claim` (compare-and-set); returns how many it marked.
+    pub(crate) async fn mark_published(&self, claim: &str, ids: &[String]) -> Result<u64> {
         if ids.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let marks = vec!["?"; ids.len()].join(",");
         let sql = format!(
-            "UPDATE outbox_events SET status = 'published', published_at = ?, claimed_by = NULL, lease_until = NULL, last_error = NULL WHERE id IN ({marks})"
+            "UPDATE outbox_events SET status = 'published', published_at = ?, claimed_by = NULL, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id IN ({marks})"
         );
-        with_pool!(self, |pool, d| {
+        Ok(with_pool!(self, |pool, d| {
             let sql = d.sql(&sql);
-            let mut q = sqlx::query(&sql).bind(now_us());
+            let mut q = sqlx::query(&sql).bind(now_us()).bind(claim);
             for id in ids {
                 q = q.bind(id);
             }
-            q.execute(pool).await.map_err(db("mark published"))?;
-        });
-        Ok(())
+            q.execute(pool)
+                .await
+                .map_err(db("mark published"))?
+                .rows_affected()
+        }))
     }
 
-    /// Records a failed attempt: back to pending at `next_attempt_at`, or
-    /// `dead_lettered` when `dead` is true.
-    pub(crate) async fn fail(&self, id: &str, error: &str, next_attempt_at: i64, dead: bool) -> Result<()> {
+    /// Records a failed attempt of a row held under `claim` (compare-and-set
+    /// on the claim and `pending`): back to pending at `next_attempt_at`, or
+    /// `dead_lettered` when `dead` is true. Returns false when the claim was
+    /// lost (another relay took the row): the result is discarded.
+    pub(crate) async fn fail(
+        &self,
+        claim: &str,
+        id: &str,
+        error: &str,
+        next_attempt_at: i64,
+        dead: bool,
+    ) -> Result<bool> {
         let status = if dead { "dead_lettered" } else { "pending" };
-        let sql = "UPDATE outbox_events SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, claimed_by = NULL, lease_until = NULL WHERE id = ?";
-        with_pool!(self, |pool, d| {
+        let sql = "UPDATE outbox_events SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, claimed_by = NULL, lease_until = NULL WHERE id = ? AND claimed_by = ? AND status = 'pending'";
+        Ok(with_pool!(self, |pool, d| {
             sqlx::query(&d.sql(sql))
                 .bind(status)
                 .bind(error)
                 .bind(next_attempt_at)
                 .bind(id)
+                .bind(claim)
                 .execute(pool)
                 .await
-                .map_err(db("record failure"))?;
-        });
-        Ok(())
+                .map_err(db("record failure"))?
+                .rows_affected()
+                == 1
+        }))
     }
 
     /// Deletes published rows published more than `retention` ago; returns how many.

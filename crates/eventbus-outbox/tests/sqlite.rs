@@ -31,7 +31,6 @@ fn fast() -> RelayConfig {
     RelayConfig {
         poll_interval_ms: 20,
         backoff: eventbus_core::RetryPolicy::fixed(3, 20),
-        max_attempts: 3,
         ..RelayConfig::default()
     }
 }
@@ -160,7 +159,7 @@ async fn the_relay_keeps_per_aggregate_order_and_dead_letters_a_poison_event() {
         checker.report()
     );
     let report = checker.report();
-    assert_eq!((report.violations, report.duplicates), (0, 0), "{report:?}");
+    assert!(report.is_strictly_ordered() && report.duplicates == 0, "{report}");
     shutdown.cancel();
     let relay = running.await.unwrap();
     assert_eq!(
@@ -298,7 +297,7 @@ async fn an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers() {
     tx.commit().await.unwrap();
     let config = RelayConfig {
         dead_letter_suffix: Some(".dlq".into()),
-        max_attempts: 2,
+        backoff: eventbus_core::RetryPolicy::fixed(2, 20),
         ..fast()
     };
     let relay = Relay::new(store.clone(), bus.clone(), config);
@@ -331,4 +330,148 @@ async fn an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers() {
         store.status().await.unwrap().counts.get("dead_lettered"),
         Some(&1)
     );
+}
+
+/// A backend whose first publish's ACK is lost after freezing the whole
+/// (current-thread) runtime for `freeze`, as a relay stopped by SIGSTOP or a
+/// long pause would be: its claim renewals cannot run meanwhile.
+struct FreezeOnFirstAck {
+    inner: MemoryBackend,
+    freeze: Duration,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl eventbus_core::Backend for FreezeOnFirstAck {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(
+        &self,
+        message: eventbus_core::Message,
+    ) -> eventbus_core::Result<eventbus_core::AckFuture> {
+        let ack = self.inner.publish(message).await?;
+        if !self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return Ok(ack);
+        }
+        let freeze = self.freeze;
+        Ok(async move {
+            let _ = ack.await; // stored and delivered; only the ACK is lost
+            std::thread::sleep(freeze);
+            Err(eventbus_core::Error::timeout("ACK lost"))
+        }
+        .boxed())
+    }
+
+    async fn subscribe(
+        &self,
+        spec: &eventbus_core::SubscribeSpec,
+    ) -> eventbus_core::Result<Box<dyn eventbus_core::BackendSubscription>> {
+        self.inner.subscribe(spec).await
+    }
+
+    fn connection_state(&self) -> eventbus_core::ConnectionState {
+        self.inner.connection_state()
+    }
+
+    async fn close(&self) -> eventbus_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// Issue 9, break 3: relay A's ACK is lost while it is frozen past its
+/// lease; relay B takes the row over and publishes v1 and v2. When A wakes,
+/// its stale claim must not put v1 back to pending (which re-sent v1 after
+/// v2: the consumer saw 1, 1, 2, 1).
+#[test]
+fn a_relay_whose_claim_expired_never_undoes_another_relays_work() {
+    let control = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (store, pool, _dir) = control.block_on(store());
+    let backend = MemoryBackend::default();
+    let (bus, sub, checker) = control.block_on(async {
+        let bus = EventBus::new(backend.clone(), BusConfig::default()).unwrap();
+        let (sub, checker) = recorder(&bus, "orders").await;
+        let mut tx = pool.begin().await.unwrap();
+        for v in 1..=2 {
+            append(
+                &mut *tx,
+                OutboxEvent::new("orders", &envelope("lease-x", v), "Order"),
+            )
+            .await
+            .unwrap();
+        }
+        tx.commit().await.unwrap();
+        (bus, sub, checker)
+    });
+    let config = RelayConfig {
+        lease_ms: 100,
+        ..fast()
+    };
+    let (store_a, config_a, backend_a) = (store.clone(), config.clone(), backend.clone());
+    let relay_a = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let frozen = FreezeOnFirstAck {
+                inner: backend_a,
+                freeze: Duration::from_millis(800),
+                armed: true.into(),
+            };
+            let bus = EventBus::new(frozen, BusConfig::default()).unwrap();
+            let relay = Relay::new(store_a, bus, config_a);
+            relay.run_once().await.unwrap();
+            relay.stats()
+        })
+    });
+    let relay_b = Relay::new(store.clone(), bus.clone(), config);
+    let statuses = || async {
+        sqlx::query_as::<_, (i64, String)>(
+            "SELECT event_version, status FROM outbox_events ORDER BY event_version",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    control.block_on(async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        for _ in 0..200 {
+            relay_b.run_once().await.unwrap();
+            if statuses().await.iter().all(|(_, s)| s == "published") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let stats_a = relay_a.join().unwrap();
+    control.block_on(async {
+        // Whatever A did on waking, B keeps relaying for a while.
+        for _ in 0..20 {
+            relay_b.run_once().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let rows = statuses().await;
+        assert_eq!(
+            rows,
+            vec![(1, "published".to_owned()), (2, "published".to_owned())],
+            "a stale claim changed a row"
+        );
+        assert!(eventually(Duration::from_secs(5), || checker.report().received >= 2).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let report = checker.report();
+        assert!(report.is_strictly_ordered(), "{report}");
+        assert_eq!(
+            stats_a.lost_claims.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "A discards its result"
+        );
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    });
 }

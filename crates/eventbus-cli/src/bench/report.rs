@@ -67,6 +67,7 @@ pub(crate) struct Row {
     publish_ms: Percentiles,
     end_to_end_ms: Percentiles,
     order_violations: u64,
+    overlaps: u64,
     duplicates: u64,
     resources: Resources,
 }
@@ -86,14 +87,16 @@ impl LevelReport {
     /// A progress line for stderr.
     pub(crate) fn one_line(&self) -> String {
         format!(
-            "{} level {}: received {}/{} in {:.3}s ({:.0}/s), {} order violations",
+            "{} level {}: received {}/{} in {:.3}s ({:.0}/s), {} order violations, {} overlaps, {} duplicates",
             self.label,
             self.events,
             self.order.received,
             self.events,
             self.elapsed.as_secs_f64(),
             self.throughput(),
-            self.order.violations
+            self.order.violations(),
+            self.order.overlaps,
+            self.order.duplicates
         )
     }
 
@@ -109,7 +112,8 @@ impl LevelReport {
             ratio_to_raw: ratio_to_raw(self, all),
             publish_ms: Percentiles::of(&self.publish_us),
             end_to_end_ms: Percentiles::of(&self.end_to_end_us),
-            order_violations: self.order.violations,
+            order_violations: self.order.violations(),
+            overlaps: self.order.overlaps,
             duplicates: self.order.duplicates,
             resources: self.resources,
         }
@@ -133,7 +137,7 @@ pub(crate) fn rows(reports: &[LevelReport]) -> Vec<Row> {
     reports.iter().map(|r| r.row(reports)).collect()
 }
 
-const HEADERS: [&str; 16] = [
+const HEADERS: [&str; 17] = [
     "backend",
     "events",
     "aggs",
@@ -149,6 +153,7 @@ const HEADERS: [&str; 16] = [
     "e2e p99",
     "e2e max",
     "order viol.",
+    "overlaps",
     "dups",
 ];
 
@@ -170,6 +175,7 @@ fn cells(r: &Row) -> Vec<String> {
         format!("{:.2}", r.end_to_end_ms.p99),
         format!("{:.2}", r.end_to_end_ms.max),
         r.order_violations.to_string(),
+        r.overlaps.to_string(),
         r.duplicates.to_string(),
     ]
 }

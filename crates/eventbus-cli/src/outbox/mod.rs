@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand, ValueEnum};
-use eventbus::{BusConfig, EventBus, Result};
+use eventbus::{BusConfig, EventBus, Result, RetryPolicy};
 use eventbus_outbox::{OutboxStore, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -59,8 +59,8 @@ pub(crate) struct RelayArgs {
     #[arg(long, default_value_t = RelayConfig::default().poll_interval_ms)]
     poll_interval_ms: u64,
     /// Publish attempts before a row is dead-lettered.
-    #[arg(long, default_value_t = RelayConfig::default().max_attempts)]
-    max_attempts: i32,
+    #[arg(long, default_value_t = RelayConfig::default().backoff.max_attempts)]
+    max_attempts: u32,
 }
 
 /// Options of `eventbus outbox status`.
@@ -107,7 +107,10 @@ async fn relay(args: RelayArgs) -> Result<()> {
     let config = RelayConfig {
         batch_size: args.batch_size,
         poll_interval_ms: args.poll_interval_ms,
-        max_attempts: args.max_attempts,
+        backoff: RetryPolicy {
+            max_attempts: args.max_attempts,
+            ..RelayConfig::default().backoff
+        },
         ..RelayConfig::default()
     };
     let relay = Arc::new(Relay::new(store.clone(), bus.clone(), config));
