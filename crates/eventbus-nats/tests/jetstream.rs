@@ -293,3 +293,69 @@ async fn a_handler_longer_than_ack_wait_sends_progress_and_is_not_redelivered() 
     assert_eq!(*calls.lock().unwrap(), vec![1, 2]);
     bus.close().await.unwrap();
 }
+
+/// Issue 9, break 5: a dead-letter topic that no stream stores fails at
+/// subscribe time, naming the subject to add; a dead-letter publish that
+/// starts failing later is a failed attempt: the aggregate is reported
+/// stalled at once, and close honours `close_timeout_ms`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_that_cannot_be_stored_is_refused_or_reported_stalled() {
+    let server = NatsServer::start().await.unwrap();
+    let stream = |name: &str, subject: &str| StreamSpec {
+        name: name.into(),
+        subjects: vec![subject.into()],
+        ..StreamSpec::default()
+    };
+    let nats = NatsConfig {
+        streams: vec![
+            stream("WORK", "events.work"),
+            stream("WORKDLQ", "events.work.dlq"),
+            stream("ORPHAN", "events.orphan"),
+        ],
+        ..NatsConfig::with_servers([server.url()])
+    };
+    let backend = NatsBackend::connect(nats).await.unwrap();
+    let js = backend.jetstream().clone();
+    let mut config = BusConfig {
+        close_timeout_ms: 500,
+        ..BusConfig::default()
+    };
+    config.consumer.retry = eventbus_core::RetryPolicy::fixed(2, 50);
+    let bus = EventBus::new(backend, config).unwrap();
+    let noop = |_e: Envelope| async { Ok::<_, std::io::Error>(()) };
+
+    let err = bus
+        .subscribe_envelope("orphan", SubscribeOptions::group("g"), noop)
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains("events.orphan.dlq"), "{err}");
+
+    let sub = bus
+        .subscribe_envelope("work", SubscribeOptions::group("g"), |_e: Envelope| async {
+            Err::<(), _>(std::io::Error::other("always fails"))
+        })
+        .await
+        .unwrap();
+    js.delete_stream("WORKDLQ").await.unwrap();
+    bus.publish_envelope_sync("work", &envelope("w", 1))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || sub.health().stalled_aggregates == 1).await,
+        "a failing dead-letter publish is not reported: {:?}",
+        sub.health()
+    );
+    let last = sub.health().last_error.unwrap_or_default();
+    assert!(last.contains("dead-letter publish"), "{last}");
+    let started = std::time::Instant::now();
+    let _ = tokio::time::timeout(Duration::from_secs(10), sub.close())
+        .await
+        .expect("close honours close_timeout_ms");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let _ = bus.close().await;
+}

@@ -279,9 +279,12 @@ impl SubscriptionShared {
         let mut attempt = 1;
         let mut error = first_error;
         let mut stalled = false;
+        let mut handler_failed = true;
         let settle = loop {
             self.failed_attempts.fetch_add(1, Ordering::Relaxed);
-            self.record_error(error.clone());
+            if handler_failed {
+                self.record_error(error.clone());
+            }
             let exhausted = attempt >= self.retry.max_attempts || matches!(work.input, Input::Invalid(_));
             if exhausted && let Some(dlq) = &self.dead_letter_topic {
                 match self.publish_dead_letter(delivery, dlq, &error).await {
@@ -293,7 +296,9 @@ impl SubscriptionShared {
                     Attempted::Failed(e) => {
                         // A failed dead-letter publish is a failed attempt:
                         // the aggregate is stalled until it goes through.
-                        error = format!("dead-letter publish to {dlq} failed: {e}; handler error: {error}");
+                        self.record_error(format!(
+                            "dead-letter publish to {dlq} failed: {e}; handler error: {error}"
+                        ));
                     }
                 }
             }
@@ -307,6 +312,7 @@ impl SubscriptionShared {
             }
             attempt = attempt.saturating_add(1);
             if exhausted && self.dead_letter_topic.is_some() {
+                handler_failed = false;
                 continue; // retry the dead letter, not the handler
             }
             error = match self.attempt(work, concurrency).await {
