@@ -265,6 +265,17 @@ impl Ownership {
     }
 }
 
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("position", &self.position)
+            .field("delivery_count", &self.delivery_count)
+            .field("ownership", &self.ownership)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,16 +302,5 @@ mod tests {
         let _stuck = o.begin_attempt().unwrap();
         assert!(!o.revoke_blocking(Duration::from_millis(10), Duration::from_millis(10)));
         assert!(o.inner.aborted.is_cancelled());
-    }
-}
-
-impl std::fmt::Debug for Delivery {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Delivery")
-            .field("message", &self.message)
-            .field("position", &self.position)
-            .field("delivery_count", &self.delivery_count)
-            .field("ownership", &self.ownership)
-            .finish_non_exhaustive()
     }
 }
