@@ -23,6 +23,9 @@ fn relay(database: &str, nats: &str, port: u16) -> Child {
             "50",
             "--poll-interval-ms",
             "20",
+            // A short lease: the killed relay's claims are taken over soon.
+            "--lease-ms",
+            "3000",
         ])
         .args([
             "--database",

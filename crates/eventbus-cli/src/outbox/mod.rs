@@ -61,6 +61,11 @@ pub(crate) struct RelayArgs {
     /// Publish attempts before a row is dead-lettered.
     #[arg(long, default_value_t = RelayConfig::default().backoff.max_attempts)]
     max_attempts: u32,
+    /// How long a claim lasts without renewal, in ms (database clock): a
+    /// killed relay's rows are taken over after it. Keep it well above the
+    /// publish ACK timeout (30,000 ms by default).
+    #[arg(long, default_value_t = RelayConfig::default().lease_ms)]
+    lease_ms: u64,
 }
 
 /// Options of `eventbus outbox status`.
@@ -107,6 +112,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
     let config = RelayConfig {
         batch_size: args.batch_size,
         poll_interval_ms: args.poll_interval_ms,
+        lease_ms: args.lease_ms,
         backoff: RetryPolicy {
             max_attempts: args.max_attempts,
             ..RelayConfig::default().backoff
