@@ -98,8 +98,17 @@ pub async fn run_case(name: &str, factory: &dyn BusFactory, caps: &Capabilities)
 /// `$setup` is an `async fn() -> (F, Capabilities)` where `F:` [`BusFactory`];
 /// the factory owns whatever server it started, dropped after the case.
 ///
-/// ```ignore
+/// ```no_run
+/// use eventbus_core::testing::{BusFactory, Capabilities};
+/// use eventbus_core::{BusConfig, EventBus};
+///
+/// async fn setup() -> (impl BusFactory, Capabilities) {
+///     let factory = |config: BusConfig| async move { EventBus::memory_with(config).unwrap() };
+///     (factory, Capabilities::all("memory"))
+/// }
+///
 /// eventbus_core::conformance_tests!(setup);
+/// # fn main() {}
 /// ```
 #[macro_export]
 macro_rules! conformance_tests {
