@@ -12,33 +12,7 @@ use super::support::{OrderChecker, envelope, eventually, unique};
 use super::{BusFactory, Capabilities, Case};
 use crate::{BusConfig, Envelope, ErrorKind, Message, RetryPolicy, SubscribeOptions, headers};
 
-macro_rules! cases {
-    ($($name:ident),* $(,)?) => {
-        pub(super) fn all() -> Vec<(&'static str, Case)> {
-            vec![$((stringify!($name), $name as Case)),*]
-        }
-    };
-}
-
-cases!(
-    round_trip_keeps_payload_headers_and_key,
-    concurrent_publishers_all_received,
-    topics_are_isolated,
-    per_aggregate_order_over_five_topics,
-    retry_after_error_or_panic_keeps_order,
-    exhausted_message_is_dead_lettered_with_headers,
-    message_without_aggregate_id_is_dead_lettered,
-    parked_aggregate_is_reported_stalled_then_recovers,
-    blocked_aggregate_does_not_stall_others,
-    close_flushes_every_publish_with_one_result,
-    resubscribe_in_same_group_loses_nothing,
-    two_groups_each_get_everything,
-    invalid_envelope_is_rejected_and_nothing_sent,
-    operations_after_close_fail_closed,
-    every_envelope_yields_one_result_with_its_event_id,
-    slow_handler_with_a_deep_queue_keeps_order,
-    parked_aggregate_does_not_stop_another_subscription,
-);
+crate::conformance_tests!(@list [@all;]);
 
 type Seen<T> = Arc<Mutex<Vec<T>>>;
 
