@@ -9,8 +9,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use eventbus::{BusConfig, Envelope, EventBus, SubscribeOptions};
-use eventbus_nats::{NatsBackend, NatsConfig, NatsServer};
-use eventbus_outbox::{OutboxEvent, OutboxStore, PostgresServer, append};
+use eventbus_nats::{NatsBackend, NatsConfig};
+use eventbus_outbox::{OutboxEvent, OutboxStore, append};
+use eventbus_testkit::server::NatsServer;
+use eventbus_testkit::server::PostgresServer;
 
 fn relay(database: &str, nats: &str, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_eventbus"))

@@ -1,7 +1,7 @@
 //! Core of the event bus: the domain-event [`Envelope`], the [`EventBus`] API
 //! that drives every backend, the ordered executor behind envelope
-//! subscriptions, the in-process [`MemoryBackend`], and (feature `testing`)
-//! the conformance suite every backend passes.
+//! subscriptions and the in-process [`MemoryBackend`]. The conformance suite
+//! every backend passes is in the `eventbus-testkit` crate.
 //!
 //! Backends live in their own crates (`eventbus-nats`, ...) and implement
 //! [`Backend`]; users reach everything through the `eventbus` facade crate.
@@ -17,14 +17,11 @@ mod envelope;
 mod error;
 pub mod headers;
 mod health;
-pub mod local;
 mod memory;
 mod message;
 mod publish;
 mod retry;
 mod secret;
-#[cfg(feature = "testing")]
-pub mod testing;
 
 pub use backend::{AckFuture, Backend, BackendSubscription, SubscribeSpec};
 pub use bus::{EventBus, EventBusBuilder, MAX_TOPIC_LEN, validate_topic};

@@ -13,7 +13,6 @@ mod backend;
 mod config;
 mod consumer;
 mod offsets;
-mod server;
 mod topics;
 
 pub use backend::KafkaBackend;
@@ -21,4 +20,3 @@ pub use config::{
     Compression, KafkaConfig, KafkaConsumer, KafkaProducer, KafkaSecurity, ProvisionStrategy, SaslMechanism,
     SecurityProtocol, TopicSpec,
 };
-pub use server::TansuServer;

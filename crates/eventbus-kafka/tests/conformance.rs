@@ -3,9 +3,10 @@
 
 use std::sync::Arc;
 
-use eventbus_core::testing::{BusFactory, Capabilities};
 use eventbus_core::{BusConfig, EventBus};
-use eventbus_kafka::{KafkaBackend, KafkaConfig, TansuServer};
+use eventbus_kafka::{KafkaBackend, KafkaConfig};
+use eventbus_testkit::conformance::{BusFactory, Capabilities};
+use eventbus_testkit::server::TansuServer;
 
 async fn setup() -> (impl BusFactory, Capabilities) {
     let broker = Arc::new(
@@ -25,4 +26,4 @@ async fn setup() -> (impl BusFactory, Capabilities) {
     (factory, Capabilities::all("kafka"))
 }
 
-eventbus_core::conformance_tests!(setup);
+eventbus_testkit::conformance_tests!(setup);

@@ -6,9 +6,10 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus_core::testing::{OrderChecker, envelope, eventually};
 use eventbus_core::{BusConfig, Envelope, ErrorKind, EventBus, SubscribeOptions, Subscription};
-use eventbus_kafka::{KafkaBackend, KafkaConfig, ProvisionStrategy, TansuServer, TopicSpec};
+use eventbus_kafka::{KafkaBackend, KafkaConfig, ProvisionStrategy, TopicSpec};
+use eventbus_testkit::server::TansuServer;
+use eventbus_testkit::{OrderChecker, envelope, eventually};
 
 async fn bus(bootstrap: &str) -> EventBus {
     let backend = KafkaBackend::connect(KafkaConfig::with_brokers([bootstrap]))
@@ -165,81 +166,6 @@ async fn a_revoke_during_a_retry_backoff_fences_the_old_member() {
     let _ = sub_b.close().await;
     let _ = a.close().await;
     let _ = b.close().await;
-}
-
-#[test]
-fn a_killed_member_restarted_resumes_from_the_committed_prefix_without_loss() {
-    let control = tokio::runtime::Runtime::new().unwrap();
-    let broker = control.block_on(TansuServer::start()).unwrap();
-    let events: Vec<Envelope> = (1..=20)
-        .flat_map(|v| (0..100).map(move |k| envelope(&format!("c-{k}"), v)))
-        .collect();
-    let first: Log = Default::default();
-    let victim = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let sink = first.clone();
-    let bootstrap = broker.bootstrap();
-    let victim_bus = victim.block_on(async {
-        let bus = bus(&bootstrap).await;
-        for e in &events {
-            bus.publish_envelope_sync("crash", e).await.unwrap();
-        }
-        bus.subscribe_envelope("crash", SubscribeOptions::group("resume"), move |e: Envelope| {
-            let sink = sink.clone();
-            async move {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                sink.lock().unwrap().push((e.aggregate_id, e.event_version));
-                Ok::<_, std::io::Error>(())
-            }
-        })
-        .await
-        .unwrap();
-        bus
-    });
-    control.block_on(async {
-        assert!(eventually(Duration::from_secs(60), || first.lock().unwrap().len() >= 300).await)
-    });
-    victim.shutdown_timeout(Duration::from_secs(5)); // the crash: no close, no final commit
-    drop(victim_bus);
-    assert!(
-        first.lock().unwrap().len() < events.len(),
-        "the victim finished before it was killed"
-    );
-
-    control.block_on(async {
-        let bus = bus(&bootstrap).await;
-        let second: Log = Default::default();
-        let sink = second.clone();
-        let _sub = bus
-            .subscribe_envelope("crash", SubscribeOptions::group("resume"), move |e: Envelope| {
-                sink.lock().unwrap().push((e.aggregate_id, e.event_version));
-                async { Ok::<_, std::io::Error>(()) }
-            })
-            .await
-            .unwrap();
-        let all: HashSet<(String, i64)> = events
-            .iter()
-            .map(|e| (e.aggregate_id.clone(), e.event_version))
-            .collect();
-        let covered = || {
-            let mut seen: HashSet<(String, i64)> = first.lock().unwrap().iter().cloned().collect();
-            seen.extend(second.lock().unwrap().iter().cloned());
-            seen == all
-        };
-        assert!(
-            eventually(Duration::from_secs(90), covered).await,
-            "events lost across the crash"
-        );
-        let resumed = second.lock().unwrap().len();
-        assert!(
-            resumed < events.len(),
-            "restarted from the beginning ({resumed}): nothing was committed"
-        );
-        bus.close().await.unwrap();
-    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

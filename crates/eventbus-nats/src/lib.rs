@@ -12,7 +12,6 @@
 mod backend;
 mod config;
 mod connect;
-mod server;
 mod topology;
 
 pub use backend::{MSG_ID_HEADER, NatsBackend};
@@ -21,4 +20,3 @@ pub use config::{
     Storage, StreamSpec,
 };
 pub use connect::ConnectionEvent;
-pub use server::NatsServer;

@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use eventbus_core::testing::{BusFactory, Capabilities};
 use eventbus_core::{BusConfig, EventBus};
-use eventbus_nats::{NatsBackend, NatsConfig, NatsServer};
+use eventbus_nats::{NatsBackend, NatsConfig};
+use eventbus_testkit::conformance::{BusFactory, Capabilities};
+use eventbus_testkit::server::NatsServer;
 
 async fn setup() -> (impl BusFactory, Capabilities) {
     let server = Arc::new(
@@ -30,4 +31,4 @@ async fn setup() -> (impl BusFactory, Capabilities) {
     (factory, caps)
 }
 
-eventbus_core::conformance_tests!(setup);
+eventbus_testkit::conformance_tests!(setup);

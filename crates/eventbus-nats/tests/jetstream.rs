@@ -1,13 +1,13 @@
-//! NATS-specific behaviour against a real nats-server: dedup, crash and
-//! restart without loss, server restarts, stream provisioning.
+//! NATS-specific behaviour against a real nats-server: dedup, server
+//! restarts, progress acks, stream provisioning, dead-letter storage.
 
-use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus_core::testing::{envelope, eventually};
 use eventbus_core::{BusConfig, ConnectionState, Envelope, ErrorKind, EventBus, Position, SubscribeOptions};
-use eventbus_nats::{ConnectionEvent, NatsBackend, NatsConfig, NatsServer, ProvisionStrategy, StreamSpec};
+use eventbus_nats::{ConnectionEvent, NatsBackend, NatsConfig, ProvisionStrategy, StreamSpec};
+use eventbus_testkit::server::NatsServer;
+use eventbus_testkit::{envelope, eventually};
 
 async fn bus(server: &NatsServer, config: BusConfig) -> EventBus {
     let backend = NatsBackend::connect(NatsConfig::with_servers([server.url()]))
@@ -45,94 +45,6 @@ async fn a_republished_event_id_is_acked_as_duplicate_and_stored_once() {
     assert!(eventually(Duration::from_secs(10), || got.lock().unwrap().len() == 2).await);
     assert_eq!(got.lock().unwrap()[0], e.event_id);
     bus.close().await.unwrap();
-}
-
-/// Runs a subscriber on its own runtime and kills it there, as a crashed
-/// process would end: no close, no flush, acks in flight lost.
-#[test]
-fn a_killed_consumer_restarted_in_its_group_loses_nothing_and_keeps_order() {
-    let control = tokio::runtime::Runtime::new().unwrap();
-    let server = control.block_on(NatsServer::start()).unwrap();
-    let url = server.url();
-    let events: Vec<Envelope> = (1..=40)
-        .flat_map(|v| (0..50).map(move |a| envelope(&format!("k-{a}"), v)))
-        .collect();
-    let first_seen = Arc::new(Mutex::new(Vec::<(String, i64)>::new()));
-
-    let victim = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
-    let sink = first_seen.clone();
-    let victim_bus = victim.block_on(async {
-        let backend = NatsBackend::connect(NatsConfig::with_servers([url.clone()]))
-            .await
-            .unwrap();
-        let bus = EventBus::new(backend, BusConfig::default()).unwrap();
-        for e in &events {
-            bus.publish_envelope_sync("crash", e).await.unwrap();
-        }
-        bus.subscribe_envelope("crash", SubscribeOptions::group("durable"), move |e: Envelope| {
-            let sink = sink.clone();
-            async move {
-                tokio::time::sleep(Duration::from_micros(200)).await;
-                sink.lock().unwrap().push((e.aggregate_id, e.event_version));
-                Ok::<_, std::io::Error>(())
-            }
-        })
-        .await
-        .unwrap();
-        bus
-    });
-    control.block_on(async {
-        assert!(
-            eventually(Duration::from_secs(30), || first_seen.lock().unwrap().len()
-                >= 300)
-            .await
-        );
-    });
-    // The crash: every task of the victim dropped mid-flight, no close, no flush.
-    victim.shutdown_timeout(Duration::from_secs(5));
-    drop(victim_bus);
-    let handled_before = first_seen.lock().unwrap().len();
-    assert!(
-        handled_before < events.len(),
-        "the victim finished before it was killed"
-    );
-
-    control.block_on(async {
-        let bus = bus(&server, BusConfig::default()).await;
-        let second = Arc::new(Mutex::new(Vec::<(String, i64)>::new()));
-        let sink = second.clone();
-        let _sub = bus
-            .subscribe_envelope("crash", SubscribeOptions::group("durable"), move |e: Envelope| {
-                sink.lock().unwrap().push((e.aggregate_id, e.event_version));
-                async { Ok::<_, std::io::Error>(()) }
-            })
-            .await
-            .unwrap();
-        let all: HashSet<(String, i64)> = events
-            .iter()
-            .map(|e| (e.aggregate_id.clone(), e.event_version))
-            .collect();
-        let covered = || {
-            let mut seen: HashSet<(String, i64)> = first_seen.lock().unwrap().iter().cloned().collect();
-            seen.extend(second.lock().unwrap().iter().cloned());
-            seen == all
-        };
-        assert!(
-            eventually(Duration::from_secs(60), covered).await,
-            "events lost across the crash"
-        );
-        // The restarted member sees each aggregate in strictly increasing order.
-        let mut last: HashMap<String, i64> = HashMap::new();
-        for (a, v) in second.lock().unwrap().iter() {
-            let prev = last.insert(a.clone(), *v).unwrap_or(0);
-            assert!(*v > prev, "aggregate {a}: v{v} after v{prev}");
-        }
-        bus.close().await.unwrap();
-    });
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

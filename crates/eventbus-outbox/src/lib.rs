@@ -21,12 +21,10 @@
 
 mod append;
 mod inbox;
-mod postgres_server;
 mod relay;
 mod store;
 
 pub use append::{OutboxConnection, OutboxEvent, append};
 pub use inbox::{InboxOutcome, handle_once_postgres, handle_once_sqlite};
-pub use postgres_server::PostgresServer;
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use store::{OutboxRow, OutboxStatus, OutboxStore};

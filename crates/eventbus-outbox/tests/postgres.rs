@@ -4,12 +4,14 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use eventbus_core::testing::{OrderChecker, envelope, eventually};
 use eventbus_core::{BusConfig, Envelope, EventBus, MemoryBackend, SubscribeOptions};
-use eventbus_nats::{NatsBackend, NatsConfig, NatsServer};
+use eventbus_nats::{NatsBackend, NatsConfig};
 use eventbus_outbox::{
-    InboxOutcome, OutboxEvent, OutboxStore, PostgresServer, Relay, RelayConfig, append, handle_once_postgres,
+    InboxOutcome, OutboxEvent, OutboxStore, Relay, RelayConfig, append, handle_once_postgres,
 };
+use eventbus_testkit::server::NatsServer;
+use eventbus_testkit::server::PostgresServer;
+use eventbus_testkit::{OrderChecker, envelope, eventually};
 use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use eventbus_core::testing::{OrderChecker, envelope, eventually};
 use eventbus_core::{BusConfig, Envelope, EventBus, MemoryBackend, SubscribeOptions};
 use eventbus_outbox::{
     InboxOutcome, OutboxEvent, OutboxStore, Relay, RelayConfig, append, handle_once_sqlite,
 };
+use eventbus_testkit::{OrderChecker, envelope, eventually};
 use futures::FutureExt;
 
 async fn store() -> (OutboxStore, sqlx::SqlitePool, tempfile::TempDir) {

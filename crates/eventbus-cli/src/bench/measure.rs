@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eventbus::Envelope;
-use eventbus::testing::OrderChecker;
+use eventbus_testkit::OrderChecker;
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
 
@@ -70,7 +70,7 @@ impl Recorder {
         wait(timeout, || self.received.load(Ordering::Acquire) >= events).await
     }
 
-    pub(crate) fn report(&self) -> eventbus::testing::OrderReport {
+    pub(crate) fn report(&self) -> eventbus_testkit::OrderReport {
         self.checker.report()
     }
 

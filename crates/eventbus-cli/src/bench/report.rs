@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use eventbus::testing::OrderReport;
+use eventbus_testkit::OrderReport;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 

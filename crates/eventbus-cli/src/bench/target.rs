@@ -1,8 +1,9 @@
 //! The broker a bench runs against: given by URL, or started locally.
 
-use eventbus::kafka::{KafkaBackend, KafkaConfig, TansuServer};
-use eventbus::nats::{NatsBackend, NatsConfig, NatsServer};
+use eventbus::kafka::{KafkaBackend, KafkaConfig};
+use eventbus::nats::{NatsBackend, NatsConfig};
 use eventbus::{BusConfig, EventBus, Result};
+use eventbus_testkit::server::{NatsServer, TansuServer};
 
 /// A backend to bench, with the local server it started, if any.
 pub(crate) enum Target {

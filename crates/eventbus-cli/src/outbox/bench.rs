@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use eventbus::{Envelope, Result};
-use eventbus_outbox::{OutboxEvent, OutboxStore, PostgresServer, Relay, RelayConfig, append};
+use eventbus_outbox::{OutboxEvent, OutboxStore, Relay, RelayConfig, append};
+use eventbus_testkit::server::PostgresServer;
 use tokio_util::sync::CancellationToken;
 
 use super::RelayBackend;
@@ -45,7 +46,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     let (_nats, bus) = match args.backend {
         RelayBackend::Memory => (None, eventbus::EventBus::memory()),
         RelayBackend::Nats => {
-            let server = eventbus::nats::NatsServer::start().await?;
+            let server = eventbus_testkit::server::NatsServer::start().await?;
             let backend =
                 eventbus::nats::NatsBackend::connect(eventbus::nats::NatsConfig::with_servers(
                     [server.url()],

@@ -7,15 +7,12 @@
 //! never performance assertions.
 
 mod cases;
-mod support;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 
-use crate::{BusConfig, EventBus};
-
-pub use support::{Attempt, OrderChecker, OrderReport, envelope, eventually};
+use eventbus_core::{BusConfig, EventBus};
 
 /// What a backend can do, so the suite skips what does not apply.
 #[derive(Debug, Clone)]
@@ -27,6 +24,11 @@ pub struct Capabilities {
     pub persistent: bool,
     /// Raw messages keep their record key end to end.
     pub keys: bool,
+    /// The broker outlives a member: a member killed mid-stream (its runtime
+    /// dropped: no close, no flush, settlements in flight lost) can be
+    /// restarted in its group and resumes. False for the memory backend,
+    /// whose broker dies with its process.
+    pub restartable: bool,
     /// Longest wait for any expected delivery or result.
     pub timeout: Duration,
 }
@@ -38,6 +40,7 @@ impl Capabilities {
             name,
             persistent: true,
             keys: true,
+            restartable: true,
             timeout: Duration::from_secs(60),
         }
     }
@@ -100,7 +103,7 @@ pub async fn run_case(name: &str, factory: &dyn BusFactory, caps: &Capabilities)
 /// the factory owns whatever server it started, dropped after the case.
 ///
 /// ```no_run
-/// use eventbus_core::testing::{BusFactory, Capabilities};
+/// use eventbus_testkit::conformance::{BusFactory, Capabilities};
 /// use eventbus_core::{BusConfig, EventBus};
 ///
 /// async fn setup() -> (impl BusFactory, Capabilities) {
@@ -108,7 +111,7 @@ pub async fn run_case(name: &str, factory: &dyn BusFactory, caps: &Capabilities)
 ///     (factory, Capabilities::all("memory"))
 /// }
 ///
-/// eventbus_core::conformance_tests!(setup);
+/// eventbus_testkit::conformance_tests!(setup);
 /// # fn main() {}
 /// ```
 #[macro_export]
@@ -137,6 +140,7 @@ macro_rules! conformance_tests {
             every_envelope_yields_one_result_with_its_event_id,
             slow_handler_with_a_deep_queue_keeps_order,
             parked_aggregate_does_not_stop_another_subscription,
+            killed_member_restarted_in_its_group_loses_nothing_and_keeps_order,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
@@ -149,7 +153,7 @@ macro_rules! conformance_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
                 let (factory, caps) = $setup().await;
-                $crate::testing::run_case(stringify!($case), &factory, &caps).await;
+                $crate::conformance::run_case(stringify!($case), &factory, &caps).await;
             }
         )*
     };

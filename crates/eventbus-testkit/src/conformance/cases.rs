@@ -8,9 +8,9 @@ use std::time::Duration;
 use futures::StreamExt;
 use futures::future::BoxFuture;
 
-use super::support::{OrderChecker, envelope, eventually, unique};
 use super::{BusFactory, Capabilities, Case};
-use crate::{BusConfig, Envelope, ErrorKind, Message, RetryPolicy, SubscribeOptions, headers};
+use crate::{OrderChecker, envelope, eventually, unique};
+use eventbus_core::{BusConfig, Envelope, ErrorKind, Message, RetryPolicy, SubscribeOptions, headers};
 
 crate::conformance_tests!(@list [@all;]);
 
@@ -32,10 +32,10 @@ fn len<T>(s: &Seen<T>) -> usize {
 
 /// Subscribes an envelope handler that records every handled envelope.
 async fn record_envelopes(
-    bus: &crate::EventBus,
+    bus: &eventbus_core::EventBus,
     topic: &str,
     group: &str,
-) -> (crate::Subscription, Seen<Envelope>) {
+) -> (eventbus_core::Subscription, Seen<Envelope>) {
     let out = seen();
     let sink = out.clone();
     let sub = bus
@@ -49,7 +49,11 @@ async fn record_envelopes(
 }
 
 /// Subscribes a raw handler that records every message.
-async fn record_raw(bus: &crate::EventBus, topic: &str, group: &str) -> (crate::Subscription, Seen<Message>) {
+async fn record_raw(
+    bus: &eventbus_core::EventBus,
+    topic: &str,
+    group: &str,
+) -> (eventbus_core::Subscription, Seen<Message>) {
     let out = seen();
     let sink = out.clone();
     let sub = bus
@@ -62,7 +66,7 @@ async fn record_raw(bus: &crate::EventBus, topic: &str, group: &str) -> (crate::
     (sub, out)
 }
 
-async fn publish_all(bus: &crate::EventBus, topic: &str, events: &[Envelope]) {
+async fn publish_all(bus: &eventbus_core::EventBus, topic: &str, events: &[Envelope]) {
     let mut handles = Vec::with_capacity(events.len());
     for e in events {
         handles.push(bus.publish_envelope(topic, e).await.expect("publish accepted"));
@@ -664,7 +668,7 @@ fn operations_after_close_fail_closed<'a>(
         let topic = unique("closed");
         bus.close().await.unwrap();
         bus.close().await.expect("close is idempotent");
-        fn kind<T>(r: crate::Result<T>) -> ErrorKind {
+        fn kind<T>(r: eventbus_core::Result<T>) -> ErrorKind {
             r.map(|_| ()).unwrap_err().kind()
         }
         assert_eq!(
@@ -683,7 +687,7 @@ fn operations_after_close_fail_closed<'a>(
             })
             .await;
         assert_eq!(kind(sub), ErrorKind::Closed);
-        assert_eq!(bus.health().connection, crate::ConnectionState::Closed);
+        assert_eq!(bus.health().connection, eventbus_core::ConnectionState::Closed);
     })
 }
 
@@ -841,5 +845,108 @@ fn parked_aggregate_does_not_stop_another_subscription<'a>(
         let _ = parked.close().await;
         flowing.close().await.unwrap();
         let _ = bus.close().await;
+    })
+}
+
+/// A member killed mid-stream (its runtime dropped, as a crashed process
+/// ends: no close, no flush, settlements in flight lost) and a new member
+/// started in the same group: every event is handled, the new member replays
+/// each aggregate in order from where the group's settlements stopped
+/// (strict checker, per member), never from the start.
+fn killed_member_restarted_in_its_group_loses_nothing_and_keeps_order<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        if !caps.restartable {
+            return;
+        }
+        let topic = unique("crash");
+        let group = unique("g");
+        let events: Vec<Envelope> = (1..=20)
+            .flat_map(|v| (0..50).map(move |a| envelope(&format!("k-{a}"), v)))
+            .collect();
+        let checker = Arc::new(OrderChecker::new());
+        let handled = Arc::new(AtomicUsize::new(0));
+        let covered: Arc<Mutex<HashSet<(String, i64)>>> = Default::default();
+        let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+        // The victim runs on a runtime of its own, on a thread of its own, so
+        // that dropping the runtime kills it the way a crash would.
+        let victim = {
+            let (checker, victim_handled, covered) = (checker.clone(), handled.clone(), covered.clone());
+            let (topic, group, events) = (topic.clone(), group.clone(), events.clone());
+            tokio::task::block_in_place(|| {
+                std::thread::scope(|scope| {
+                    let thread = scope.spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_multi_thread()
+                            .worker_threads(1)
+                            .enable_all()
+                            .build()
+                            .expect("victim runtime");
+                        let bus = runtime.block_on(async {
+                            let bus = f.bus(BusConfig::default()).await;
+                            publish_all(&bus, &topic, &events).await;
+                            let t = topic.clone();
+                            let _sub = bus
+                                .subscribe_envelope(
+                                    &topic,
+                                    SubscribeOptions::group(&group),
+                                    move |e: Envelope| {
+                                        let attempt = checker.begin_as(1, &t, &e);
+                                        let (handled, covered) = (victim_handled.clone(), covered.clone());
+                                        async move {
+                                            tokio::time::sleep(Duration::from_millis(1)).await;
+                                            attempt.succeeded();
+                                            covered.lock().unwrap().insert((e.aggregate_id, e.event_version));
+                                            handled.fetch_add(1, Ordering::SeqCst);
+                                            Ok::<_, std::io::Error>(())
+                                        }
+                                    },
+                                )
+                                .await
+                                .expect("subscribe");
+                            std::mem::forget(_sub); // no close: the crash ends it
+                            bus
+                        });
+                        let _ = kill_rx.recv_timeout(caps.timeout);
+                        runtime.shutdown_timeout(Duration::from_secs(5));
+                        drop(bus);
+                    });
+                    let deadline = std::time::Instant::now() + caps.timeout;
+                    while handled.load(Ordering::SeqCst) < 200 && std::time::Instant::now() < deadline {
+                        std::thread::sleep(Duration::from_millis(2));
+                    }
+                    let _ = kill_tx.send(());
+                    thread.join().is_ok()
+                })
+            })
+        };
+        assert!(victim, "the victim panicked");
+        let before = handled.load(Ordering::SeqCst);
+        assert!(before >= 200, "the victim handled only {before} before the kill");
+        assert!(before < events.len(), "the victim finished before it was killed");
+
+        let bus = f.bus(BusConfig::default()).await;
+        let second = Arc::new(AtomicUsize::new(0));
+        let (c, s, t, cov) = (checker.clone(), second.clone(), topic.clone(), covered.clone());
+        let sub = bus
+            .subscribe_envelope(&topic, SubscribeOptions::group(&group), move |e: Envelope| {
+                c.record_as(2, &t, &e);
+                s.fetch_add(1, Ordering::SeqCst);
+                cov.lock().unwrap().insert((e.aggregate_id, e.event_version));
+                async { Ok::<_, std::io::Error>(()) }
+            })
+            .await
+            .expect("subscribe");
+        let all_handled = eventually(caps.timeout, || covered.lock().unwrap().len() == events.len()).await;
+        let r = checker.report();
+        assert!(all_handled, "events lost across the crash: {r}");
+        assert!(r.is_strictly_ordered(), "order broken across the crash: {r}");
+        assert!(
+            second.load(Ordering::SeqCst) < events.len(),
+            "the restarted member started from the beginning: nothing was settled before the crash"
+        );
+        sub.close().await.expect("close");
+        bus.close().await.expect("close bus");
     })
 }

@@ -1,30 +1,24 @@
-//! [`PostgresServer`]: a throwaway PostgreSQL cluster for tests and benches.
+//! [`PostgresServer`]: a throwaway PostgreSQL cluster.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use eventbus_core::local::free_port;
 use eventbus_core::{Error, ErrorKind, Result};
 
+use super::{LocalProcess, StopWith, free_port, temp_dir};
+
 /// A PostgreSQL cluster made by `initdb` in a temporary directory, serving
-/// 127.0.0.1 on a free port; stopped (fast shutdown) and removed on `Drop`.
+/// 127.0.0.1 on a free port; stopped (fast shutdown, SIGINT) and removed on
+/// `Drop`.
 ///
 /// Binaries come from `$PG_BIN_DIR`, else the newest `/usr/lib/postgresql/*/bin`
 /// (Debian's `postgresql` package). PostgreSQL refuses to run as root, so as
 /// root the cluster is made and run as the `postgres` user.
+#[derive(Debug)]
 pub struct PostgresServer {
-    child: Option<Child>,
-    port: u16,
+    process: LocalProcess,
     _dir: tempfile::TempDir,
-}
-
-impl std::fmt::Debug for PostgresServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PostgresServer")
-            .field("port", &self.port)
-            .finish()
-    }
 }
 
 fn bin_dir() -> Result<PathBuf> {
@@ -54,7 +48,7 @@ fn is_root() -> bool {
         .unwrap_or(false)
 }
 
-/// `program args...`, as the `postgres` user when we are root.
+/// `program`, as the `postgres` user when we are root.
 fn command(program: &Path, root: bool) -> Command {
     if root {
         let mut c = Command::new("runuser");
@@ -69,13 +63,12 @@ impl PostgresServer {
     /// Makes and starts a cluster; waits until it accepts connections (at most 30 s).
     ///
     /// # Errors
-    /// [`Config`](ErrorKind::Config) when PostgreSQL is missing or initdb fails,
-    /// [`Timeout`](ErrorKind::Timeout) when the server does not listen in time.
+    /// `Config` when PostgreSQL is missing or initdb fails, `Timeout` when
+    /// the server does not accept connections in time.
     pub async fn start() -> Result<Self> {
         let bin = bin_dir()?;
         let root = is_root();
-        let dir =
-            tempfile::tempdir().map_err(|e| Error::config("cannot create a temp dir").with_source(e))?;
+        let dir = temp_dir()?;
         let data = dir.path().join("data");
         if root {
             let owned = Command::new("chown")
@@ -97,30 +90,31 @@ impl PostgresServer {
             return Err(Error::config(format!("initdb failed ({init})")));
         }
         let port = free_port()?;
-        let log = std::fs::File::create(dir.path().join("postgres.log"))
-            .map_err(|e| Error::config("cannot create the server log").with_source(e))?;
-        let child = command(&bin.join("postgres"), root)
-            .arg("-D")
-            .arg(&data)
-            .args([
-                "-p",
-                &port.to_string(),
-                "-c",
-                "listen_addresses=127.0.0.1",
-                "-c",
-                "max_connections=200",
-                "-k",
-            ])
-            .arg(dir.path())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .map_err(|e| Error::config("cannot start postgres").with_source(e))?;
-        let server = Self {
-            child: Some(child),
+        let mut process = LocalProcess::new(
+            "postgres",
+            bin.join("postgres"),
             port,
-            _dir: dir,
-        };
+            dir.path().join("postgres.log"),
+        )
+        .args(["-D"])
+        .args([&data])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "max_connections=200",
+            "-k",
+        ])
+        .args([dir.path()])
+        .stop_with(StopWith::Interrupt);
+        if root {
+            process = process.as_user("postgres");
+        }
+        process.spawn(Duration::from_secs(30)).await?;
+        let server = Self { process, _dir: dir };
+        // Listening comes before accepting sessions ("the database system is starting up").
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if sqlx::PgPool::connect(&server.url()).await.is_ok() {
@@ -136,27 +130,11 @@ impl PostgresServer {
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
     pub fn url(&self) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.process.port())
     }
-}
 
-impl Drop for PostgresServer {
-    fn drop(&mut self) {
-        let Some(mut child) = self.child.take() else {
-            return;
-        };
-        // SIGINT is PostgreSQL's fast shutdown; SIGKILL would orphan its backends.
-        let _ = Command::new("kill")
-            .args(["-INT", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+    /// The server process (PID, signals, log).
+    pub fn process(&self) -> &LocalProcess {
+        &self.process
     }
 }

@@ -1,10 +1,9 @@
-//! Helpers of the conformance suite, public for backends' own tests and the bench.
+//! [`OrderChecker`]: the one strict per-aggregate order check.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use crate::Envelope;
+use eventbus_core::Envelope;
 
 /// The one strict order check, used by the conformance suite, the fault
 /// tests and the bench. Per (topic, aggregate id), across every member of a
@@ -268,35 +267,10 @@ impl OrderChecker {
     }
 }
 
-/// Polls `done` every 5 ms until it holds or `timeout` passes; returns whether it held.
-pub async fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let deadline = tokio::time::Instant::now() + timeout;
-    while tokio::time::Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    done()
-}
-
-/// A topic or group name unique to one run of one case.
-pub(crate) fn unique(prefix: &str) -> String {
-    let id = uuid::Uuid::now_v7().simple().to_string();
-    format!("{prefix}-{}", &id[id.len() - 12..])
-}
-
-/// A valid envelope of `aggregate` at `version` with a small JSON payload.
-pub fn envelope(aggregate: &str, version: i64) -> Envelope {
-    Envelope::builder(aggregate, "TestEvent", version)
-        .json_payload(&serde_json::json!({ "aggregate": aggregate, "version": version }))
-        .and_then(|b| b.build())
-        .expect("valid test envelope")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::envelope;
 
     fn attempts(c: &Arc<OrderChecker>, versions: &[(i64, bool)]) {
         for &(v, ok) in versions {
