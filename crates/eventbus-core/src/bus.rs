@@ -13,7 +13,7 @@ use crate::config::BusConfig;
 use crate::consume::executor::OrderedExecutor;
 use crate::consume::process::Job;
 use crate::consume::process::{Handler, HandlerFn, SubscriptionParams, SubscriptionShared};
-use crate::consume::subscription::{DeadLetter, SubscribeOptions, Subscription};
+use crate::consume::subscription::{SubscribeOptions, Subscription};
 use crate::envelope::Envelope;
 use crate::error::{BoxError, Error, Result, ValidationError};
 use crate::headers;
@@ -323,13 +323,11 @@ impl EventBus {
             return Err(ValidationError::new("group", "must not be blank").into());
         }
         let consumer = &self.inner.config.consumer;
-        let dead_letter_topic = match options.dead_letter {
-            DeadLetter::Default if consumer.dead_letter => {
-                Some(format!("{topic}{}", consumer.dead_letter_suffix))
-            }
-            DeadLetter::Default | DeadLetter::Park => None,
-            DeadLetter::Topic(t) => Some(t),
-        };
+        let dead_letter_topic = options
+            .dead_letter
+            .as_ref()
+            .unwrap_or(&consumer.dead_letter)
+            .topic_for(topic);
         if let Some(dlq) = &dead_letter_topic {
             validate_topic(dlq).map_err(|e| ValidationError::new("dead_letter_topic", e.reason))?;
             self.inner.backend.check_publishable(dlq).await?;

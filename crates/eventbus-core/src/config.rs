@@ -12,8 +12,7 @@
 //! | `consumer.max_in_flight` | 10,000 | messages fetched but not yet settled, per subscription; then its fetching waits |
 //! | `consumer.handler_timeout_ms` | none | longest handler attempt; then it counts as failed (and is retried) |
 //! | `consumer.retry` | 3 attempts, 100 ms × 2 up to 10 s, 20 % jitter | see [`RetryPolicy`] |
-//! | `consumer.dead_letter_suffix` | `.dlq` | dead-letter topic = topic + suffix |
-//! | `consumer.dead_letter` | true | dead-letter after the last attempt; false parks the aggregate |
+//! | `consumer.dead_letter` | `{ suffix = ".dlq" }` | where exhausted messages go: `{ suffix = S }` (topic + S), `{ topic = T }`, or `"disabled"` (the aggregate parks) |
 //! | `close_timeout_ms` | 10,000 | longest wait in `close()` for handlers and publishes |
 //! | `memory.max_messages_per_topic` | 100,000 | memory backend: retained messages per topic |
 //!
@@ -87,10 +86,8 @@ pub struct ConsumerConfig {
     pub handler_timeout_ms: Option<u64>,
     /// Default retry policy of subscriptions.
     pub retry: RetryPolicy,
-    /// Whether exhausted messages are dead-lettered (else the aggregate parks).
-    pub dead_letter: bool,
-    /// Suffix making the default dead-letter topic from the topic.
-    pub dead_letter_suffix: String,
+    /// Where exhausted messages go by default. Default `<topic>.dlq`.
+    pub dead_letter: crate::dead_letter::DeadLetterPolicy,
 }
 
 /// Memory backend settings.
@@ -140,8 +137,7 @@ impl Default for ConsumerConfig {
             max_in_flight: 10_000,
             handler_timeout_ms: None,
             retry: RetryPolicy::default(),
-            dead_letter: true,
-            dead_letter_suffix: ".dlq".into(),
+            dead_letter: crate::dead_letter::DeadLetterPolicy::default(),
         }
     }
 }

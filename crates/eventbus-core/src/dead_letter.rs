@@ -3,8 +3,58 @@
 //! `X-Original-Topic` and `X-Error-Message` (the Go SDK's header names), and
 //! a dedup id of its own.
 
+use serde::{Deserialize, Serialize};
+
 use crate::headers;
 use crate::message::Message;
+
+/// Where messages go once their attempts are exhausted: the one dead-letter
+/// setting of subscriptions (`consumer.dead_letter`, [`SubscribeOptions`](crate::SubscribeOptions))
+/// and of the outbox relay.
+///
+/// In configuration files: `dead_letter = { suffix = ".dlq" }`,
+/// `dead_letter = { topic = "all.dlq" }` or `dead_letter = "disabled"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DeadLetterPolicy {
+    /// `<topic><suffix>`. The Go SDK's convention is `.dlq`.
+    Suffix(String),
+    /// One fixed topic for every source topic.
+    Topic(String),
+    /// No dead-letter topic. A subscription parks the aggregate instead
+    /// (retried with capped backoff, reported stalled in health, until the
+    /// handler succeeds); the outbox relay only marks the row
+    /// `dead_lettered` in its table.
+    Disabled,
+}
+
+impl Default for DeadLetterPolicy {
+    /// `Suffix(".dlq")`, as the Go SDK.
+    fn default() -> Self {
+        Self::suffix(".dlq")
+    }
+}
+
+impl DeadLetterPolicy {
+    /// `<topic><suffix>`.
+    pub fn suffix(suffix: impl Into<String>) -> Self {
+        Self::Suffix(suffix.into())
+    }
+
+    /// One fixed topic.
+    pub fn topic(topic: impl Into<String>) -> Self {
+        Self::Topic(topic.into())
+    }
+
+    /// The dead-letter topic of `topic`; `None` when disabled.
+    pub fn topic_for(&self, topic: &str) -> Option<String> {
+        match self {
+            Self::Suffix(suffix) => Some(format!("{topic}{suffix}")),
+            Self::Topic(t) => Some(t.clone()),
+            Self::Disabled => None,
+        }
+    }
+}
 
 /// Longest `X-Error-Message` header value, in bytes: headers must stay
 /// small (NATS counts them in `max_payload`, default 1 MiB).

@@ -26,7 +26,8 @@ mod secret;
 pub use backend::{AckFuture, Backend, BackendSubscription, SubscribeSpec};
 pub use bus::{EventBus, EventBusBuilder, MAX_TOPIC_LEN, validate_topic};
 pub use config::{BusConfig, ConsumerConfig, ENV_PREFIX, MemoryConfig, PublishConfig, ResultsConfig};
-pub use consume::subscription::{DeadLetter, SubscribeOptions, Subscription};
+pub use consume::subscription::{SubscribeOptions, Subscription};
+pub use dead_letter::DeadLetterPolicy;
 pub use envelope::{
     Envelope, EnvelopeBuilder, MAX_AGGREGATE_ID_LEN, MAX_EVENT_ID_LEN, Payload, new_event_id,
     validate_aggregate_id,

@@ -5,14 +5,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use eventbus_core::{Envelope, EventBus, Message, PublishResult, Result, RetryPolicy, dead_letter, headers};
+use eventbus_core::{
+    DeadLetterPolicy, Envelope, EventBus, Message, PublishResult, Result, RetryPolicy, dead_letter, headers,
+};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{OutboxRow, OutboxStore, now_us};
-
-/// Name of the lease a SQLite relay holds (one relay per SQLite database).
-const SQLITE_LEASE: &str = "sqlite-relay";
+use crate::store::{OutboxRow, OutboxStore, Wakeups, now_us};
 
 /// Relay settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -32,8 +31,10 @@ pub struct RelayConfig {
     /// dead-lettered) and the backoff between them. Default 5 attempts,
     /// 200 ms × 2 up to 30 s, 20 % jitter.
     pub backoff: RetryPolicy,
-    /// Also publish dead-lettered rows to `<topic><suffix>` when set. Default none.
-    pub dead_letter_suffix: Option<String>,
+    /// Where rows go after `backoff.max_attempts` failed publishes, besides
+    /// being marked `dead_lettered` in the table. Default
+    /// [`Disabled`](DeadLetterPolicy::Disabled): the table only.
+    pub dead_letter: DeadLetterPolicy,
     /// Published rows are deleted after this long, in ms. Default 24 h.
     pub retention_ms: u64,
     /// How often cleanup runs, in ms. Default 60,000.
@@ -53,7 +54,7 @@ impl Default for RelayConfig {
                 multiplier: 2.0,
                 jitter: 0.2,
             },
-            dead_letter_suffix: None,
+            dead_letter: DeadLetterPolicy::Disabled,
             retention_ms: 24 * 3_600_000,
             cleanup_interval_ms: 60_000,
         }
@@ -120,7 +121,7 @@ impl Relay {
     /// # Errors
     /// Database errors are logged and retried; only a failed LISTEN setup returns.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
-        let mut listener = self.listener().await?;
+        let mut wakeups = self.store.database().wakeups().await?;
         let mut last_cleanup = tokio::time::Instant::now();
         let cleanup_every = Duration::from_millis(self.config.cleanup_interval_ms);
         while !shutdown.is_cancelled() {
@@ -148,25 +149,11 @@ impl Relay {
                 tokio::select! {
                     _ = shutdown.cancelled() => {}
                     _ = poll => {}
-                    _ = notified(&mut listener) => {}
+                    _ = notified(&mut wakeups) => {}
                 }
             }
         }
         Ok(())
-    }
-
-    async fn listener(&self) -> Result<Option<sqlx::postgres::PgListener>> {
-        let OutboxStore::Postgres(pool) = &self.store else {
-            return Ok(None);
-        };
-        let mut listener = sqlx::postgres::PgListener::connect_with(pool)
-            .await
-            .map_err(crate::store::db("listen"))?;
-        listener
-            .listen("outbox_events")
-            .await
-            .map_err(crate::store::db("listen"))?;
-        Ok(Some(listener))
     }
 
     /// One round; returns the rows it claimed.
@@ -181,9 +168,7 @@ impl Relay {
     /// `Backend` when the database fails (claimed rows are claimable again after their lease).
     pub async fn run_once(&self) -> Result<usize> {
         let lease = Duration::from_millis(self.config.lease_ms);
-        if matches!(self.store, OutboxStore::Sqlite(_))
-            && !self.store.acquire_lease(SQLITE_LEASE, &self.id, lease).await?
-        {
+        if !self.store.database().may_run(&self.id, lease).await? {
             return Ok(0);
         }
         let claim = format!("{}/{}", self.id, eventbus_core::new_event_id());
@@ -280,12 +265,12 @@ impl Relay {
     /// [`eventbus_core::dead_letter`], as a subscription's are); true when
     /// there is none or the broker confirmed.
     async fn publish_dead_letter(&self, row: &OutboxRow, error: &str) -> bool {
-        let Some(suffix) = &self.config.dead_letter_suffix else {
+        let Some(dead_letter_topic) = self.config.dead_letter.topic_for(&row.topic) else {
             return true;
         };
         let stored = Message::new(row.topic.clone(), row.envelope.clone().into_bytes())
             .with_header(headers::EVENT_ID, row.id.clone());
-        let message = dead_letter::dead_letter(&stored, &row.topic, &format!("{}{suffix}", row.topic), error);
+        let message = dead_letter::dead_letter(&stored, &row.topic, &dead_letter_topic, error);
         match self.bus.publish_message(message).await {
             Ok(handle) => handle.await.is_success(),
             Err(_) => false,
@@ -300,14 +285,9 @@ fn confirmed(result: PublishResult) -> Result<(), String> {
     }
 }
 
-async fn notified(listener: &mut Option<sqlx::postgres::PgListener>) {
-    match listener {
-        Some(l) => {
-            if l.recv().await.is_err() {
-                // The connection dropped: fall back to polling.
-                std::future::pending::<()>().await;
-            }
-        }
+async fn notified(wakeups: &mut Option<Wakeups>) {
+    match wakeups {
+        Some(w) => w.next().await,
         None => std::future::pending::<()>().await,
     }
 }

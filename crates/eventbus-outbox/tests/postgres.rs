@@ -1,4 +1,6 @@
-//! The outbox and inbox on a real, throwaway PostgreSQL cluster.
+//! The outbox and inbox on a real, throwaway PostgreSQL cluster: the shared
+//! outbox store suite (a database per case), and what only PostgreSQL does
+//! (several relays sharing the work, a broker outage).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -6,13 +8,10 @@ use std::time::Duration;
 
 use eventbus_core::{BusConfig, Envelope, EventBus, MemoryBackend, SubscribeOptions};
 use eventbus_nats::{NatsBackend, NatsConfig};
-use eventbus_outbox::{
-    InboxOutcome, OutboxEvent, OutboxStore, Relay, RelayConfig, append, handle_once_postgres,
-};
+use eventbus_outbox::{OutboxEvent, OutboxStore, Relay, RelayConfig, append};
 use eventbus_testkit::server::NatsServer;
 use eventbus_testkit::server::PostgresServer;
 use eventbus_testkit::{OrderChecker, envelope, eventually};
-use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 
 async fn store(pg: &PostgresServer) -> (OutboxStore, sqlx::PgPool) {
@@ -23,6 +22,33 @@ async fn store(pg: &PostgresServer) -> (OutboxStore, sqlx::PgPool) {
     };
     (store.clone(), pool.clone())
 }
+
+async fn setup() -> impl eventbus_testkit::outbox::StoreFactory {
+    let pg = Arc::new(
+        PostgresServer::start()
+            .await
+            .expect("PostgreSQL (scripts/install-test-deps installs it)"),
+    );
+    move || {
+        let pg = pg.clone();
+        async move {
+            let name = eventbus_testkit::unique("db").replace('-', "_");
+            let admin = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+            sqlx::query(&format!("CREATE DATABASE {name}"))
+                .execute(&admin)
+                .await
+                .unwrap();
+            admin.close().await;
+            let base = pg.url();
+            let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+            let store = OutboxStore::connect(&url, 10).await.unwrap();
+            store.migrate().await.unwrap();
+            store
+        }
+    }
+}
+
+eventbus_testkit::outbox_store_tests!(setup);
 
 fn fast() -> RelayConfig {
     RelayConfig {
@@ -168,46 +194,4 @@ async fn rows_stay_pending_while_the_broker_is_down_then_flow() {
     running.await.unwrap();
     assert!(tx_seen.report().is_strictly_ordered(), "{}", tx_seen.report());
     assert_eq!(store.status().await.unwrap().counts.get("published"), Some(&100));
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_append_is_atomic_and_the_inbox_dedups() {
-    let pg = PostgresServer::start().await.unwrap();
-    let (store, pool) = store(&pg).await;
-    sqlx::query("CREATE TABLE ledger (event_id TEXT PRIMARY KEY, amount BIGINT NOT NULL)")
-        .execute(&pool)
-        .await
-        .unwrap();
-    let mut tx = pool.begin().await.unwrap();
-    append(&mut *tx, OutboxEvent::new("orders", &envelope("r", 1), "Order"))
-        .await
-        .unwrap();
-    tx.rollback().await.unwrap();
-    assert!(
-        store.status().await.unwrap().counts.is_empty(),
-        "a rolled-back append left a row"
-    );
-
-    let e = envelope("r", 1);
-    for expected in [InboxOutcome::Processed, InboxOutcome::Duplicate] {
-        let id = e.event_id.clone();
-        let outcome = handle_once_postgres(&pool, "ledger", &e.event_id, move |conn| {
-            async move {
-                sqlx::query("INSERT INTO ledger VALUES ($1, 10)")
-                    .bind(id)
-                    .execute(&mut *conn)
-                    .await?;
-                Ok(())
-            }
-            .boxed()
-        })
-        .await
-        .unwrap();
-        assert_eq!(outcome, expected);
-    }
-    let rows: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM ledger")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(rows.0, 1);
 }

@@ -13,7 +13,7 @@
 
 pub mod conformance;
 mod order;
-// pub mod outbox;
+pub mod outbox;
 pub mod server;
 mod support;
 

@@ -11,6 +11,7 @@ use tokio::task::JoinHandle;
 use super::executor::OrderedExecutor;
 use super::process::{Job, SubscriptionShared};
 use crate::backend::BackendSubscription;
+use crate::dead_letter::DeadLetterPolicy;
 use crate::error::{Error, ErrorKind, Result};
 use crate::health::SubscriptionHealth;
 use crate::retry::RetryPolicy;
@@ -18,20 +19,6 @@ use crate::retry::RetryPolicy;
 /// Longest wait, after `close_timeout_ms` passed and running handlers were
 /// cancelled, for their messages to be handed back.
 const ABORT_WAIT: Duration = Duration::from_secs(1);
-
-/// Where a subscription sends messages whose attempts are exhausted.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum DeadLetter {
-    /// The bus's default: `<topic><consumer.dead_letter_suffix>` when
-    /// `consumer.dead_letter` is true, else [`Park`](DeadLetter::Park).
-    #[default]
-    Default,
-    /// This topic.
-    Topic(String),
-    /// No dead-letter topic: the aggregate stays parked, retried with capped
-    /// backoff and reported as stalled in health, until the handler succeeds.
-    Park,
-}
 
 /// Options of one subscription: its consumer group, retry policy and dead-letter topic.
 #[derive(Debug, Clone, PartialEq)]
@@ -41,8 +28,9 @@ pub struct SubscribeOptions {
     pub group: String,
     /// Overrides `consumer.retry` for this subscription.
     pub retry: Option<RetryPolicy>,
-    /// Where exhausted messages go.
-    pub dead_letter: DeadLetter,
+    /// Where exhausted messages go; `None` (default): the bus's
+    /// `consumer.dead_letter`.
+    pub dead_letter: Option<DeadLetterPolicy>,
 }
 
 impl SubscribeOptions {
@@ -51,7 +39,7 @@ impl SubscribeOptions {
         Self {
             group: group.into(),
             retry: None,
-            dead_letter: DeadLetter::Default,
+            dead_letter: None,
         }
     }
 
@@ -65,14 +53,15 @@ impl SubscribeOptions {
     /// Dead-letters to `topic`.
     #[must_use]
     pub fn dead_letter_topic(mut self, topic: impl Into<String>) -> Self {
-        self.dead_letter = DeadLetter::Topic(topic.into());
+        self.dead_letter = Some(DeadLetterPolicy::topic(topic));
         self
     }
 
-    /// Parks failing aggregates instead of dead-lettering.
+    /// Parks failing aggregates instead of dead-lettering
+    /// ([`DeadLetterPolicy::Disabled`]).
     #[must_use]
     pub fn park_on_failure(mut self) -> Self {
-        self.dead_letter = DeadLetter::Park;
+        self.dead_letter = Some(DeadLetterPolicy::Disabled);
         self
     }
 }

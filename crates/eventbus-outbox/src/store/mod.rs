@@ -1,11 +1,21 @@
 //! [`OutboxStore`]: the outbox table on SQLite or PostgreSQL.
+//!
+//! What differs per database lives in one module each, behind the
+//! [`Database`] trait: `sqlite.rs` (one relay at a time, under a lease row)
+//! and `postgres.rs` (many relays: `FOR UPDATE SKIP LOCKED` claims, `LISTEN`
+//! wake-ups). The statements both run the same way (renew, mark published,
+//! fail, cleanup, status) are here, written once with `?` placeholders.
+
+mod postgres;
+mod sqlite;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use eventbus_core::{Error, Result};
-use sqlx::postgres::{PgPool, PgPoolOptions};
-use sqlx::sqlite::{SqliteConnectOptions, SqlitePool, SqlitePoolOptions};
+use sqlx::postgres::PgPool;
+use sqlx::sqlite::SqlitePool;
 
 /// Microseconds since the Unix epoch: the unit of every time column.
 pub(crate) fn now_us() -> i64 {
@@ -24,9 +34,8 @@ impl Dialect {
     /// compared on one clock, never on each relay's own.
     pub(crate) fn now_us(self) -> &'static str {
         match self {
-            // Embedded: the database's clock is this process's.
-            Dialect::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)",
-            Dialect::Postgres => "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT",
+            Dialect::Sqlite => sqlite::NOW_US,
+            Dialect::Postgres => postgres::NOW_US,
         }
     }
 
@@ -67,6 +76,25 @@ macro_rules! with_pool {
         }
     };
 }
+
+/// A pending row is a head when no pending row of its aggregate comes
+/// before it; due heads not held by a live lease (`now` is the database's
+/// clock as SQL), oldest first, at most `?` of them after the `?` due time.
+fn heads_sql(now: &str) -> String {
+    format!(
+        "SELECT o.seq FROM outbox_events o
+        WHERE o.status = 'pending' AND o.next_attempt_at <= ?
+          AND (o.lease_until IS NULL OR o.lease_until < {now})
+          AND NOT EXISTS (SELECT 1 FROM outbox_events p
+              WHERE p.aggregate_id = o.aggregate_id AND p.status = 'pending'
+                AND (p.event_version < o.event_version
+                     OR (p.event_version = o.event_version AND p.seq < o.seq)))
+        ORDER BY o.seq LIMIT ?"
+    )
+}
+
+/// The columns a claim returns, as [`OutboxRow`].
+const RETURNING: &str = "RETURNING id, topic, envelope, aggregate_id, event_version, attempts, created_at";
 
 pub(crate) fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |e| Error::backend(format!("outbox database: {what} failed"), e)
@@ -110,35 +138,30 @@ pub struct OutboxStatus {
 }
 
 impl OutboxStore {
-    /// Connects to `url` (`sqlite:` or `postgres:`/`postgresql:`) with a pool of `max_connections`.
+    /// Connects to `url` (`sqlite:` or `postgres:`/`postgresql:`) with a
+    /// pool of `max_connections`. SQLite files are created when missing and
+    /// opened in WAL mode with a 10 s busy timeout.
     ///
     /// # Errors
-    /// [`Config`](ErrorKind::Config) for another scheme, `Backend` when the database refuses.
+    /// [`Config`](eventbus_core::ErrorKind::Config) for another scheme or an
+    /// invalid URL, `Backend` when the database refuses.
     pub async fn connect(url: &str, max_connections: u32) -> Result<Self> {
         if url.starts_with("sqlite:") {
-            let options: SqliteConnectOptions = url
-                .parse::<SqliteConnectOptions>()
-                .map_err(|e| Error::config("invalid SQLite URL").with_source(e))?
-                .create_if_missing(true)
-                .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal)
-                .busy_timeout(Duration::from_secs(10));
-            let pool = SqlitePoolOptions::new()
-                .max_connections(max_connections)
-                .connect_with(options)
-                .await
-                .map_err(db("connect"))?;
-            Ok(Self::Sqlite(pool))
+            Ok(Self::Sqlite(sqlite::connect(url, max_connections).await?))
         } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
-            let pool = PgPoolOptions::new()
-                .max_connections(max_connections)
-                .connect(url)
-                .await
-                .map_err(db("connect"))?;
-            Ok(Self::Postgres(pool))
+            Ok(Self::Postgres(postgres::connect(url, max_connections).await?))
         } else {
-            Err(Error::config(format!(
-                "unsupported database URL {url:?}: use sqlite: or postgres:"
-            )))
+            Err(Error::config(
+                "unsupported database URL: use sqlite: or postgres:".to_owned(),
+            ))
+        }
+    }
+
+    /// The database-specific half of the store.
+    pub(crate) fn database(&self) -> &dyn Database {
+        match self {
+            Self::Sqlite(pool) => pool,
+            Self::Postgres(pool) => pool,
         }
     }
 
@@ -147,11 +170,7 @@ impl OutboxStore {
     /// # Errors
     /// `Backend` when a migration fails.
     pub async fn migrate(&self) -> Result<()> {
-        let run = match self {
-            Self::Sqlite(pool) => sqlx::migrate!("./migrations/sqlite").run(pool).await,
-            Self::Postgres(pool) => sqlx::migrate!("./migrations/postgres").run(pool).await,
-        };
-        run.map_err(|e| Error::backend("outbox migration failed", e))
+        self.database().migrate().await
     }
 
     /// Claims up to `limit` due rows under `claim` (a token unique to one
@@ -159,46 +178,7 @@ impl OutboxStore {
     /// `event_version`) of each aggregate, and only when no live lease
     /// (database clock) holds it. The lease lasts `lease`.
     pub(crate) async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>> {
-        let lease_us = lease.as_micros() as i64;
-        let now_ts = now_us();
-        let rows = with_pool!(self, |pool, d| {
-            let now = d.now_us();
-            // A row is a head when no pending row of its aggregate comes before it.
-            let heads = format!(
-                "SELECT o.seq FROM outbox_events o
-            WHERE o.status = 'pending' AND o.next_attempt_at <= ?
-              AND (o.lease_until IS NULL OR o.lease_until < {now})
-              AND NOT EXISTS (SELECT 1 FROM outbox_events p
-                  WHERE p.aggregate_id = o.aggregate_id AND p.status = 'pending'
-                    AND (p.event_version < o.event_version
-                         OR (p.event_version = o.event_version AND p.seq < o.seq)))
-            ORDER BY o.seq LIMIT ?"
-            );
-            let returning =
-                "RETURNING id, topic, envelope, aggregate_id, event_version, attempts, created_at";
-            let sql = match d {
-                Dialect::Sqlite => format!(
-                    "UPDATE outbox_events SET claimed_by = ?, lease_until = {now} + ? WHERE seq IN ({heads}) {returning}"
-                ),
-                // SKIP LOCKED: rows another relay is claiming right now are left to it;
-                // status and lease are checked again on the locked row.
-                Dialect::Postgres => format!(
-                    "UPDATE outbox_events SET claimed_by = ?, lease_until = {now} + ?
-                     WHERE seq IN (SELECT seq FROM outbox_events WHERE seq IN ({heads}) FOR UPDATE SKIP LOCKED)
-                       AND status = 'pending' AND (lease_until IS NULL OR lease_until < {now}) {returning}"
-                ),
-            };
-            let sql = d.sql(&sql);
-            sqlx::query_as::<_, OutboxRow>(&sql)
-                .bind(claim)
-                .bind(lease_us)
-                .bind(now_ts)
-                .bind(limit)
-                .fetch_all(pool)
-                .await
-                .map_err(db("claim"))?
-        });
-        let mut rows = rows;
+        let mut rows = self.database().claim(claim, limit, lease).await?;
         rows.sort_by_key(|r| r.created_at);
         Ok(rows)
     }
@@ -312,26 +292,38 @@ impl OutboxStore {
             oldest_pending_age_ms: oldest.map(|t| (now_us() - t) / 1000),
         })
     }
+}
 
-    /// Takes or renews the named lease for `holder` until `lease` from now;
-    /// false while another holder's lease runs.
-    pub(crate) async fn acquire_lease(&self, name: &str, holder: &str, lease: Duration) -> Result<bool> {
-        let now = now_us();
-        let sql = "INSERT INTO outbox_relay_lease (name, holder, lease_until) VALUES (?, ?, ?)
-            ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
-            WHERE outbox_relay_lease.holder = excluded.holder OR outbox_relay_lease.lease_until < ?";
-        let affected = with_pool!(self, |pool, d| {
-            sqlx::query(&d.sql(sql))
-                .bind(name)
-                .bind(holder)
-                .bind(now + lease.as_micros() as i64)
-                .bind(now)
-                .execute(pool)
-                .await
-                .map_err(db("lease"))?
-                .rows_affected()
-        });
-        Ok(affected == 1)
+/// What differs per database. One implementation per module:
+/// `sqlite.rs` for [`SqlitePool`], `postgres.rs` for [`PgPool`].
+#[async_trait]
+pub(crate) trait Database: Send + Sync {
+    /// Runs the migrations.
+    async fn migrate(&self) -> Result<()>;
+
+    /// Claims due head rows (see [`OutboxStore::claim`]), in any order.
+    async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>>;
+
+    /// Whether relay `relay` may run a round now. SQLite: only the holder of
+    /// the database's relay lease (taken or renewed for `lease`); PostgreSQL:
+    /// always (claims keep relays apart).
+    async fn may_run(&self, relay: &str, lease: Duration) -> Result<bool>;
+
+    /// Wake-ups when rows are inserted (PostgreSQL `LISTEN`); `None` where
+    /// the relay only polls.
+    async fn wakeups(&self) -> Result<Option<Wakeups>>;
+}
+
+/// A stream of "rows were inserted" notices (PostgreSQL `LISTEN outbox_events`).
+pub(crate) struct Wakeups(sqlx::postgres::PgListener);
+
+impl Wakeups {
+    /// Waits for the next notice; never returns once the connection dropped
+    /// (the relay falls back to polling).
+    pub(crate) async fn next(&mut self) {
+        if self.0.recv().await.is_err() {
+            std::future::pending::<()>().await;
+        }
     }
 }
 

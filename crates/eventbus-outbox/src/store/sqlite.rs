@@ -1,0 +1,78 @@
+//! The outbox on SQLite: embedded, one relay at a time. A relay runs rounds
+//! only while it holds the database's relay lease (table
+//! `outbox_relay_lease`), so two processes sharing a file never interleave.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventbus_core::{Error, Result};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+
+use super::{Database, OutboxRow, Wakeups, db};
+
+/// Name of the lease a SQLite relay holds (one relay per SQLite database).
+const RELAY_LEASE: &str = "sqlite-relay";
+
+/// The database's clock in µs since the Unix epoch (embedded: this process's).
+pub(super) const NOW_US: &str = "CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER)";
+
+pub(super) async fn connect(url: &str, max_connections: u32) -> Result<SqlitePool> {
+    let options: SqliteConnectOptions = url
+        .parse::<SqliteConnectOptions>()
+        .map_err(|e| Error::config("invalid SQLite URL").with_source(e))?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .busy_timeout(Duration::from_secs(10));
+    SqlitePoolOptions::new()
+        .max_connections(max_connections)
+        .connect_with(options)
+        .await
+        .map_err(db("connect"))
+}
+
+#[async_trait]
+impl Database for SqlitePool {
+    async fn migrate(&self) -> Result<()> {
+        sqlx::migrate!("./migrations/sqlite")
+            .run(self)
+            .await
+            .map_err(|e| Error::backend("outbox migration failed", e))
+    }
+
+    async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>> {
+        let sql = format!(
+            "UPDATE outbox_events SET claimed_by = ?, lease_until = {NOW_US} + ? WHERE seq IN ({}) {}",
+            super::heads_sql(NOW_US),
+            super::RETURNING
+        );
+        sqlx::query_as::<_, OutboxRow>(&sql)
+            .bind(claim)
+            .bind(lease.as_micros() as i64)
+            .bind(super::now_us())
+            .bind(limit)
+            .fetch_all(self)
+            .await
+            .map_err(db("claim"))
+    }
+
+    async fn may_run(&self, relay: &str, lease: Duration) -> Result<bool> {
+        let sql = format!(
+            "INSERT INTO outbox_relay_lease (name, holder, lease_until) VALUES (?, ?, {NOW_US} + ?)
+            ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
+            WHERE outbox_relay_lease.holder = excluded.holder OR outbox_relay_lease.lease_until < {NOW_US}"
+        );
+        let affected = sqlx::query(&sql)
+            .bind(RELAY_LEASE)
+            .bind(relay)
+            .bind(lease.as_micros() as i64)
+            .execute(self)
+            .await
+            .map_err(db("lease"))?
+            .rows_affected();
+        Ok(affected == 1)
+    }
+
+    async fn wakeups(&self) -> Result<Option<Wakeups>> {
+        Ok(None)
+    }
+}

@@ -1,0 +1,575 @@
+//! The outbox store suite: every case runs on each database the outbox
+//! supports (SQLite and PostgreSQL) through [`outbox_store_tests!`](crate::outbox_store_tests),
+//! one `#[test]` per case, so the two databases are held to the same
+//! behaviour by the same code. Relaying goes through the memory backend;
+//! broker faults are each backend's own tests.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eventbus_core::{
+    AckFuture, Backend, BackendSubscription, BusConfig, ConnectionState, Envelope, ErrorKind, EventBus,
+    MemoryBackend, Message, RetryPolicy, SubscribeOptions, SubscribeSpec, Subscription, headers,
+};
+use eventbus_outbox::{InboxOutcome, OutboxEvent, OutboxStore, Relay, RelayConfig, append};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+
+use crate::{OrderChecker, envelope, eventually};
+
+/// Makes a fresh, migrated [`OutboxStore`] (its own database or file) per call.
+#[async_trait]
+pub trait StoreFactory: Send + Sync {
+    /// A new, empty, migrated store.
+    async fn store(&self) -> OutboxStore;
+}
+
+#[async_trait]
+impl<F, Fut> StoreFactory for F
+where
+    F: Fn() -> Fut + Send + Sync,
+    Fut: Future<Output = OutboxStore> + Send,
+{
+    async fn store(&self) -> OutboxStore {
+        self().await
+    }
+}
+
+/// One case of the suite.
+pub type Case = for<'a> fn(&'a dyn StoreFactory) -> BoxFuture<'a, ()>;
+
+/// Generates the outbox store suite in a test file: one `#[test]` per case.
+/// `$setup` is an `async fn() -> F` where `F:` [`StoreFactory`] (owning any
+/// server it started).
+#[macro_export]
+macro_rules! outbox_store_tests {
+    ($setup:path) => {
+        $crate::outbox_store_tests!(@list [@cases $setup;]);
+    };
+    (@list [$($then:tt)*]) => {
+        $crate::outbox_store_tests!($($then)*
+            a_rolled_back_transaction_publishes_nothing_and_a_committed_one_everything,
+            the_relay_keeps_per_aggregate_order_and_dead_letters_a_poison_event,
+            cleanup_removes_only_published_rows_past_retention,
+            the_inbox_runs_a_redelivered_event_once,
+            an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers,
+            a_relay_whose_claim_expired_never_undoes_another_relays_work,
+        );
+    };
+    (@all; $($case:ident),* $(,)?) => {
+        /// Every case, by name.
+        pub fn cases() -> Vec<(&'static str, Case)> {
+            vec![$((stringify!($case), $case as Case)),*]
+        }
+    };
+    (@cases $setup:path; $($case:ident),* $(,)?) => {
+        $(
+            #[test]
+            fn $case() {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("runtime");
+                let factory = runtime.block_on($setup());
+                $crate::outbox::run_case(&runtime, stringify!($case), &factory);
+                drop(factory);
+            }
+        )*
+    };
+}
+
+outbox_store_tests!(@list [@all;]);
+
+/// Runs the case called `name` on `runtime`, bounded by 120 s.
+///
+/// # Panics
+/// When the case fails, does not finish in time, or no case has that name.
+pub fn run_case(runtime: &tokio::runtime::Runtime, name: &str, factory: &dyn StoreFactory) {
+    let case = cases()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .unwrap_or_else(|| panic!("no outbox store case {name}"))
+        .1;
+    let outcome =
+        runtime.block_on(async { tokio::time::timeout(Duration::from_secs(120), case(factory)).await });
+    assert!(outcome.is_ok(), "outbox case {name} did not finish within 120 s");
+}
+
+/// `sql` with `?` placeholders, numbered `$1, $2, …` for PostgreSQL.
+fn sql(store: &OutboxStore, sql: &str) -> String {
+    match store {
+        OutboxStore::Postgres(_) => {
+            let mut n = 0;
+            sql.chars()
+                .map(|c| {
+                    if c == '?' {
+                        n += 1;
+                        format!("${n}")
+                    } else {
+                        c.to_string()
+                    }
+                })
+                .collect()
+        }
+        OutboxStore::Sqlite(_) => sql.to_owned(),
+    }
+}
+
+/// Runs `$body` once per pool type, with `$pool` bound to the store's pool.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match $store {
+            OutboxStore::Sqlite($pool) => $body,
+            OutboxStore::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// In one transaction: a business row in `orders`, then `events` appended to
+/// the outbox (topic `orders`); committed or rolled back. Returns what each
+/// `append` returned (false: the idempotency key was already there).
+async fn business_write(store: &OutboxStore, order: &str, events: &[Envelope], commit: bool) -> Vec<bool> {
+    let insert = sql(store, "INSERT INTO orders (id, total) VALUES (?, 100)");
+    on_pool!(store, |pool| {
+        let mut tx = pool.begin().await.expect("begin");
+        sqlx::query(&insert)
+            .bind(order)
+            .execute(&mut *tx)
+            .await
+            .expect("business write");
+        let mut inserted = Vec::new();
+        for e in events {
+            inserted.push(
+                append(&mut *tx, OutboxEvent::new("orders", e, "Order"))
+                    .await
+                    .expect("append"),
+            );
+        }
+        if commit {
+            tx.commit().await.expect("commit");
+        } else {
+            tx.rollback().await.expect("rollback");
+        }
+        inserted
+    })
+}
+
+/// A fresh store with the business table `orders`.
+async fn store(f: &dyn StoreFactory) -> OutboxStore {
+    let store = f.store().await;
+    on_pool!(&store, |pool| {
+        sqlx::query("CREATE TABLE orders (id TEXT PRIMARY KEY, total BIGINT NOT NULL)")
+            .execute(pool)
+            .await
+            .map(drop)
+            .expect("create orders")
+    });
+    store
+}
+
+/// Inserts a row by hand (bypassing `append`'s checks): `topic` and the
+/// stored `envelope` text as given.
+async fn insert_raw(
+    store: &OutboxStore,
+    id: &str,
+    aggregate: &str,
+    version: i64,
+    topic: &str,
+    envelope: &str,
+) {
+    let insert = sql(
+        store,
+        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, event_version, topic, envelope, next_attempt_at, created_at, idempotency_key) VALUES (?, 'Order', ?, 'T', ?, ?, ?, 0, 0, ?)",
+    );
+    on_pool!(store, |pool| {
+        sqlx::query(&insert)
+            .bind(id)
+            .bind(aggregate)
+            .bind(version)
+            .bind(topic)
+            .bind(envelope)
+            .bind(id)
+            .execute(pool)
+            .await
+            .map(drop)
+            .expect("raw insert")
+    });
+}
+
+/// `(event_version, status)` of every row, by version.
+async fn statuses(store: &OutboxStore) -> Vec<(i64, String)> {
+    let q = "SELECT event_version, status FROM outbox_events ORDER BY event_version";
+    on_pool!(store, |pool| sqlx::query_as::<_, (i64, String)>(q)
+        .fetch_all(pool)
+        .await
+        .expect("statuses"))
+}
+
+fn fast() -> RelayConfig {
+    RelayConfig {
+        poll_interval_ms: 20,
+        backoff: RetryPolicy::fixed(3, 20),
+        ..RelayConfig::default()
+    }
+}
+
+/// Records deliveries of `topic` in a strict order checker, except those of
+/// aggregate `poisoned` (whose v1 is dead-lettered by design), counted apart.
+async fn recorder(bus: &EventBus, topic: &str) -> (Subscription, Arc<OrderChecker>, Arc<AtomicUsize>) {
+    let checker = Arc::new(OrderChecker::new());
+    let poisoned = Arc::new(AtomicUsize::new(0));
+    let (c, p, name) = (checker.clone(), poisoned.clone(), topic.to_owned());
+    let sub = bus
+        .subscribe_envelope(topic, SubscribeOptions::group("consumer"), move |e: Envelope| {
+            if e.aggregate_id == "poisoned" {
+                p.fetch_add(1, Ordering::SeqCst);
+            } else {
+                c.record(&name, &e);
+            }
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .expect("subscribe");
+    (sub, checker, poisoned)
+}
+
+fn a_rolled_back_transaction_publishes_nothing_and_a_committed_one_everything(
+    f: &dyn StoreFactory,
+) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let bus = EventBus::memory();
+        let (_sub, checker, _) = recorder(&bus, "orders").await;
+        business_write(&store, "o-1", &[envelope("o-1", 1)], false).await;
+        assert!(
+            store.status().await.unwrap().counts.is_empty(),
+            "a rolled-back append left a row"
+        );
+        let committed = envelope("o-2", 1);
+        let inserted = business_write(&store, "o-2", &[committed.clone(), committed], true).await;
+        assert_eq!(
+            inserted,
+            [true, false],
+            "the second append of one event id is a no-op"
+        );
+
+        let relay = Relay::new(store.clone(), bus.clone(), fast());
+        while relay.run_once().await.unwrap() > 0 {}
+        assert!(eventually(Duration::from_secs(30), || checker.report().received == 1).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(
+            checker.report().received,
+            1,
+            "the rolled-back event was published"
+        );
+        let status = store.status().await.unwrap();
+        assert_eq!(status.counts.get("published"), Some(&1));
+        assert_eq!(status.counts.get("pending"), None);
+    })
+}
+
+fn the_relay_keeps_per_aggregate_order_and_dead_letters_a_poison_event(
+    f: &dyn StoreFactory,
+) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let bus = EventBus::memory();
+        let (_sub, checker, poisoned) = recorder(&bus, "orders").await;
+        let events: Vec<Envelope> = (1..=20)
+            .flat_map(|v| (0..25).map(move |a| envelope(&format!("a-{a}"), v)))
+            .collect();
+        business_write(&store, "bulk", &events, true).await;
+        // A poison event: its topic is invalid, so every publish fails.
+        let poison = envelope("poisoned", 1);
+        let json = String::from_utf8(poison.encode().unwrap().to_vec()).unwrap();
+        insert_raw(&store, &poison.event_id, "poisoned", 1, "bad topic", &json).await;
+        business_write(&store, "after-poison", &[envelope("poisoned", 2)], true).await;
+
+        let relay = Relay::new(store.clone(), bus.clone(), fast());
+        let stats = relay.stats();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let running = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { relay.run(shutdown).await }
+        });
+        assert!(
+            eventually(Duration::from_secs(60), || checker.report().received == 500
+                && poisoned.load(Ordering::SeqCst) == 1)
+            .await,
+            "{}",
+            checker.report()
+        );
+        let report = checker.report();
+        assert!(report.is_strictly_ordered() && report.duplicates == 0, "{report}");
+        shutdown.cancel();
+        running.await.unwrap().unwrap();
+        assert_eq!(stats.dead_lettered.load(Ordering::Relaxed), 1);
+        let status = store.status().await.unwrap();
+        assert_eq!(status.counts.get("dead_lettered"), Some(&1));
+        assert_eq!(
+            status.counts.get("published"),
+            Some(&501),
+            "poisoned v2 went out after v1 was dead-lettered"
+        );
+    })
+}
+
+fn cleanup_removes_only_published_rows_past_retention(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let events: Vec<Envelope> = (1..=3).map(|v| envelope("c", v)).collect();
+        business_write(&store, "c", &events, true).await;
+        let relay = Relay::new(store.clone(), EventBus::memory(), fast());
+        relay.run_once().await.unwrap(); // v1 only: one event per aggregate per round
+        assert_eq!(
+            store.cleanup(Duration::from_secs(3600)).await.unwrap(),
+            0,
+            "too recent"
+        );
+        assert_eq!(
+            store.cleanup(Duration::ZERO).await.unwrap(),
+            1,
+            "only the published row"
+        );
+        let status = store.status().await.unwrap();
+        assert_eq!(status.counts.get("pending"), Some(&2));
+        assert!(status.oldest_pending_age_ms.is_some());
+    })
+}
+
+fn the_inbox_runs_a_redelivered_event_once(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let e = envelope("i", 1);
+        let insert = sql(&store, "INSERT INTO orders (id, total) VALUES (?, 1)");
+        for expected in [InboxOutcome::Processed, InboxOutcome::Duplicate] {
+            let outcome = match &store {
+                OutboxStore::Sqlite(pool) => {
+                    eventbus_outbox::handle_once_sqlite(pool, "billing", &e.event_id, |conn| {
+                        let q = insert.clone();
+                        async move {
+                            sqlx::query(&q).bind("i").execute(&mut *conn).await?;
+                            Ok(())
+                        }
+                        .boxed()
+                    })
+                    .await
+                }
+                OutboxStore::Postgres(pool) => {
+                    eventbus_outbox::handle_once_postgres(pool, "billing", &e.event_id, |conn| {
+                        let q = insert.clone();
+                        async move {
+                            sqlx::query(&q).bind("i").execute(&mut *conn).await?;
+                            Ok(())
+                        }
+                        .boxed()
+                    })
+                    .await
+                }
+            };
+            assert_eq!(outcome.unwrap(), expected);
+        }
+        // A failing handler rolls back its inbox row too, so a redelivery runs it again.
+        let failing = match &store {
+            OutboxStore::Sqlite(pool) => {
+                eventbus_outbox::handle_once_sqlite(pool, "billing", "other-event", |_| {
+                    async { Err("downstream down".into()) }.boxed()
+                })
+                .await
+            }
+            OutboxStore::Postgres(pool) => {
+                eventbus_outbox::handle_once_postgres(pool, "billing", "other-event", |_| {
+                    async { Err("downstream down".into()) }.boxed()
+                })
+                .await
+            }
+        };
+        assert_eq!(failing.unwrap_err().kind(), ErrorKind::Handler);
+        let (inbox, orders): ((i64,), (i64,)) = on_pool!(&store, |pool| (
+            sqlx::query_as("SELECT COUNT(*) FROM inbox_events")
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            sqlx::query_as("SELECT COUNT(*) FROM orders")
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        ));
+        assert_eq!((inbox.0, orders.0), (1, 1), "one effect, one inbox row");
+    })
+}
+
+fn an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers(
+    f: &dyn StoreFactory,
+) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let bus = EventBus::memory();
+        let dead = Arc::new(Mutex::new(Vec::<Message>::new()));
+        let sink = dead.clone();
+        let _dlq = bus
+            .subscribe("orders.dlq", SubscribeOptions::group("ops"), move |m: Message| {
+                sink.lock().unwrap().push(m);
+                async { Ok::<_, std::io::Error>(()) }
+            })
+            .await
+            .unwrap();
+        let (_sub, checker, _) = recorder(&bus, "orders").await;
+        // A row whose stored envelope is corrupt can never be published.
+        insert_raw(&store, "corrupt-1", "x", 1, "orders", "{not json").await;
+        business_write(&store, "y", &[envelope("y", 1)], true).await;
+        let config = RelayConfig {
+            dead_letter: eventbus_core::DeadLetterPolicy::suffix(".dlq"),
+            backoff: RetryPolicy::fixed(2, 20),
+            ..fast()
+        };
+        let relay = Relay::new(store.clone(), bus.clone(), config);
+        for _ in 0..100 {
+            relay.run_once().await.unwrap();
+            if !dead.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(
+            eventually(Duration::from_secs(30), || dead.lock().unwrap().len() == 1
+                && checker.report().received == 1)
+            .await
+        );
+        let m = dead.lock().unwrap()[0].clone();
+        assert_eq!(m.headers.get(headers::ORIGINAL_TOPIC), Some("orders"));
+        assert_eq!(m.headers.get(headers::EVENT_ID), Some("corrupt-1"));
+        assert!(m.headers.get(headers::ERROR_MESSAGE).unwrap().contains("invalid"));
+        assert_eq!(&m.payload[..], b"{not json");
+        assert_eq!(
+            store.status().await.unwrap().counts.get("dead_lettered"),
+            Some(&1)
+        );
+    })
+}
+
+/// A backend whose first publish's ACK is lost after freezing the whole
+/// (current-thread) runtime for `freeze`, as a relay stopped by SIGSTOP or a
+/// long pause would be: its claim renewals cannot run meanwhile.
+struct FreezeOnFirstAck {
+    inner: MemoryBackend,
+    freeze: Duration,
+    armed: AtomicBool,
+}
+
+impl std::fmt::Debug for FreezeOnFirstAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FreezeOnFirstAck")
+            .field("freeze", &self.freeze)
+            .finish()
+    }
+}
+
+#[async_trait]
+impl Backend for FreezeOnFirstAck {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(&self, message: Message) -> eventbus_core::Result<AckFuture> {
+        let ack = self.inner.publish(message).await?;
+        if !self.armed.swap(false, Ordering::SeqCst) {
+            return Ok(ack);
+        }
+        let freeze = self.freeze;
+        Ok(async move {
+            let _ = ack.await; // stored and delivered; only the ACK is lost
+            std::thread::sleep(freeze);
+            Err(eventbus_core::Error::timeout("ACK lost"))
+        }
+        .boxed())
+    }
+
+    async fn subscribe(&self, spec: &SubscribeSpec) -> eventbus_core::Result<Box<dyn BackendSubscription>> {
+        self.inner.subscribe(spec).await
+    }
+
+    fn connection_state(&self) -> ConnectionState {
+        self.inner.connection_state()
+    }
+
+    async fn close(&self) -> eventbus_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// Issue 9, break 3: relay A's ACK is lost while it is frozen past its
+/// lease; relay B takes the row over and publishes v1 and v2. When A wakes,
+/// its stale claim must not put v1 back to pending (which re-sent v1 after
+/// v2: the consumer saw 1, 1, 2, 1).
+fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let backend = MemoryBackend::default();
+        let bus = EventBus::new(backend.clone(), BusConfig::default()).unwrap();
+        let (sub, checker, _) = recorder(&bus, "orders").await;
+        business_write(
+            &store,
+            "lease",
+            &[envelope("lease-x", 1), envelope("lease-x", 2)],
+            true,
+        )
+        .await;
+        let config = RelayConfig {
+            lease_ms: 100,
+            ..fast()
+        };
+        let (store_a, config_a, backend_a) = (store.clone(), config.clone(), backend.clone());
+        // Relay A on a runtime of its own, which the lost ACK freezes.
+        let relay_a = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let frozen = FreezeOnFirstAck {
+                    inner: backend_a,
+                    freeze: Duration::from_millis(800),
+                    armed: true.into(),
+                };
+                let bus = EventBus::new(frozen, BusConfig::default()).unwrap();
+                let relay = Relay::new(store_a, bus, config_a);
+                relay.run_once().await.unwrap();
+                relay.stats()
+            })
+        });
+        let relay_b = Relay::new(store.clone(), bus.clone(), config);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        for _ in 0..200 {
+            relay_b.run_once().await.unwrap();
+            if statuses(&store).await.iter().all(|(_, s)| s == "published") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let stats_a = tokio::task::spawn_blocking(move || relay_a.join().unwrap())
+            .await
+            .unwrap();
+        // Whatever A did on waking, B keeps relaying for a while.
+        for _ in 0..20 {
+            relay_b.run_once().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let want: Vec<(i64, String)> = vec![(1, "published".into()), (2, "published".into())];
+        assert_eq!(statuses(&store).await, want, "a stale claim changed a row");
+        assert!(eventually(Duration::from_secs(5), || checker.report().received >= 2).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let report = checker.report();
+        assert!(report.is_strictly_ordered(), "{report}");
+        assert_eq!(
+            stats_a.lost_claims.load(Ordering::SeqCst),
+            1,
+            "A discards its result"
+        );
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
