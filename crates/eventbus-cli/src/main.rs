@@ -1,6 +1,7 @@
 //! `eventbus`: the event bus's command-line tool.
 #![warn(missing_docs, unreachable_pub)]
 
+mod backends;
 mod bench;
 mod outbox;
 

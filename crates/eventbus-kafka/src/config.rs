@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use eventbus_core::ProvisionStrategy;
 use eventbus_core::Secret;
 use serde::{Deserialize, Serialize};
 
@@ -172,22 +173,6 @@ pub struct TopicSpec {
     pub compression: Option<Compression>,
     /// `cleanup.policy` (`delete`, `compact`); `None` keeps the broker's default.
     pub cleanup_policy: Option<String>,
-}
-
-/// What to do with configured topics at connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ProvisionStrategy {
-    /// Create missing topics; leave existing ones alone.
-    CreateOnly,
-    /// Create missing topics; grow partitions and update configs of existing ones.
-    #[default]
-    CreateOrUpdate,
-    /// Change nothing; fail with `NotFound` or `Conflict` when a topic is
-    /// missing or has fewer partitions than configured.
-    ValidateOnly,
-    /// Change and check nothing.
-    Skip,
 }
 
 impl Default for KafkaConfig {

@@ -11,7 +11,8 @@ use rdkafka::admin::{
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::config::{KafkaConfig, ProvisionStrategy, TopicSpec};
+use crate::config::{KafkaConfig, TopicSpec};
+use eventbus_core::ProvisionStrategy;
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use eventbus_core::ProvisionStrategy;
 use eventbus_core::Secret;
 use serde::{Deserialize, Serialize};
 
@@ -138,22 +139,6 @@ pub enum Discard {
     Old,
     /// Refuse new messages (publishes fail).
     New,
-}
-
-/// What to do with configured streams at connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum ProvisionStrategy {
-    /// Create missing streams; leave existing ones as they are.
-    CreateOnly,
-    /// Create missing streams and update existing ones to the configuration.
-    #[default]
-    CreateOrUpdate,
-    /// Change nothing; fail with `NotFound` or `Conflict` when a stream is
-    /// missing or differs from the configuration.
-    ValidateOnly,
-    /// Change and check nothing.
-    Skip,
 }
 
 /// Pull-consumer settings.

@@ -16,7 +16,8 @@ mod topology;
 
 pub use backend::{MSG_ID_HEADER, NatsBackend};
 pub use config::{
-    Discard, NatsAuth, NatsConfig, NatsConsumer, NatsReconnect, NatsTls, ProvisionStrategy, Retention,
-    Storage, StreamSpec,
+    Discard, NatsAuth, NatsConfig, NatsConsumer, NatsReconnect, NatsTls, Retention, Storage, StreamSpec,
 };
 pub use connect::ConnectionEvent;
+/// The provisioning strategy, shared by every backend (re-exported from `eventbus-core`).
+pub use eventbus_core::ProvisionStrategy;

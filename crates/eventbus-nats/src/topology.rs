@@ -5,7 +5,8 @@ use std::time::Duration;
 use async_nats::jetstream::{self, stream};
 use eventbus_core::{Error, ErrorKind, Result};
 
-use crate::config::{Discard, ProvisionStrategy, Retention, Storage, StreamSpec};
+use crate::config::{Discard, Retention, Storage, StreamSpec};
+use eventbus_core::ProvisionStrategy;
 
 /// The subject of `topic` under `prefix`.
 pub(crate) fn subject(prefix: &str, topic: &str) -> String {

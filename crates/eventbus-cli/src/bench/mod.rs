@@ -14,17 +14,16 @@ mod raw;
 mod report;
 mod run;
 mod scenario;
-mod target;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
 pub(crate) use report::LevelReport;
 pub(crate) use scenario::Scenario;
-use target::Target;
+use crate::backends::{BackendKind, BrokerArgs, Target, WhenMissing};
 
 /// Options of `eventbus bench`.
 #[derive(Debug, Args)]
@@ -53,12 +52,8 @@ pub(crate) struct BenchArgs {
     /// Skip the raw-client baselines.
     #[arg(long)]
     no_raw: bool,
-    /// NATS server URL; without it the bench starts a local nats-server.
-    #[arg(long, env = "EVENTBUS_NATS_URL")]
-    nats_url: Option<String>,
-    /// Kafka bootstrap brokers (comma-separated); without them the bench starts a local tansu broker.
-    #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
-    kafka_brokers: Option<String>,
+    #[command(flatten)]
+    brokers: BrokerArgs,
     /// Also write every figure as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -68,19 +63,6 @@ pub(crate) struct BenchArgs {
     /// Also draw throughput and latency per level and backend to this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
-}
-
-/// The backends the bench can drive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum BackendKind {
-    /// The in-process memory backend.
-    Memory,
-    /// NATS JetStream.
-    Nats,
-    /// Kafka.
-    Kafka,
-    /// Every backend in turn.
-    All,
 }
 
 /// A name unique to one level of one run, for topics and groups.
@@ -145,16 +127,9 @@ fn bar(label: &str, events: usize) -> ProgressBar {
 }
 
 async fn targets(args: &BenchArgs) -> eventbus::Result<Vec<Target>> {
-    let all = args.backend == BackendKind::All;
     let mut targets = Vec::new();
-    if all || args.backend == BackendKind::Memory {
-        targets.push(Target::memory());
-    }
-    if all || args.backend == BackendKind::Nats {
-        targets.push(Target::nats(args.nats_url.clone()).await?);
-    }
-    if all || args.backend == BackendKind::Kafka {
-        targets.push(Target::kafka(args.kafka_brokers.clone()).await?);
+    for kind in args.backend.each() {
+        targets.push(Target::connect(kind, &args.brokers, WhenMissing::StartLocal).await?);
     }
     Ok(targets)
 }

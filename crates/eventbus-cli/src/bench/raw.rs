@@ -21,7 +21,7 @@ use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::measure::{PROBE_AGGREGATE, Published, Recorder, Sampler, histogram};
-use super::target::Target;
+use crate::backends::Target;
 use super::{LevelReport, Scenario};
 
 /// Publishes awaiting their ACK in the raw NATS baseline, as a raw user

@@ -7,7 +7,7 @@ use futures::{FutureExt, StreamExt};
 use indicatif::ProgressBar;
 
 use super::measure::{PROBE_AGGREGATE, Published, Recorder, Sampler, histogram};
-use super::target::Target;
+use crate::backends::Target;
 use super::{LevelReport, Scenario};
 
 /// Publishes and consumes one level of `events` through an `EventBus`.

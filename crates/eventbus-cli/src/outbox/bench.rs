@@ -13,7 +13,7 @@ use eventbus_outbox::{OutboxEvent, OutboxStore, Relay, RelayConfig, append};
 use eventbus_testkit::server::PostgresServer;
 use tokio_util::sync::CancellationToken;
 
-use super::RelayBackend;
+use crate::backends::{BackendKind, BrokerArgs, Target, WhenMissing};
 
 /// Options of `eventbus outbox bench`.
 #[derive(Debug, Args)]
@@ -21,9 +21,12 @@ pub(crate) struct BenchArgs {
     /// `sqlite` (a temporary file), `postgres` (a throwaway local cluster), or a database URL.
     #[arg(long, default_value = "sqlite")]
     database: String,
-    /// Backend the relay publishes through (`nats` starts a local nats-server).
-    #[arg(long, value_enum, default_value_t = RelayBackend::Memory)]
-    backend: RelayBackend,
+    /// Backend the relay publishes through (without an address, a local
+    /// server is started).
+    #[arg(long, value_enum, default_value_t = BackendKind::Memory)]
+    backend: BackendKind,
+    #[command(flatten)]
+    brokers: BrokerArgs,
     /// Events to relay.
     #[arg(long, default_value_t = 10_000)]
     events: usize,
@@ -43,22 +46,8 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         }
         url => (None, url.to_owned()),
     };
-    let (_nats, bus) = match args.backend {
-        RelayBackend::Memory => (None, eventbus::EventBus::memory()),
-        RelayBackend::Nats => {
-            let server = eventbus_testkit::server::NatsServer::start().await?;
-            let backend =
-                eventbus::nats::NatsBackend::connect(eventbus::nats::NatsConfig::with_servers(
-                    [server.url()],
-                ))
-                .await?;
-            (
-                Some(server),
-                eventbus::EventBus::new(backend, eventbus::BusConfig::default())?,
-            )
-        }
-        RelayBackend::Kafka => return Err(eventbus::Error::config("outbox bench supports memory and nats")),
-    };
+    let target = Target::connect(args.backend, &args.brokers, WhenMissing::StartLocal).await?;
+    let bus = target.bus(eventbus::BusConfig::default()).await?;
     let store = OutboxStore::connect(&url, 8).await?;
     store.migrate().await?;
     let relay = Relay::new(

@@ -6,10 +6,12 @@ mod http;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use clap::{Args, Subcommand, ValueEnum};
-use eventbus::{BusConfig, EventBus, Result, RetryPolicy};
+use clap::{Args, Subcommand};
+use eventbus::{BusConfig, Result, RetryPolicy};
 use eventbus_outbox::{OutboxStore, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
+
+use crate::backends::{BackendKind, BrokerArgs, Target, WhenMissing};
 
 /// Outbox commands.
 #[derive(Debug, Subcommand)]
@@ -23,17 +25,6 @@ pub(crate) enum OutboxCommand {
     Bench(bench::BenchArgs),
 }
 
-/// The backends a relay can publish through.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum RelayBackend {
-    /// In-process (for trials and benchmarks: nothing outside sees the events).
-    Memory,
-    /// NATS JetStream (`--nats-url`).
-    Nats,
-    /// Kafka (`--kafka-brokers`).
-    Kafka,
-}
-
 /// Options of `eventbus outbox relay`.
 #[derive(Debug, Args)]
 pub(crate) struct RelayArgs {
@@ -42,13 +33,9 @@ pub(crate) struct RelayArgs {
     database: String,
     /// Backend to publish through.
     #[arg(long, value_enum)]
-    backend: RelayBackend,
-    /// NATS server URL (with `--backend nats`).
-    #[arg(long, env = "EVENTBUS_NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// Kafka bootstrap brokers, comma-separated (with `--backend kafka`).
-    #[arg(long, env = "EVENTBUS_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
-    kafka_brokers: String,
+    backend: BackendKind,
+    #[command(flatten)]
+    brokers: BrokerArgs,
     /// Address of the `/metrics` and `/health` endpoints.
     #[arg(long, default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
@@ -87,28 +74,14 @@ pub(crate) async fn run(command: OutboxCommand) -> Result<()> {
     }
 }
 
-async fn bus(args: &RelayArgs) -> Result<EventBus> {
-    let config = BusConfig::default();
-    match args.backend {
-        RelayBackend::Memory => EventBus::memory_with(config),
-        RelayBackend::Nats => {
-            let nats = eventbus::nats::NatsConfig::with_servers(args.nats_url.split(','));
-            EventBus::new(eventbus::nats::NatsBackend::connect(nats).await?, config)
-        }
-        RelayBackend::Kafka => {
-            let kafka = eventbus::kafka::KafkaConfig::with_brokers(args.kafka_brokers.split(','));
-            EventBus::new(eventbus::kafka::KafkaBackend::connect(kafka).await?, config)
-        }
-    }
-}
-
 async fn relay(args: RelayArgs) -> Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| eventbus::Error::config("cannot install the metrics recorder").with_source(e))?;
     let store = OutboxStore::connect(&args.database, 8).await?;
     store.migrate().await?;
-    let bus = bus(&args).await?;
+    let target = Target::connect(args.backend, &args.brokers, WhenMissing::DefaultAddress).await?;
+    let bus = target.bus(BusConfig::default()).await?;
     let config = RelayConfig {
         batch_size: args.batch_size,
         poll_interval_ms: args.poll_interval_ms,

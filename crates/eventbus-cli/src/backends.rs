@@ -1,0 +1,150 @@
+//! The one set of backend arguments every command takes (`--backend`,
+//! `--nats-url`, `--kafka-brokers`), and the one place a bus is built from
+//! them ([`Target::bus`]).
+
+use clap::{Args, ValueEnum};
+use eventbus::kafka::{KafkaBackend, KafkaConfig};
+use eventbus::nats::{NatsBackend, NatsConfig};
+use eventbus::{BusConfig, Error, EventBus, Result};
+use eventbus_testkit::server::{NatsServer, TansuServer};
+
+/// A backend to talk to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum BackendKind {
+    /// The in-process memory backend (nothing outside the process sees its events).
+    Memory,
+    /// NATS JetStream (`--nats-url`).
+    Nats,
+    /// Kafka (`--kafka-brokers`).
+    Kafka,
+    /// Every backend in turn (`bench` only).
+    All,
+}
+
+impl BackendKind {
+    /// The backends this choice stands for, in order.
+    pub(crate) fn each(self) -> Vec<BackendKind> {
+        match self {
+            Self::All => vec![Self::Memory, Self::Nats, Self::Kafka],
+            one => vec![one],
+        }
+    }
+}
+
+/// Where the brokers are.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct BrokerArgs {
+    /// NATS server URLs, comma-separated. Default: `bench` starts a local
+    /// nats-server; other commands use nats://127.0.0.1:4222.
+    #[arg(long, env = "EVENTBUS_NATS_URL")]
+    pub(crate) nats_url: Option<String>,
+    /// Kafka bootstrap brokers, comma-separated. Default: `bench` starts a
+    /// local tansu broker; other commands use 127.0.0.1:9092.
+    #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
+    pub(crate) kafka_brokers: Option<String>,
+}
+
+/// What to do when a broker address is not given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum WhenMissing {
+    /// Start a throwaway local server (benchmarks).
+    StartLocal,
+    /// Use the client's usual local address.
+    DefaultAddress,
+}
+
+/// A backend with its address, and the local server started for it, if any
+/// (stopped when the target is dropped).
+pub(crate) enum Target {
+    Memory,
+    Nats {
+        url: String,
+        _server: Option<NatsServer>,
+    },
+    Kafka {
+        brokers: String,
+        _server: Option<TansuServer>,
+    },
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Target {
+    /// The target for one backend `kind` (not `All`).
+    ///
+    /// # Errors
+    /// `Config` for `All`; what starting a local server returns.
+    pub(crate) async fn connect(kind: BackendKind, brokers: &BrokerArgs, missing: WhenMissing) -> Result<Self> {
+        Ok(match kind {
+            BackendKind::Memory => Self::Memory,
+            BackendKind::Nats => match (&brokers.nats_url, missing) {
+                (Some(url), _) => Self::Nats {
+                    url: url.clone(),
+                    _server: None,
+                },
+                (None, WhenMissing::DefaultAddress) => Self::Nats {
+                    url: "nats://127.0.0.1:4222".into(),
+                    _server: None,
+                },
+                (None, WhenMissing::StartLocal) => {
+                    let server = NatsServer::start().await?;
+                    eprintln!("started nats-server on {}", server.url());
+                    Self::Nats {
+                        url: server.url(),
+                        _server: Some(server),
+                    }
+                }
+            },
+            BackendKind::Kafka => match (&brokers.kafka_brokers, missing) {
+                (Some(b), _) => Self::Kafka {
+                    brokers: b.clone(),
+                    _server: None,
+                },
+                (None, WhenMissing::DefaultAddress) => Self::Kafka {
+                    brokers: "127.0.0.1:9092".into(),
+                    _server: None,
+                },
+                (None, WhenMissing::StartLocal) => {
+                    let server = TansuServer::start().await?;
+                    eprintln!("started tansu on {}", server.bootstrap());
+                    Self::Kafka {
+                        brokers: server.bootstrap(),
+                        _server: Some(server),
+                    }
+                }
+            },
+            BackendKind::All => return Err(Error::config("choose one backend: memory, nats or kafka")),
+        })
+    }
+
+    /// The backend's name.
+    pub(crate) fn name(&self) -> &'static str {
+        match self {
+            Self::Memory => "memory",
+            Self::Nats { .. } => "nats",
+            Self::Kafka { .. } => "kafka",
+        }
+    }
+
+    /// A fresh bus over this backend.
+    ///
+    /// # Errors
+    /// What connecting the backend returns (`Connection`, `Config`).
+    pub(crate) async fn bus(&self, config: BusConfig) -> Result<EventBus> {
+        match self {
+            Self::Memory => EventBus::memory_with(config),
+            Self::Nats { url, .. } => {
+                let backend = NatsBackend::connect(NatsConfig::with_servers(url.split(','))).await?;
+                EventBus::new(backend, config)
+            }
+            Self::Kafka { brokers, .. } => {
+                let backend = KafkaBackend::connect(KafkaConfig::with_brokers(brokers.split(','))).await?;
+                EventBus::new(backend, config)
+            }
+        }
+    }
+}
