@@ -78,7 +78,11 @@ impl Target {
     ///
     /// # Errors
     /// `Config` for `All`; what starting a local server returns.
-    pub(crate) async fn connect(kind: BackendKind, brokers: &BrokerArgs, missing: WhenMissing) -> Result<Self> {
+    pub(crate) async fn connect(
+        kind: BackendKind,
+        brokers: &BrokerArgs,
+        missing: WhenMissing,
+    ) -> Result<Self> {
         Ok(match kind {
             BackendKind::Memory => Self::Memory,
             BackendKind::Nats => match (&brokers.nats_url, missing) {

@@ -1,5 +1,4 @@
 //! `eventbus`: the event bus's command-line tool.
-#![warn(missing_docs, unreachable_pub)]
 
 mod backends;
 mod bench;

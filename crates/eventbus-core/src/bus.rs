@@ -8,7 +8,7 @@ use bytes::Bytes;
 use futures::FutureExt;
 
 use crate::backend::{Backend, SubscribeSpec};
-use crate::codec::envelope_message;
+use crate::codec::{self, envelope_message};
 use crate::config::BusConfig;
 use crate::consume::executor::OrderedExecutor;
 use crate::consume::process::Job;
@@ -16,11 +16,10 @@ use crate::consume::process::{Handler, HandlerFn, SubscriptionParams, Subscripti
 use crate::consume::subscription::{SubscribeOptions, Subscription};
 use crate::envelope::Envelope;
 use crate::error::{BoxError, Error, Result, ValidationError};
-use crate::headers;
 use crate::health::{ConnectionState, Health};
 use crate::memory::MemoryBackend;
 use crate::message::Message;
-use crate::publish::{PublishHandle, PublishResult, PublishResults, Publisher, ResultMeta};
+use crate::publish::{PublishHandle, PublishResult, PublishResults, Publisher};
 use crate::retry::RetryPolicy;
 
 /// Longest topic name, in characters (Kafka's limit, `Topic.java`).
@@ -168,26 +167,7 @@ impl EventBus {
     pub async fn publish_message(&self, message: Message) -> Result<PublishHandle> {
         self.ensure_open()?;
         validate_topic(&message.topic)?;
-        let meta = ResultMeta {
-            event_id: message
-                .headers
-                .get(headers::EVENT_ID)
-                .unwrap_or_default()
-                .to_owned(),
-            topic: message.topic.clone(),
-            aggregate_id: message
-                .headers
-                .get(headers::AGGREGATE_ID)
-                .unwrap_or_default()
-                .to_owned(),
-            event_type: message
-                .headers
-                .get(headers::EVENT_TYPE)
-                .unwrap_or_default()
-                .to_owned(),
-            tenant_id: None,
-            report: false,
-        };
+        let meta = codec::message_result_meta(&message);
         self.inner
             .publisher
             .publish(meta, self.inner.backend.publish(message))
@@ -206,7 +186,7 @@ impl EventBus {
         self.ensure_open()?;
         validate_topic(topic)?;
         let message = envelope_message(topic, envelope)?;
-        let meta = ResultMeta::for_envelope(topic, envelope, true);
+        let meta = codec::envelope_result_meta(topic, envelope, true);
         self.inner
             .publisher
             .publish(meta, self.inner.backend.publish(message))
@@ -240,7 +220,7 @@ impl EventBus {
             handles.push(match self.publish_envelope(topic, envelope).await {
                 Ok(handle) => handle.left_future(),
                 Err(e) => {
-                    let meta = ResultMeta::for_envelope(topic, envelope, false);
+                    let meta = codec::envelope_result_meta(topic, envelope, false);
                     futures::future::ready(PublishResult::new(meta, Err(e))).right_future()
                 }
             });

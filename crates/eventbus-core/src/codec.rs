@@ -1,6 +1,7 @@
 //! The envelope ⇄ broker message mapping, both ways: body, headers, record
 //! key and dedup id on publish; body first, then headers, then key on
-//! receive (ORIGIN.md's order). The header names and the header ⇄ envelope
+//! receive (ORIGIN.md's order); and what a publish result reports about an
+//! envelope or a raw message. The header names and the header ⇄ envelope
 //! field mapping live in [`headers`](crate::headers).
 
 use bytes::Bytes;
@@ -9,6 +10,7 @@ use crate::envelope::{Envelope, Payload};
 use crate::error::{Error, ErrorKind, Result};
 use crate::headers;
 use crate::message::Message;
+use crate::publish::ResultMeta;
 
 /// The broker message of an envelope publish: body = the envelope's JSON,
 /// key = the aggregate id (Kafka keeps an aggregate in one partition),
@@ -24,6 +26,35 @@ pub(crate) fn envelope_message(topic: &str, envelope: &Envelope) -> Result<Messa
         payload: envelope.encode()?,
         dedup_id: Some(envelope.event_id.clone()),
     })
+}
+
+/// What the result of publishing `envelope` to `topic` reports; `report`:
+/// whether it goes to the results streams (envelope publishes do, except
+/// batch members already reported by their batch).
+pub(crate) fn envelope_result_meta(topic: &str, envelope: &Envelope, report: bool) -> ResultMeta {
+    ResultMeta {
+        event_id: envelope.event_id.clone(),
+        topic: topic.to_owned(),
+        aggregate_id: envelope.aggregate_id.clone(),
+        event_type: envelope.event_type.clone(),
+        tenant_id: envelope.tenant_id,
+        report,
+    }
+}
+
+/// What the result of publishing a raw `message` reports: the envelope
+/// fields its `X-Event-*` headers carry (empty when absent); raw publishes
+/// do not go to the results streams.
+pub(crate) fn message_result_meta(message: &Message) -> ResultMeta {
+    let header = |name: &str| message.headers.get(name).unwrap_or_default().to_owned();
+    ResultMeta {
+        event_id: header(headers::EVENT_ID),
+        topic: message.topic.clone(),
+        aggregate_id: header(headers::AGGREGATE_ID),
+        event_type: header(headers::EVENT_TYPE),
+        tenant_id: None,
+        report: false,
+    }
 }
 
 /// The body as an envelope; failing that, an envelope rebuilt from its

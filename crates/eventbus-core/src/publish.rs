@@ -95,20 +95,6 @@ pub(crate) struct ResultMeta {
     pub(crate) report: bool,
 }
 
-impl ResultMeta {
-    /// What a result says about `envelope` published to `topic`.
-    pub(crate) fn for_envelope(topic: &str, envelope: &crate::Envelope, report: bool) -> Self {
-        Self {
-            event_id: envelope.event_id.clone(),
-            topic: topic.to_owned(),
-            aggregate_id: envelope.aggregate_id.clone(),
-            event_type: envelope.event_type.clone(),
-            tenant_id: envelope.tenant_id,
-            report,
-        }
-    }
-}
-
 /// The second stage of a publish: a future of the broker's [`PublishResult`].
 ///
 /// The result is produced whether or not the handle is awaited; dropping the

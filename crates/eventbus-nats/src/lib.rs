@@ -7,7 +7,6 @@
 //! let bus = eventbus_core::EventBus::new(backend, eventbus_core::BusConfig::default())?;
 //! # bus.close().await }
 //! ```
-#![warn(missing_docs, unreachable_pub)]
 
 mod backend;
 mod config;

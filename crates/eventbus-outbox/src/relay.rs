@@ -85,6 +85,7 @@ pub struct RelayStats {
 /// statement, and reschedules failures with backoff; after
 /// `backoff.max_attempts` a row is dead-lettered and its aggregate moves on. A failed row blocks its
 /// aggregate's later rows until then.
+#[derive(Debug)]
 pub struct Relay {
     store: OutboxStore,
     bus: EventBus,

@@ -21,9 +21,9 @@ use std::time::Duration;
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 
+use crate::backends::{BackendKind, BrokerArgs, Target, WhenMissing};
 pub(crate) use report::LevelReport;
 pub(crate) use scenario::Scenario;
-use crate::backends::{BackendKind, BrokerArgs, Target, WhenMissing};
 
 /// Options of `eventbus bench`.
 #[derive(Debug, Args)]

@@ -21,8 +21,8 @@ use rdkafka::message::{Header, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use super::measure::{PROBE_AGGREGATE, Published, Recorder, Sampler, histogram};
-use crate::backends::Target;
 use super::{LevelReport, Scenario};
+use crate::backends::Target;
 
 /// Publishes awaiting their ACK in the raw NATS baseline, as a raw user
 /// would bound them (async-nats itself stops at 5,000 by default).

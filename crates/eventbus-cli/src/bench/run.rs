@@ -7,8 +7,8 @@ use futures::{FutureExt, StreamExt};
 use indicatif::ProgressBar;
 
 use super::measure::{PROBE_AGGREGATE, Published, Recorder, Sampler, histogram};
-use crate::backends::Target;
 use super::{LevelReport, Scenario};
+use crate::backends::Target;
 
 /// Publishes and consumes one level of `events` through an `EventBus`.
 pub(crate) async fn level(

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use eventbus_core::Result;
 
-use super::{LocalProcess, S3Server, binary, free_port, s3::S3_REGION, temp_dir};
+use super::{LocalProcess, S3_REGION, S3Server, binary, free_port, temp_dir};
 
 /// Where a [`TansuServer`] keeps its data.
 #[derive(Debug, Clone)]
