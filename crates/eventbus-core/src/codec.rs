@@ -1,14 +1,15 @@
 //! The envelope ⇄ broker message mapping, both ways: body, headers, record
 //! key and dedup id on publish; body first, then headers, then key on
-//! receive (ORIGIN.md's order); and what a publish result reports about an
-//! envelope or a raw message. The header names and the header ⇄ envelope
-//! field mapping live in [`headers`](crate::headers).
+//! receive (ORIGIN.md's order); the envelope ⇄ headers mapping; and what a
+//! publish result reports about an envelope or a raw message. Header names
+//! (the Go SDK's) are in [`headers`].
 
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 
 use crate::envelope::{Envelope, Payload};
-use crate::error::{Error, ErrorKind, Result};
-use crate::headers;
+use crate::error::{Error, ErrorKind, Result, ValidationError};
+use crate::headers::{self, Headers};
 use crate::message::Message;
 use crate::publish::ResultMeta;
 
@@ -22,10 +23,77 @@ pub(crate) fn envelope_message(topic: &str, envelope: &Envelope) -> Result<Messa
     Ok(Message {
         topic: topic.to_owned(),
         key: Some(Bytes::copy_from_slice(envelope.aggregate_id.as_bytes())),
-        headers: headers::envelope_headers(envelope),
+        headers: envelope_headers(envelope),
         payload: envelope.encode()?,
         dedup_id: Some(envelope.event_id.clone()),
     })
+}
+
+/// The headers that travel with `envelope`: `X-Event-ID`, `X-Aggregate-ID`,
+/// `X-Event-Type`, `X-Event-Version`, `X-Timestamp`, and when set
+/// `X-Trace-ID`, `X-Correlation-ID`, `X-Tenant-ID`.
+pub fn envelope_headers(envelope: &Envelope) -> Headers {
+    let mut h: Vec<(String, String)> = Vec::with_capacity(8);
+    h.push((headers::EVENT_ID.into(), envelope.event_id.clone()));
+    h.push((headers::AGGREGATE_ID.into(), envelope.aggregate_id.clone()));
+    h.push((headers::EVENT_TYPE.into(), envelope.event_type.clone()));
+    h.push((headers::EVENT_VERSION.into(), envelope.event_version.to_string()));
+    h.push((
+        headers::TIMESTAMP.into(),
+        crate::envelope::format_timestamp(&envelope.timestamp),
+    ));
+    if let Some(v) = &envelope.trace_id {
+        h.push((headers::TRACE_ID.into(), v.clone()));
+    }
+    if let Some(v) = &envelope.correlation_id {
+        h.push((headers::CORRELATION_ID.into(), v.clone()));
+    }
+    if let Some(v) = envelope.tenant_id {
+        h.push((headers::TENANT_ID.into(), v.to_string()));
+    }
+    Headers::from_distinct(h)
+}
+
+/// The reverse of [`envelope_headers`]: rebuilds and validates an envelope from
+/// its headers and a raw JSON payload (for producers that send the payload
+/// alone as the message body).
+///
+/// # Errors
+/// [`Validation`](crate::ErrorKind::Validation) naming the header's field when
+/// a required header is missing or unparsable, or the envelope breaks a rule.
+pub fn envelope_from_headers(map: &Headers, payload: Payload) -> Result<Envelope> {
+    let required = |name: &str, field: &'static str| {
+        map.get(name)
+            .map(str::to_owned)
+            .ok_or_else(|| ValidationError::new(field, format!("header {name} is missing")))
+    };
+    let parse_int = |field: &'static str, v: &str| {
+        v.parse::<i64>()
+            .map_err(|e| ValidationError::new(field, format!("not an integer: {e}")))
+    };
+    let timestamp = required(headers::TIMESTAMP, "timestamp")?;
+    let timestamp = DateTime::parse_from_rfc3339(&timestamp)
+        .map_err(|e| ValidationError::new("timestamp", format!("not RFC 3339: {e}")))?
+        .with_timezone(&Utc);
+    let envelope = Envelope {
+        event_id: required(headers::EVENT_ID, "event_id")?,
+        aggregate_id: required(headers::AGGREGATE_ID, "aggregate_id")?,
+        event_type: required(headers::EVENT_TYPE, "event_type")?,
+        event_version: parse_int(
+            "event_version",
+            &required(headers::EVENT_VERSION, "event_version")?,
+        )?,
+        timestamp,
+        trace_id: map.get(headers::TRACE_ID).map(str::to_owned),
+        correlation_id: map.get(headers::CORRELATION_ID).map(str::to_owned),
+        tenant_id: map
+            .get(headers::TENANT_ID)
+            .map(|v| parse_int("tenant_id", v))
+            .transpose()?,
+        payload,
+    };
+    envelope.validate()?;
+    Ok(envelope)
 }
 
 /// What the result of publishing `envelope` to `topic` reports; `report`:
@@ -74,7 +142,7 @@ pub(crate) fn decode_envelope(message: &Message) -> Result<Envelope> {
     let payload = std::str::from_utf8(&message.payload)
         .map_err(|e| Error::new(ErrorKind::Serialization, "payload is not UTF-8").with_source(e))
         .and_then(|s| Payload::from_raw(s.to_owned()));
-    headers::envelope_from_headers(&message.headers, payload?)
+    envelope_from_headers(&message.headers, payload?)
 }
 
 /// The aggregate id of a message that is not a valid envelope: the
@@ -88,4 +156,32 @@ pub(crate) fn fallback_aggregate_id(message: &Message) -> Option<String> {
             .and_then(|k| String::from_utf8(k.to_vec()).ok())
     };
     from_header.or_else(from_key).filter(|id| !id.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_headers_round_trip() {
+        let env = Envelope::builder("order-1", "OrderCreated", 7)
+            .trace_id("t")
+            .tenant_id(42)
+            .json_payload(&serde_json::json!({"a": 1}))
+            .unwrap()
+            .build()
+            .unwrap();
+        let h = envelope_headers(&env);
+        assert_eq!(h.get(headers::AGGREGATE_ID), Some("order-1"));
+        assert_eq!(h.get(headers::TENANT_ID), Some("42"));
+        assert_eq!(h.get(headers::CORRELATION_ID), None);
+        let back = envelope_from_headers(&h, env.payload.clone()).unwrap();
+        assert_eq!(back, env);
+    }
+
+    #[test]
+    fn missing_header_names_the_field() {
+        let err = envelope_from_headers(&Headers::new(), Payload::from_raw("{}").unwrap()).unwrap_err();
+        assert_eq!(err.validation().unwrap().field, "timestamp");
+    }
 }

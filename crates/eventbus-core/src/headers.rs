@@ -1,28 +1,25 @@
-//! Broker headers, and the one mapping between an [`Envelope`] and its headers.
+//! Broker headers ([`Headers`]) and the header names of the envelope's
+//! fields; the mapping between an envelope and its headers is in
+//! [`codec`](crate::codec).
 //!
 //! Header names are those of the original Go SDK (see `ORIGIN.md`), so services
 //! written against it read ours and we read theirs.
 
-use chrono::{DateTime, Utc};
-
-use crate::envelope::{Envelope, Payload};
-use crate::error::{Result, ValidationError};
-
-/// Header carrying [`Envelope::event_id`].
+/// Header carrying [`Envelope::event_id`](crate::Envelope::event_id).
 pub const EVENT_ID: &str = "X-Event-ID";
-/// Header carrying [`Envelope::aggregate_id`].
+/// Header carrying [`Envelope::aggregate_id`](crate::Envelope::aggregate_id).
 pub const AGGREGATE_ID: &str = "X-Aggregate-ID";
-/// Header carrying [`Envelope::event_type`].
+/// Header carrying [`Envelope::event_type`](crate::Envelope::event_type).
 pub const EVENT_TYPE: &str = "X-Event-Type";
-/// Header carrying [`Envelope::event_version`] in decimal.
+/// Header carrying [`Envelope::event_version`](crate::Envelope::event_version) in decimal.
 pub const EVENT_VERSION: &str = "X-Event-Version";
-/// Header carrying [`Envelope::timestamp`] in RFC 3339 with nanoseconds.
+/// Header carrying [`Envelope::timestamp`](crate::Envelope::timestamp) in RFC 3339 with nanoseconds.
 pub const TIMESTAMP: &str = "X-Timestamp";
-/// Header carrying [`Envelope::trace_id`], when set.
+/// Header carrying [`Envelope::trace_id`](crate::Envelope::trace_id), when set.
 pub const TRACE_ID: &str = "X-Trace-ID";
-/// Header carrying [`Envelope::correlation_id`], when set.
+/// Header carrying [`Envelope::correlation_id`](crate::Envelope::correlation_id), when set.
 pub const CORRELATION_ID: &str = "X-Correlation-ID";
-/// Header carrying [`Envelope::tenant_id`] in decimal, when set.
+/// Header carrying [`Envelope::tenant_id`](crate::Envelope::tenant_id) in decimal, when set.
 pub const TENANT_ID: &str = "X-Tenant-ID";
 /// Added to a dead-lettered message: the topic it was consumed from.
 pub const ORIGINAL_TOPIC: &str = "X-Original-Topic";
@@ -38,6 +35,12 @@ pub const ERROR_MESSAGE: &str = "X-Error-Message";
 pub struct Headers(std::sync::Arc<Vec<(String, String)>>);
 
 impl Headers {
+    /// Headers from pairs whose names are already distinct (no
+    /// case-insensitive merge): the codec's fast path.
+    pub(crate) fn from_distinct(pairs: Vec<(String, String)>) -> Self {
+        Self(std::sync::Arc::new(pairs))
+    }
+
     /// No headers.
     pub fn new() -> Self {
         Self::default()
@@ -93,71 +96,6 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
     }
 }
 
-/// The headers that travel with `envelope`: `X-Event-ID`, `X-Aggregate-ID`,
-/// `X-Event-Type`, `X-Event-Version`, `X-Timestamp`, and when set
-/// `X-Trace-ID`, `X-Correlation-ID`, `X-Tenant-ID`.
-pub fn envelope_headers(envelope: &Envelope) -> Headers {
-    let mut h = Vec::with_capacity(8);
-    h.push((EVENT_ID.into(), envelope.event_id.clone()));
-    h.push((AGGREGATE_ID.into(), envelope.aggregate_id.clone()));
-    h.push((EVENT_TYPE.into(), envelope.event_type.clone()));
-    h.push((EVENT_VERSION.into(), envelope.event_version.to_string()));
-    h.push((
-        TIMESTAMP.into(),
-        crate::envelope::format_timestamp(&envelope.timestamp),
-    ));
-    if let Some(v) = &envelope.trace_id {
-        h.push((TRACE_ID.into(), v.clone()));
-    }
-    if let Some(v) = &envelope.correlation_id {
-        h.push((CORRELATION_ID.into(), v.clone()));
-    }
-    if let Some(v) = envelope.tenant_id {
-        h.push((TENANT_ID.into(), v.to_string()));
-    }
-    Headers(std::sync::Arc::new(h))
-}
-
-/// The reverse of [`envelope_headers`]: rebuilds and validates an envelope from
-/// its headers and a raw JSON payload (for producers that send the payload
-/// alone as the message body).
-///
-/// # Errors
-/// [`Validation`](crate::ErrorKind::Validation) naming the header's field when
-/// a required header is missing or unparsable, or the envelope breaks a rule.
-pub fn envelope_from_headers(headers: &Headers, payload: Payload) -> Result<Envelope> {
-    let required = |name: &str, field: &'static str| {
-        headers
-            .get(name)
-            .map(str::to_owned)
-            .ok_or_else(|| ValidationError::new(field, format!("header {name} is missing")))
-    };
-    let parse_int = |field: &'static str, v: &str| {
-        v.parse::<i64>()
-            .map_err(|e| ValidationError::new(field, format!("not an integer: {e}")))
-    };
-    let timestamp = required(TIMESTAMP, "timestamp")?;
-    let timestamp = DateTime::parse_from_rfc3339(&timestamp)
-        .map_err(|e| ValidationError::new("timestamp", format!("not RFC 3339: {e}")))?
-        .with_timezone(&Utc);
-    let envelope = Envelope {
-        event_id: required(EVENT_ID, "event_id")?,
-        aggregate_id: required(AGGREGATE_ID, "aggregate_id")?,
-        event_type: required(EVENT_TYPE, "event_type")?,
-        event_version: parse_int("event_version", &required(EVENT_VERSION, "event_version")?)?,
-        timestamp,
-        trace_id: headers.get(TRACE_ID).map(str::to_owned),
-        correlation_id: headers.get(CORRELATION_ID).map(str::to_owned),
-        tenant_id: headers
-            .get(TENANT_ID)
-            .map(|v| parse_int("tenant_id", v))
-            .transpose()?,
-        payload,
-    };
-    envelope.validate()?;
-    Ok(envelope)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,28 +117,5 @@ mod tests {
         let b = a.clone();
         a.insert("k", "2");
         assert_eq!((a.get("k"), b.get("k")), (Some("2"), Some("1")));
-    }
-
-    #[test]
-    fn envelope_headers_round_trip() {
-        let env = Envelope::builder("order-1", "OrderCreated", 7)
-            .trace_id("t")
-            .tenant_id(42)
-            .json_payload(&serde_json::json!({"a": 1}))
-            .unwrap()
-            .build()
-            .unwrap();
-        let h = envelope_headers(&env);
-        assert_eq!(h.get(AGGREGATE_ID), Some("order-1"));
-        assert_eq!(h.get(TENANT_ID), Some("42"));
-        assert_eq!(h.get(CORRELATION_ID), None);
-        let back = envelope_from_headers(&h, env.payload.clone()).unwrap();
-        assert_eq!(back, env);
-    }
-
-    #[test]
-    fn missing_header_names_the_field() {
-        let err = envelope_from_headers(&Headers::new(), Payload::from_raw("{}").unwrap()).unwrap_err();
-        assert_eq!(err.validation().unwrap().field, "timestamp");
     }
 }

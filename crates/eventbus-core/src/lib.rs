@@ -8,7 +8,7 @@
 
 mod backend;
 mod bus;
-mod codec;
+pub mod codec;
 mod config;
 mod consume;
 pub mod dead_letter;

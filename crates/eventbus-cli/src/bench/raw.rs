@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 use bytes::Bytes;
-use eventbus::{Envelope, Error, Result, headers};
+use eventbus::{Envelope, Error, Result};
 use futures::StreamExt;
 use hdrhistogram::Histogram;
 use indicatif::ProgressBar;
@@ -205,7 +205,7 @@ impl RawSink for NatsRaw {
             self.confirmed += usize::from(self.pending.next().await.unwrap_or(false));
         }
         let mut h = async_nats::HeaderMap::new();
-        for (name, value) in headers::envelope_headers(envelope).iter() {
+        for (name, value) in eventbus::codec::envelope_headers(envelope).iter() {
             h.insert(name, value);
         }
         h.insert("Nats-Msg-Id", envelope.event_id.as_str());
@@ -294,15 +294,15 @@ impl KafkaRaw {
 impl RawSink for KafkaRaw {
     async fn publish(&mut self, topic: usize, envelope: &Envelope) -> Result<()> {
         let payload = envelope.encode()?;
-        let headers =
-            headers::envelope_headers(envelope)
-                .iter()
-                .fold(OwnedHeaders::new(), |h, (key, value)| {
-                    h.insert(Header {
-                        key,
-                        value: Some(value.as_bytes()),
-                    })
-                });
+        let headers = eventbus::codec::envelope_headers(envelope).iter().fold(
+            OwnedHeaders::new(),
+            |h, (key, value)| {
+                h.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                })
+            },
+        );
         loop {
             let record = FutureRecord::to(&self.topics[topic])
                 .key(envelope.aggregate_id.as_bytes())
