@@ -2,6 +2,7 @@
 
 mod backends;
 mod bench;
+mod fault;
 mod outbox;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,15 @@ struct Cli {
 enum Command {
     /// Runs the original SDK's performance scenario and reports honest figures.
     Bench(bench::BenchArgs),
+    /// Multi-process fault harness: producer and two group members as
+    /// processes, SIGKILLs of members and broker mid-stream, strict order check.
+    Fault(fault::FaultArgs),
+    /// A producer process of `eventbus fault`.
+    #[command(hide = true)]
+    FaultProducer(fault::worker::ProducerArgs),
+    /// A group member process of `eventbus fault`.
+    #[command(hide = true)]
+    FaultMember(fault::worker::MemberArgs),
     /// Transactional outbox: run a relay, show status.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
@@ -32,6 +42,9 @@ async fn main() {
     let outcome = match Cli::parse().command {
         Command::Bench(args) => bench::run(args).await,
         Command::Outbox(command) => outbox::run(command).await,
+        Command::Fault(args) => fault::run(args).await,
+        Command::FaultProducer(args) => fault::worker::producer(args).await,
+        Command::FaultMember(args) => fault::worker::member(args).await,
     };
     // Exit now: dropping the runtime would wait for blocking client
     // teardown (librdkafka's consumer close) that serves no purpose here.

@@ -205,6 +205,13 @@ impl Backend for KafkaBackend {
         .boxed())
     }
 
+    /// Creates `topic` when `auto_create_topics` is on; else it must exist
+    /// (`NotFound` naming it), so a dead-letter publish cannot wait on a
+    /// topic nobody made.
+    async fn check_publishable(&self, topic: &str) -> Result<()> {
+        self.inner.topics.check_exists(topic).await
+    }
+
     async fn subscribe(&self, spec: &SubscribeSpec) -> Result<Box<dyn BackendSubscription>> {
         self.inner.topics.ensure(&spec.topic).await?;
         Ok(Box::new(self.member(spec)?))

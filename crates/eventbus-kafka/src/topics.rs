@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eventbus_core::{Error, ErrorKind, Result};
+use eventbus_core::{Error, ErrorKind, ProvisionStrategy, Result};
 use rdkafka::admin::{
     AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
 };
@@ -12,7 +12,6 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{KafkaConfig, TopicSpec};
-use eventbus_core::ProvisionStrategy;
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -72,6 +71,28 @@ impl Topics {
         };
         self.create(&spec).await?;
         Ok(())
+    }
+
+    /// Makes sure `topic` can take messages: created when auto-creation is
+    /// on, else it must exist.
+    ///
+    /// # Errors
+    /// `NotFound` naming the topic when auto-creation is off and it is
+    /// missing; `Backend` when the metadata lookup fails.
+    pub(crate) async fn check_exists(&self, topic: &str) -> Result<()> {
+        if self.auto_create {
+            return self.ensure(topic).await;
+        }
+        if self.known.lock().unwrap().contains(topic) || self.partition_count(topic).await?.is_some() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "Kafka topic {topic} does not exist and auto_create_topics is off: \
+                 create it (or list it in `topics` with provisioning on), or choose another dead-letter topic"
+            ),
+        ))
     }
 
     /// Creates the topic; false when it already existed.

@@ -246,3 +246,41 @@ async fn a_full_producer_queue_times_out_and_undeliverable_messages_fail_typed()
         assert!(e.is_retriable(), "{e}");
     }
 }
+
+/// Issue 9, break 5 (Kafka): with auto-creation off, a dead-letter topic
+/// that does not exist is refused at subscribe, naming it, instead of a
+/// dead-letter publish that can never complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_dead_letter_topic_with_auto_creation_off_is_refused_at_subscribe() {
+    let broker = TansuServer::start().await.unwrap();
+    let config = KafkaConfig {
+        auto_create_topics: false,
+        provision: ProvisionStrategy::CreateOnly,
+        topics: vec![TopicSpec {
+            name: "payments".into(),
+            partitions: 1,
+            ..TopicSpec::default()
+        }],
+        ..KafkaConfig::with_brokers([broker.bootstrap()])
+    };
+    let bus = EventBus::new(KafkaBackend::connect(config).await.unwrap(), BusConfig::default()).unwrap();
+    let handler = |_: Envelope| async { Ok::<_, std::io::Error>(()) };
+    let err = bus
+        .subscribe_envelope("payments", SubscribeOptions::group("g"), handler)
+        .await
+        .map(drop)
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains("payments.dlq"), "{err}");
+    // Parking instead (no dead-letter topic) subscribes.
+    let sub = bus
+        .subscribe_envelope(
+            "payments",
+            SubscribeOptions::group("g").park_on_failure(),
+            handler,
+        )
+        .await
+        .unwrap();
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
+}

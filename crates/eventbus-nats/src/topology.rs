@@ -3,10 +3,9 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{self, stream};
-use eventbus_core::{Error, ErrorKind, Result};
+use eventbus_core::{Error, ErrorKind, ProvisionStrategy, Result};
 
 use crate::config::{Discard, Retention, Storage, StreamSpec};
-use eventbus_core::ProvisionStrategy;
 
 /// The subject of `topic` under `prefix`.
 pub(crate) fn subject(prefix: &str, topic: &str) -> String {

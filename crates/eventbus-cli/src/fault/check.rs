@@ -1,0 +1,143 @@
+//! Reads the logs of a fault run and judges it with the strict
+//! [`OrderChecker`]: every attempt replayed in order of start time across
+//! all members, attempts cut by a kill ended (failed) at the kill.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Arc;
+
+use eventbus::Envelope;
+use eventbus_testkit::{Attempt, OrderChecker, OrderReport};
+
+/// One (topic, aggregate, version).
+pub(crate) type Event = (String, String, i64);
+
+/// A member's log, and when (ns) the harness killed it, if it did.
+#[derive(Debug)]
+pub(crate) struct MemberLog<'a> {
+    pub(crate) path: &'a Path,
+    pub(crate) killed_at: Option<u128>,
+}
+
+/// The verdict of one run.
+#[derive(Debug, Default)]
+pub(crate) struct Verdict {
+    pub(crate) acked: usize,
+    pub(crate) handled: usize,
+    pub(crate) lost: Vec<Event>,
+    pub(crate) order: OrderReport,
+    /// ns of every successful handling (for recovery times).
+    pub(crate) successes: Vec<u128>,
+}
+
+#[derive(Debug)]
+struct Record {
+    at: u128,
+    start: bool,
+    member: u64,
+    event: Event,
+}
+
+fn parse_member(line: &str) -> Option<Record> {
+    let mut f = line.split(' ');
+    let kind = f.next()?;
+    let member = f.next()?.parse().ok()?;
+    let topic = f.next()?.to_owned();
+    let aggregate = f.next()?.to_owned();
+    let version = f.next()?.parse().ok()?;
+    let at = f.next()?.parse().ok()?;
+    Some(Record {
+        at,
+        start: kind == "S",
+        member,
+        event: (topic, aggregate, version),
+    })
+}
+
+/// The acked events of the producer's log.
+pub(crate) fn acked(path: &Path) -> HashSet<Event> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split(' ');
+            (f.next()? == "A").then_some(())?;
+            Some((
+                f.next()?.to_owned(),
+                f.next()?.to_owned(),
+                f.next()?.parse().ok()?,
+            ))
+        })
+        .collect()
+}
+
+/// Distinct events handled successfully so far, over `logs`.
+pub(crate) fn handled(logs: &[&Path]) -> HashSet<Event> {
+    let mut out = HashSet::new();
+    for path in logs {
+        for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
+            if let Some(r) = parse_member(line).filter(|r| !r.start) {
+                out.insert(r.event);
+            }
+        }
+    }
+    out
+}
+
+/// Replays every attempt of every member in order of start and judges.
+pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>]) -> Verdict {
+    let acked = acked(producer);
+    let mut records = Vec::new();
+    let mut killed: HashMap<u64, u128> = HashMap::new();
+    for m in members {
+        for line in std::fs::read_to_string(m.path).unwrap_or_default().lines() {
+            if let Some(r) = parse_member(line) {
+                if let Some(k) = m.killed_at {
+                    killed.insert(r.member, k);
+                }
+                records.push(r);
+            }
+        }
+    }
+    // Ends before starts at one instant: an attempt that ended does not overlap one starting then.
+    records.sort_by_key(|r| (r.at, r.start));
+    let checker = Arc::new(OrderChecker::new());
+    let mut running: HashMap<(u64, Event), Attempt> = HashMap::new();
+    let mut successes = Vec::new();
+    let mut handled = HashSet::new();
+    let mut cut: Vec<(u128, (u64, Event))> = Vec::new();
+    for r in records {
+        // Attempts of killed members that never ended end at the kill.
+        cut.sort_by_key(|c| std::cmp::Reverse(c.0));
+        while cut.last().is_some_and(|c| c.0 <= r.at) {
+            let (_, key) = cut.pop().expect("checked");
+            running.remove(&key);
+        }
+        let key = (r.member, r.event.clone());
+        if r.start {
+            let (topic, aggregate, version) = &r.event;
+            let envelope = Envelope::builder(aggregate.clone(), "FaultTested", *version)
+                .build()
+                .expect("valid envelope");
+            running.insert(key.clone(), checker.begin_as(r.member, topic, &envelope));
+            if let Some(&k) = killed.get(&r.member) {
+                cut.push((k, key));
+            }
+        } else if let Some(attempt) = running.remove(&key) {
+            attempt.succeeded();
+            successes.push(r.at);
+            handled.insert(r.event);
+        }
+    }
+    drop(running);
+    let mut lost: Vec<Event> = acked.difference(&handled).cloned().collect();
+    lost.sort();
+    successes.sort_unstable();
+    Verdict {
+        acked: acked.len(),
+        handled: handled.len(),
+        lost,
+        order: checker.report(),
+        successes,
+    }
+}
