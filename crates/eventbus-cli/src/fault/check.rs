@@ -6,7 +6,6 @@ use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use eventbus::Envelope;
 use eventbus_testkit::{Attempt, OrderChecker, OrderReport};
 
 /// One (topic, aggregate, version).
@@ -85,7 +84,13 @@ pub(crate) fn handled(logs: &[&Path]) -> HashSet<Event> {
 }
 
 /// Replays every attempt of every member in order of start and judges.
-pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>]) -> Verdict {
+///
+/// A broker restart (times in `broker_restarts`, ns) starts a new run for
+/// every member, as a member restart does: the broker redelivers what it
+/// had not recorded as acked before its crash (acks in flight are lost with
+/// it), so each aggregate may be replayed from there, in order. Inside a
+/// run, going back is a regression as always.
+pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>], broker_restarts: &[u128]) -> Verdict {
     let acked = acked(producer);
     let mut records = Vec::new();
     let mut killed: HashMap<u64, u128> = HashMap::new();
@@ -113,13 +118,13 @@ pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>]) -> Verdict {
             let (_, key) = cut.pop().expect("checked");
             running.remove(&key);
         }
+        let epoch = broker_restarts.iter().filter(|&&b| b <= r.at).count() as u64;
+        let run = r.member * 1_000 + epoch;
         let key = (r.member, r.event.clone());
         if r.start {
             let (topic, aggregate, version) = &r.event;
-            let envelope = Envelope::builder(aggregate.clone(), "FaultTested", *version)
-                .build()
-                .expect("valid envelope");
-            running.insert(key.clone(), checker.begin_as(r.member, topic, &envelope));
+            let envelope = eventbus_testkit::envelope(aggregate, *version);
+            running.insert(key.clone(), checker.begin_as(run, topic, &envelope));
             if let Some(&k) = killed.get(&r.member) {
                 cut.push((k, key));
             }

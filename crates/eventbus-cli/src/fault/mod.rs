@@ -47,6 +47,12 @@ pub(crate) struct FaultArgs {
     /// Handler time per attempt, in µs.
     #[arg(long, default_value_t = 500)]
     handler_us: u64,
+    /// Group members running at once: 2 (kills hit one while the other
+    /// runs), or 1 (each kill stops the group until its replacement starts).
+    /// NATS durable consumers are single-member for ordered handling
+    /// (partitioned groups are issue 12): 2 members on NATS break order.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    members: u8,
     /// Skip the broker kill (consumer kills only).
     #[arg(long)]
     no_broker_kill: bool,
@@ -214,8 +220,9 @@ pub(crate) async fn run(args: FaultArgs) -> Result<()> {
             .map(|(what, ms)| format!("{what}: {}", ms.map_or("none".into(), |ms| format!("{ms:.0}"))))
             .collect();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
+            "| {} ({} members) | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
             r.backend,
+            args.members,
             r.published,
             r.acked,
             r.handled,
@@ -288,10 +295,10 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
     let mut producer_args = common("fault-producer");
     producer_args.extend(["--rate".into(), args.rate.to_string()]);
 
-    let mut members = vec![
-        Worker::spawn(dir, "member-1", &member_args(1))?,
-        Worker::spawn(dir, "member-2", &member_args(2))?,
-    ];
+    let mut members = vec![Worker::spawn(dir, "member-1", &member_args(1))?];
+    if args.members == 2 {
+        members.push(Worker::spawn(dir, "member-2", &member_args(2))?);
+    }
     let mut producer = Worker::spawn(dir, "producer", &producer_args)?;
     let logs = |members: &[Worker]| members.iter().map(|m| m.log.clone()).collect::<Vec<_>>();
     let handled_now = |members: &[Worker]| {
@@ -305,7 +312,14 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
     if !args.no_broker_kill {
         plan.push(("broker", 0.45));
     }
-    plan.push(("member 2", 0.7));
+    plan.push((
+        if args.members == 2 {
+            "member 2"
+        } else {
+            "member 1 again"
+        },
+        0.7,
+    ));
     let mut faults: Vec<(&'static str, u128, u128)> = Vec::new(); // (what, killed at, restarted at)
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
     let mut next_id = 3;
@@ -328,7 +342,7 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
                 broker.restart().await?;
             }
             member => {
-                let index = if member == "member 1" { 0 } else { 1 };
+                let index = if member == "member 2" { 1 } else { 0 };
                 members[index].kill();
                 eprintln!("fault[{kind:?}]: {member} killed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -376,7 +390,12 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
             killed_at: m.killed_at,
         })
         .collect();
-    let verdict = check::judge(&producer.log, &member_logs);
+    let broker_restarts: Vec<u128> = faults
+        .iter()
+        .filter(|(what, ..)| *what == "broker")
+        .map(|(_, killed, _)| *killed)
+        .collect();
+    let verdict = check::judge(&producer.log, &member_logs, &broker_restarts);
     if !verdict.lost.is_empty() {
         eprintln!(
             "fault[{kind:?}]: lost (first 10): {:?}",

@@ -101,10 +101,21 @@ impl LineLog {
     }
 }
 
+/// Connects, retrying for up to 60 s: a process started while the broker
+/// restarts waits for it, as a restarted service would.
 async fn bus(args: &WorkerArgs, config: BusConfig) -> Result<(Target, eventbus::EventBus)> {
     let target = Target::connect(args.backend, &args.brokers, WhenMissing::DefaultAddress).await?;
-    let bus = target.bus(config).await?;
-    Ok((target, bus))
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        match target.bus(config.clone()).await {
+            Ok(bus) => return Ok((target, bus)),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("connect failed, retrying: {e}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A group member: subscribes every topic in group [`GROUP`] and runs until killed.
@@ -114,20 +125,32 @@ pub(crate) async fn member(args: MemberArgs) -> Result<()> {
     let mut subscriptions = Vec::new();
     for t in 0..args.common.topics {
         let topic = format!("fault-{t}");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let (log, member, pause) = (log.clone(), args.member, Duration::from_micros(args.handler_us));
         let name = topic.clone();
-        let sub = bus
-            .subscribe_envelope(&topic, SubscribeOptions::group(GROUP), move |e: Envelope| {
-                let (log, name) = (log.clone(), name.clone());
-                async move {
-                    let fact = format!("{member} {name} {} {}", e.aggregate_id, e.event_version);
-                    log.line(format!("S {fact} {}\n", now_ns()));
-                    tokio::time::sleep(pause).await;
-                    log.line(format!("E {fact} {}\n", now_ns()));
-                    Ok::<_, std::io::Error>(())
+        let handler = move |e: Envelope| {
+            let (log, name) = (log.clone(), name.clone());
+            async move {
+                let fact = format!("{member} {name} {} {}", e.aggregate_id, e.event_version);
+                log.line(format!("S {fact} {}\n", now_ns()));
+                tokio::time::sleep(pause).await;
+                log.line(format!("E {fact} {}\n", now_ns()));
+                Ok::<_, std::io::Error>(())
+            }
+        };
+        let sub = loop {
+            match bus
+                .subscribe_envelope(&topic, SubscribeOptions::group(GROUP), handler.clone())
+                .await
+            {
+                Ok(sub) => break sub,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    eprintln!("subscribe {topic} failed, retrying: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
                 }
-            })
-            .await?;
+                Err(e) => return Err(e),
+            }
+        };
         subscriptions.push(sub);
     }
     eprintln!("member {} subscribed", args.member);
