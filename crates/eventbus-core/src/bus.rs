@@ -54,7 +54,7 @@ pub struct EventBus {
 struct BusInner {
     backend: Arc<dyn Backend>,
     config: BusConfig,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     executor: Arc<OrderedExecutor<Job>>,
     closed: AtomicBool,
     close_done: tokio::sync::Mutex<bool>,
@@ -98,7 +98,7 @@ impl EventBus {
         Ok(Self {
             inner: Arc::new(BusInner {
                 backend,
-                publisher: Publisher::new(&config),
+                publisher: Arc::new(Publisher::new(&config)),
                 executor,
                 config,
                 closed: AtomicBool::new(false),
@@ -325,8 +325,7 @@ impl EventBus {
             retry: options.retry.unwrap_or_else(|| consumer.retry.clone()),
             dead_letter_topic,
             backend: self.inner.backend.clone(),
-            publish_timeout: Duration::from_millis(self.inner.config.publish.timeout_ms),
-            ack_timeout: Duration::from_millis(self.inner.config.publish.ack_timeout_ms),
+            publisher: self.inner.publisher.clone(),
             handler_timeout: consumer.handler_timeout_ms.map(Duration::from_millis),
             max_in_flight: consumer.max_in_flight,
         });

@@ -148,3 +148,62 @@ async fn close_gives_up_on_stuck_handlers_and_their_messages_are_redelivered() {
     assert_eq!(redelivered, sent);
     bus.close().await.unwrap();
 }
+
+/// A dead letter is a publish like any other: it waits for room in the
+/// bus's publish window (bounded by `publish.timeout_ms`; a timeout is a
+/// failed attempt, reported stalled), and goes out once there is room.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_take_the_publish_window() {
+    use futures::StreamExt;
+    let mut config = BusConfig::default();
+    config.results.enabled = true;
+    config.results.capacity = 1;
+    config.publish.max_in_flight = 1;
+    config.publish.timeout_ms = 100;
+    config.consumer.retry = eventbus_core::RetryPolicy::fixed(1, 50);
+    let bus = EventBus::memory_with(config).unwrap();
+    let mut results = bus.results().unwrap();
+    let dead = Arc::new(AtomicUsize::new(0));
+    let d = dead.clone();
+    let _dlq = bus
+        .subscribe(
+            "t.dlq",
+            SubscribeOptions::group("ops"),
+            move |_m: eventbus_core::Message| {
+                d.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .unwrap();
+    let sub = bus
+        .subscribe_envelope("t", SubscribeOptions::group("g"), |_e: Envelope| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Err::<(), _>(std::io::Error::other("poison"))
+        })
+        .await
+        .unwrap();
+    let _poison = bus.publish_envelope("t", &envelope("p", 1)).await.unwrap();
+    results.next().await.unwrap();
+    // Fill the window: one result sits in the unread stream, one waits to enter it.
+    let _a = bus.publish_envelope("other", &envelope("o", 1)).await.unwrap();
+    let _b = bus.publish_envelope("other", &envelope("o", 2)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    assert_eq!(
+        dead.load(Ordering::SeqCst),
+        0,
+        "the dead letter bypassed a full publish window"
+    );
+    assert_eq!(
+        sub.health().stalled_aggregates,
+        1,
+        "a dead letter that cannot go out is reported stalled"
+    );
+    // Room again: the dead letter goes out, and the aggregate is no longer stalled.
+    let _: Vec<_> = results.by_ref().take(2).collect().await;
+    assert!(
+        eventually(|| dead.load(Ordering::SeqCst) == 1).await,
+        "the dead letter never went out"
+    );
+    assert!(eventually(|| sub.health().stalled_aggregates == 0).await);
+}

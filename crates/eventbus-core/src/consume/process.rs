@@ -25,12 +25,13 @@ use tokio_util::sync::CancellationToken;
 
 use super::executor::{Key, Task};
 use crate::backend::Backend;
-use crate::codec::{decode_envelope, fallback_aggregate_id};
+use crate::codec::{self, decode_envelope, fallback_aggregate_id};
 use crate::dead_letter;
 use crate::envelope::Envelope;
 use crate::error::{BoxError, Error, Result};
 use crate::health::SubscriptionHealth;
 use crate::message::{Delivery, Message, Ownership};
+use crate::publish::Publisher;
 use crate::retry::RetryPolicy;
 
 pub(crate) type HandlerFn<T> = Arc<dyn Fn(T) -> BoxFuture<'static, Result<(), BoxError>> + Send + Sync>;
@@ -113,8 +114,9 @@ pub(crate) struct SubscriptionShared {
     retry: RetryPolicy,
     dead_letter_topic: Option<String>,
     backend: Arc<dyn Backend>,
-    publish_timeout: Duration,
-    ack_timeout: Duration,
+    /// The bus's publisher: dead letters take its window and timeouts and
+    /// count in its metrics, like every other publish.
+    publisher: Arc<Publisher>,
     handler_timeout: Option<Duration>,
     /// This subscription's in-flight limit: one permit per fetched, unsettled message.
     slots: Arc<Semaphore>,
@@ -140,8 +142,7 @@ pub(crate) struct SubscriptionParams {
     pub(crate) retry: RetryPolicy,
     pub(crate) dead_letter_topic: Option<String>,
     pub(crate) backend: Arc<dyn Backend>,
-    pub(crate) publish_timeout: Duration,
-    pub(crate) ack_timeout: Duration,
+    pub(crate) publisher: Arc<Publisher>,
     pub(crate) handler_timeout: Option<Duration>,
     pub(crate) max_in_flight: usize,
 }
@@ -156,8 +157,7 @@ impl SubscriptionShared {
             retry: p.retry,
             dead_letter_topic: p.dead_letter_topic,
             backend: p.backend,
-            publish_timeout: p.publish_timeout,
-            ack_timeout: p.ack_timeout,
+            publisher: p.publisher,
             handler_timeout: p.handler_timeout,
             slots: Arc::new(Semaphore::new(p.max_in_flight)),
             stop_fetch: CancellationToken::new(),
@@ -373,18 +373,18 @@ impl SubscriptionShared {
         }
     }
 
-    /// Publishes the dead letter once: stage one bounded by `publish.timeout_ms`,
-    /// the ACK by `publish.ack_timeout_ms`; stops on close or revoke.
+    /// Publishes the dead letter once, through the bus's publisher (its
+    /// window, bounded by `publish.timeout_ms`; its ACK wait, bounded by
+    /// `publish.ack_timeout_ms`; its metrics); stops on close or revoke.
     async fn publish_dead_letter(&self, delivery: &Delivery, dlq: &str, reason: &str) -> Attempted {
         let dead = dead_letter::dead_letter(&delivery.message, &self.topic, dlq, reason);
+        let meta = codec::message_result_meta(&dead);
         let publish = async {
-            let ack = tokio::time::timeout(self.publish_timeout, self.backend.publish(dead))
-                .await
-                .map_err(|_| Error::timeout("dead-letter publish (publish.timeout_ms)"))??;
-            tokio::time::timeout(self.ack_timeout, ack)
-                .await
-                .map_err(|_| Error::timeout("dead-letter ACK (publish.ack_timeout_ms)"))??;
-            Ok::<_, Error>(())
+            let handle = self.publisher.publish(meta, self.backend.publish(dead)).await?;
+            match handle.await.error {
+                None => Ok(()),
+                Some(e) => Err(Error::new(e.kind(), format!("dead-letter publish: {e}"))),
+            }
         };
         tokio::select! {
             r = publish => match r {
