@@ -128,12 +128,15 @@ impl KafkaBackend {
             .set("session.timeout.ms", c.session_timeout_ms.to_string())
             .set("heartbeat.interval.ms", c.heartbeat_interval_ms.to_string())
             .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", c.fetch_wait_max_ms.to_string());
+            .set("fetch.wait.max.ms", c.fetch_wait_max_ms.to_string())
+            .set("max.poll.interval.ms", c.max_poll_interval_ms.to_string());
         self.inner.config.apply_extra(&mut props);
         let tracker = Arc::new(OffsetTracker::default());
+        let rebalances = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let context = MemberContext {
             tracker: tracker.clone(),
             revoke_timeout: Duration::from_millis(c.revoke_timeout_ms),
+            rebalances: rebalances.clone(),
         };
         let consumer: StreamConsumer<MemberContext> = props
             .create_with_context(context)
@@ -141,10 +144,12 @@ impl KafkaBackend {
         consumer
             .subscribe(&[&spec.topic])
             .map_err(|e| Error::backend(format!("cannot subscribe to {}", spec.topic), e))?;
-        Ok(KafkaSubscription {
-            consumer: Arc::new(consumer),
+        Ok(KafkaSubscription::start(
+            Arc::new(consumer),
             tracker,
-        })
+            rebalances,
+            c.max_in_flight_per_partition.max(1),
+        ))
     }
 }
 

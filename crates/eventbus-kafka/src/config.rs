@@ -153,6 +153,16 @@ pub struct KafkaConsumer {
     /// spent its time answering empty fetches and a 200-event fault run took
     /// 118 s instead of 38 s. Default 500 (librdkafka's).
     pub fetch_wait_max_ms: u64,
+    /// `max.poll.interval.ms`: longest time between two polls before the
+    /// client leaves the group, in ms. Each subscription keeps polling (with
+    /// its partitions paused) while the bus has no room for more messages,
+    /// so a slow or parked handler does not get the member evicted.
+    /// Must be ≥ `session_timeout_ms` (librdkafka's rule). Default 300,000.
+    pub max_poll_interval_ms: u64,
+    /// Messages of one partition fetched and not yet settled (count); past
+    /// it the partition is paused (the rest of the subscription flows) until
+    /// half of them settled. Bounds what a parked aggregate holds. Default 1,000.
+    pub max_in_flight_per_partition: usize,
     /// Use `<group>.<topic>` as the Kafka `group.id` (default true), so each
     /// (group, topic) subscription is its own Kafka group, as a NATS durable
     /// consumer is, and joining one topic never rebalances another. False
@@ -215,6 +225,8 @@ impl Default for KafkaConsumer {
             revoke_timeout_ms: 5_000,
             auto_offset_reset: "earliest".into(),
             fetch_wait_max_ms: 500,
+            max_poll_interval_ms: 300_000,
+            max_in_flight_per_partition: 1_000,
             group_id_per_topic: true,
         }
     }

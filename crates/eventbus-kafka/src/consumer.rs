@@ -1,8 +1,17 @@
 //! One group member per subscription: a `StreamConsumer` whose finished
 //! prefix per partition is stored for commit, and which hands over its
 //! partitions cleanly on a rebalance.
+//!
+//! A poll task owns the polling, so the member keeps polling (and stays in
+//! its group past `max.poll.interval.ms`) however long the bus takes: it
+//! hands deliveries over a small bounded channel, and a partition whose
+//! messages cannot be taken now (the channel is full, or the partition has
+//! `max_in_flight_per_partition` unsettled messages) is paused and rewound
+//! to the first message not handed over, then resumed once there is room.
 
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -12,6 +21,7 @@ use eventbus_core::{
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 
 use crate::offsets::{OffsetTracker, PartitionKey};
 
@@ -22,11 +32,19 @@ use crate::offsets::{OffsetTracker, PartitionKey};
 pub(crate) struct MemberContext {
     pub(crate) tracker: Arc<OffsetTracker>,
     pub(crate) revoke_timeout: Duration,
+    /// Bumped on every assignment: the poll task forgets its pauses.
+    pub(crate) rebalances: Arc<AtomicU64>,
 }
 
 impl ClientContext for MemberContext {}
 
 impl ConsumerContext for MemberContext {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(_) = rebalance {
+            self.rebalances.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let Rebalance::Revoke(revoked) = rebalance else {
             return;
@@ -69,59 +87,211 @@ pub(crate) fn commit<C: Consumer<X>, X: ConsumerContext>(
         .map_err(|e| Error::backend("Kafka commit failed", e))
 }
 
+/// Deliveries handed from the poll task to the fetch loop (count). Small:
+/// the bus's executor is the real queue.
+const HANDOVER: usize = 256;
+
+/// How often the poll task polls when nothing arrives (paused or idle).
+const POLL_TICK: Duration = Duration::from_millis(500);
+
 pub(crate) struct KafkaSubscription {
-    pub(crate) consumer: Arc<StreamConsumer<MemberContext>>,
-    pub(crate) tracker: Arc<OffsetTracker>,
+    consumer: Arc<StreamConsumer<MemberContext>>,
+    tracker: Arc<OffsetTracker>,
+    deliveries: mpsc::Receiver<Result<Delivery>>,
+    poller: tokio::task::JoinHandle<()>,
+    stop: Arc<tokio::sync::Notify>,
 }
 
 impl KafkaSubscription {
-    fn delivery(&self, m: &rdkafka::message::BorrowedMessage<'_>) -> Delivery {
-        let key: PartitionKey = (m.topic().to_owned(), m.partition());
-        let (generation, ownership) = self.tracker.fetched(&key, m.offset());
-        let mut headers = Headers::new();
-        if let Some(h) = m.headers() {
-            for header in h.iter() {
-                let value = header.value.map(String::from_utf8_lossy).unwrap_or_default();
-                headers.insert(header.key, value);
+    pub(crate) fn start(
+        consumer: Arc<StreamConsumer<MemberContext>>,
+        tracker: Arc<OffsetTracker>,
+        rebalances: Arc<AtomicU64>,
+        per_partition: usize,
+    ) -> Self {
+        let (tx, deliveries) = mpsc::channel(HANDOVER);
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let poll = Poller {
+            consumer: consumer.clone(),
+            tracker: tracker.clone(),
+            rebalances,
+            seen_rebalances: 0,
+            per_partition,
+            paused: HashSet::new(),
+            tx,
+        };
+        let poller = tokio::spawn(poll.run(stop.clone()));
+        Self {
+            consumer,
+            tracker,
+            deliveries,
+            poller,
+            stop,
+        }
+    }
+}
+
+/// The poll task's state.
+struct Poller {
+    consumer: Arc<StreamConsumer<MemberContext>>,
+    tracker: Arc<OffsetTracker>,
+    rebalances: Arc<AtomicU64>,
+    seen_rebalances: u64,
+    per_partition: usize,
+    /// Partitions paused by us, each rewound to its first message not handed over.
+    paused: HashSet<PartitionKey>,
+    tx: mpsc::Sender<Result<Delivery>>,
+}
+
+impl Poller {
+    async fn run(mut self, stop: Arc<tokio::sync::Notify>) {
+        let consumer = self.consumer.clone();
+        let stopped = stop.notified();
+        tokio::pin!(stopped);
+        loop {
+            self.after_rebalance();
+            self.resume_with_room();
+            let next = tokio::select! {
+                _ = &mut stopped => return,
+                _ = self.tx.closed() => return,
+                next = tokio::time::timeout(POLL_TICK, consumer.recv()) => next,
+            };
+            let delivery = match next {
+                Err(_) => continue, // polled, nothing came: the member stays alive
+                Ok(Err(e)) => Err(Error::new(ErrorKind::Backend, "Kafka fetch failed").with_source(e)),
+                Ok(Ok(m)) => {
+                    let key: PartitionKey = (m.topic().to_owned(), m.partition());
+                    if !self.paused.contains(&key)
+                        && (self.tx.capacity() == 0 || self.tracker.in_flight(&key) >= self.per_partition)
+                    {
+                        self.pause(&key, m.offset());
+                    }
+                    if self.paused.contains(&key) {
+                        // Fetched before the pause took effect: fetched again after the resume.
+                        continue;
+                    }
+                    Ok(delivery(&self.consumer, &self.tracker, &m))
+                }
+            };
+            // Room was checked above for messages; an error may wait for room.
+            if self.tx.send(delivery).await.is_err() {
+                return;
             }
         }
-        let message = Message {
-            topic: key.0.clone(),
-            key: m.key().map(bytes::Bytes::copy_from_slice),
-            headers,
-            payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
-            dedup_id: None,
-        };
-        Delivery {
-            message,
-            position: Some(Position::Offset {
-                partition: m.partition(),
-                offset: m.offset(),
-            }),
-            delivery_count: 1,
-            acker: Box::new(KafkaAcker {
-                consumer: self.consumer.clone(),
-                tracker: self.tracker.clone(),
-                key,
-                offset: m.offset(),
-                generation,
-            }),
-            ownership: Some(ownership),
+    }
+
+    /// Pauses `key` and rewinds it to `offset` (the first message not handed over).
+    fn pause(&mut self, key: &PartitionKey, offset: i64) {
+        let mut tpl = TopicPartitionList::with_capacity(1);
+        tpl.add_partition(&key.0, key.1);
+        if let Err(e) = self.consumer.pause(&tpl) {
+            tracing::warn!(error = %e, topic = %key.0, partition = key.1, "pause failed");
+            return;
         }
+        if let Err(e) = self
+            .consumer
+            .seek(&key.0, key.1, Offset::Offset(offset), Duration::ZERO)
+        {
+            tracing::warn!(error = %e, topic = %key.0, partition = key.1, "rewind failed");
+        }
+        tracing::debug!(topic = %key.0, partition = key.1, offset, "partition paused");
+        self.paused.insert(key.clone());
+    }
+
+    /// Resumes paused partitions once the handover has room and the
+    /// partition is down to half its in-flight bound.
+    fn resume_with_room(&mut self) {
+        if self.paused.is_empty() || self.tx.capacity() < HANDOVER / 2 {
+            return;
+        }
+        let ready: Vec<PartitionKey> = self
+            .paused
+            .iter()
+            .filter(|k| self.tracker.in_flight(k) <= self.per_partition / 2)
+            .cloned()
+            .collect();
+        for key in ready {
+            let mut tpl = TopicPartitionList::with_capacity(1);
+            tpl.add_partition(&key.0, key.1);
+            if let Err(e) = self.consumer.resume(&tpl) {
+                tracing::debug!(error = %e, topic = %key.0, partition = key.1, "resume failed");
+            }
+            self.paused.remove(&key);
+        }
+    }
+
+    /// After a rebalance the assignment starts from committed offsets, unpaused.
+    fn after_rebalance(&mut self) {
+        let now = self.rebalances.load(Ordering::Acquire);
+        if now == self.seen_rebalances {
+            return;
+        }
+        self.seen_rebalances = now;
+        if !self.paused.is_empty() {
+            if let Ok(assigned) = self.consumer.assignment() {
+                let _ = self.consumer.resume(&assigned);
+            }
+            self.paused.clear();
+        }
+    }
+}
+
+fn delivery(
+    consumer: &Arc<StreamConsumer<MemberContext>>,
+    tracker: &Arc<OffsetTracker>,
+    m: &rdkafka::message::BorrowedMessage<'_>,
+) -> Delivery {
+    let key: PartitionKey = (m.topic().to_owned(), m.partition());
+    let (generation, ownership) = tracker.fetched(&key, m.offset());
+    let mut headers = Headers::new();
+    if let Some(h) = m.headers() {
+        for header in h.iter() {
+            let value = header.value.map(String::from_utf8_lossy).unwrap_or_default();
+            headers.insert(header.key, value);
+        }
+    }
+    let message = Message {
+        topic: key.0.clone(),
+        key: m.key().map(bytes::Bytes::copy_from_slice),
+        headers,
+        payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
+        dedup_id: None,
+    };
+    Delivery {
+        message,
+        position: Some(Position::Offset {
+            partition: m.partition(),
+            offset: m.offset(),
+        }),
+        delivery_count: 1,
+        acker: Box::new(KafkaAcker {
+            consumer: consumer.clone(),
+            tracker: tracker.clone(),
+            key,
+            offset: m.offset(),
+            generation,
+        }),
+        ownership: Some(ownership),
     }
 }
 
 #[async_trait]
 impl BackendSubscription for KafkaSubscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
-        Some(match self.consumer.recv().await {
-            Ok(m) => Ok(self.delivery(&m)),
-            Err(e) => Err(Error::new(ErrorKind::Backend, "Kafka fetch failed").with_source(e)),
-        })
+        self.deliveries.recv().await
     }
 
     async fn close(self: Box<Self>) -> Result<()> {
-        let Self { consumer, tracker } = *self;
+        let Self {
+            consumer,
+            tracker,
+            deliveries,
+            poller,
+            stop,
+        } = *self;
+        stop.notify_one();
+        drop(deliveries);
+        let _ = poller.await;
         // Commit the finished prefix, then leave the group (a blocking call).
         tokio::task::spawn_blocking(move || {
             let committed = commit(consumer.as_ref(), &tracker.committable());

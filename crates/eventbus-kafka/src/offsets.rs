@@ -57,6 +57,15 @@ impl OffsetTracker {
         (p.generation, p.ownership.clone())
     }
 
+    /// Messages of `key` fetched and not finished (count).
+    pub(crate) fn in_flight(&self, key: &PartitionKey) -> usize {
+        self.partitions
+            .lock()
+            .unwrap()
+            .get(key)
+            .map_or(0, |p| p.in_flight.len())
+    }
+
     /// A message finished; returns the new committable offset when the
     /// contiguous prefix advanced and the partition is still ours.
     pub(crate) fn finished(&self, key: &PartitionKey, offset: i64, generation: u64) -> Option<i64> {

@@ -284,3 +284,148 @@ async fn a_missing_dead_letter_topic_with_auto_creation_off_is_refused_at_subscr
     sub.close().await.unwrap();
     bus.close().await.unwrap();
 }
+
+/// Issue 9 (capacity): a member whose bus has no room for more messages
+/// keeps polling, so a handler slower than `max.poll.interval.ms` does not
+/// get it evicted from its group (which revoked its partition, cancelled the
+/// running attempt and handled the event again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_slower_than_the_poll_interval_keeps_the_member_in_its_group() {
+    let broker = TansuServer::start().await.unwrap();
+    let mut kafka = KafkaConfig::with_brokers([broker.bootstrap()]);
+    kafka.consumer.session_timeout_ms = 6_000;
+    kafka.consumer.max_poll_interval_ms = 6_000;
+    kafka.consumer.revoke_timeout_ms = 1_000;
+    let mut config = BusConfig::default();
+    config.consumer.max_in_flight = 1;
+    let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), config).unwrap();
+    for v in 1..=3 {
+        bus.publish_envelope_sync("slow", &envelope("s", v))
+            .await
+            .unwrap();
+    }
+    let checker = Arc::new(OrderChecker::new());
+    let c = checker.clone();
+    let sub = bus
+        .subscribe_envelope("slow", SubscribeOptions::group("g"), move |e: Envelope| {
+            let attempt = c.begin("slow", &e);
+            async move {
+                if e.event_version == 1 {
+                    tokio::time::sleep(Duration::from_secs(10)).await;
+                }
+                attempt.succeeded();
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(60), || checker.report().received >= 3).await);
+    tokio::time::sleep(Duration::from_secs(3)).await; // a re-handling would show up now
+    let report = checker.report();
+    assert_eq!(
+        (report.attempts, report.retries, report.duplicates),
+        (3, 0, 0),
+        "the member was evicted and its partition handled again: {report}"
+    );
+    assert!(report.is_strictly_ordered(), "{report}");
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
+}
+
+/// Issue 9 (capacity): one partition's unsettled messages are bounded
+/// (`max_in_flight_per_partition`): a parked aggregate on partition 0 holds
+/// at most that many, and the other partition keeps flowing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_partition_is_paused_at_its_bound_while_another_flows() {
+    let broker = TansuServer::start().await.unwrap();
+    let mut kafka = KafkaConfig::with_brokers([broker.bootstrap()]);
+    kafka.consumer.max_in_flight_per_partition = 20;
+    kafka.topics = vec![TopicSpec {
+        name: "bounded".into(),
+        partitions: 2,
+        ..TopicSpec::default()
+    }];
+    let mut config = BusConfig::default();
+    config.close_timeout_ms = 1_000;
+    config.consumer.max_in_flight = 50;
+    config.consumer.retry = eventbus_core::RetryPolicy::fixed(1, 100);
+    let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), config).unwrap();
+    // Find two aggregates on different partitions.
+    let mut by_partition: std::collections::HashMap<i32, String> = Default::default();
+    for i in 0..50 {
+        let a = format!("p-{i}");
+        let r = bus
+            .publish_envelope("bounded", &envelope(&a, 1))
+            .await
+            .unwrap()
+            .await;
+        if let Some(eventbus_core::Position::Offset { partition, .. }) = r.position {
+            by_partition.entry(partition).or_insert(a);
+        }
+        if by_partition.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(by_partition.len(), 2, "two partitions");
+    let parked = by_partition[&0].clone();
+    let flowing = by_partition[&1].clone();
+    let mut acks = Vec::new();
+    for v in 2..=200 {
+        acks.push(
+            bus.publish_envelope("bounded", &envelope(&parked, v))
+                .await
+                .unwrap(),
+        );
+        acks.push(
+            bus.publish_envelope("bounded", &envelope(&flowing, v))
+                .await
+                .unwrap(),
+        );
+    }
+    for ack in acks {
+        assert!(ack.await.is_success());
+    }
+    let handled = Arc::new(Mutex::new(HashSet::<(String, i64)>::new()));
+    let h = handled.clone();
+    let p = parked.clone();
+    let sub = bus
+        .subscribe_envelope(
+            "bounded",
+            SubscribeOptions::group("g").park_on_failure(),
+            move |e: Envelope| {
+                let poisoned = e.aggregate_id == p && e.event_version == 1;
+                if !poisoned {
+                    h.lock()
+                        .unwrap()
+                        .insert((e.aggregate_id.clone(), e.event_version));
+                }
+                async move {
+                    if poisoned {
+                        Err(std::io::Error::other("parked"))
+                    } else {
+                        Ok(())
+                    }
+                }
+            },
+        )
+        .await
+        .unwrap();
+    let flowed = || (1..=200).all(|v| handled.lock().unwrap().contains(&(flowing.clone(), v)));
+    assert!(
+        eventually(Duration::from_secs(60), flowed).await,
+        "the other partition stopped behind the parked one"
+    );
+    let health = sub.health();
+    assert!(
+        health.in_flight <= 20 + 1,
+        "the parked partition holds {} messages, above its bound of 20",
+        health.in_flight
+    );
+    assert_eq!(health.stalled_aggregates, 1);
+    // The parked aggregate never finishes: close gives up on it after
+    // close_timeout_ms, and its messages go back to the group.
+    if let Err(e) = sub.close().await {
+        assert_eq!(e.kind(), ErrorKind::Timeout, "{e}");
+    }
+    let _ = bus.close().await;
+}
