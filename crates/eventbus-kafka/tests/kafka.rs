@@ -345,8 +345,10 @@ async fn a_parked_partition_is_paused_at_its_bound_while_another_flows() {
         partitions: 2,
         ..TopicSpec::default()
     }];
-    let mut config = BusConfig::default();
-    config.close_timeout_ms = 1_000;
+    let mut config = BusConfig {
+        close_timeout_ms: 1_000,
+        ..BusConfig::default()
+    };
     config.consumer.max_in_flight = 50;
     config.consumer.retry = eventbus_core::RetryPolicy::fixed(1, 100);
     let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), config).unwrap();
