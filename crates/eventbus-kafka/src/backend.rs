@@ -44,9 +44,73 @@ pub struct KafkaBackend {
 
 struct Inner {
     config: KafkaConfig,
-    producer: FutureProducer<ProducerContext>,
+    /// Made on the first publish (a member that only consumes never
+    /// registers a producer id), and made again after a fatal error.
+    producer: std::sync::Mutex<Option<Arc<FutureProducer<ProducerContext>>>>,
     topics: Topics,
     state: Arc<AtomicU8>,
+    /// Set when a delivery failed with an error that only a new producer id
+    /// cures (the broker fenced or forgot ours).
+    renew: std::sync::atomic::AtomicBool,
+}
+
+/// Delivery errors after which the producer is replaced even when
+/// librdkafka did not raise a fatal error: the broker fenced or forgot the
+/// producer id, and every later send with it fails the same way (seen with
+/// tansu after a restart: `ProducerFenced` for minutes).
+const RENEW_ON: [RDKafkaErrorCode; 3] = [
+    RDKafkaErrorCode::ProducerFenced,
+    RDKafkaErrorCode::InvalidProducerEpoch,
+    RDKafkaErrorCode::UnknownProducerId,
+];
+
+impl Inner {
+    /// The producer to send with: the current one, or a new one when there
+    /// is none yet or the current one hit a fatal error. An idempotent
+    /// producer is unusable after a fatal error (e.g. `ProducerFenced` when
+    /// a broker lost or reassigned its producer id; seen with tansu after a
+    /// restart), so it is replaced; its unconfirmed messages fail, and their
+    /// publishers get an error result (and may retry).
+    fn producer(&self) -> Result<Arc<FutureProducer<ProducerContext>>> {
+        let mut current = self.producer.lock().unwrap();
+        if let Some(p) = current.as_ref() {
+            let renew = self.renew.swap(false, Ordering::AcqRel);
+            match p.client().fatal_error() {
+                None if !renew => return Ok(p.clone()),
+                fatal => {
+                    tracing::warn!(
+                        ?fatal,
+                        "Kafka producer fenced or failed fatally: making a new one"
+                    );
+                    if let Some(old) = current.take() {
+                        // Destroying a client can block: not on this thread.
+                        std::thread::spawn(move || drop(old));
+                    }
+                }
+            }
+        }
+        let producer = Arc::new(self.new_producer()?);
+        *current = Some(producer.clone());
+        Ok(producer)
+    }
+
+    fn new_producer(&self) -> Result<FutureProducer<ProducerContext>> {
+        let mut props = self.config.client_properties();
+        let p = &self.config.producer;
+        props
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", p.compression.as_str())
+            .set("linger.ms", p.linger_ms.to_string())
+            .set("queue.buffering.max.messages", p.queue_max_messages.to_string())
+            .set("message.timeout.ms", p.delivery_timeout_ms.to_string());
+        self.config.apply_extra(&mut props);
+        props
+            .create_with_context(ProducerContext {
+                state: self.state.clone(),
+            })
+            .map_err(|e| Error::new(ErrorKind::Config, "cannot create the Kafka producer").with_source(e))
+    }
 }
 
 const CONNECTED: u8 = 0;
@@ -82,34 +146,20 @@ impl KafkaBackend {
     /// the provisioning errors (`NotFound`, `Conflict`, `Backend`).
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
         let state = Arc::new(AtomicU8::new(CONNECTED));
-        let mut props = config.client_properties();
-        let p = &config.producer;
-        props
-            .set("enable.idempotence", "true")
-            .set("acks", "all")
-            .set("compression.type", p.compression.as_str())
-            .set("linger.ms", p.linger_ms.to_string())
-            .set("queue.buffering.max.messages", p.queue_max_messages.to_string())
-            .set("message.timeout.ms", p.delivery_timeout_ms.to_string());
-        config.apply_extra(&mut props);
-        let producer = props
-            .create_with_context(ProducerContext { state: state.clone() })
-            .map_err(|e| Error::new(ErrorKind::Config, "cannot create the Kafka producer").with_source(e))?;
         let topics = Topics::new(&config)?;
         topics.provision(&config.topics, config.provision).await?;
+        let inner = Inner {
+            config,
+            producer: std::sync::Mutex::new(None),
+            topics,
+            state,
+            renew: std::sync::atomic::AtomicBool::new(false),
+        };
+        // Check the producer settings now (librdkafka validates them at creation).
+        drop(inner.new_producer()?);
         Ok(Self {
-            inner: Arc::new(Inner {
-                config,
-                producer,
-                topics,
-                state,
-            }),
+            inner: Arc::new(inner),
         })
-    }
-
-    /// The underlying producer.
-    pub fn producer(&self) -> &FutureProducer<impl ClientContext> {
-        &self.inner.producer
     }
 
     fn member(&self, spec: &SubscribeSpec) -> Result<KafkaSubscription> {
@@ -174,6 +224,7 @@ impl Backend for KafkaBackend {
     async fn publish(&self, message: Message) -> Result<AckFuture> {
         self.inner.topics.ensure(&message.topic).await?;
         let headers = kafka_headers(&message);
+        let producer = self.inner.producer()?;
         let delivery = loop {
             let mut record = FutureRecord::to(&message.topic)
                 .payload(&message.payload[..])
@@ -181,7 +232,7 @@ impl Backend for KafkaBackend {
             if let Some(key) = &message.key {
                 record = record.key(&key[..]);
             }
-            match self.inner.producer.send_result(record) {
+            match producer.send_result(record) {
                 Ok(delivery) => break delivery,
                 // Backpressure: the bus bounds this wait with publish.timeout_ms.
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
@@ -191,6 +242,7 @@ impl Backend for KafkaBackend {
             }
         };
         let state = self.inner.state.clone();
+        let inner = self.inner.clone();
         Ok(async move {
             match delivery.await {
                 Ok(Ok(d)) => {
@@ -203,7 +255,12 @@ impl Backend for KafkaBackend {
                         duplicate: false,
                     })
                 }
-                Ok(Err((e, _))) => Err(Error::backend("Kafka did not confirm the delivery", e)),
+                Ok(Err((e, _))) => {
+                    if e.rdkafka_error_code().is_some_and(|c| RENEW_ON.contains(&c)) {
+                        inner.renew.store(true, Ordering::Release);
+                    }
+                    Err(Error::backend("Kafka did not confirm the delivery", e))
+                }
                 Err(_) => Err(Error::closed("Kafka producer")),
             }
         }
@@ -230,9 +287,11 @@ impl Backend for KafkaBackend {
     }
 
     async fn close(&self) -> Result<()> {
-        let inner = self.inner.clone();
+        let Some(producer) = self.inner.producer.lock().unwrap().clone() else {
+            return Ok(()); // never published
+        };
         let timeout = Duration::from_millis(self.inner.config.producer.delivery_timeout_ms);
-        tokio::task::spawn_blocking(move || inner.producer.flush(timeout))
+        tokio::task::spawn_blocking(move || producer.flush(timeout))
             .await
             .map_err(|e| Error::backend("flush failed", e))?
             .map_err(|e| Error::new(ErrorKind::Timeout, "Kafka producer flush timed out").with_source(e))

@@ -431,3 +431,43 @@ async fn a_parked_partition_is_paused_at_its_bound_while_another_flows() {
     }
     let _ = bus.close().await;
 }
+
+/// A fatal producer error (here `OutOfOrderSequenceNumber`, injected by
+/// librdkafka's mock cluster) made the idempotent producer unusable, so
+/// every later publish failed until the process restarted (the fault
+/// harness met the same with tansu answering `ProducerFenced`). The backend now replaces a producer that hit a fatal error:
+/// the publish that met it fails with a typed error, the next ones succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fatal_producer_error_is_survived_by_a_new_producer() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("fenced", 1, 1).unwrap();
+    let mut kafka = KafkaConfig::with_brokers([cluster.bootstrap_servers()]);
+    kafka.auto_create_topics = false;
+    kafka.producer.delivery_timeout_ms = 5_000;
+    let mut config = BusConfig::default();
+    config.publish.ack_timeout_ms = 10_000;
+    let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), config).unwrap();
+    bus.publish_envelope_sync("fenced", &envelope("f", 1))
+        .await
+        .unwrap();
+    cluster.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER],
+    );
+    let fenced = bus.publish_envelope_sync("fenced", &envelope("f", 2)).await;
+    assert!(fenced.is_err(), "the injected error did not reach the publish");
+    let mut ok = 0;
+    for v in 2..=6 {
+        if bus
+            .publish_envelope_sync("fenced", &envelope("f", v))
+            .await
+            .is_ok()
+        {
+            ok += 1;
+        }
+    }
+    assert_eq!(ok, 5, "publishes after a fatal error kept failing");
+    bus.close().await.unwrap();
+}

@@ -11,11 +11,50 @@ use eventbus_testkit::{Attempt, OrderChecker, OrderReport};
 /// One (topic, aggregate, version).
 pub(crate) type Event = (String, String, i64);
 
-/// A member's log, and when (ns) the harness killed it, if it did.
+/// A member's log, its output (where the Kafka backend reports each
+/// partition revoke), and when (ns) the harness killed it, if it did.
 #[derive(Debug)]
 pub(crate) struct MemberLog<'a> {
+    pub(crate) member: u64,
     pub(crate) path: &'a Path,
+    pub(crate) out: &'a Path,
     pub(crate) killed_at: Option<u128>,
+}
+
+/// Times (ns) of the partition revokes the Kafka backend logged in `out`
+/// (tracing's `partitions revoked` line, RFC 3339 time first): each ends the
+/// member's run, since the partitions it gets next are fetched again from
+/// the group's committed offsets (redelivery).
+fn revokes(out: &Path) -> Vec<u128> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("partitions revoked"))
+        .filter_map(|l| {
+            let plain: String = strip_ansi(l);
+            let stamp = plain.split_whitespace().next()?;
+            let t = chrono::DateTime::parse_from_rfc3339(stamp).ok()?;
+            u128::try_from(t.timestamp_nanos_opt()?).ok()
+        })
+        .collect()
+}
+
+fn strip_ansi(line: &str) -> String {
+    let mut out = String::with_capacity(line.len());
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ ... letter
+            for d in chars.by_ref() {
+                if d.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// The verdict of one run.
@@ -85,16 +124,22 @@ pub(crate) fn handled(logs: &[&Path]) -> HashSet<Event> {
 
 /// Replays every attempt of every member in order of start and judges.
 ///
-/// A broker restart (times in `broker_restarts`, ns) starts a new run for
-/// every member, as a member restart does: the broker redelivers what it
-/// had not recorded as acked before its crash (acks in flight are lost with
-/// it), so each aggregate may be replayed from there, in order. Inside a
-/// run, going back is a regression as always.
+/// A run (the checker's member) is one member process between two
+/// redelivery points: a broker crash (times in `broker_restarts`, ns: the
+/// broker redelivers what it had not recorded as acked, since acks and
+/// commits in flight are lost with it) and, on Kafka, each partition revoke
+/// of that member (its next assignment starts again from the committed
+/// offsets). A new run may replay an aggregate from below, in order; inside
+/// a run, going back is a regression as always.
 pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>], broker_restarts: &[u128]) -> Verdict {
     let acked = acked(producer);
     let mut records = Vec::new();
     let mut killed: HashMap<u64, u128> = HashMap::new();
+    let mut redeliveries: HashMap<u64, Vec<u128>> = HashMap::new();
     for m in members {
+        let mut points = revokes(m.out);
+        points.extend_from_slice(broker_restarts);
+        redeliveries.insert(m.member, points);
         for line in std::fs::read_to_string(m.path).unwrap_or_default().lines() {
             if let Some(r) = parse_member(line) {
                 if let Some(k) = m.killed_at {
@@ -118,8 +163,10 @@ pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>], broker_restarts:
             let (_, key) = cut.pop().expect("checked");
             running.remove(&key);
         }
-        let epoch = broker_restarts.iter().filter(|&&b| b <= r.at).count() as u64;
-        let run = r.member * 1_000 + epoch;
+        let epoch = redeliveries
+            .get(&r.member)
+            .map_or(0, |p| p.iter().filter(|&&b| b <= r.at).count()) as u64;
+        let run = r.member * 100_000 + epoch;
         let key = (r.member, r.event.clone());
         if r.start {
             let (topic, aggregate, version) = &r.event;

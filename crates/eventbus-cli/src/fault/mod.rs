@@ -117,15 +117,18 @@ impl Broker {
 
 /// A child process of the run (producer or member), killed on drop.
 struct Worker {
+    member: u64,
     child: Child,
     log: PathBuf,
+    out: PathBuf,
     killed_at: Option<u128>,
 }
 
 impl Worker {
-    fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<Self> {
+    fn spawn(dir: &Path, name: &str, member: u64, args: &[String]) -> Result<Self> {
         let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(dir.join(format!("{name}.out")))
+        let out_path = dir.join(format!("{name}.out"));
+        let out = std::fs::File::create(&out_path)
             .map_err(|e| Error::config("cannot create a worker output file").with_source(e))?;
         let err = out
             .try_clone()
@@ -136,14 +139,18 @@ impl Worker {
             .args(args)
             .arg("--log")
             .arg(&log)
+            // The Kafka backend's revokes (info) mark redelivery points for the checker.
+            .env("RUST_LOG", "warn,eventbus_kafka=info")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
             .spawn()
             .map_err(|e| Error::config("cannot start a worker process").with_source(e))?;
         Ok(Self {
+            member,
             child,
             log,
+            out: out_path,
             killed_at: None,
         })
     }
@@ -295,11 +302,11 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
     let mut producer_args = common("fault-producer");
     producer_args.extend(["--rate".into(), args.rate.to_string()]);
 
-    let mut members = vec![Worker::spawn(dir, "member-1", &member_args(1))?];
+    let mut members = vec![Worker::spawn(dir, "member-1", 1, &member_args(1))?];
     if args.members == 2 {
-        members.push(Worker::spawn(dir, "member-2", &member_args(2))?);
+        members.push(Worker::spawn(dir, "member-2", 2, &member_args(2))?);
     }
-    let mut producer = Worker::spawn(dir, "producer", &producer_args)?;
+    let mut producer = Worker::spawn(dir, "producer", 0, &producer_args)?;
     let logs = |members: &[Worker]| members.iter().map(|m| m.log.clone()).collect::<Vec<_>>();
     let handled_now = |members: &[Worker]| {
         let paths = logs(members);
@@ -347,7 +354,7 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
                 eprintln!("fault[{kind:?}]: {member} killed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 let name = format!("member-{next_id}");
-                members.push(Worker::spawn(dir, &name, &member_args(next_id))?);
+                members.push(Worker::spawn(dir, &name, next_id, &member_args(next_id))?);
                 next_id += 1;
                 // The replacement takes the killed member's place for the next kill.
                 let replacement = members.pop().expect("just pushed");
@@ -386,7 +393,9 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
     let member_logs: Vec<check::MemberLog<'_>> = members
         .iter()
         .map(|m| check::MemberLog {
+            member: m.member,
             path: &m.log,
+            out: &m.out,
             killed_at: m.killed_at,
         })
         .collect();

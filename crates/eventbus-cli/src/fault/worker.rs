@@ -197,7 +197,10 @@ pub(crate) async fn producer(args: ProducerArgs) -> Result<()> {
                     };
                     match outcome {
                         None => break true,
-                        Some(_) if tokio::time::Instant::now() > deadline => break false,
+                        Some(e) if tokio::time::Instant::now() > deadline => {
+                            eprintln!("a-{a} v{v}: not acked within 120 s; last error: {e}");
+                            break false;
+                        }
                         Some(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                     }
                 };
