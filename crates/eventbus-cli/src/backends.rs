@@ -42,6 +42,26 @@ pub(crate) struct BrokerArgs {
     /// local tansu broker; other commands use 127.0.0.1:9092.
     #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
     pub(crate) kafka_brokers: Option<String>,
+    /// NATS client settings (`NatsConfig`) from a TOML file; `--nats-url`
+    /// replaces its `servers`.
+    #[arg(long, env = "EVENTBUS_NATS_CONFIG")]
+    pub(crate) nats_config: Option<std::path::PathBuf>,
+    /// Kafka client settings (`KafkaConfig`) from a TOML file, e.g.
+    /// `[consumer] fetch_wait_max_ms = 500`; `--kafka-brokers` replaces its
+    /// `brokers`.
+    #[arg(long, env = "EVENTBUS_KAFKA_CONFIG")]
+    pub(crate) kafka_config: Option<std::path::PathBuf>,
+}
+
+/// Settings of type `T` from the TOML file at `path`, else `T::default()`.
+fn settings<T: serde::de::DeserializeOwned + Default>(path: Option<&std::path::Path>) -> Result<T> {
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    use figment::providers::Format as _;
+    figment::Figment::from(figment::providers::Toml::file_exact(path))
+        .extract()
+        .map_err(|e| Error::config(format!("invalid settings in {}: {e}", path.display())))
 }
 
 /// What to do when a broker address is not given.
@@ -59,10 +79,12 @@ pub(crate) enum Target {
     Memory,
     Nats {
         url: String,
+        config: Box<NatsConfig>,
         _server: Option<NatsServer>,
     },
     Kafka {
         brokers: String,
+        config: Box<KafkaConfig>,
         _server: Option<TansuServer>,
     },
 }
@@ -83,15 +105,19 @@ impl Target {
         brokers: &BrokerArgs,
         missing: WhenMissing,
     ) -> Result<Self> {
+        let nats: Box<NatsConfig> = Box::new(settings(brokers.nats_config.as_deref())?);
+        let kafka: Box<KafkaConfig> = Box::new(settings(brokers.kafka_config.as_deref())?);
         Ok(match kind {
             BackendKind::Memory => Self::Memory,
             BackendKind::Nats => match (&brokers.nats_url, missing) {
                 (Some(url), _) => Self::Nats {
                     url: url.clone(),
+                    config: nats,
                     _server: None,
                 },
                 (None, WhenMissing::DefaultAddress) => Self::Nats {
                     url: "nats://127.0.0.1:4222".into(),
+                    config: nats,
                     _server: None,
                 },
                 (None, WhenMissing::StartLocal) => {
@@ -99,6 +125,7 @@ impl Target {
                     eprintln!("started nats-server on {}", server.url());
                     Self::Nats {
                         url: server.url(),
+                        config: nats,
                         _server: Some(server),
                     }
                 }
@@ -106,10 +133,12 @@ impl Target {
             BackendKind::Kafka => match (&brokers.kafka_brokers, missing) {
                 (Some(b), _) => Self::Kafka {
                     brokers: b.clone(),
+                    config: kafka,
                     _server: None,
                 },
                 (None, WhenMissing::DefaultAddress) => Self::Kafka {
                     brokers: "127.0.0.1:9092".into(),
+                    config: kafka,
                     _server: None,
                 },
                 (None, WhenMissing::StartLocal) => {
@@ -117,6 +146,7 @@ impl Target {
                     eprintln!("started tansu on {}", server.bootstrap());
                     Self::Kafka {
                         brokers: server.bootstrap(),
+                        config: kafka,
                         _server: Some(server),
                     }
                 }
@@ -141,13 +171,25 @@ impl Target {
     pub(crate) async fn bus(&self, config: BusConfig) -> Result<EventBus> {
         match self {
             Self::Memory => EventBus::memory_with(config),
-            Self::Nats { url, .. } => {
-                let backend = NatsBackend::connect(NatsConfig::with_servers(url.split(','))).await?;
-                EventBus::new(backend, config)
+            Self::Nats {
+                url, config: nats, ..
+            } => {
+                let nats = NatsConfig {
+                    servers: url.split(',').map(str::to_owned).collect(),
+                    ..(**nats).clone()
+                };
+                EventBus::new(NatsBackend::connect(nats).await?, config)
             }
-            Self::Kafka { brokers, .. } => {
-                let backend = KafkaBackend::connect(KafkaConfig::with_brokers(brokers.split(','))).await?;
-                EventBus::new(backend, config)
+            Self::Kafka {
+                brokers,
+                config: kafka,
+                ..
+            } => {
+                let kafka = KafkaConfig {
+                    brokers: brokers.split(',').map(str::to_owned).collect(),
+                    ..(**kafka).clone()
+                };
+                EventBus::new(KafkaBackend::connect(kafka).await?, config)
             }
         }
     }

@@ -275,7 +275,15 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
     let started = Instant::now();
     let mut broker = Broker::start(kind).await?;
     let events = args.aggregates * args.versions as usize;
-    let address = broker.address_args();
+    let mut address = broker.address_args();
+    if kind == BackendKind::Kafka {
+        // tansu on an S3 store answers each fetch slowly: fewer, longer
+        // fetches (librdkafka's default wait) keep it from drowning in them.
+        let settings = dir.join("kafka.toml");
+        std::fs::write(&settings, "[consumer]\nfetch_wait_max_ms = 500\n")
+            .map_err(|e| Error::config("cannot write the Kafka settings").with_source(e))?;
+        address.extend(["--kafka-config".to_owned(), settings.display().to_string()]);
+    }
     let common = |what: &str| -> Vec<String> {
         let mut a = vec![what.to_owned()];
         a.extend(address.iter().cloned());
