@@ -94,6 +94,10 @@ const HANDOVER: usize = 256;
 /// How often the poll task polls when nothing arrives (paused or idle).
 const POLL_TICK: Duration = Duration::from_millis(500);
 
+/// How long a fetched message waits for room in the handover before its
+/// partition is paused and rewound (a busy bus drains it much faster).
+const ROOM_WAIT: Duration = Duration::from_secs(1);
+
 pub(crate) struct KafkaSubscription {
     consumer: Arc<StreamConsumer<MemberContext>>,
     tracker: Arc<OffsetTracker>,
@@ -146,6 +150,7 @@ struct Poller {
 impl Poller {
     async fn run(mut self, stop: Arc<tokio::sync::Notify>) {
         let consumer = self.consumer.clone();
+        let tx = self.tx.clone();
         let stopped = stop.notified();
         tokio::pin!(stopped);
         loop {
@@ -161,19 +166,42 @@ impl Poller {
                 Ok(Err(e)) => Err(Error::new(ErrorKind::Backend, "Kafka fetch failed").with_source(e)),
                 Ok(Ok(m)) => {
                     let key: PartitionKey = (m.topic().to_owned(), m.partition());
-                    if !self.paused.contains(&key)
-                        && (self.tx.capacity() == 0 || self.tracker.in_flight(&key) >= self.per_partition)
-                    {
-                        self.pause(&key, m.offset());
-                    }
                     if self.paused.contains(&key) {
                         // Fetched before the pause took effect: fetched again after the resume.
                         continue;
                     }
-                    Ok(delivery(&self.consumer, &self.tracker, &m))
+                    if self.tracker.in_flight(&key) >= self.per_partition {
+                        self.pause(&key, m.offset());
+                        continue;
+                    }
+                    match self.tx.try_reserve() {
+                        Ok(permit) => {
+                            permit.send(Ok(delivery(&self.consumer, &self.tracker, &m)));
+                            continue;
+                        }
+                        Err(mpsc::error::TrySendError::Closed(())) => return,
+                        Err(mpsc::error::TrySendError::Full(())) => {}
+                    }
+                    // No room: wait a little (a busy bus drains the handover
+                    // fast); past that, pause and rewind, and keep polling.
+                    let owned = m.detach();
+                    drop(m);
+                    let room = tokio::time::timeout(ROOM_WAIT, tx.reserve()).await;
+                    let full = match room {
+                        Ok(Ok(permit)) => {
+                            permit.send(Ok(delivery(&self.consumer, &self.tracker, &owned)));
+                            false
+                        }
+                        Ok(Err(_)) => return,
+                        Err(_) => true,
+                    };
+                    if full {
+                        self.pause(&key, owned.offset());
+                    }
+                    continue;
                 }
             };
-            // Room was checked above for messages; an error may wait for room.
+            // A fetch error waits for room.
             if self.tx.send(delivery).await.is_err() {
                 return;
             }
@@ -236,10 +264,10 @@ impl Poller {
     }
 }
 
-fn delivery(
+fn delivery<M: rdkafka::Message>(
     consumer: &Arc<StreamConsumer<MemberContext>>,
     tracker: &Arc<OffsetTracker>,
-    m: &rdkafka::message::BorrowedMessage<'_>,
+    m: &M,
 ) -> Delivery {
     let key: PartitionKey = (m.topic().to_owned(), m.partition());
     let (generation, ownership) = tracker.fetched(&key, m.offset());
