@@ -49,7 +49,9 @@ fn nats_member_and_server_kills_lose_nothing_and_keep_order() {
 
 /// Kafka (tansu keeping its log in an S3-compatible store, so it survives
 /// its SIGKILL), two members: each killed once while the other runs, and
-/// the broker killed once.
+/// the broker killed once, after publishing ended: tansu may lose writes it
+/// acknowledged just before a SIGKILL (INFRA.md), which is the broker's
+/// loss, not ours (`scripts/fault` kills it mid-publish too).
 #[test]
 fn kafka_member_and_broker_kills_lose_nothing_and_keep_order() {
     let table = fault(&[
@@ -62,7 +64,8 @@ fn kafka_member_and_broker_kills_lose_nothing_and_keep_order() {
         "--versions",
         "20",
         "--rate",
-        "200",
+        "400",
+        "--broker-kill-after-publish",
         "--timeout-secs",
         "240",
     ]);

@@ -328,6 +328,7 @@ impl EventBus {
             publisher: self.inner.publisher.clone(),
             handler_timeout: consumer.handler_timeout_ms.map(Duration::from_millis),
             max_in_flight: consumer.max_in_flight,
+            dedup_window: consumer.dedup_window,
         });
         let subscription = Subscription::start(
             shared,

@@ -12,6 +12,7 @@
 //! | `consumer.max_in_flight` | 10,000 | messages fetched but not yet settled, per subscription; then its fetching waits |
 //! | `consumer.handler_timeout_ms` | none | longest handler attempt; then it counts as failed (and is retried) |
 //! | `consumer.retry` | 3 attempts, 100 ms × 2 up to 10 s, 20 % jitter | see [`RetryPolicy`] |
+//! | `consumer.dedup_window` | 10,000 | event ids an envelope subscription remembers settling; a repeat is acked without a handler call |
 //! | `consumer.dead_letter` | `{ suffix = ".dlq" }` | where exhausted messages go: `{ suffix = S }` (topic + S), `{ topic = T }`, or `"disabled"` (the aggregate parks) |
 //! | `close_timeout_ms` | 10,000 | longest wait in `close()` for handlers and publishes |
 //! | `memory.max_messages_per_topic` | 100,000 | memory backend: retained messages per topic |
@@ -88,6 +89,15 @@ pub struct ConsumerConfig {
     pub retry: RetryPolicy,
     /// Where exhausted messages go by default. Default `<topic>.dlq`.
     pub dead_letter: crate::dead_letter::DeadLetterPolicy,
+    /// Event ids each envelope subscription remembers having settled
+    /// (handled or dead-lettered), the most recent ones (count; 0 turns it
+    /// off). A delivery of one of them again (the broker redelivers what it
+    /// had not recorded as acked after a broker crash or a rebalance, or a
+    /// producer published it twice) is acked without calling the handler,
+    /// so a member never goes back to versions it already handled. Across
+    /// processes, use the inbox. Default 10,000 (as `max_in_flight`, which
+    /// bounds what can be handled and not yet acked).
+    pub dedup_window: usize,
 }
 
 /// Memory backend settings.
@@ -138,6 +148,7 @@ impl Default for ConsumerConfig {
             handler_timeout_ms: None,
             retry: RetryPolicy::default(),
             dead_letter: crate::dead_letter::DeadLetterPolicy::default(),
+            dedup_window: 10_000,
         }
     }
 }

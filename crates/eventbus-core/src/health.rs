@@ -60,6 +60,10 @@ pub struct SubscriptionHealth {
     pub failed_attempts: u64,
     /// Messages dead-lettered (count).
     pub dead_lettered: u64,
+    /// Deliveries of an event this subscription had already settled
+    /// (redeliveries after a broker crash or rebalance, or duplicates),
+    /// acked without calling the handler (count; `consumer.dedup_window`).
+    pub duplicates_skipped: u64,
     /// The last handler or backend error, as text.
     pub last_error: Option<String>,
 }

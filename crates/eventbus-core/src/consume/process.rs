@@ -66,6 +66,8 @@ enum Attempted {
 /// How a message is settled with its backend.
 enum Settle {
     Ack,
+    /// Settled before (its event id is among the recent ones): acked, not handled again.
+    AckDuplicate,
     DeadLettered,
     /// Closed first: handed back (nak) for redelivery.
     Abandon,
@@ -85,6 +87,10 @@ pub(crate) struct Job {
 impl Task for Job {
     async fn first(mut self, concurrency: &Semaphore) -> Option<Self> {
         let sub = self.subscription.clone();
+        if sub.settled_before(&self.work) {
+            sub.finish(&self.work, Settle::AckDuplicate).await;
+            return None;
+        }
         let settle = match sub.attempt(&self.work, concurrency).await {
             Attempted::Ok => Settle::Ack,
             Attempted::Stopped => sub.stopped(&self.work.delivery),
@@ -93,7 +99,7 @@ impl Task for Job {
                 return Some(self);
             }
         };
-        sub.finish(&self.work.delivery, settle).await;
+        sub.finish(&self.work, settle).await;
         None
     }
 
@@ -101,7 +107,7 @@ impl Task for Job {
         let sub = self.subscription.clone();
         let error = self.first_error.clone().unwrap_or_default();
         let settle = sub.settle_after_failure(&self.work, concurrency, error).await;
-        sub.finish(&self.work.delivery, settle).await;
+        sub.finish(&self.work, settle).await;
     }
 }
 
@@ -129,6 +135,9 @@ pub(crate) struct SubscriptionShared {
     handled: AtomicU64,
     failed_attempts: AtomicU64,
     dead_lettered: AtomicU64,
+    duplicates_skipped: AtomicU64,
+    /// Event ids settled most recently (`consumer.dedup_window`).
+    recent: Mutex<RecentIds>,
     unordered_seq: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
@@ -145,6 +154,7 @@ pub(crate) struct SubscriptionParams {
     pub(crate) publisher: Arc<Publisher>,
     pub(crate) handler_timeout: Option<Duration>,
     pub(crate) max_in_flight: usize,
+    pub(crate) dedup_window: usize,
 }
 
 impl SubscriptionShared {
@@ -169,6 +179,8 @@ impl SubscriptionShared {
             handled: AtomicU64::new(0),
             failed_attempts: AtomicU64::new(0),
             dead_lettered: AtomicU64::new(0),
+            duplicates_skipped: AtomicU64::new(0),
+            recent: Mutex::new(RecentIds::new(p.dedup_window)),
             unordered_seq: AtomicU64::new(0),
             last_error: Mutex::new(None),
         })
@@ -245,10 +257,27 @@ impl SubscriptionShared {
         }
     }
 
+    /// Whether `work` is an envelope this subscription settled recently.
+    fn settled_before(&self, work: &Work) -> bool {
+        match &work.input {
+            Input::Envelope(e) => self.recent.lock().unwrap().contains(&e.event_id),
+            _ => false,
+        }
+    }
+
     /// Acks, terms or naks the delivery, and counts it out of the in-flight set.
-    async fn finish(&self, delivery: &Delivery, settle: Settle) {
+    async fn finish(&self, work: &Work, settle: Settle) {
+        let delivery = &work.delivery;
+        if let (Settle::Ack | Settle::DeadLettered, Input::Envelope(e)) = (&settle, &work.input) {
+            self.recent.lock().unwrap().insert(&e.event_id);
+        }
         let settled = match settle {
             Settle::Ack => delivery.acker.ack().await.map(|()| Some(&self.handled)),
+            Settle::AckDuplicate => delivery
+                .acker
+                .ack()
+                .await
+                .map(|()| Some(&self.duplicates_skipped)),
             Settle::DeadLettered => delivery.acker.term().await.map(|()| Some(&self.dead_lettered)),
             Settle::Abandon => delivery.acker.nak(None).await.map(|()| None),
             Settle::Revoked => Ok(None),
@@ -433,8 +462,43 @@ impl SubscriptionShared {
             handled: self.handled.load(Ordering::Relaxed),
             failed_attempts: self.failed_attempts.load(Ordering::Relaxed),
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
+            duplicates_skipped: self.duplicates_skipped.load(Ordering::Relaxed),
             last_error: self.last_error.lock().unwrap().clone(),
         }
+    }
+}
+
+/// The last `capacity` distinct event ids inserted (oldest forgotten first).
+struct RecentIds {
+    ids: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+    capacity: usize,
+}
+
+impl RecentIds {
+    fn new(capacity: usize) -> Self {
+        Self {
+            ids: std::collections::HashSet::new(),
+            order: std::collections::VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn contains(&self, id: &str) -> bool {
+        self.ids.contains(id)
+    }
+
+    fn insert(&mut self, id: &str) {
+        if self.capacity == 0 || self.ids.contains(id) {
+            return;
+        }
+        if self.order.len() == self.capacity
+            && let Some(old) = self.order.pop_front()
+        {
+            self.ids.remove(&old);
+        }
+        self.ids.insert(id.to_owned());
+        self.order.push_back(id.to_owned());
     }
 }
 

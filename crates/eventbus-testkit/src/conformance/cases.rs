@@ -950,3 +950,41 @@ fn killed_member_restarted_in_its_group_loses_nothing_and_keeps_order<'a>(
         bus.close().await.expect("close bus");
     })
 }
+
+/// An envelope whose event id the subscription already settled (a broker
+/// redelivering what it had not recorded as acked, or a producer publishing
+/// it twice) is acked without calling the handler again, so a member never
+/// goes back to a version it handled (`consumer.dedup_window`).
+fn an_event_settled_before_is_not_handled_again<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("again");
+        let (sub, seen) = record_envelopes(&bus, &topic, &unique("g")).await;
+        let first = envelope("x", 1);
+        publish_all(&bus, &topic, std::slice::from_ref(&first)).await;
+        assert!(eventually(caps.timeout, || len(&seen) == 1).await);
+        // The same event again (a broker may store it again or drop it), then the next version.
+        publish_all(&bus, &topic, &[first.clone(), envelope("x", 2)]).await;
+        assert!(
+            eventually(caps.timeout, || seen
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| e.event_version == 2))
+            .await
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let versions: Vec<i64> = seen.lock().unwrap().iter().map(|e| e.event_version).collect();
+        assert_eq!(
+            versions,
+            [1, 2],
+            "[{}] an event settled before was handled again",
+            caps.name
+        );
+        sub.close().await.expect("close");
+        bus.close().await.expect("close bus");
+    })
+}

@@ -141,6 +141,7 @@ macro_rules! conformance_tests {
             slow_handler_with_a_deep_queue_keeps_order,
             parked_aggregate_does_not_stop_another_subscription,
             killed_member_restarted_in_its_group_loses_nothing_and_keeps_order,
+            an_event_settled_before_is_not_handled_again,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
