@@ -165,13 +165,15 @@ impl Poller {
                 Err(_) => continue, // polled, nothing came: the member stays alive
                 Ok(Err(e)) => Err(Error::new(ErrorKind::Backend, "Kafka fetch failed").with_source(e)),
                 Ok(Ok(m)) => {
+                    // A rebalance served inside this very poll resets pauses first:
+                    // a message of the new assignment is never taken for a paused one.
+                    self.after_rebalance();
                     let key: PartitionKey = (m.topic().to_owned(), m.partition());
                     if self.paused.contains(&key) {
                         // Fetched before the pause took effect: fetched again after the resume.
                         continue;
                     }
-                    if self.tracker.in_flight(&key) >= self.per_partition {
-                        self.pause(&key, m.offset());
+                    if self.tracker.in_flight(&key) >= self.per_partition && self.pause(&key, m.offset()) {
                         continue;
                     }
                     match self.tx.try_reserve() {
@@ -195,8 +197,12 @@ impl Poller {
                         Ok(Err(_)) => return,
                         Err(_) => true,
                     };
-                    if full {
-                        self.pause(&key, owned.offset());
+                    if full && !self.pause(&key, owned.offset()) {
+                        // Could not rewind: hand it over when there is room (never dropped).
+                        let d = delivery(&self.consumer, &self.tracker, &owned);
+                        if tx.send(Ok(d)).await.is_err() {
+                            return;
+                        }
                     }
                     continue;
                 }
@@ -208,22 +214,28 @@ impl Poller {
         }
     }
 
-    /// Pauses `key` and rewinds it to `offset` (the first message not handed over).
-    fn pause(&mut self, key: &PartitionKey, offset: i64) {
+    /// Pauses `key` and rewinds it to `offset` (the first message not
+    /// handed over); true when both took effect. On a failed rewind the
+    /// partition is resumed and false returned: the caller must hand the
+    /// message over, since nothing would fetch it again.
+    fn pause(&mut self, key: &PartitionKey, offset: i64) -> bool {
         let mut tpl = TopicPartitionList::with_capacity(1);
         tpl.add_partition(&key.0, key.1);
         if let Err(e) = self.consumer.pause(&tpl) {
             tracing::warn!(error = %e, topic = %key.0, partition = key.1, "pause failed");
-            return;
+            return false;
         }
         if let Err(e) = self
             .consumer
             .seek(&key.0, key.1, Offset::Offset(offset), Duration::ZERO)
         {
             tracing::warn!(error = %e, topic = %key.0, partition = key.1, "rewind failed");
+            let _ = self.consumer.resume(&tpl);
+            return false;
         }
         tracing::debug!(topic = %key.0, partition = key.1, offset, "partition paused");
         self.paused.insert(key.clone());
+        true
     }
 
     /// Resumes paused partitions once the handover has room and the
