@@ -89,14 +89,16 @@ pub struct ConsumerConfig {
     pub retry: RetryPolicy,
     /// Where exhausted messages go by default. Default `<topic>.dlq`.
     pub dead_letter: crate::dead_letter::DeadLetterPolicy,
-    /// Event ids each envelope subscription remembers having settled
-    /// (handled or dead-lettered), the most recent ones (count; 0 turns it
-    /// off). A delivery of one of them again (the broker redelivers what it
-    /// had not recorded as acked after a broker crash or a rebalance, or a
-    /// producer published it twice) is acked without calling the handler,
-    /// so a member never goes back to versions it already handled. Across
-    /// processes, use the inbox. Default 10,000 (as `max_in_flight`, which
-    /// bounds what can be handled and not yet acked).
+    /// Event ids each envelope subscription remembers having handled, the
+    /// most recent ones (count; 0 turns it off). A delivery of one of them
+    /// again (the broker redelivers what it had not recorded as acked after
+    /// a broker crash or a rebalance, or a producer published it twice) is
+    /// acked without calling the handler, so a member never goes back to
+    /// versions it already handled. Event ids must be unique per event (the
+    /// envelope's rule); dead-lettered ids are not remembered, so a redriven
+    /// dead letter is handled. A replay longer than the window (on Kafka, a
+    /// parked aggregate can hold the committed offset back past it) is
+    /// handled again. Across processes, use the inbox. Default 10,000.
     pub dedup_window: usize,
 }
 

@@ -46,23 +46,23 @@ struct Inner {
     config: KafkaConfig,
     /// Made on the first publish (a member that only consumes never
     /// registers a producer id), and made again after a fatal error.
-    producer: std::sync::Mutex<Option<Arc<FutureProducer<ProducerContext>>>>,
+    /// With its generation (1, 2, …).
+    producer: std::sync::Mutex<Option<(u64, Arc<FutureProducer<ProducerContext>>)>>,
     topics: Topics,
     state: Arc<AtomicU8>,
-    /// Set when a delivery failed with an error that only a new producer id
-    /// cures (the broker fenced or forgot ours).
-    renew: std::sync::atomic::AtomicBool,
+    /// The generation of a producer whose delivery was fenced (0: none):
+    /// only that producer is replaced, never a newer one by a late report.
+    renew: std::sync::atomic::AtomicU64,
+    generations: std::sync::atomic::AtomicU64,
 }
 
-/// Delivery errors after which the producer is replaced even when
-/// librdkafka did not raise a fatal error: the broker fenced or forgot the
-/// producer id, and every later send with it fails the same way (seen with
-/// tansu after a restart: `ProducerFenced` for minutes).
-const RENEW_ON: [RDKafkaErrorCode; 3] = [
-    RDKafkaErrorCode::ProducerFenced,
-    RDKafkaErrorCode::InvalidProducerEpoch,
-    RDKafkaErrorCode::UnknownProducerId,
-];
+/// The delivery error after which the producer is replaced although
+/// librdkafka raised no fatal error: the broker fenced its producer id, and
+/// every later send with it fails the same way (seen with tansu after a
+/// restart: `ProducerFenced` for minutes). librdkafka recovers from
+/// `InvalidProducerEpoch` and `UnknownProducerId` itself (epoch bump) or
+/// raises a fatal error.
+const RENEW_ON: [RDKafkaErrorCode; 1] = [RDKafkaErrorCode::ProducerFenced];
 
 impl Inner {
     /// The producer to send with: the current one, or a new one when there
@@ -71,12 +71,12 @@ impl Inner {
     /// a broker lost or reassigned its producer id; seen with tansu after a
     /// restart), so it is replaced; its unconfirmed messages fail, and their
     /// publishers get an error result (and may retry).
-    fn producer(&self) -> Result<Arc<FutureProducer<ProducerContext>>> {
+    fn producer(&self) -> Result<(u64, Arc<FutureProducer<ProducerContext>>)> {
         let mut current = self.producer.lock().unwrap();
-        if let Some(p) = current.as_ref() {
-            let renew = self.renew.swap(false, Ordering::AcqRel);
+        if let Some((generation, p)) = current.as_ref() {
+            let renew = self.renew.load(Ordering::Acquire) == *generation;
             match p.client().fatal_error() {
-                None if !renew => return Ok(p.clone()),
+                None if !renew => return Ok((*generation, p.clone())),
                 fatal => {
                     tracing::warn!(
                         ?fatal,
@@ -90,8 +90,9 @@ impl Inner {
             }
         }
         let producer = Arc::new(self.new_producer()?);
-        *current = Some(producer.clone());
-        Ok(producer)
+        let generation = self.generations.fetch_add(1, Ordering::AcqRel) + 1;
+        *current = Some((generation, producer.clone()));
+        Ok((generation, producer))
     }
 
     fn new_producer(&self) -> Result<FutureProducer<ProducerContext>> {
@@ -153,7 +154,8 @@ impl KafkaBackend {
             producer: std::sync::Mutex::new(None),
             topics,
             state,
-            renew: std::sync::atomic::AtomicBool::new(false),
+            renew: std::sync::atomic::AtomicU64::new(0),
+            generations: std::sync::atomic::AtomicU64::new(0),
         };
         // Check the producer settings now (librdkafka validates them at creation).
         drop(inner.new_producer()?);
@@ -224,7 +226,7 @@ impl Backend for KafkaBackend {
     async fn publish(&self, message: Message) -> Result<AckFuture> {
         self.inner.topics.ensure(&message.topic).await?;
         let headers = kafka_headers(&message);
-        let producer = self.inner.producer()?;
+        let (generation, producer) = self.inner.producer()?;
         let delivery = loop {
             let mut record = FutureRecord::to(&message.topic)
                 .payload(&message.payload[..])
@@ -257,7 +259,7 @@ impl Backend for KafkaBackend {
                 }
                 Ok(Err((e, _))) => {
                     if e.rdkafka_error_code().is_some_and(|c| RENEW_ON.contains(&c)) {
-                        inner.renew.store(true, Ordering::Release);
+                        inner.renew.store(generation, Ordering::Release);
                     }
                     Err(Error::backend("Kafka did not confirm the delivery", e))
                 }
@@ -287,7 +289,7 @@ impl Backend for KafkaBackend {
     }
 
     async fn close(&self) -> Result<()> {
-        let Some(producer) = self.inner.producer.lock().unwrap().clone() else {
+        let Some((_, producer)) = self.inner.producer.lock().unwrap().clone() else {
             return Ok(()); // never published
         };
         let timeout = Duration::from_millis(self.inner.config.producer.delivery_timeout_ms);

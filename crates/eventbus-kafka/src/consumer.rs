@@ -207,9 +207,15 @@ impl Poller {
                     continue;
                 }
             };
-            // A fetch error waits for room.
-            if self.tx.send(delivery).await.is_err() {
-                return;
+            // A fetch error never blocks polling: with no room it is logged and
+            // dropped (the client retries by itself; the next poll reports again).
+            match self.tx.try_send(delivery) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Closed(_)) => return,
+                Err(mpsc::error::TrySendError::Full(Err(e))) => {
+                    tracing::warn!(error = %e, "Kafka fetch error while the bus is full");
+                }
+                Err(mpsc::error::TrySendError::Full(Ok(_))) => {}
             }
         }
     }
@@ -267,11 +273,13 @@ impl Poller {
             return;
         }
         self.seen_rebalances = now;
-        if !self.paused.is_empty() {
-            if let Ok(assigned) = self.consumer.assignment() {
-                let _ = self.consumer.resume(&assigned);
-            }
-            self.paused.clear();
+        // librdkafka keeps an application pause across unassign and assign:
+        // resume every partition we paused, assigned now or not, so one that
+        // comes back later is not left paused with nobody to resume it.
+        for key in self.paused.drain() {
+            let mut tpl = TopicPartitionList::with_capacity(1);
+            tpl.add_partition(&key.0, key.1);
+            let _ = self.consumer.resume(&tpl);
         }
     }
 }

@@ -268,7 +268,8 @@ impl SubscriptionShared {
     /// Acks, terms or naks the delivery, and counts it out of the in-flight set.
     async fn finish(&self, work: &Work, settle: Settle) {
         let delivery = &work.delivery;
-        if let (Settle::Ack | Settle::DeadLettered, Input::Envelope(e)) = (&settle, &work.input) {
+        // Handled ones only: a dead letter sent back to its topic (redriven) is handled again.
+        if let (Settle::Ack, Input::Envelope(e)) = (&settle, &work.input) {
             self.recent.lock().unwrap().insert(&e.event_id);
         }
         let settled = match settle {
