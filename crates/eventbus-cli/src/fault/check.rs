@@ -71,9 +71,19 @@ pub(crate) struct Verdict {
 #[derive(Debug)]
 struct Record {
     at: u128,
-    start: bool,
+    fact: Fact,
     member: u64,
     event: Event,
+}
+
+/// What a record says; at one instant ends and kills come before starts, so
+/// an attempt that ended does not overlap one starting then.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fact {
+    Succeeded,
+    /// The harness killed the member: its running attempts end, failed.
+    Killed,
+    Started,
 }
 
 fn parse_member(line: &str) -> Option<Record> {
@@ -86,7 +96,11 @@ fn parse_member(line: &str) -> Option<Record> {
     let at = f.next()?.parse().ok()?;
     Some(Record {
         at,
-        start: kind == "S",
+        fact: if kind == "S" {
+            Fact::Started
+        } else {
+            Fact::Succeeded
+        },
         member,
         event: (topic, aggregate, version),
     })
@@ -114,7 +128,7 @@ pub(crate) fn handled(logs: &[&Path]) -> HashSet<Event> {
     let mut out = HashSet::new();
     for path in logs {
         for line in std::fs::read_to_string(path).unwrap_or_default().lines() {
-            if let Some(r) = parse_member(line).filter(|r| !r.start) {
+            if let Some(r) = parse_member(line).filter(|r| r.fact == Fact::Succeeded) {
                 out.insert(r.event);
             }
         }
@@ -134,47 +148,43 @@ pub(crate) fn handled(logs: &[&Path]) -> HashSet<Event> {
 pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>], broker_restarts: &[u128]) -> Verdict {
     let acked = acked(producer);
     let mut records = Vec::new();
-    let mut killed: HashMap<u64, u128> = HashMap::new();
     let mut redeliveries: HashMap<u64, Vec<u128>> = HashMap::new();
     for m in members {
         let mut points = revokes(m.out);
         points.extend_from_slice(broker_restarts);
         redeliveries.insert(m.member, points);
-        for line in std::fs::read_to_string(m.path).unwrap_or_default().lines() {
-            if let Some(r) = parse_member(line) {
-                if let Some(k) = m.killed_at {
-                    killed.insert(r.member, k);
-                }
-                records.push(r);
-            }
+        let lines = std::fs::read_to_string(m.path).unwrap_or_default();
+        records.extend(lines.lines().filter_map(parse_member));
+        if let Some(at) = m.killed_at {
+            let event = (String::new(), String::new(), 0);
+            records.push(Record {
+                at,
+                fact: Fact::Killed,
+                member: m.member,
+                event,
+            });
         }
     }
-    // Ends before starts at one instant: an attempt that ended does not overlap one starting then.
-    records.sort_by_key(|r| (r.at, r.start));
+    records.sort_by_key(|r| (r.at, r.fact));
     let checker = Arc::new(OrderChecker::new());
     let mut running: HashMap<(u64, Event), Attempt> = HashMap::new();
     let mut successes = Vec::new();
     let mut handled = HashSet::new();
-    let mut cut: Vec<(u128, (u64, Event))> = Vec::new();
     for r in records {
-        // Attempts of killed members that never ended end at the kill.
-        cut.sort_by_key(|c| std::cmp::Reverse(c.0));
-        while cut.last().is_some_and(|c| c.0 <= r.at) {
-            let (_, key) = cut.pop().expect("checked");
-            running.remove(&key);
+        if r.fact == Fact::Killed {
+            // Dropping an attempt's guard records it as failed.
+            running.retain(|(member, _), _| *member != r.member);
+            continue;
         }
         let epoch = redeliveries
             .get(&r.member)
             .map_or(0, |p| p.iter().filter(|&&b| b <= r.at).count()) as u64;
         let run = r.member * 100_000 + epoch;
         let key = (r.member, r.event.clone());
-        if r.start {
+        if r.fact == Fact::Started {
             let (topic, aggregate, version) = &r.event;
             let envelope = eventbus_testkit::envelope(aggregate, *version);
-            running.insert(key.clone(), checker.begin_as(run, topic, &envelope));
-            if let Some(&k) = killed.get(&r.member) {
-                cut.push((k, key));
-            }
+            running.insert(key, checker.begin_as(run, topic, &envelope));
         } else if let Some(attempt) = running.remove(&key) {
             attempt.succeeded();
             successes.push(r.at);

@@ -218,7 +218,7 @@ pub(crate) async fn run(args: FaultArgs) -> Result<()> {
             }
         };
         let row = one(kind, &args, &dir).await?;
-        print_row(&row);
+        eprintln!("fault[{}]: {}", row.backend, row.markdown(args.members));
         rows.push(row);
     }
     println!();
@@ -227,25 +227,7 @@ pub(crate) async fn run(args: FaultArgs) -> Result<()> {
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
-        let recoveries: Vec<String> = r
-            .recoveries
-            .iter()
-            .map(|(what, ms)| format!("{what}: {}", ms.map_or("none".into(), |ms| format!("{ms:.0}"))))
-            .collect();
-        println!(
-            "| {} ({} members) | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
-            r.backend,
-            args.members,
-            r.published,
-            r.acked,
-            r.handled,
-            r.lost,
-            r.violations,
-            r.overlaps,
-            r.duplicates,
-            recoveries.join(", "),
-            r.elapsed.as_secs_f64()
-        );
+        println!("{}", r.markdown(args.members));
     }
     let failed: Vec<&str> = rows
         .iter()
@@ -262,19 +244,28 @@ pub(crate) async fn run(args: FaultArgs) -> Result<()> {
     }
 }
 
-fn print_row(r: &Row) {
-    eprintln!(
-        "fault[{}]: published {} acked {} handled {} lost {} violations {} overlaps {} duplicates {} ({:.1} s)",
-        r.backend,
-        r.published,
-        r.acked,
-        r.handled,
-        r.lost,
-        r.violations,
-        r.overlaps,
-        r.duplicates,
-        r.elapsed.as_secs_f64()
-    );
+impl Row {
+    /// The row of the markdown table.
+    fn markdown(&self, members: u8) -> String {
+        let recoveries: Vec<String> = self
+            .recoveries
+            .iter()
+            .map(|(what, ms)| format!("{what}: {}", ms.map_or("none".into(), |ms| format!("{ms:.0}"))))
+            .collect();
+        format!(
+            "| {} ({members} members) | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
+            self.backend,
+            self.published,
+            self.acked,
+            self.handled,
+            self.lost,
+            self.violations,
+            self.overlaps,
+            self.duplicates,
+            recoveries.join(", "),
+            self.elapsed.as_secs_f64()
+        )
+    }
 }
 
 async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {

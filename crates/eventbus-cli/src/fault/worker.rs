@@ -101,21 +101,27 @@ impl LineLog {
     }
 }
 
-/// Connects, retrying for up to 60 s: a process started while the broker
-/// restarts waits for it, as a restarted service would.
-async fn bus(args: &WorkerArgs, config: BusConfig) -> Result<(Target, eventbus::EventBus)> {
-    let target = Target::connect(args.backend, &args.brokers, WhenMissing::DefaultAddress).await?;
+/// Runs `attempt` every 500 ms until it succeeds or 60 s passed: a process
+/// started while the broker restarts waits for it, as a restarted service would.
+async fn retrying<T, F: Future<Output = Result<T>>>(what: &str, mut attempt: impl FnMut() -> F) -> Result<T> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        match target.bus(config.clone()).await {
-            Ok(bus) => return Ok((target, bus)),
+        match attempt().await {
+            Ok(done) => return Ok(done),
             Err(e) if tokio::time::Instant::now() < deadline => {
-                eprintln!("connect failed, retrying: {e}");
+                eprintln!("{what} failed, retrying: {e}");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             Err(e) => return Err(e),
         }
     }
+}
+
+/// Connects (retrying, see [`retrying`]).
+async fn bus(args: &WorkerArgs, config: BusConfig) -> Result<(Target, eventbus::EventBus)> {
+    let target = Target::connect(args.backend, &args.brokers, WhenMissing::DefaultAddress).await?;
+    let bus = retrying("connect", || target.bus(config.clone())).await?;
+    Ok((target, bus))
 }
 
 /// A group member: subscribes every topic in group [`GROUP`] and runs until killed.
@@ -125,7 +131,6 @@ pub(crate) async fn member(args: MemberArgs) -> Result<()> {
     let mut subscriptions = Vec::new();
     for t in 0..args.common.topics {
         let topic = format!("fault-{t}");
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         let (log, member, pause) = (log.clone(), args.member, Duration::from_micros(args.handler_us));
         let name = topic.clone();
         let handler = move |e: Envelope| {
@@ -138,19 +143,8 @@ pub(crate) async fn member(args: MemberArgs) -> Result<()> {
                 Ok::<_, std::io::Error>(())
             }
         };
-        let sub = loop {
-            match bus
-                .subscribe_envelope(&topic, SubscribeOptions::group(GROUP), handler.clone())
-                .await
-            {
-                Ok(sub) => break sub,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    eprintln!("subscribe {topic} failed, retrying: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => return Err(e),
-            }
-        };
+        let subscribe = || bus.subscribe_envelope(&topic, SubscribeOptions::group(GROUP), handler.clone());
+        let sub = retrying(&format!("subscribe {topic}"), subscribe).await?;
         subscriptions.push(sub);
     }
     eprintln!("member {} subscribed", args.member);

@@ -471,8 +471,9 @@ impl SubscriptionShared {
 
 /// The last `capacity` distinct event ids inserted (oldest forgotten first).
 struct RecentIds {
-    ids: std::collections::HashSet<String>,
-    order: std::collections::VecDeque<String>,
+    /// The same allocation as in `order`: one per remembered id.
+    ids: std::collections::HashSet<Arc<str>>,
+    order: std::collections::VecDeque<Arc<str>>,
     capacity: usize,
 }
 
@@ -498,8 +499,9 @@ impl RecentIds {
         {
             self.ids.remove(&old);
         }
-        self.ids.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
+        let id: Arc<str> = Arc::from(id);
+        self.ids.insert(id.clone());
+        self.order.push_back(id);
     }
 }
 
