@@ -83,4 +83,10 @@ pub trait BackendSubscription: Send + 'static {
     /// Leaves the group. Messages delivered and not settled go back to the
     /// group (at once, or when the broker's redelivery deadline passes).
     async fn close(self: Box<Self>) -> Result<()>;
+
+    /// This member's share of the group, for health; read at each health
+    /// call. `None` (the default) where the broker assigns partitions itself.
+    fn assignment(&self) -> Option<std::sync::Arc<std::sync::Mutex<crate::GroupAssignment>>> {
+        None
+    }
 }

@@ -329,6 +329,7 @@ impl EventBus {
             handler_timeout: consumer.handler_timeout_ms.map(Duration::from_millis),
             max_in_flight: consumer.max_in_flight,
             dedup_window: consumer.dedup_window,
+            assignment: source.assignment(),
         });
         let subscription = Subscription::start(
             shared,

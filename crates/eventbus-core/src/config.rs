@@ -109,6 +109,13 @@ pub struct MemoryConfig {
     /// Messages kept per topic until every group has acked them (count);
     /// publishers wait when it is reached.
     pub max_messages_per_topic: usize,
+    /// Partitions of every topic (count, at least 1). Default 8. An
+    /// aggregate's events go to partition
+    /// [`partition_for`](crate::partition_for)`(aggregate id, partitions)`;
+    /// the members of a group split the partitions evenly, so up to this
+    /// many members of one group share a topic, each aggregate with one
+    /// member at a time.
+    pub partitions: u32,
 }
 
 impl Default for BusConfig {
@@ -159,6 +166,7 @@ impl Default for MemoryConfig {
     fn default() -> Self {
         Self {
             max_messages_per_topic: 100_000,
+            partitions: 8,
         }
     }
 }

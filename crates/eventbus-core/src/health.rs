@@ -66,4 +66,8 @@ pub struct SubscriptionHealth {
     pub duplicates_skipped: u64,
     /// The last handler or backend error, as text.
     pub last_error: Option<String>,
+    /// This member's share of its group, where the backend partitions
+    /// groups (NATS, memory); `None` where the broker assigns partitions
+    /// itself (Kafka).
+    pub assignment: Option<crate::GroupAssignment>,
 }

@@ -1,6 +1,7 @@
 //! Raw messages as they cross a broker, deliveries and their acknowledgement.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -146,6 +147,14 @@ pub struct Delivery {
 ///
 /// Guarantee: once `revoke_blocking` returns `true`, no attempt of these
 /// deliveries runs and none will start, so the next owner never overlaps.
+///
+/// A hold can also end by itself at a deadline
+/// ([`set_deadline`](Ownership::set_deadline)), as a lease does: from that
+/// instant (the monotonic clock, which keeps counting while the process is
+/// stopped), no attempt starts and a running attempt's handler is not
+/// polled again, even before anyone calls `revoke`. The NATS backend's
+/// partition leases use it, so a member frozen (SIGSTOP) past its lease
+/// handles nothing more from the partitions it lost.
 #[derive(Clone, Default)]
 pub struct Ownership {
     inner: Arc<OwnershipInner>,
@@ -157,6 +166,14 @@ struct OwnershipInner {
     idle: Condvar,
     revoked: CancellationToken,
     aborted: CancellationToken,
+    /// Lease end, in ms after [`clock_base`] plus one; 0 = no deadline.
+    deadline: AtomicU64,
+}
+
+/// The instant deadlines are counted from (first use in the process).
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
 }
 
 #[derive(Default)]
@@ -171,6 +188,7 @@ impl std::fmt::Debug for Ownership {
         f.debug_struct("Ownership")
             .field("revoked", &s.revoked)
             .field("running", &s.running)
+            .field("expired", &self.is_expired())
             .finish()
     }
 }
@@ -210,10 +228,43 @@ impl Ownership {
         self.inner.aborted.cancelled().await;
     }
 
-    /// Registers a running attempt; `None` when already revoked.
+    /// Ends the hold at `at` unless extended again (a lease): from then on
+    /// [`is_expired`](Ownership::is_expired) is true, no attempt starts and
+    /// running handlers are no longer polled. Extending after expiry does
+    /// not revive the hold.
+    pub fn set_deadline(&self, at: Instant) {
+        let ms = at.saturating_duration_since(clock_base()).as_millis() as u64 + 1;
+        let _ = self
+            .inner
+            .deadline
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |old| {
+                (!self.expired_at(old)).then_some(ms)
+            });
+    }
+
+    fn expired_at(&self, deadline: u64) -> bool {
+        deadline != 0 && (clock_base().elapsed().as_millis() as u64) + 1 >= deadline
+    }
+
+    /// Whether a deadline set by [`set_deadline`](Ownership::set_deadline) has passed.
+    pub fn is_expired(&self) -> bool {
+        self.expired_at(self.inner.deadline.load(Ordering::Acquire))
+    }
+
+    /// Whether no attempt may start: revoked or expired.
+    pub fn is_lost(&self) -> bool {
+        self.is_expired() || self.is_revoked()
+    }
+
+    /// Attempts running now (count).
+    pub fn running_attempts(&self) -> usize {
+        self.inner.state.lock().unwrap().running
+    }
+
+    /// Registers a running attempt; `None` when already revoked or expired.
     pub(crate) fn begin_attempt(&self) -> Option<AttemptGuard> {
         let mut s = self.inner.state.lock().unwrap();
-        if s.revoked {
+        if s.revoked || self.is_expired() {
             return None;
         }
         s.running += 1;
@@ -279,6 +330,20 @@ impl std::fmt::Debug for Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_expired_lease_starts_nothing_and_cannot_be_revived() {
+        let o = Ownership::new();
+        assert!(!o.is_expired(), "no deadline: never expires");
+        o.set_deadline(Instant::now() + Duration::from_secs(60));
+        assert!(o.begin_attempt().is_some());
+        o.set_deadline(Instant::now());
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(o.is_expired() && o.is_lost());
+        assert!(o.begin_attempt().is_none(), "no attempt after the lease ended");
+        o.set_deadline(Instant::now() + Duration::from_secs(60));
+        assert!(o.is_expired(), "a late renewal does not revive an expired hold");
+    }
 
     #[test]
     fn a_revoked_ownership_starts_nothing_and_waits_for_running_attempts() {

@@ -140,6 +140,8 @@ pub(crate) struct SubscriptionShared {
     recent: Mutex<RecentIds>,
     unordered_seq: AtomicU64,
     last_error: Mutex<Option<String>>,
+    /// The backend's view of this member's share of the group.
+    assignment: Option<Arc<Mutex<crate::GroupAssignment>>>,
 }
 
 /// What [`SubscriptionShared::new`] needs.
@@ -155,6 +157,7 @@ pub(crate) struct SubscriptionParams {
     pub(crate) handler_timeout: Option<Duration>,
     pub(crate) max_in_flight: usize,
     pub(crate) dedup_window: usize,
+    pub(crate) assignment: Option<Arc<Mutex<crate::GroupAssignment>>>,
 }
 
 impl SubscriptionShared {
@@ -183,6 +186,7 @@ impl SubscriptionShared {
             recent: Mutex::new(RecentIds::new(p.dedup_window)),
             unordered_seq: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            assignment: p.assignment,
         })
     }
 
@@ -252,7 +256,7 @@ impl SubscriptionShared {
     /// How a message that was stopped before settling is left.
     fn stopped(&self, delivery: &Delivery) -> Settle {
         match &delivery.ownership {
-            Some(o) if o.is_revoked() => Settle::Revoked,
+            Some(o) if o.is_lost() => Settle::Revoked,
             _ => Settle::Abandon,
         }
     }
@@ -380,7 +384,7 @@ impl SubscriptionShared {
             }
         };
         let call = AssertUnwindSafe(call).catch_unwind();
-        let run = with_progress(call, delivery);
+        let run = with_progress(fenced(call, ownership), delivery);
         let limit = self.handler_timeout;
         let run = async move {
             match limit {
@@ -390,9 +394,10 @@ impl SubscriptionShared {
         };
         tokio::select! {
             outcome = run => match outcome {
-                Some(Ok(Ok(()))) => Attempted::Ok,
-                Some(Ok(Err(e))) => Attempted::Failed(e.to_string()),
-                Some(Err(panic)) => Attempted::Failed(format!("handler panicked: {}", panic_message(&panic))),
+                Some(None) => Attempted::Stopped,
+                Some(Some(Ok(Ok(())))) => Attempted::Ok,
+                Some(Some(Ok(Err(e)))) => Attempted::Failed(e.to_string()),
+                Some(Some(Err(panic))) => Attempted::Failed(format!("handler panicked: {}", panic_message(&panic))),
                 None => Attempted::Failed(format!(
                     "handler timed out after {} ms (consumer.handler_timeout_ms)",
                     limit.unwrap_or_default().as_millis()
@@ -465,6 +470,7 @@ impl SubscriptionShared {
             dead_lettered: self.dead_lettered.load(Ordering::Relaxed),
             duplicates_skipped: self.duplicates_skipped.load(Ordering::Relaxed),
             last_error: self.last_error.lock().unwrap().clone(),
+            assignment: self.assignment.as_ref().map(|a| a.lock().unwrap().clone()),
         }
     }
 }
@@ -519,6 +525,23 @@ async fn aborted(ownership: Option<&Ownership>) {
         Some(o) => o.aborted().await,
         None => std::future::pending().await,
     }
+}
+
+/// Polls `call` only while `ownership` holds: once its lease deadline has
+/// passed, the handler is not polled again (`None`), even when the process
+/// wakes from a stop before the backend noticed the lease was lost.
+async fn fenced<F: Future>(call: F, ownership: Option<&Ownership>) -> Option<F::Output> {
+    let Some(ownership) = ownership else {
+        return Some(call.await);
+    };
+    let mut call = std::pin::pin!(call);
+    std::future::poll_fn(|cx| {
+        if ownership.is_expired() {
+            return std::task::Poll::Ready(None);
+        }
+        call.as_mut().poll(cx).map(Some)
+    })
+    .await
 }
 
 async fn with_progress<F: Future>(call: F, delivery: &Delivery) -> F::Output {

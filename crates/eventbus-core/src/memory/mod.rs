@@ -1,22 +1,29 @@
 //! [`MemoryBackend`]: an in-process broker with the semantics of a persistent one.
 //!
-//! Each topic is a log of messages numbered from 1. Each consumer group has
-//! a cursor, so every group gets every message; the members of one group
-//! share the group's cursor. A message stays in the log until every group
-//! has acknowledged it; a message delivered to a member that leaves without
-//! settling it goes back to its group and is delivered again before newer
-//! ones. A topic holds at most `memory.max_messages_per_topic` messages:
-//! publishers then wait (and time out through the bus) instead of the log
-//! growing without bound.
+//! Each topic is a log of messages numbered from 1, split into
+//! `memory.partitions` partitions by the message key (the aggregate id) with
+//! [`partition_for`]. Each consumer group reads every message; the members of
+//! one group split the partitions evenly ([`fair_share`], sticky: a partition
+//! moves only when a member's share changes), so each aggregate is with one
+//! member at a time and in publish order.
 //!
-//! Order: one member sees a topic's messages in publish order (redeliveries
-//! first). With several members in one group, each aggregate's order is kept
-//! only within a member: use one member per group when order matters, as
-//! with a single-partition topic.
+//! Join, leave and redelivery work as on a broker with partitioned groups:
+//! - a member joining takes its share; a partition that moves is first
+//!   revoked from its old member ([`Ownership`]: no attempt starts there any
+//!   more, running attempts finish within 30 s or are cancelled), then its
+//!   unsettled messages go back, ahead of newer ones, to the new member;
+//! - a member that leaves (closes, or is dropped without closing, as a
+//!   crashed process) returns its unsettled messages the same way.
+//!
+//! A message stays in the log until every group has acknowledged it. A
+//! topic holds at most `memory.max_messages_per_topic` messages: publishers
+//! then wait (and time out through the bus) instead of the log growing
+//! without bound.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
@@ -26,27 +33,36 @@ use crate::backend::{AckFuture, Backend, BackendSubscription, SubscribeSpec};
 use crate::config::MemoryConfig;
 use crate::error::{Error, Result};
 use crate::health::ConnectionState;
-use crate::message::{Ack, Acker, Delivery, Message, Position};
+use crate::message::{Ack, Acker, Delivery, Message, Ownership, Position};
+use crate::partition::{GroupAssignment, fair_share, partition_for};
+
+/// Longest wait for a revoked partition's running attempts before they are cancelled.
+const REVOKE_GRACE: Duration = Duration::from_secs(30);
 
 /// The in-process backend. Cheap to clone; clones share the topics, so two
 /// buses over clones of one backend talk to each other.
+///
+/// [`connect`](MemoryBackend::connect) gives another client of the same
+/// in-process broker that closes on its own, as a second process
+/// connecting to one broker would (used to run several members of a group).
 #[derive(Clone, Debug)]
 pub struct MemoryBackend {
     inner: Arc<Inner>,
+    closed: Arc<AtomicBool>,
 }
 
 #[derive(Debug)]
 struct Inner {
     config: MemoryConfig,
     topics: Mutex<HashMap<String, Arc<Topic>>>,
-    closed: AtomicBool,
     next_member: AtomicU64,
 }
 
 #[derive(Debug)]
 struct Topic {
+    partitions: u32,
     state: Mutex<TopicState>,
-    /// Bumped for consumers: new message, redelivery, close.
+    /// Bumped for consumers: new message, redelivery, rebalance, close.
     changed: watch::Sender<u64>,
     /// Bumped for publishers waiting on a full log: trim, close.
     space: watch::Sender<u64>,
@@ -56,27 +72,167 @@ struct Topic {
 struct TopicState {
     /// Sequence number of `log[0]`.
     base: u64,
-    log: VecDeque<Message>,
+    /// Messages and their partitions.
+    log: VecDeque<(Message, u32)>,
     groups: HashMap<String, Group>,
 }
 
 #[derive(Debug)]
 struct Group {
-    /// Next sequence never delivered to this group.
+    /// Next sequence not yet routed to its partition's queue.
     next: u64,
-    /// Delivered and unsettled: sequence to member.
-    pending: BTreeMap<u64, u64>,
-    /// Returned by leaving members, delivered again first.
-    redeliver: BTreeSet<u64>,
+    partitions: Vec<PartitionState>,
+    /// Delivered and unsettled: sequence to (member, partition).
+    pending: BTreeMap<u64, (u64, u32)>,
     /// Deliveries so far of messages delivered more than once.
     counts: HashMap<u64, u64>,
+    /// Live members, by id.
+    members: BTreeMap<u64, Arc<Mutex<GroupAssignment>>>,
+}
+
+#[derive(Debug, Default)]
+struct PartitionState {
+    /// The member allowed to take from this partition; `None` while unowned
+    /// or handed over (the old member's attempts are still stopping).
+    owner: Option<u64>,
+    /// The owner's hold, given to each delivery.
+    ownership: Ownership,
+    /// Routed here, never delivered (ascending).
+    ready: VecDeque<u64>,
+    /// Returned by a member that left or lost the partition; delivered first.
+    redeliver: BTreeSet<u64>,
+    /// A handover to this member waits for the old owner's attempts.
+    handing_to: Option<u64>,
 }
 
 impl Group {
+    fn new(next: u64, partitions: u32) -> Self {
+        Self {
+            next,
+            partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
+            pending: BTreeMap::new(),
+            counts: HashMap::new(),
+            members: BTreeMap::new(),
+        }
+    }
+
     fn floor(&self) -> u64 {
-        let pending = self.pending.keys().next().copied().unwrap_or(u64::MAX);
-        let redeliver = self.redeliver.first().copied().unwrap_or(u64::MAX);
-        self.next.min(pending).min(redeliver)
+        let mut floor = self.next;
+        if let Some(seq) = self.pending.keys().next() {
+            floor = floor.min(*seq);
+        }
+        for p in &self.partitions {
+            if let Some(seq) = p.redeliver.first() {
+                floor = floor.min(*seq);
+            }
+            if let Some(seq) = p.ready.front() {
+                floor = floor.min(*seq);
+            }
+        }
+        floor
+    }
+
+    /// Moves `member`'s unsettled messages of `partition` (all partitions
+    /// when `None`) back to be delivered again, ahead of newer ones.
+    fn give_back(&mut self, member: u64, partition: Option<u32>) {
+        let mine: Vec<(u64, u32)> = self
+            .pending
+            .iter()
+            .filter(|(_, (m, p))| *m == member && partition.is_none_or(|want| want == *p))
+            .map(|(seq, (_, p))| (*seq, *p))
+            .collect();
+        for (seq, p) in mine {
+            self.pending.remove(&seq);
+            self.partitions[p as usize].redeliver.insert(seq);
+            *self.counts.entry(seq).or_insert(1) += 1;
+        }
+    }
+
+    /// Recomputes who owns what after a join or leave. Partitions of members
+    /// that left are free; members above their fair share give up their
+    /// highest partitions, members below it take free ones. A partition
+    /// taken from a live member is returned as a handover to run.
+    fn rebalance(&mut self) -> Vec<(u32, u64, u64, Ownership)> {
+        let members: Vec<u64> = self.members.keys().copied().collect();
+        let count = self.partitions.len() as u32;
+        let target = |m: u64| {
+            members
+                .iter()
+                .position(|x| *x == m)
+                .map_or(0, |i| fair_share(count, members.len(), i))
+        };
+        for p in &mut self.partitions {
+            if p.owner.is_some_and(|o| !self.members.contains_key(&o)) {
+                p.owner = None;
+            }
+            if p.handing_to.is_some_and(|o| !self.members.contains_key(&o)) {
+                p.handing_to = None;
+            }
+        }
+        let owned = |parts: &[PartitionState], m: u64| -> Vec<u32> {
+            (0..parts.len() as u32)
+                .filter(|i| {
+                    let p = &parts[*i as usize];
+                    p.owner == Some(m) && p.handing_to.is_none() || p.handing_to == Some(m)
+                })
+                .collect()
+        };
+        // Over their share: give up the highest.
+        let mut released = Vec::new();
+        for &m in &members {
+            let mine = owned(&self.partitions, m);
+            let extra = mine.len().saturating_sub(target(m) as usize);
+            for &p in mine.iter().rev().take(extra) {
+                released.push((p, m));
+            }
+        }
+        let mut free: VecDeque<u32> = (0..count)
+            .filter(|i| {
+                let p = &self.partitions[*i as usize];
+                p.owner.is_none() && p.handing_to.is_none()
+            })
+            .collect();
+        let mut handovers = Vec::new();
+        for &m in &members {
+            let mut need = (target(m) as usize).saturating_sub(owned(&self.partitions, m).len());
+            while need > 0 {
+                let taken = match free.pop_front() {
+                    Some(p) => Some((p, None)),
+                    None => released.pop().map(|(p, from)| (p, Some(from))),
+                };
+                let Some((p, from)) = taken else { break };
+                let state = &mut self.partitions[p as usize];
+                match from {
+                    None => {
+                        state.owner = Some(m);
+                        state.ownership = Ownership::new();
+                    }
+                    Some(from) => {
+                        state.handing_to = Some(m);
+                        handovers.push((p, from, m, state.ownership.clone()));
+                    }
+                }
+                need -= 1;
+            }
+        }
+        handovers
+    }
+
+    /// Publishes each member's share to its health view.
+    fn show(&self) {
+        let members = self.members.len();
+        for (&m, view) in &self.members {
+            let owned: Vec<u32> = (0..self.partitions.len() as u32)
+                .filter(|p| self.partitions[*p as usize].owner == Some(m))
+                .collect();
+            let mut v = view.lock().unwrap();
+            if v.owned != owned {
+                v.rebalances += 1;
+                v.owned = owned;
+            }
+            v.members = members;
+            v.partition_count = self.partitions.len() as u32;
+        }
     }
 }
 
@@ -105,6 +261,49 @@ impl Topic {
             self.space.send_modify(|v| *v = v.wrapping_add(1));
         }
     }
+
+    /// Runs a rebalance of `group` and the handovers it asks for: each
+    /// revoked partition waits (off the async threads) for its old member's
+    /// attempts, then passes, with that member's unsettled messages, to the
+    /// new one.
+    fn rebalance(self: &Arc<Self>, group: &str) {
+        let handovers = {
+            let mut state = self.state.lock().unwrap();
+            let Some(g) = state.groups.get_mut(group) else {
+                return;
+            };
+            let handovers = g.rebalance();
+            g.show();
+            handovers
+        };
+        for (partition, from, to, ownership) in handovers {
+            let topic = self.clone();
+            let group = group.to_owned();
+            ownership.revoke();
+            let finish = move || {
+                ownership.stop_running(std::time::Instant::now() + REVOKE_GRACE, Duration::from_secs(1));
+                let mut state = topic.state.lock().unwrap();
+                if let Some(g) = state.groups.get_mut(&group) {
+                    g.give_back(from, Some(partition));
+                    let p = &mut g.partitions[partition as usize];
+                    if p.handing_to == Some(to) {
+                        p.handing_to = None;
+                        p.owner = Some(to);
+                        p.ownership = Ownership::new();
+                    }
+                    g.show();
+                }
+                drop(state);
+                topic.notify();
+            };
+            // The wait blocks on a condition variable: off the async threads.
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(finish)),
+                Err(_) => finish(),
+            }
+        }
+        self.notify();
+    }
 }
 
 /// Messages a subscription takes from the log per lock.
@@ -123,9 +322,18 @@ impl MemoryBackend {
             inner: Arc::new(Inner {
                 config,
                 topics: Mutex::new(HashMap::new()),
-                closed: AtomicBool::new(false),
                 next_member: AtomicU64::new(0),
             }),
+            closed: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Another client of this in-process broker: it sees the same topics
+    /// and groups, and its [`close`](Backend::close) closes only itself.
+    pub fn connect(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            closed: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -135,6 +343,7 @@ impl MemoryBackend {
             .entry(name.to_owned())
             .or_insert_with(|| {
                 Arc::new(Topic {
+                    partitions: self.inner.config.partitions.max(1),
                     state: Mutex::new(TopicState {
                         base: 1,
                         log: VecDeque::new(),
@@ -153,7 +362,7 @@ impl MemoryBackend {
     }
 
     fn ensure_open(&self) -> Result<()> {
-        match self.inner.closed.load(Ordering::Acquire) {
+        match self.closed.load(Ordering::Acquire) {
             true => Err(Error::closed("memory backend")),
             false => Ok(()),
         }
@@ -169,6 +378,7 @@ impl Backend for MemoryBackend {
     async fn publish(&self, message: Message) -> Result<AckFuture> {
         self.ensure_open()?;
         let topic = self.topic(&message.topic);
+        let partition = partition_for(message.key.as_deref().unwrap_or_default(), topic.partitions);
         let mut changed: Option<watch::Receiver<u64>> = None;
         let mut message = Some(message);
         loop {
@@ -176,7 +386,9 @@ impl Backend for MemoryBackend {
                 let mut state = topic.state.lock().unwrap();
                 if state.log.len() < self.inner.config.max_messages_per_topic {
                     let seq = state.base + state.log.len() as u64;
-                    state.log.push_back(message.take().expect("pushed once"));
+                    state
+                        .log
+                        .push_back((message.take().expect("pushed once"), partition));
                     drop(state);
                     topic.notify();
                     let ack = Ack {
@@ -200,35 +412,41 @@ impl Backend for MemoryBackend {
     async fn subscribe(&self, spec: &SubscribeSpec) -> Result<Box<dyn BackendSubscription>> {
         self.ensure_open()?;
         let topic = self.topic(&spec.topic);
+        let member = self.inner.next_member.fetch_add(1, Ordering::Relaxed);
+        let view = Arc::new(Mutex::new(GroupAssignment::default()));
         {
             let mut state = topic.state.lock().unwrap();
             let base = state.base;
-            state.groups.entry(spec.group.clone()).or_insert_with(|| Group {
-                next: base,
-                pending: BTreeMap::new(),
-                redeliver: BTreeSet::new(),
-                counts: HashMap::new(),
-            });
+            let partitions = topic.partitions;
+            let group = state
+                .groups
+                .entry(spec.group.clone())
+                .or_insert_with(|| Group::new(base, partitions));
+            group.members.insert(member, view.clone());
         }
+        topic.rebalance(&spec.group);
         Ok(Box::new(MemorySubscription {
             buffer: VecDeque::new(),
             changed: topic.changed.subscribe(),
             topic,
             group: spec.group.as_str().into(),
-            member: self.inner.next_member.fetch_add(1, Ordering::Relaxed),
+            member,
+            view,
+            next_partition: 0,
+            left: false,
             backend: self.clone(),
         }))
     }
 
     fn connection_state(&self) -> ConnectionState {
-        match self.inner.closed.load(Ordering::Acquire) {
+        match self.closed.load(Ordering::Acquire) {
             true => ConnectionState::Closed,
             false => ConnectionState::Connected,
         }
     }
 
     async fn close(&self) -> Result<()> {
-        self.inner.closed.store(true, Ordering::Release);
+        self.closed.store(true, Ordering::Release);
         for topic in self.inner.topics.lock().unwrap().values() {
             topic.notify();
             topic.space.send_modify(|v| *v = v.wrapping_add(1));
@@ -243,34 +461,54 @@ struct MemorySubscription {
     topic: Arc<Topic>,
     group: Arc<str>,
     member: u64,
+    view: Arc<Mutex<GroupAssignment>>,
+    /// Where the next batch starts among the partitions (round robin).
+    next_partition: usize,
+    left: bool,
     changed: watch::Receiver<u64>,
     backend: MemoryBackend,
 }
 
 impl MemorySubscription {
-    /// Moves up to [`TAKE_BATCH`] deliverable messages into `self.buffer`
-    /// under one lock; they are pending for this member from now on.
+    /// Routes newly published messages to their partitions' queues, then
+    /// moves up to [`TAKE_BATCH`] deliverable messages of this member's
+    /// partitions into `self.buffer` under one lock; they are pending for
+    /// this member from now on.
     fn take_batch(&mut self) {
         let mut state = self.topic.state.lock().unwrap();
-        let (base, len) = (state.base, state.log.len() as u64);
+        let state = &mut *state;
+        let (base, end) = (state.base, state.base + state.log.len() as u64);
         let Some(group) = state.groups.get_mut(&*self.group) else {
             return;
         };
-        let mut taken = Vec::new();
-        while taken.len() < TAKE_BATCH {
-            let seq = match group.redeliver.pop_first() {
-                Some(seq) => seq,
-                None if group.next < base + len => {
-                    group.next += 1;
-                    group.next - 1
-                }
-                None => break,
-            };
-            group.pending.insert(seq, self.member);
-            taken.push((seq, group.counts.get(&seq).map_or(1, |c| c + 1)));
+        while group.next < end {
+            let partition = state.log[(group.next - base) as usize].1;
+            group.partitions[partition as usize].ready.push_back(group.next);
+            group.next += 1;
         }
-        for (seq, delivery_count) in taken {
-            let message = state.log[(seq - base) as usize].clone();
+        let count = group.partitions.len();
+        let mut taken = Vec::new();
+        for i in 0..count {
+            let p = (self.next_partition + i) % count;
+            let part = &mut group.partitions[p];
+            if part.owner != Some(self.member) || part.handing_to.is_some() {
+                continue;
+            }
+            while taken.len() < TAKE_BATCH {
+                let Some(seq) = part.redeliver.pop_first().or_else(|| part.ready.pop_front()) else {
+                    break;
+                };
+                taken.push((seq, p as u32, part.ownership.clone()));
+            }
+            if taken.len() == TAKE_BATCH {
+                self.next_partition = p + 1;
+                break;
+            }
+        }
+        for (seq, partition, ownership) in taken {
+            group.pending.insert(seq, (self.member, partition));
+            let delivery_count = group.counts.get(&seq).map_or(1, |c| c + 1);
+            let message = state.log[(seq - base) as usize].0.clone();
             self.buffer.push_back(Delivery {
                 message,
                 position: Some(Position::Sequence(seq)),
@@ -279,10 +517,36 @@ impl MemorySubscription {
                     topic: self.topic.clone(),
                     group: self.group.clone(),
                     seq,
+                    partition,
                 }),
-                ownership: None,
+                ownership: Some(ownership),
             });
         }
+    }
+
+    /// Leaves the group: unsettled messages go back to it, partitions to
+    /// the remaining members.
+    fn leave(&mut self) {
+        if std::mem::replace(&mut self.left, true) {
+            return;
+        }
+        // Buffered deliveries are pending for this member: returned below with the rest.
+        self.buffer.clear();
+        {
+            let mut state = self.topic.state.lock().unwrap();
+            if let Some(group) = state.groups.get_mut(&*self.group) {
+                group.give_back(self.member, None);
+                group.members.remove(&self.member);
+            }
+        }
+        self.topic.rebalance(&self.group);
+    }
+}
+
+impl Drop for MemorySubscription {
+    /// A member dropped without `close` (its process "crashed") leaves too.
+    fn drop(&mut self) {
+        self.leave();
     }
 }
 
@@ -307,25 +571,12 @@ impl BackendSubscription for MemorySubscription {
     }
 
     async fn close(mut self: Box<Self>) -> Result<()> {
-        // Buffered deliveries are pending for this member: returned below with the rest.
-        self.buffer.clear();
-        let mut state = self.topic.state.lock().unwrap();
-        if let Some(group) = state.groups.get_mut(&*self.group) {
-            let mine: Vec<u64> = group
-                .pending
-                .iter()
-                .filter(|(_, member)| **member == self.member)
-                .map(|(seq, _)| *seq)
-                .collect();
-            for seq in mine {
-                group.pending.remove(&seq);
-                group.redeliver.insert(seq);
-                *group.counts.entry(seq).or_insert(1) += 1;
-            }
-        }
-        drop(state);
-        self.topic.notify();
+        self.leave();
         Ok(())
+    }
+
+    fn assignment(&self) -> Option<Arc<Mutex<GroupAssignment>>> {
+        Some(self.view.clone())
     }
 }
 
@@ -333,6 +584,7 @@ struct MemoryAcker {
     topic: Arc<Topic>,
     group: Arc<str>,
     seq: u64,
+    partition: u32,
 }
 
 #[async_trait]
@@ -340,7 +592,12 @@ impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<()> {
         let mut state = self.topic.state.lock().unwrap();
         if let Some(group) = state.groups.get_mut(&*self.group) {
-            group.pending.remove(&self.seq);
+            if group.pending.remove(&self.seq).is_none() {
+                // Handed back by a revoke after it was handled: settled all the same.
+                group.partitions[self.partition as usize]
+                    .redeliver
+                    .remove(&self.seq);
+            }
             group.counts.remove(&self.seq);
         }
         let trimmed = state.trim();

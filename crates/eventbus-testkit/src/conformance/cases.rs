@@ -988,3 +988,221 @@ fn an_event_settled_before_is_not_handled_again<'a>(
         bus.close().await.expect("close bus");
     })
 }
+
+/// Handled versions per member, and every (aggregate, version) handled.
+#[derive(Default)]
+struct GroupRecord {
+    per_member: Mutex<HashMap<u64, usize>>,
+    covered: Mutex<HashSet<(String, i64)>>,
+}
+
+impl GroupRecord {
+    fn handled_by(&self, member: u64) -> usize {
+        self.per_member.lock().unwrap().get(&member).copied().unwrap_or(0)
+    }
+
+    fn covered(&self) -> usize {
+        self.covered.lock().unwrap().len()
+    }
+}
+
+/// A member of `group` on a bus of its own: every attempt goes to `checker`
+/// as member `id` (2 ms of work each), every success to `record`.
+async fn group_member(
+    bus: &eventbus_core::EventBus,
+    topic: &str,
+    group: &str,
+    id: u64,
+    checker: &Arc<OrderChecker>,
+    record: &Arc<GroupRecord>,
+) -> eventbus_core::Subscription {
+    let (checker, record, t) = (checker.clone(), record.clone(), topic.to_owned());
+    bus.subscribe_envelope(topic, SubscribeOptions::group(group), move |e: Envelope| {
+        let attempt = checker.begin_as(id, &t, &e);
+        let record = record.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            attempt.succeeded();
+            *record.per_member.lock().unwrap().entry(id).or_default() += 1;
+            record
+                .covered
+                .lock()
+                .unwrap()
+                .insert((e.aggregate_id, e.event_version));
+            Ok::<_, std::io::Error>(())
+        }
+    })
+    .await
+    .expect("subscribe")
+}
+
+/// Whether every subscription owns at least one partition of its group
+/// (reported by the backend in health), within `timeout`.
+async fn each_owns_a_share(subs: &[&eventbus_core::Subscription], timeout: Duration) -> bool {
+    eventually(timeout, || {
+        subs.iter()
+            .all(|s| s.health().assignment.is_some_and(|a| !a.owned.is_empty()))
+    })
+    .await
+}
+
+/// Three members of one group (separate buses, as separate processes
+/// would be); a fourth joins mid-stream and the first leaves gracefully
+/// mid-stream. Every event is handled, each aggregate strictly in order
+/// with no overlap across members, and (where groups are shared) every
+/// member that stayed handled a share.
+fn three_members_share_a_group_in_order_through_join_and_leave<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let topic = unique("members");
+        let group = unique("g");
+        let (aggregates, versions) = (60, 20);
+        let checker = Arc::new(OrderChecker::new());
+        let record = Arc::new(GroupRecord::default());
+        let mut members = Vec::new();
+        for id in 1..=3 {
+            let bus = f.bus(BusConfig::default()).await;
+            let sub = group_member(&bus, &topic, &group, id, &checker, &record).await;
+            members.push((id, bus, sub));
+        }
+        if caps.shares_groups {
+            let subs: Vec<_> = members.iter().map(|(_, _, s)| s).collect();
+            assert!(
+                each_owns_a_share(&subs, caps.timeout).await,
+                "three members never each owned a share: {:?}",
+                subs.iter().map(|s| s.health().assignment).collect::<Vec<_>>()
+            );
+        }
+        let publisher = f.bus(BusConfig::default()).await;
+        for v in 1..=versions {
+            let round: Vec<Envelope> = (0..aggregates).map(|a| envelope(&format!("m-{a}"), v)).collect();
+            publish_all(&publisher, &topic, &round).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            if v == versions / 3 {
+                let bus = f.bus(BusConfig::default()).await;
+                let sub = group_member(&bus, &topic, &group, 4, &checker, &record).await;
+                if caps.shares_groups {
+                    assert!(
+                        each_owns_a_share(&[&sub], caps.timeout).await,
+                        "the fourth member never got a share"
+                    );
+                }
+                members.push((4, bus, sub));
+            }
+            if v == 2 * versions / 3 {
+                let (_, bus, sub) = members.remove(0);
+                sub.close().await.expect("graceful leave");
+                bus.close().await.expect("close the leaving bus");
+            }
+        }
+        let total = (aggregates * versions) as usize;
+        let all = eventually(caps.timeout, || record.covered() == total).await;
+        let r = checker.report();
+        assert!(all, "events lost: {} of {total} handled; {r}", record.covered());
+        assert!(r.is_strictly_ordered(), "order broken across members: {r}");
+        if caps.shares_groups {
+            for id in [2, 3, 4] {
+                assert!(record.handled_by(id) > 0, "member {id} handled nothing: {r}");
+            }
+        }
+        for (_, bus, sub) in members {
+            sub.close().await.expect("close");
+            bus.close().await.expect("close bus");
+        }
+        publisher.close().await.expect("close publisher");
+    })
+}
+
+/// One of three members of a group is killed mid-stream (its runtime
+/// dropped: no close, no flush, settlements in flight lost); the two
+/// others take over its share. Nothing is lost and the strict order holds
+/// across the three.
+fn killed_member_among_three_loses_nothing_and_keeps_order<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        if !caps.restartable {
+            return;
+        }
+        let topic = unique("crash3");
+        let group = unique("g");
+        let events: Vec<Envelope> = (1..=20)
+            .flat_map(|v| (0..50).map(move |a| envelope(&format!("k-{a}"), v)))
+            .collect();
+        let checker = Arc::new(OrderChecker::new());
+        let record = Arc::new(GroupRecord::default());
+        let handle = tokio::runtime::Handle::current();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<()>();
+        let (kill_tx, kill_rx) = std::sync::mpsc::channel::<()>();
+        let survivors = tokio::task::block_in_place(|| {
+            std::thread::scope(|scope| {
+                let victim = {
+                    let (checker, record, topic, group) =
+                        (checker.clone(), record.clone(), topic.clone(), group.clone());
+                    scope.spawn(move || {
+                        let runtime = tokio::runtime::Builder::new_multi_thread()
+                            .worker_threads(1)
+                            .enable_all()
+                            .build()
+                            .expect("victim runtime");
+                        let bus = runtime.block_on(async {
+                            let bus = f.bus(BusConfig::default()).await;
+                            let sub = group_member(&bus, &topic, &group, 1, &checker, &record).await;
+                            std::mem::forget(sub); // no close: the crash ends it
+                            bus
+                        });
+                        let _ = ready_tx.send(());
+                        let _ = kill_rx.recv_timeout(caps.timeout * 2);
+                        runtime.shutdown_timeout(Duration::from_secs(5));
+                        drop(bus);
+                    })
+                };
+                ready_rx.recv_timeout(caps.timeout).expect("victim subscribed");
+                let survivors = handle.block_on(async {
+                    let mut survivors = Vec::new();
+                    for id in [2, 3] {
+                        let bus = f.bus(BusConfig::default()).await;
+                        let sub = group_member(&bus, &topic, &group, id, &checker, &record).await;
+                        survivors.push((bus, sub));
+                    }
+                    if caps.shares_groups {
+                        let subs: Vec<_> = survivors.iter().map(|(_, s)| s).collect();
+                        assert!(
+                            each_owns_a_share(&subs, caps.timeout).await,
+                            "the survivors never got a share"
+                        );
+                    }
+                    let publisher = f.bus(BusConfig::default()).await;
+                    publish_all(&publisher, &topic, &events).await;
+                    publisher.close().await.expect("close publisher");
+                    let victim_worked = eventually(caps.timeout, || record.handled_by(1) >= 50).await;
+                    assert!(victim_worked, "the victim handled only {}", record.handled_by(1));
+                    survivors
+                });
+                let _ = kill_tx.send(());
+                assert!(victim.join().is_ok(), "the victim panicked");
+                survivors
+            })
+        });
+        assert!(
+            record.covered() < events.len(),
+            "everything was handled before the kill"
+        );
+        let all = eventually(caps.timeout, || record.covered() == events.len()).await;
+        let r = checker.report();
+        assert!(
+            all,
+            "events lost across the crash: {} of {}; {r}",
+            record.covered(),
+            events.len()
+        );
+        assert!(r.is_strictly_ordered(), "order broken across the crash: {r}");
+        for (bus, sub) in survivors {
+            sub.close().await.expect("close");
+            bus.close().await.expect("close bus");
+        }
+    })
+}

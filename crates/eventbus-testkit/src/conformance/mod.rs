@@ -27,8 +27,14 @@ pub struct Capabilities {
     /// The broker outlives a member: a member killed mid-stream (its runtime
     /// dropped: no close, no flush, settlements in flight lost) can be
     /// restarted in its group and resumes. False for the memory backend,
-    /// whose broker dies with its process.
+    /// whose broker dies with its process (a memory backend shared by
+    /// clients from [`MemoryBackend::connect`](eventbus_core::MemoryBackend::connect) outlives them).
     pub restartable: bool,
+    /// The members of one group split a topic's aggregates between them
+    /// (memory, NATS partitioned topics, Kafka topics with several
+    /// partitions). False where one member at a time consumes and the
+    /// others stand by (an unpartitioned NATS topic).
+    pub shares_groups: bool,
     /// Longest wait for any expected delivery or result.
     pub timeout: Duration,
 }
@@ -41,6 +47,7 @@ impl Capabilities {
             persistent: true,
             keys: true,
             restartable: true,
+            shares_groups: true,
             timeout: Duration::from_secs(60),
         }
     }
@@ -142,6 +149,8 @@ macro_rules! conformance_tests {
             parked_aggregate_does_not_stop_another_subscription,
             killed_member_restarted_in_its_group_loses_nothing_and_keeps_order,
             an_event_settled_before_is_not_handled_again,
+            three_members_share_a_group_in_order_through_join_and_leave,
+            killed_member_among_three_loses_nothing_and_keeps_order,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
