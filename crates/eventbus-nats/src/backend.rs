@@ -1,27 +1,24 @@
 //! [`NatsBackend`]: the [`Backend`] over JetStream.
 
-use std::collections::HashMap;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
-use async_nats::jetstream::context::ConsumerInfoErrorKind;
-use async_nats::jetstream::{self, AckKind};
+use async_nats::jetstream;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use async_trait::async_trait;
-use bytes::Bytes;
 use eventbus_core::{
-    Ack, AckFuture, Acker, Backend, BackendSubscription, ConnectionState, Delivery, Error, ErrorKind,
-    Message, Position, Result, SubscribeSpec, ValidationError,
+    Ack, AckFuture, Backend, BackendSubscription, ConnectionState, Error, ErrorKind, Message, Position,
+    Result, SubscribeSpec, ValidationError,
 };
-use futures::{FutureExt, StreamExt};
+use futures::FutureExt;
 use tokio::sync::broadcast;
 
 use crate::config::NatsConfig;
 use crate::connect::{self, ConnectionEvent};
-use crate::topology::{self, api};
+use crate::group;
+use crate::topology;
 
 /// JetStream's dedup header (`Nats-Msg-Id`): the message's
 /// [`dedup_id`](Message::dedup_id) (the event id, or for a dead letter
@@ -35,19 +32,24 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 /// - Publishes are async JetStream publishes carrying the envelope headers,
 ///   with `Nats-Msg-Id` = `X-Event-ID`; a repeat within the stream's
 ///   duplicate window is acked with `duplicate = true` and stored once.
-/// - Each (group, topic) is one durable pull consumer with explicit acks.
-///   Ordered subscriptions expect one member per group (as with one Kafka
-///   partition): pull consumers hand messages to members in no aggregate order.
+/// - Each (group, topic) is a consumer group with leases in a key-value
+///   bucket (see the `group` module): an unpartitioned topic is one durable
+///   pull consumer with one active member at a time (the others stand by);
+///   a topic listed in [`partitions`](NatsConfig::partitions) is `P`
+///   subjects and `P` durable consumers shared out among the members, each
+///   aggregate with one member at a time. A member joining never deletes or
+///   rewinds a consumer another live member uses.
 /// - A fetched message stays owned by its member until settled: one timer
 ///   per subscription sends `+WPI` for every unsettled message (queued,
 ///   running, in retry backoff or parked) every `ack_wait / 3`, so the
 ///   server does not redeliver it behind newer versions; a redelivered copy
 ///   of a message still unsettled here (same stream sequence) is dropped,
 ///   never queued twice.
-/// - On subscribe, a durable with unacked messages (left by a crashed or
-///   closed member) is rewound to its ack floor, so they are redelivered
-///   first and in stream order, never after newer events of their aggregate.
-///   Acked messages above the floor come again (at-least-once duplicates).
+/// - A member taking a partition whose consumer has unacked messages (left
+///   by a crashed, closed or rebalanced member) rewinds it to its ack floor,
+///   so they are redelivered first and in stream order, never after newer
+///   events of their aggregate. Acked messages above the floor come again
+///   (at-least-once duplicates).
 #[derive(Clone)]
 pub struct NatsBackend {
     inner: Arc<Inner>,
@@ -59,6 +61,8 @@ struct Inner {
     config: NatsConfig,
     events: broadcast::Sender<ConnectionEvent>,
     reconnects: Arc<AtomicU64>,
+    /// The group-lease bucket, opened at the first subscribe.
+    bucket: tokio::sync::OnceCell<async_nats::jetstream::kv::Store>,
 }
 
 impl std::fmt::Debug for NatsBackend {
@@ -91,6 +95,7 @@ impl NatsBackend {
                 config,
                 events,
                 reconnects,
+                bucket: tokio::sync::OnceCell::new(),
             }),
         })
     }
@@ -115,55 +120,19 @@ impl NatsBackend {
         self.inner.reconnects.load(Ordering::Relaxed)
     }
 
-    fn subject(&self, topic: &str) -> String {
-        topology::subject(&self.inner.config.subject_prefix, topic)
-    }
-
-    async fn consumer(&self, spec: &SubscribeSpec) -> Result<jetstream::consumer::Consumer<pull::Config>> {
-        let subject = self.subject(&spec.topic);
-        let js = &self.inner.js;
-        let stream_name = js.stream_by_subject(subject.clone()).await.map_err(|e| {
-            Error::new(ErrorKind::NotFound, format!("no stream stores subject {subject}")).with_source(e)
-        })?;
-        let stream = js
-            .get_stream(&stream_name)
-            .await
-            .map_err(|e| api("get stream", e))?;
-        let durable = topology::durable_name(&spec.group, &spec.topic);
-        let deliver_policy = match stream.consumer_info(&durable).await {
-            Ok(info) if info.num_ack_pending == 0 => {
-                return stream
-                    .get_consumer(&durable)
-                    .await
-                    .map_err(|e| api("get consumer", e));
-            }
-            Ok(info) => {
-                let start_sequence = info.ack_floor.stream_sequence + 1;
-                tracing::info!(%durable, start_sequence, "rewinding consumer to its ack floor");
-                stream
-                    .delete_consumer(&durable)
-                    .await
-                    .map_err(|e| api("delete consumer", e))?;
-                DeliverPolicy::ByStartSequence { start_sequence }
-            }
-            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => DeliverPolicy::All,
-            Err(e) => return Err(api("consumer info", e)),
-        };
-        let consumer = &self.inner.config.consumer;
-        let config = pull::Config {
-            durable_name: Some(durable),
-            filter_subject: subject,
-            deliver_policy,
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: Duration::from_millis(consumer.ack_wait_ms),
-            max_ack_pending: consumer.max_ack_pending,
-            max_deliver: -1,
-            ..Default::default()
-        };
-        stream
-            .create_consumer(config)
-            .await
-            .map_err(|e| api("create consumer", e))
+    /// The subject a message of `topic` with record key `key` goes to: the
+    /// topic's subject, or for a partitioned topic the subject of the
+    /// key's partition.
+    fn subject(&self, topic: &str, key: Option<&[u8]>) -> String {
+        let config = &self.inner.config;
+        match config.partitions_of(topic) {
+            Some(n) => topology::partition_subject(
+                &config.subject_prefix,
+                topic,
+                eventbus_core::partition_for(key.unwrap_or_default(), n),
+            ),
+            None => topology::subject(&config.subject_prefix, topic),
+        }
     }
 }
 
@@ -192,7 +161,7 @@ impl Backend for NatsBackend {
 
     async fn publish(&self, message: Message) -> Result<AckFuture> {
         let headers = nats_headers(&message)?;
-        let subject = self.subject(&message.topic);
+        let subject = self.subject(&message.topic, message.key.as_deref());
         let ack = self
             .inner
             .js
@@ -212,26 +181,23 @@ impl Backend for NatsBackend {
     }
 
     async fn subscribe(&self, spec: &SubscribeSpec) -> Result<Box<dyn BackendSubscription>> {
-        let consumer = self.consumer(spec).await?;
-        let messages = consumer.messages().await.map_err(|e| api("pull", e))?;
-        let unsettled = Arc::new(Mutex::new(HashMap::new()));
-        let ack_wait = Duration::from_millis(self.inner.config.consumer.ack_wait_ms);
-        let keep_alive = tokio::spawn(keep_alive(
-            self.inner.client.clone(),
-            unsettled.clone(),
-            (ack_wait / 3).max(Duration::from_millis(10)),
-        ));
-        Ok(Box::new(NatsSubscription {
-            messages,
-            prefix_len: self.inner.config.subject_prefix.len(),
-            client: self.inner.client.clone(),
-            unsettled,
-            keep_alive,
-        }))
+        let inner = &self.inner;
+        let bucket = inner
+            .bucket
+            .get_or_try_init(|| group::lease_bucket(&inner.js, &inner.config))
+            .await?
+            .clone();
+        let ctx = group::GroupContext {
+            client: inner.client.clone(),
+            js: inner.js.clone(),
+            config: inner.config.clone(),
+            bucket,
+        };
+        group::subscribe(ctx, spec).await
     }
 
     async fn check_publishable(&self, topic: &str) -> Result<()> {
-        let subject = self.subject(topic);
+        let subject = self.subject(topic, None);
         match self.inner.js.stream_by_subject(subject.clone()).await {
             Ok(_) => Ok(()),
             Err(e) => Err(Error::new(
@@ -260,158 +226,4 @@ impl Backend for NatsBackend {
             .await
             .map_err(|e| Error::new(ErrorKind::Connection, "NATS flush failed").with_source(e))
     }
-}
-
-/// Reply subjects of the messages this member fetched and has not settled,
-/// by stream sequence.
-type Unsettled = Arc<Mutex<HashMap<u64, async_nats::Subject>>>;
-
-/// Sends `+WPI` for every unsettled message every `every`: one timer per
-/// subscription, not one per message. Ends when the subscription closes.
-async fn keep_alive(client: async_nats::Client, unsettled: Unsettled, every: Duration) {
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        let replies: Vec<async_nats::Subject> = unsettled.lock().unwrap().values().cloned().collect();
-        for reply in replies {
-            if let Err(e) = client.publish(reply, Bytes::from_static(b"+WPI")).await {
-                tracing::debug!(error = %e, "in-progress ack failed");
-            }
-        }
-    }
-}
-
-struct NatsSubscription {
-    messages: pull::Stream,
-    prefix_len: usize,
-    client: async_nats::Client,
-    unsettled: Unsettled,
-    keep_alive: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for NatsSubscription {
-    fn drop(&mut self) {
-        self.keep_alive.abort();
-    }
-}
-
-impl NatsSubscription {
-    /// The delivery of `m`; `None` for a redelivered copy of a message this
-    /// member still holds (it must not be queued twice).
-    fn delivery(&self, m: jetstream::Message) -> Option<Delivery> {
-        let (position, delivery_count, sequence) = match m.info() {
-            Ok(info) => (
-                Some(Position::Sequence(info.stream_sequence)),
-                info.delivered.max(1) as u64,
-                Some(info.stream_sequence),
-            ),
-            Err(_) => (None, 1, None),
-        };
-        if let (Some(seq), Some(reply)) = (sequence, m.message.reply.clone()) {
-            let mut unsettled = self.unsettled.lock().unwrap();
-            if unsettled.contains_key(&seq) {
-                tracing::debug!(seq, "dropping a redelivered copy of a message still in flight");
-                return None;
-            }
-            unsettled.insert(seq, reply);
-        }
-        let mut headers = eventbus_core::Headers::new();
-        if let Some(h) = &m.message.headers {
-            for (name, values) in h.iter() {
-                let name: &str = name.as_ref();
-                if name.starts_with("Nats-") {
-                    continue;
-                }
-                if let Some(v) = values.last() {
-                    headers.insert(name, v.as_str());
-                }
-            }
-        }
-        let topic = m
-            .message
-            .subject
-            .get(self.prefix_len..)
-            .unwrap_or_default()
-            .to_owned();
-        let message = Message {
-            topic,
-            key: None,
-            headers,
-            payload: m.message.payload.clone(),
-            dedup_id: None,
-        };
-        Some(Delivery {
-            message,
-            position,
-            delivery_count,
-            acker: Box::new(NatsAcker {
-                message: m,
-                sequence,
-                unsettled: self.unsettled.clone(),
-            }),
-            ownership: None,
-        })
-    }
-}
-
-#[async_trait]
-impl BackendSubscription for NatsSubscription {
-    async fn next(&mut self) -> Option<Result<Delivery>> {
-        loop {
-            match self.messages.next().await? {
-                Ok(m) => match self.delivery(m) {
-                    Some(delivery) => return Some(Ok(delivery)),
-                    None => continue,
-                },
-                Err(e) => return Some(Err(api("pull", e))),
-            }
-        }
-    }
-
-    async fn close(self: Box<Self>) -> Result<()> {
-        self.keep_alive.abort();
-        // Push out acks still buffered, so the next member's ack floor is current.
-        self.client
-            .flush()
-            .await
-            .map_err(|e| Error::new(ErrorKind::Connection, "NATS flush failed").with_source(e))
-    }
-}
-
-struct NatsAcker {
-    message: jetstream::Message,
-    sequence: Option<u64>,
-    unsettled: Unsettled,
-}
-
-impl NatsAcker {
-    /// Settles the message: it is no longer kept alive, and a later copy is
-    /// a new delivery.
-    async fn send(&self, kind: AckKind) -> Result<()> {
-        if let Some(seq) = self.sequence {
-            self.unsettled.lock().unwrap().remove(&seq);
-        }
-        self.message
-            .ack_with(kind)
-            .await
-            .map_err(|e| Error::new(ErrorKind::Connection, "NATS ack failed").with_source(e))
-    }
-}
-
-#[async_trait]
-impl Acker for NatsAcker {
-    async fn ack(&self) -> Result<()> {
-        self.send(AckKind::Ack).await
-    }
-
-    async fn term(&self) -> Result<()> {
-        self.send(AckKind::Term).await
-    }
-
-    async fn nak(&self, delay: Option<Duration>) -> Result<()> {
-        self.send(AckKind::Nak(delay)).await
-    }
-
-    // In-progress acks come from the subscription's keep-alive timer.
 }

@@ -1,5 +1,6 @@
 //! [`NatsConfig`]: connection, topology and consumer settings of the NATS backend.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use eventbus_core::ProvisionStrategy;
@@ -27,8 +28,31 @@ pub struct NatsConfig {
     pub subject_prefix: String,
     /// Streams to provision. Default: one stream `EVENTS` over `events.>`.
     pub streams: Vec<StreamSpec>,
-    /// What to do with [`streams`](NatsConfig::streams) at connect.
+    /// What to do with [`streams`](NatsConfig::streams) at connect, and with
+    /// the group-lease bucket ([`NatsConsumer::groups_bucket`]) at the first
+    /// subscribe: `validate_only` and `skip` require it to exist.
     pub provision: ProvisionStrategy,
+    /// Partitioned topics: topic (or pattern) to partition count. Default
+    /// empty: every topic is unpartitioned.
+    ///
+    /// A partitioned topic `t` with `P` partitions is published to subjects
+    /// `<subject_prefix>t.0` … `<subject_prefix>t.<P-1>`: an event goes to
+    /// [`partition_for`](eventbus_core::partition_for)`(aggregate id, P)`
+    /// (sarama's FNV-1a hash partitioner), and each partition is one durable
+    /// consumer that one member of a group owns at a time, so up to `P`
+    /// members share the topic with per-aggregate order. An unpartitioned
+    /// topic is the one subject `<subject_prefix>t` with one durable consumer
+    /// per group, consumed by one member at a time (the others stand by and
+    /// take over when it leaves or its lease expires), which is what Go
+    /// services publishing to subject = topic need.
+    ///
+    /// Keys are topic names, or patterns whose `*` matches one
+    /// `.`-separated token and a final `>` one or more; an exact name wins
+    /// over patterns, then patterns in key order. Every publisher and
+    /// consumer of a topic must use the same count: changing it is a
+    /// migration (drain the topic's groups, then change it everywhere).
+    /// Topic names `<partitioned topic>.<digits>` are taken by the partitions.
+    pub partitions: BTreeMap<String, u32>,
     /// Consumer settings.
     pub consumer: NatsConsumer,
     /// JetStream API and publish-ACK timeout, in ms. Default 10,000.
@@ -145,11 +169,29 @@ pub enum Discard {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConsumer {
-    /// Time the server waits for an ack before redelivering, in ms. Handlers
-    /// running longer send "in progress" every half of it. Default 30,000.
+    /// Time the server waits for an ack before redelivering, in ms. Every
+    /// message a member holds unsettled (queued, running, in retry backoff
+    /// or parked) is kept alive with "in progress" every third of it.
+    /// Default 30,000.
     pub ack_wait_ms: u64,
     /// Messages delivered and unacked per consumer. Default 10,000.
     pub max_ack_pending: i64,
+    /// Lease of a member on a partition (or on an unpartitioned topic's
+    /// consumer), in ms. Default 5,000. A member renews its leases every
+    /// fifth of it and stops starting attempts on a partition once 4/5 of it
+    /// passed without a renewal, so it is fenced before the lease can expire
+    /// on the server; a crashed member's partitions flow again after about
+    /// one lease. It is the lease bucket's `max_age`, so every member using
+    /// one bucket must use the same value.
+    pub lease_ms: u64,
+    /// The key-value bucket holding group members and partition leases.
+    /// Default `EVENTBUS_GROUPS`; created at the first subscribe when
+    /// provisioning creates.
+    pub groups_bucket: String,
+    /// Longest wait, when a rebalance moves a partition away, for its
+    /// running handlers to finish before they are cancelled, in ms.
+    /// Default 5,000. The lease is renewed meanwhile.
+    pub revoke_timeout_ms: u64,
 }
 
 impl Default for NatsConfig {
@@ -163,6 +205,7 @@ impl Default for NatsConfig {
             subject_prefix: "events.".into(),
             streams: vec![StreamSpec::default()],
             provision: ProvisionStrategy::default(),
+            partitions: BTreeMap::new(),
             consumer: NatsConsumer::default(),
             request_timeout_ms: 10_000,
         }
@@ -201,11 +244,26 @@ impl Default for NatsConsumer {
         Self {
             ack_wait_ms: 30_000,
             max_ack_pending: 10_000,
+            lease_ms: 5_000,
+            groups_bucket: "EVENTBUS_GROUPS".into(),
+            revoke_timeout_ms: 5_000,
         }
     }
 }
 
 impl NatsConfig {
+    /// The partition count of `topic`: from [`partitions`](NatsConfig::partitions),
+    /// `None` when the topic is unpartitioned.
+    pub fn partitions_of(&self, topic: &str) -> Option<u32> {
+        if let Some(n) = self.partitions.get(topic) {
+            return Some((*n).max(1));
+        }
+        self.partitions
+            .iter()
+            .find(|(pattern, _)| matches_pattern(pattern, topic))
+            .map(|(_, n)| (*n).max(1))
+    }
+
     /// Defaults with these server URLs.
     pub fn with_servers<I: IntoIterator<Item = S>, S: Into<String>>(servers: I) -> Self {
         Self {
@@ -215,9 +273,37 @@ impl NatsConfig {
     }
 }
 
+/// NATS subject-style matching on `.` tokens: `*` one token, a final `>` the rest.
+fn matches_pattern(pattern: &str, topic: &str) -> bool {
+    let mut topic_tokens = topic.split('.');
+    for p in pattern.split('.') {
+        match (p, topic_tokens.next()) {
+            (">", Some(_)) => return true,
+            ("*", Some(_)) => {}
+            (p, Some(t)) if p == t => {}
+            _ => return false,
+        }
+    }
+    topic_tokens.next().is_none()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn partition_counts_by_name_then_pattern() {
+        let mut c = NatsConfig::default();
+        c.partitions.insert("orders".into(), 8);
+        c.partitions.insert("billing.*".into(), 4);
+        c.partitions.insert("audit.>".into(), 2);
+        assert_eq!(c.partitions_of("orders"), Some(8));
+        assert_eq!(c.partitions_of("orders.v2"), None);
+        assert_eq!(c.partitions_of("billing.invoices"), Some(4));
+        assert_eq!(c.partitions_of("billing.invoices.dlq"), None);
+        assert_eq!(c.partitions_of("audit.a.b"), Some(2));
+        assert_eq!(c.partitions_of("audit"), None);
+    }
 
     #[test]
     fn secrets_are_redacted_in_debug() {

@@ -11,6 +11,7 @@
 mod backend;
 mod config;
 mod connect;
+mod group;
 mod topology;
 
 pub use backend::{MSG_ID_HEADER, NatsBackend};

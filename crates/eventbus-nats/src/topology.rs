@@ -12,6 +12,12 @@ pub(crate) fn subject(prefix: &str, topic: &str) -> String {
     format!("{prefix}{topic}")
 }
 
+/// The subject of partition `partition` of a partitioned `topic`:
+/// `<prefix><topic>.<partition>`.
+pub(crate) fn partition_subject(prefix: &str, topic: &str, partition: u32) -> String {
+    format!("{prefix}{topic}.{partition}")
+}
+
 /// The durable consumer name of (group, topic): readable, and unique thanks
 /// to a hash of the exact pair (durable names may not contain `.`).
 pub(crate) fn durable_name(group: &str, topic: &str) -> String {

@@ -1,0 +1,799 @@
+//! Consumer groups on JetStream: which member consumes which partition.
+//!
+//! Every subscription is a member of its (group, topic). A topic has `P`
+//! partitions (`P = 1` for an unpartitioned topic), each one subject and one
+//! durable pull consumer. A member consumes a partition only while it holds
+//! that partition's **lease**: a key in the key-value bucket
+//! `consumer.groups_bucket`, whose `max_age` is `consumer.lease_ms`, so a
+//! lease the server stored `lease_ms` ago and nobody renewed disappears by
+//! itself (the server's clock, not the members').
+//!
+//! Keys, under `<durable>` = the group's durable name for the topic:
+//! - `<durable>.m.<member id>`: the member is alive (rewritten every heartbeat);
+//! - `<durable>.p.<partition>`: the partition's owner; taken with `create`
+//!   (fails if held), renewed with `update` at the revision last written
+//!   (fails if someone else took it), released with a revision-checked delete.
+//!
+//! Every heartbeat (a fifth of the lease) a member renews its leases, lists
+//! the live members, and moves towards its [`fair_share`] (members sorted by
+//! id): above it, it gives up its highest partitions after draining them;
+//! below it, it takes free ones. A joining member thus gets its share within
+//! a few heartbeats plus the drain of the partitions it takes; a member that
+//! leaves releases at once; a crashed member's partitions are free one lease
+//! after its last renewal.
+//!
+//! **Fencing.** A lease renewed by a request sent at `t` cannot expire on
+//! the server before `t + lease`; the member treats it as lost at
+//! `t + 4/5 lease` ([`Ownership::set_deadline`]): from then no attempt of the
+//! partition starts and no running handler is polled again, even if the
+//! process was frozen (SIGSTOP) and wakes before this coordinator runs.
+//! **Order on takeover.** The new owner rewinds the partition's consumer to
+//! its ack floor when it has unacked messages (deleting and recreating it is
+//! safe: nobody else may consume it), so unsettled messages come again
+//! first, in stream order, never after newer versions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::IntoFuture;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, pull};
+use async_nats::jetstream::context::ConsumerInfoErrorKind;
+use async_nats::jetstream::kv;
+use async_nats::jetstream::{self, AckKind};
+use async_trait::async_trait;
+use bytes::Bytes;
+use eventbus_core::{
+    Acker, BackendSubscription, Delivery, Error, ErrorKind, GroupAssignment, Message, Ownership, Position,
+    ProvisionStrategy, Result, SubscribeSpec, fair_share,
+};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::NatsConfig;
+use crate::topology::{self, api};
+
+/// Deliveries fetched ahead of the bus, per subscription (count).
+const CHANNEL: usize = 256;
+
+/// Reply subjects of the messages this member fetched and has not settled,
+/// by stream sequence, with their partition.
+type Unsettled = Arc<Mutex<HashMap<u64, (u32, async_nats::Subject)>>>;
+
+/// Opens the lease bucket, creating it when `provision` creates.
+///
+/// # Errors
+/// [`NotFound`](ErrorKind::NotFound) when it is missing and may not be
+/// created; [`Conflict`](ErrorKind::Conflict) when its `max_age` is not
+/// `consumer.lease_ms` (the members of one bucket must agree on the lease).
+pub(crate) async fn lease_bucket(js: &jetstream::Context, config: &NatsConfig) -> Result<kv::Store> {
+    let name = &config.consumer.groups_bucket;
+    let lease = Duration::from_millis(config.consumer.lease_ms);
+    let store = match js.get_key_value(name).await {
+        Ok(store) => store,
+        Err(e)
+            if !matches!(
+                config.provision,
+                ProvisionStrategy::CreateOnly | ProvisionStrategy::CreateOrUpdate
+            ) =>
+        {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("the group-lease bucket {name} does not exist (create it with max_age = consumer.lease_ms)"),
+            )
+            .with_source(e));
+        }
+        Err(_) => {
+            // The key-value stream as the KV API makes it, created directly:
+            // async-nats' `create_key_value` cannot read nats-server 2.9's
+            // account info.
+            js.create_stream(jetstream::stream::Config {
+                name: format!("KV_{name}"),
+                description: Some("eventbus consumer-group members and partition leases".into()),
+                subjects: vec![format!("$KV.{name}.>")],
+                max_messages_per_subject: 1,
+                max_age: lease,
+                storage: jetstream::stream::StorageType::File,
+                num_replicas: config.streams.first().map_or(1, |s| s.replicas),
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: true,
+                discard: jetstream::stream::DiscardPolicy::New,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| api("create the group-lease bucket", e))?;
+            js.get_key_value(name)
+                .await
+                .map_err(|e| api("open the group-lease bucket", e))?
+        }
+    };
+    let mut stream = store.stream.clone();
+    let have = stream
+        .info()
+        .await
+        .map_err(|e| api("group-lease bucket info", e))?
+        .config
+        .max_age;
+    if have != lease {
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!(
+                "the group-lease bucket {name} expires keys after {} ms, but consumer.lease_ms is {} ms",
+                have.as_millis(),
+                lease.as_millis()
+            ),
+        ));
+    }
+    Ok(store)
+}
+
+/// What a member needs from its backend.
+#[derive(Clone)]
+pub(crate) struct GroupContext {
+    pub(crate) client: async_nats::Client,
+    pub(crate) js: jetstream::Context,
+    pub(crate) config: NatsConfig,
+    pub(crate) bucket: kv::Store,
+}
+
+/// Joins (group, topic) and starts the member's coordinator.
+///
+/// # Errors
+/// [`NotFound`](ErrorKind::NotFound) when no stream stores the topic's subject.
+pub(crate) async fn subscribe(
+    ctx: GroupContext,
+    spec: &SubscribeSpec,
+) -> Result<Box<dyn BackendSubscription>> {
+    let partitioned = ctx.config.partitions_of(&spec.topic);
+    let layout = Layout {
+        prefix: ctx.config.subject_prefix.clone(),
+        topic: spec.topic.clone(),
+        durable: topology::durable_name(&spec.group, &spec.topic),
+        partitioned,
+    };
+    let subject = layout.subject(0);
+    ctx.js.stream_by_subject(subject.clone()).await.map_err(|e| {
+        Error::new(ErrorKind::NotFound, format!("no stream stores subject {subject}")).with_source(e)
+    })?;
+    let (tx, rx) = mpsc::channel(CHANNEL);
+    let unsettled: Unsettled = Arc::new(Mutex::new(HashMap::new()));
+    let view = Arc::new(Mutex::new(GroupAssignment {
+        partition_count: layout.count(),
+        ..GroupAssignment::default()
+    }));
+    let lease = Duration::from_millis(ctx.config.consumer.lease_ms.max(50));
+    let ack_wait = Duration::from_millis(ctx.config.consumer.ack_wait_ms);
+    let keep_alive = tokio::spawn(keep_alive(
+        ctx.client.clone(),
+        unsettled.clone(),
+        (ack_wait / 3).max(Duration::from_millis(10)),
+    ));
+    let stop = CancellationToken::new();
+    let member = Member {
+        // UUIDv7 starts with the time: members sort by age, so the oldest
+        // keep what they own (a standby or a new member gets the rest).
+        id: uuid::Uuid::now_v7().simple().to_string(),
+        ctx: ctx.clone(),
+        layout,
+        lease,
+        tx,
+        unsettled,
+        view: view.clone(),
+        owned: BTreeMap::new(),
+    };
+    let coordinator = tokio::spawn(member.run(stop.clone()));
+    Ok(Box::new(GroupSubscription {
+        rx,
+        stop,
+        coordinator: Some(coordinator),
+        keep_alive,
+        view,
+    }))
+}
+
+/// Subjects, consumer names and lease keys of one (group, topic).
+struct Layout {
+    prefix: String,
+    topic: String,
+    durable: String,
+    partitioned: Option<u32>,
+}
+
+impl Layout {
+    fn count(&self) -> u32 {
+        self.partitioned.unwrap_or(1)
+    }
+
+    fn subject(&self, p: u32) -> String {
+        match self.partitioned {
+            Some(_) => topology::partition_subject(&self.prefix, &self.topic, p),
+            None => topology::subject(&self.prefix, &self.topic),
+        }
+    }
+
+    /// An unpartitioned topic keeps the durable name it always had.
+    fn consumer(&self, p: u32) -> String {
+        match self.partitioned {
+            Some(_) => format!("{}-p{p}", self.durable),
+            None => self.durable.clone(),
+        }
+    }
+
+    fn lease_key(&self, p: u32) -> String {
+        format!("{}.p.{p}", self.durable)
+    }
+
+    fn member_key(&self, id: &str) -> String {
+        format!("{}.m.{id}", self.durable)
+    }
+}
+
+/// A partition this member holds.
+struct Owned {
+    revision: u64,
+    ownership: Ownership,
+    fetch: Fetcher,
+    /// Set when a rebalance gives it up: no new attempt starts, running ones finish.
+    draining_since: Option<Instant>,
+}
+
+/// A partition's fetch task, aborted on drop.
+struct Fetcher(JoinHandle<()>);
+
+impl Drop for Fetcher {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One member's coordinator: leases, rebalance, one fetch task per owned partition.
+struct Member {
+    id: String,
+    ctx: GroupContext,
+    layout: Layout,
+    lease: Duration,
+    tx: mpsc::Sender<Result<Delivery>>,
+    unsettled: Unsettled,
+    view: Arc<Mutex<GroupAssignment>>,
+    owned: BTreeMap<u32, Owned>,
+}
+
+impl Member {
+    fn heartbeat(&self) -> Duration {
+        self.lease / 5
+    }
+
+    /// How long after sending a renewal the lease still counts as held here.
+    fn held_for(&self) -> Duration {
+        self.lease * 4 / 5
+    }
+
+    async fn run(mut self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.heartbeat());
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            self.round().await;
+        }
+        self.leave().await;
+    }
+
+    /// Bounds one request to the server by a heartbeat.
+    async fn bounded<T, E: std::fmt::Display>(
+        &self,
+        what: &str,
+        f: impl Future<Output = std::result::Result<T, E>>,
+    ) -> Option<T> {
+        match tokio::time::timeout(self.heartbeat().max(Duration::from_millis(200)), f).await {
+            Ok(Ok(v)) => Some(v),
+            Ok(Err(e)) => {
+                tracing::debug!(topic = %self.layout.topic, error = %e, "{what} failed");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(topic = %self.layout.topic, "{what} timed out");
+                None
+            }
+        }
+    }
+
+    async fn round(&mut self) {
+        // Leases past their deadline, and fetch tasks that ended, are lost.
+        let lost: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.ownership.is_expired() || o.fetch.0.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in lost {
+            self.lose(p, "lease expired or consumer gone").await;
+        }
+        // Renew.
+        let bucket = self.ctx.bucket.clone();
+        let partitions: Vec<(u32, u64)> = self.owned.iter().map(|(p, o)| (*p, o.revision)).collect();
+        for (p, revision) in partitions {
+            let sent = Instant::now();
+            let key = self.layout.lease_key(p);
+            match tokio::time::timeout(
+                self.heartbeat().max(Duration::from_millis(200)),
+                bucket.update(&key, Bytes::from(self.id.clone()), revision),
+            )
+            .await
+            {
+                Ok(Ok(revision)) => {
+                    let until = sent + self.held_for();
+                    if let Some(o) = self.owned.get_mut(&p) {
+                        o.revision = revision;
+                        o.ownership.set_deadline(until);
+                    }
+                }
+                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    self.lose(p, "lease taken by another member").await;
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(topic = %self.layout.topic, partition = p, error = %e, "lease renewal failed")
+                }
+                Err(_) => {
+                    tracing::warn!(topic = %self.layout.topic, partition = p, "lease renewal timed out")
+                }
+            }
+        }
+        let member_key = self.layout.member_key(&self.id);
+        self.bounded("member heartbeat", bucket.put(&member_key, Bytes::new()))
+            .await;
+        // Who is in the group, and this member's share.
+        let Some(members) = self.members().await else {
+            return;
+        };
+        let index = members
+            .iter()
+            .position(|m| *m == self.id)
+            .unwrap_or(members.len());
+        let count = self.layout.count();
+        let target = fair_share(count, members.len().max(index + 1), index) as usize;
+        self.show(members.len().max(index + 1));
+        // Finish drains.
+        let drained: Vec<u32> = self
+            .owned
+            .iter()
+            .filter_map(|(p, o)| {
+                let since = o.draining_since?;
+                let limit = Duration::from_millis(self.ctx.config.consumer.revoke_timeout_ms);
+                (o.ownership.running_attempts() == 0 || since.elapsed() >= limit).then_some(*p)
+            })
+            .collect();
+        for p in drained {
+            self.release(p).await;
+        }
+        // Give up partitions above the share: drain them first.
+        let active: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.draining_since.is_none())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in active.iter().rev().take(active.len().saturating_sub(target)) {
+            if let Some(o) = self.owned.get_mut(p) {
+                tracing::info!(topic = %self.layout.topic, partition = *p, "draining a partition for a rebalance");
+                o.ownership.revoke();
+                o.draining_since = Some(Instant::now());
+                o.fetch.0.abort();
+            }
+        }
+        // Take free partitions below the share, starting at an offset so
+        // members do not all race for the same one.
+        let mut need = target.saturating_sub(active.len());
+        let start = (index as u32)
+            .wrapping_mul(count / (members.len().max(1) as u32))
+            .min(count);
+        for i in 0..count {
+            if need == 0 {
+                break;
+            }
+            let p = (start + i) % count;
+            if self.owned.contains_key(&p) {
+                continue;
+            }
+            let sent = Instant::now();
+            let key = self.layout.lease_key(p);
+            let Some(revision) = self
+                .bounded("lease claim", bucket.create(&key, Bytes::from(self.id.clone())))
+                .await
+            else {
+                continue;
+            };
+            match self.take(p, revision, sent).await {
+                Ok(()) => need -= 1,
+                Err(e) => {
+                    tracing::warn!(topic = %self.layout.topic, partition = p, error = %e, "cannot consume a claimed partition");
+                    let _ = self.tx.try_send(Err(e));
+                    self.bounded(
+                        "lease release",
+                        bucket.delete_expect_revision(&key, Some(revision)),
+                    )
+                    .await;
+                }
+            }
+        }
+        self.show(members.len().max(index + 1));
+    }
+
+    /// Live member ids, sorted: keys `<durable>.m.*` the server still holds.
+    async fn members(&self) -> Option<Vec<String>> {
+        let filter = format!("{}{}", self.ctx.bucket.prefix, self.layout.member_key("*"));
+        let prefix = format!("{}{}", self.ctx.bucket.prefix, self.layout.member_key(""));
+        let mut info = self
+            .bounded("member list", self.ctx.bucket.stream.info_with_subjects(filter))
+            .await?;
+        let mut members = Vec::new();
+        while let Some(item) = info.next().await {
+            match item {
+                Ok((subject, _)) => members.extend(subject.strip_prefix(&prefix).map(str::to_owned)),
+                Err(e) => {
+                    tracing::debug!(error = %e, "member list failed");
+                    return None;
+                }
+            }
+        }
+        if !members.contains(&self.id) {
+            members.push(self.id.clone());
+        }
+        members.sort();
+        Some(members)
+    }
+
+    fn show(&self, members: usize) {
+        let owned: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.draining_since.is_none())
+            .map(|(p, _)| *p)
+            .collect();
+        let mut view = self.view.lock().unwrap();
+        if view.owned != owned {
+            view.rebalances += 1;
+            metrics::counter!("eventbus_rebalances_total", "backend" => "nats").increment(1);
+            view.owned = owned;
+        }
+        view.members = members;
+    }
+
+    /// Starts consuming partition `p`, whose lease was written at `sent`.
+    async fn take(&mut self, p: u32, revision: u64, sent: Instant) -> Result<()> {
+        let ownership = Ownership::new();
+        ownership.set_deadline(sent + self.held_for());
+        let consumer = self.consumer(p).await?;
+        let messages = consumer.messages().await.map_err(|e| api("pull", e))?;
+        tracing::info!(topic = %self.layout.topic, partition = p, "partitions assigned");
+        let fetch = tokio::spawn(fetch(
+            messages,
+            p,
+            self.layout.topic.clone(),
+            ownership.clone(),
+            self.unsettled.clone(),
+            self.tx.clone(),
+        ));
+        self.owned.insert(
+            p,
+            Owned {
+                revision,
+                ownership,
+                fetch: Fetcher(fetch),
+                draining_since: None,
+            },
+        );
+        Ok(())
+    }
+
+    /// The durable consumer of partition `p`, rewound to its ack floor
+    /// when unacked messages were left by an earlier owner: this member
+    /// holds the lease, so nobody else consumes it.
+    async fn consumer(&self, p: u32) -> Result<jetstream::consumer::Consumer<pull::Config>> {
+        let subject = self.layout.subject(p);
+        let js = &self.ctx.js;
+        let stream_name = js.stream_by_subject(subject.clone()).await.map_err(|e| {
+            Error::new(ErrorKind::NotFound, format!("no stream stores subject {subject}")).with_source(e)
+        })?;
+        let stream = js
+            .get_stream(&stream_name)
+            .await
+            .map_err(|e| api("get stream", e))?;
+        let durable = self.layout.consumer(p);
+        let deliver_policy = match stream.consumer_info(&durable).await {
+            Ok(info) if info.num_ack_pending == 0 => {
+                return stream
+                    .get_consumer(&durable)
+                    .await
+                    .map_err(|e| api("get consumer", e));
+            }
+            Ok(info) => {
+                let start_sequence = info.ack_floor.stream_sequence + 1;
+                tracing::info!(%durable, start_sequence, "rewinding consumer to its ack floor");
+                stream
+                    .delete_consumer(&durable)
+                    .await
+                    .map_err(|e| api("delete consumer", e))?;
+                DeliverPolicy::ByStartSequence { start_sequence }
+            }
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => DeliverPolicy::All,
+            Err(e) => return Err(api("consumer info", e)),
+        };
+        let consumer = &self.ctx.config.consumer;
+        let config = pull::Config {
+            durable_name: Some(durable),
+            filter_subject: subject,
+            deliver_policy,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: Duration::from_millis(consumer.ack_wait_ms),
+            max_ack_pending: consumer.max_ack_pending,
+            max_deliver: -1,
+            ..Default::default()
+        };
+        stream
+            .create_consumer(config)
+            .await
+            .map_err(|e| api("create consumer", e))
+    }
+
+    /// Stops consuming `p` at once (its lease is gone or about to be):
+    /// no attempt starts, running ones are cancelled, nothing is settled.
+    async fn lose(&mut self, p: u32, why: &str) {
+        let Some(o) = self.owned.remove(&p) else { return };
+        o.ownership.revoke();
+        o.ownership
+            .stop_running(std::time::Instant::now(), Duration::ZERO);
+        drop(o.fetch);
+        self.forget(p);
+        tracing::info!(topic = %self.layout.topic, partition = p, reason = why, "partitions revoked");
+        let key = self.layout.lease_key(p);
+        let bucket = self.ctx.bucket.clone();
+        self.bounded(
+            "lease release",
+            bucket.delete_expect_revision(&key, Some(o.revision)),
+        )
+        .await;
+    }
+
+    /// Hands `p` over after its drain: cancels what still runs (bounded by
+    /// one second), pushes out buffered acks, then deletes the lease so the
+    /// next owner can take it at once.
+    async fn release(&mut self, p: u32) {
+        let Some(o) = self.owned.remove(&p) else { return };
+        o.ownership.revoke();
+        o.ownership
+            .stop_running(std::time::Instant::now(), Duration::ZERO);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while o.ownership.running_attempts() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        drop(o.fetch);
+        self.forget(p);
+        self.bounded("flush", self.ctx.client.flush()).await;
+        tracing::info!(topic = %self.layout.topic, partition = p, "partitions revoked");
+        let key = self.layout.lease_key(p);
+        let bucket = self.ctx.bucket.clone();
+        self.bounded(
+            "lease release",
+            bucket.delete_expect_revision(&key, Some(o.revision)),
+        )
+        .await;
+    }
+
+    /// Stops keeping `p`'s unsettled messages alive: the next owner gets them.
+    fn forget(&self, p: u32) {
+        self.unsettled.lock().unwrap().retain(|_, (q, _)| *q != p);
+    }
+
+    /// Leaves the group (on close, after the bus drained its handlers):
+    /// releases every partition and removes the member key.
+    async fn leave(&mut self) {
+        let partitions: Vec<u32> = self.owned.keys().copied().collect();
+        for p in partitions {
+            self.release(p).await;
+        }
+        let subject = format!("{}{}", self.ctx.bucket.prefix, self.layout.member_key(&self.id));
+        self.bounded(
+            "member removal",
+            self.ctx.bucket.stream.purge().filter(subject).into_future(),
+        )
+        .await;
+        self.show(0);
+    }
+}
+
+/// Pulls one partition's messages into the subscription's channel until
+/// aborted, the consumer goes away, or the subscription is dropped.
+async fn fetch(
+    mut messages: pull::Stream,
+    partition: u32,
+    topic: String,
+    ownership: Ownership,
+    unsettled: Unsettled,
+    tx: mpsc::Sender<Result<Delivery>>,
+) {
+    while let Some(next) = messages.next().await {
+        let item = match next {
+            Ok(m) => match delivery(m, partition, &topic, &ownership, &unsettled) {
+                Some(d) => Ok(d),
+                None => continue,
+            },
+            Err(e) => {
+                let end = matches!(
+                    e.kind(),
+                    pull::MessagesErrorKind::ConsumerDeleted | pull::MessagesErrorKind::PushBasedConsumer
+                );
+                let err = api("pull", e);
+                if end {
+                    // The coordinator sees this task end and takes the partition again (rewound).
+                    let _ = tx.send(Err(err)).await;
+                    return;
+                }
+                Err(err)
+            }
+        };
+        if tx.send(item).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// The delivery of `m`; `None` for a redelivered copy of a message this
+/// member still holds (it must not be queued twice).
+fn delivery(
+    m: jetstream::Message,
+    partition: u32,
+    topic: &str,
+    ownership: &Ownership,
+    unsettled: &Unsettled,
+) -> Option<Delivery> {
+    let (position, delivery_count, sequence) = match m.info() {
+        Ok(info) => (
+            Some(Position::Sequence(info.stream_sequence)),
+            info.delivered.max(1) as u64,
+            Some(info.stream_sequence),
+        ),
+        Err(_) => (None, 1, None),
+    };
+    if let (Some(seq), Some(reply)) = (sequence, m.message.reply.clone()) {
+        let mut unsettled = unsettled.lock().unwrap();
+        if unsettled.contains_key(&seq) {
+            tracing::debug!(seq, "dropping a redelivered copy of a message still in flight");
+            return None;
+        }
+        unsettled.insert(seq, (partition, reply));
+    }
+    let mut headers = eventbus_core::Headers::new();
+    if let Some(h) = &m.message.headers {
+        for (name, values) in h.iter() {
+            let name: &str = name.as_ref();
+            if name.starts_with("Nats-") {
+                continue;
+            }
+            if let Some(v) = values.last() {
+                headers.insert(name, v.as_str());
+            }
+        }
+    }
+    let message = Message {
+        topic: topic.to_owned(),
+        key: None,
+        headers,
+        payload: m.message.payload.clone(),
+        dedup_id: None,
+    };
+    Some(Delivery {
+        message,
+        position,
+        delivery_count,
+        acker: Box::new(NatsAcker {
+            message: m,
+            sequence,
+            unsettled: unsettled.clone(),
+        }),
+        ownership: Some(ownership.clone()),
+    })
+}
+
+/// Sends `+WPI` for every unsettled message every `every`: one timer per
+/// subscription, not one per message. Ends when the subscription closes.
+async fn keep_alive(client: async_nats::Client, unsettled: Unsettled, every: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let replies: Vec<async_nats::Subject> = unsettled
+            .lock()
+            .unwrap()
+            .values()
+            .map(|(_, r)| r.clone())
+            .collect();
+        for reply in replies {
+            if let Err(e) = client.publish(reply, Bytes::from_static(b"+WPI")).await {
+                tracing::debug!(error = %e, "in-progress ack failed");
+            }
+        }
+    }
+}
+
+/// One member of a group, as the bus's source of deliveries.
+struct GroupSubscription {
+    rx: mpsc::Receiver<Result<Delivery>>,
+    stop: CancellationToken,
+    coordinator: Option<JoinHandle<()>>,
+    keep_alive: JoinHandle<()>,
+    view: Arc<Mutex<GroupAssignment>>,
+}
+
+impl Drop for GroupSubscription {
+    /// Dropped without `close` (a crash): leases lapse on the server.
+    fn drop(&mut self) {
+        self.keep_alive.abort();
+        if let Some(c) = self.coordinator.take() {
+            c.abort();
+        }
+    }
+}
+
+#[async_trait]
+impl BackendSubscription for GroupSubscription {
+    async fn next(&mut self) -> Option<Result<Delivery>> {
+        self.rx.recv().await
+    }
+
+    async fn close(mut self: Box<Self>) -> Result<()> {
+        self.keep_alive.abort();
+        self.stop.cancel();
+        if let Some(c) = self.coordinator.take() {
+            c.await
+                .map_err(|e| Error::new(ErrorKind::Backend, "group coordinator failed").with_source(e))?;
+        }
+        Ok(())
+    }
+
+    fn assignment(&self) -> Option<Arc<Mutex<GroupAssignment>>> {
+        Some(self.view.clone())
+    }
+}
+
+struct NatsAcker {
+    message: jetstream::Message,
+    sequence: Option<u64>,
+    unsettled: Unsettled,
+}
+
+impl NatsAcker {
+    /// Settles the message: it is no longer kept alive, and a later copy is
+    /// a new delivery.
+    async fn send(&self, kind: AckKind) -> Result<()> {
+        if let Some(seq) = self.sequence {
+            self.unsettled.lock().unwrap().remove(&seq);
+        }
+        self.message
+            .ack_with(kind)
+            .await
+            .map_err(|e| Error::new(ErrorKind::Connection, "NATS ack failed").with_source(e))
+    }
+}
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn ack(&self) -> Result<()> {
+        self.send(AckKind::Ack).await
+    }
+
+    async fn term(&self) -> Result<()> {
+        self.send(AckKind::Term).await
+    }
+
+    async fn nak(&self, delay: Option<Duration>) -> Result<()> {
+        self.send(AckKind::Nak(delay)).await
+    }
+
+    // In-progress acks come from the subscription's keep-alive timer.
+}
