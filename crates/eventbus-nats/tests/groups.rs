@@ -1,0 +1,180 @@
+//! Consumer groups on NATS against a real nats-server: a member joining a
+//! running group (a rolling deploy), partitioned topics' subjects, and the
+//! members' shares in health.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus_core::{BusConfig, Envelope, EventBus, SubscribeOptions, Subscription};
+use eventbus_nats::{NatsBackend, NatsConfig};
+use eventbus_testkit::server::NatsServer;
+use eventbus_testkit::{OrderChecker, envelope, eventually};
+
+async fn bus(server: &NatsServer, partitions: &[(&str, u32)]) -> EventBus {
+    let mut config = NatsConfig::with_servers([server.url()]);
+    config.consumer.lease_ms = 2_000;
+    config.consumer.ack_wait_ms = 2_000;
+    for (topic, n) in partitions {
+        config.partitions.insert((*topic).into(), *n);
+    }
+    let backend = NatsBackend::connect(config).await.unwrap();
+    EventBus::new(backend, BusConfig::default()).unwrap()
+}
+
+type Covered = Arc<Mutex<HashSet<(String, i64)>>>;
+
+/// A member recording every attempt as `id`, 50 ms of work per event.
+async fn member(
+    bus: &EventBus,
+    topic: &str,
+    id: u64,
+    checker: &Arc<OrderChecker>,
+    covered: &Covered,
+    count: &Arc<AtomicUsize>,
+) -> Subscription {
+    let (checker, covered, count, t) = (checker.clone(), covered.clone(), count.clone(), topic.to_owned());
+    bus.subscribe_envelope(topic, SubscribeOptions::group("g"), move |e: Envelope| {
+        let attempt = checker.begin_as(id, &t, &e);
+        let (covered, count) = (covered.clone(), count.clone());
+        async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            attempt.succeeded();
+            covered.lock().unwrap().insert((e.aggregate_id, e.event_version));
+            count.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::io::Error>(())
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// A rolling deploy: the new instance subscribes while the old one has
+/// unacked messages. The old one keeps consuming (its consumer is neither
+/// deleted nor rewound under it), the new one stands by, and takes over in
+/// order when the old one leaves (events published before and after).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_joining_with_acks_pending_leaves_the_running_member_alone() {
+    let server = NatsServer::start().await.unwrap();
+    let (old, new) = (bus(&server, &[]).await, bus(&server, &[]).await);
+    let events: Vec<Envelope> = (1..=60)
+        .flat_map(|v| (0..10).map(move |a| envelope(&format!("r-{a}"), v)))
+        .collect();
+    let (first, second) = events.split_at(events.len() / 2);
+    for e in first {
+        old.publish_envelope_sync("rolling", e).await.unwrap();
+    }
+    let checker = Arc::new(OrderChecker::new());
+    let covered: Covered = Default::default();
+    let (by_old, by_new) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let old_sub = member(&old, "rolling", 1, &checker, &covered, &by_old).await;
+    assert!(eventually(Duration::from_secs(20), || by_old.load(Ordering::SeqCst) >= 30).await);
+    let new_sub = member(&new, "rolling", 2, &checker, &covered, &by_new).await;
+    let before = by_old.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        old_sub.health().fetching,
+        "the running member stopped fetching when another joined"
+    );
+    assert!(
+        by_old.load(Ordering::SeqCst) > before,
+        "the running member stopped handling when another joined"
+    );
+    assert_eq!(
+        by_new.load(Ordering::SeqCst),
+        0,
+        "two members consumed one unpartitioned topic at once"
+    );
+    old_sub.close().await.unwrap();
+    old.close().await.unwrap();
+    for e in second {
+        new.publish_envelope_sync("rolling", e).await.unwrap();
+    }
+    let all = eventually(Duration::from_secs(30), || {
+        covered.lock().unwrap().len() == events.len()
+    })
+    .await;
+    let r = checker.report();
+    assert!(all, "events lost across the handover: {r}");
+    assert!(
+        by_new.load(Ordering::SeqCst) > 0,
+        "the new member never took over: {r}"
+    );
+    assert!(r.is_strictly_ordered(), "order broken across the handover: {r}");
+    assert!(new_sub.health().fetching);
+    new_sub.close().await.unwrap();
+    new.close().await.unwrap();
+}
+
+/// A partitioned topic's event is stored on the subject of its aggregate's
+/// partition, `events.<topic>.<partition_for(aggregate id)>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_topic_stores_each_aggregate_on_its_partition_subject() {
+    let server = NatsServer::start().await.unwrap();
+    let bus = bus(&server, &[("parts", 4)]).await;
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let stream = async_nats::jetstream::new(client)
+        .get_stream("EVENTS")
+        .await
+        .unwrap();
+    for aggregate in ["order-1", "order-2", "order-3", "order-4", "order-5"] {
+        let e = envelope(aggregate, 1);
+        bus.publish_envelope_sync("parts", &e).await.unwrap();
+        let p = eventbus_core::partition_for(aggregate.as_bytes(), 4);
+        let stored = stream
+            .get_last_raw_message_by_subject(&format!("events.parts.{p}"))
+            .await
+            .unwrap();
+        let got = Envelope::decode(&stored.payload).unwrap();
+        assert_eq!(got.event_id, e.event_id, "{aggregate} is not on partition {p}");
+    }
+    bus.close().await.unwrap();
+}
+
+/// Health shows each member's partitions and the group's size; when one
+/// member leaves, the other takes every partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_shows_each_members_partitions_and_a_leave_hands_them_over() {
+    let server = NatsServer::start().await.unwrap();
+    let (a, b) = (
+        bus(&server, &[("shares", 4)]).await,
+        bus(&server, &[("shares", 4)]).await,
+    );
+    let handler = |_e: Envelope| async { Ok::<_, std::io::Error>(()) };
+    let sa = a
+        .subscribe_envelope("shares", SubscribeOptions::group("g"), handler)
+        .await
+        .unwrap();
+    let sb = b
+        .subscribe_envelope("shares", SubscribeOptions::group("g"), handler)
+        .await
+        .unwrap();
+    let owned = |s: &Subscription| s.health().assignment.map(|a| (a.owned.len(), a.members));
+    let split = eventually(Duration::from_secs(20), || {
+        owned(&sa) == Some((2, 2)) && owned(&sb) == Some((2, 2))
+    })
+    .await;
+    assert!(
+        split,
+        "no even split: {:?} / {:?}",
+        sa.health().assignment,
+        sb.health().assignment
+    );
+    let mut all: Vec<u32> = [&sa, &sb]
+        .iter()
+        .flat_map(|s| s.health().assignment.unwrap().owned)
+        .collect();
+    all.sort();
+    assert_eq!(all, vec![0, 1, 2, 3], "each partition has exactly one owner");
+    sa.close().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || owned(&sb) == Some((4, 1))).await,
+        "the remaining member did not take over: {:?}",
+        sb.health().assignment
+    );
+    assert!(sb.health().assignment.unwrap().rebalances >= 2);
+    sb.close().await.unwrap();
+    a.close().await.unwrap();
+    b.close().await.unwrap();
+}
