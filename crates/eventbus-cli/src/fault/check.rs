@@ -11,20 +11,22 @@ use eventbus_testkit::{Attempt, OrderChecker, OrderReport};
 /// One (topic, aggregate, version).
 pub(crate) type Event = (String, String, i64);
 
-/// A member's log, its output (where the Kafka backend reports each
-/// partition revoke), and when (ns) the harness killed it, if it did.
+/// A member's log, its output (where the Kafka and NATS backends report
+/// each partition revoke), when (ns) the harness killed it, if it did, and
+/// when it froze it (SIGSTOP), if it did.
 #[derive(Debug)]
 pub(crate) struct MemberLog<'a> {
     pub(crate) member: u64,
     pub(crate) path: &'a Path,
     pub(crate) out: &'a Path,
     pub(crate) killed_at: Option<u128>,
+    pub(crate) frozen_at: Vec<u128>,
 }
 
-/// Times (ns) of the partition revokes the Kafka backend logged in `out`
-/// (tracing's `partitions revoked` line, RFC 3339 time first): each ends the
-/// member's run, since the partitions it gets next are fetched again from
-/// the group's committed offsets (redelivery).
+/// Times (ns) of the partition revokes the Kafka or NATS backend logged in
+/// `out` (tracing's `partitions revoked` line, RFC 3339 time first): each
+/// ends the member's run, since the partitions it gets next are fetched
+/// again from the group's committed offsets or ack floor (redelivery).
 fn revokes(out: &Path) -> Vec<u128> {
     std::fs::read_to_string(out)
         .unwrap_or_default()
@@ -66,6 +68,44 @@ pub(crate) struct Verdict {
     pub(crate) order: OrderReport,
     /// ns of every successful handling (for recovery times).
     pub(crate) successes: Vec<u128>,
+    /// Successful handlings per member (count).
+    pub(crate) per_member: std::collections::BTreeMap<u64, usize>,
+    /// Attempts cut by a freeze (SIGSTOP) past the member's lease that
+    /// still succeeded after it woke: the fence failed (each also counted
+    /// as an overlap).
+    pub(crate) fence_breaches: u64,
+    /// (ns, member, topic, aggregate) of every attempt start and success, in time order.
+    starts: Vec<(u128, u64, String, String)>,
+    handlings: Vec<(u128, u64, String, String)>,
+}
+
+impl Verdict {
+    /// ns of the first handling by `member` after `at`.
+    pub(crate) fn first_handling_by(&self, member: u64, at: u128) -> Option<u128> {
+        self.handlings
+            .iter()
+            .find(|(t, m, ..)| *t > at && *m == member)
+            .map(|(t, ..)| *t)
+    }
+
+    /// ms from `at` until another member first handled an aggregate that
+    /// `member` was the last to start before `at` (its partitions flowing
+    /// again after a kill, freeze or leave).
+    pub(crate) fn takeover_ms(&self, member: u64, at: u128) -> Option<f64> {
+        let mut last: HashMap<(&str, &str), u64> = HashMap::new();
+        for (t, m, topic, aggregate) in &self.starts {
+            if *t > at {
+                break;
+            }
+            last.insert((topic.as_str(), aggregate.as_str()), *m);
+        }
+        self.handlings
+            .iter()
+            .find(|(t, m, topic, aggregate)| {
+                *t > at && *m != member && last.get(&(topic.as_str(), aggregate.as_str())) == Some(&member)
+            })
+            .map(|(t, ..)| (t - at) as f64 / 1e6)
+    }
 }
 
 #[derive(Debug)]
@@ -81,8 +121,13 @@ struct Record {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Fact {
     Succeeded,
+    /// The attempt ended without succeeding (cancelled).
+    Failed,
     /// The harness killed the member: its running attempts end, failed.
     Killed,
+    /// The harness froze the member past its lease: its running attempts
+    /// must never resume (they end here, failed; a later success is a breach).
+    Frozen,
     Started,
 }
 
@@ -96,10 +141,11 @@ fn parse_member(line: &str) -> Option<Record> {
     let at = f.next()?.parse().ok()?;
     Some(Record {
         at,
-        fact: if kind == "S" {
-            Fact::Started
-        } else {
-            Fact::Succeeded
+        fact: match kind {
+            "S" => Fact::Started,
+            "E" => Fact::Succeeded,
+            "X" => Fact::Failed,
+            _ => return None,
         },
         member,
         event: (topic, aggregate, version),
@@ -164,17 +210,51 @@ pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>], broker_restarts:
                 event,
             });
         }
+        for &at in &m.frozen_at {
+            let event = (String::new(), String::new(), 0);
+            records.push(Record {
+                at,
+                fact: Fact::Frozen,
+                member: m.member,
+                event,
+            });
+        }
     }
     records.sort_by_key(|r| (r.at, r.fact));
     let checker = Arc::new(OrderChecker::new());
     let mut running: HashMap<(u64, Event), Attempt> = HashMap::new();
     let mut successes = Vec::new();
     let mut handled = HashSet::new();
+    let mut cut: HashSet<(u64, Event)> = HashSet::new();
+    let (mut fence_breaches, mut per_member) = (0, std::collections::BTreeMap::new());
+    let (mut starts, mut handlings) = (Vec::new(), Vec::new());
     for r in records {
-        if r.fact == Fact::Killed {
-            // Dropping an attempt's guard records it as failed.
-            running.retain(|(member, _), _| *member != r.member);
-            continue;
+        match r.fact {
+            Fact::Killed => {
+                // Dropping an attempt's guard records it as failed.
+                running.retain(|(member, _), _| *member != r.member);
+                continue;
+            }
+            Fact::Frozen => {
+                let frozen: Vec<(u64, Event)> =
+                    running.keys().filter(|(m, _)| *m == r.member).cloned().collect();
+                for key in frozen {
+                    running.remove(&key);
+                    cut.insert(key);
+                }
+                continue;
+            }
+            Fact::Failed => {
+                let key = (r.member, r.event);
+                running.remove(&key);
+                cut.remove(&key);
+                continue;
+            }
+            Fact::Succeeded if cut.remove(&(r.member, r.event.clone())) => {
+                fence_breaches += 1;
+                continue;
+            }
+            _ => {}
         }
         let epoch = redeliveries
             .get(&r.member)
@@ -184,10 +264,13 @@ pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>], broker_restarts:
         if r.fact == Fact::Started {
             let (topic, aggregate, version) = &r.event;
             let envelope = eventbus_testkit::envelope(aggregate, *version);
+            starts.push((r.at, r.member, topic.clone(), aggregate.clone()));
             running.insert(key, checker.begin_as(run, topic, &envelope));
         } else if let Some(attempt) = running.remove(&key) {
             attempt.succeeded();
             successes.push(r.at);
+            *per_member.entry(r.member).or_insert(0) += 1;
+            handlings.push((r.at, r.member, r.event.0.clone(), r.event.1.clone()));
             handled.insert(r.event);
         }
     }
@@ -195,11 +278,17 @@ pub(crate) fn judge(producer: &Path, members: &[MemberLog<'_>], broker_restarts:
     let mut lost: Vec<Event> = acked.difference(&handled).cloned().collect();
     lost.sort();
     successes.sort_unstable();
+    let mut order = checker.report();
+    order.overlaps += fence_breaches;
     Verdict {
         acked: acked.len(),
         handled: handled.len(),
         lost,
-        order: checker.report(),
+        order,
         successes,
+        per_member,
+        fence_breaches,
+        starts,
+        handlings,
     }
 }

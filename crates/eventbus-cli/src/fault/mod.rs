@@ -1,10 +1,11 @@
 //! `eventbus fault`: the multi-process fault harness. Per backend it starts
 //! a broker that survives its own SIGKILL (nats-server with a file store;
 //! tansu keeping its log in an S3-compatible store, moto), a producer and
-//! two members of one consumer group as separate OS processes (this same
-//! binary, hidden subcommands `fault-producer` / `fault-member`), then, as
-//! handling progresses: SIGKILLs member 1 and starts a new member, SIGKILLs
-//! the broker and restarts it, SIGKILLs member 2 and starts a new member.
+//! one to three members of one consumer group as separate OS processes
+//! (this same binary, hidden subcommands `fault-producer` /
+//! `fault-member`), then, as handling progresses, runs its plan (see
+//! `--members`): SIGKILLs of members and of the broker, a member joining, a
+//! member frozen with SIGSTOP past its lease, a member stopped gracefully.
 //! It waits until every acked event was handled (bounded), and judges the
 //! logs with the strict order checker ([`check`]).
 //!
@@ -47,12 +48,23 @@ pub(crate) struct FaultArgs {
     /// Handler time per attempt, in µs.
     #[arg(long, default_value_t = 500)]
     handler_us: u64,
-    /// Group members running at once: 2 (kills hit one while the other
-    /// runs), or 1 (each kill stops the group until its replacement starts).
-    /// NATS durable consumers are single-member for ordered handling
-    /// (partitioned groups are issue 12): 2 members on NATS break order.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=2))]
+    /// Group members at the start, and the plan. 1: each member kill stops
+    /// the group until its replacement starts; 2: kills hit one member while
+    /// the other runs (both plans: member 1 killed and replaced, the broker
+    /// killed and restarted, then the other member killed and replaced).
+    /// 3: the scale-out plan: member 1 SIGKILLed (not replaced), a fourth
+    /// member joins, member 2 frozen (SIGSTOP) for two leases plus 1 s then
+    /// resumed, the broker killed and restarted, member 3 stopped gracefully
+    /// (SIGTERM); every member must handle a share.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=3))]
     members: u8,
+    /// NATS: partitions of each topic (0: unpartitioned, one active member
+    /// per group and the others standing by).
+    #[arg(long, default_value_t = 8)]
+    partitions: u32,
+    /// NATS: the members' partition lease, in ms (`consumer.lease_ms`).
+    #[arg(long, default_value_t = 5_000)]
+    lease_ms: u64,
     /// Kill the broker only once the producer finished (mid-consume, not
     /// mid-publish). tansu can lose writes it acknowledged just before a
     /// SIGKILL (INFRA.md), which shows up here as lost events and gaps that
@@ -128,6 +140,29 @@ struct Worker {
     log: PathBuf,
     out: PathBuf,
     killed_at: Option<u128>,
+    frozen_at: Vec<u128>,
+}
+
+/// One step of a run's plan.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    /// SIGKILL the broker, restart it 2 s later.
+    Broker,
+    /// SIGKILL the member at this index.
+    Kill(usize),
+    /// SIGKILL the member at this index, start a new one 1 s later.
+    Replace(usize),
+    /// Start one more member.
+    Join,
+    /// SIGSTOP the member at this index for two leases plus 1 s, then SIGCONT.
+    Freeze(usize),
+    /// SIGTERM the member at this index: it closes its subscriptions and exits.
+    Leave(usize),
+}
+
+/// ms from `at` to the first handling by `member` after it.
+fn first_by(verdict: &check::Verdict, member: u64, at: u128) -> Option<f64> {
+    verdict.first_handling_by(member, at).map(|t| (t - at) as f64 / 1e6)
 }
 
 impl Worker {
@@ -145,8 +180,8 @@ impl Worker {
             .args(args)
             .arg("--log")
             .arg(&log)
-            // The Kafka backend's revokes (info) mark redelivery points for the checker.
-            .env("RUST_LOG", "warn,eventbus_kafka=info")
+            // The backends' revokes (info) mark redelivery points for the checker.
+            .env("RUST_LOG", "warn,eventbus_kafka=info,eventbus_nats=info")
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
@@ -158,7 +193,37 @@ impl Worker {
             log,
             out: out_path,
             killed_at: None,
+            frozen_at: Vec::new(),
         })
+    }
+
+    /// Sends `signal` (`STOP`, `CONT`, `TERM`) by PID.
+    fn signal(&self, signal: &str) -> Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .map_err(|e| Error::config("cannot run kill").with_source(e))?;
+        match status.success() {
+            true => Ok(()),
+            false => Err(Error::config(format!("kill -{signal} failed ({status})"))),
+        }
+    }
+
+    /// SIGTERM, then waits (at most 30 s, then SIGKILL) for the member to
+    /// close its subscriptions and exit.
+    async fn terminate(&mut self) -> Result<()> {
+        self.signal("TERM")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        eprintln!("member {} did not exit within 30 s of SIGTERM", self.member);
+        self.kill();
+        Ok(())
     }
 
     /// SIGKILL, as a crash.
@@ -188,8 +253,10 @@ struct Row {
     violations: u64,
     overlaps: u64,
     duplicates: u64,
-    /// (fault, ms from the kill to the first handling that started after the restart)
-    recoveries: Vec<(&'static str, Option<f64>)>,
+    /// (fault, ms from the fault to its aggregates being handled again)
+    recoveries: Vec<(String, Option<f64>)>,
+    /// Successful handlings per member (count).
+    shares: Vec<(u64, usize)>,
     elapsed: Duration,
 }
 
@@ -223,15 +290,20 @@ pub(crate) async fn run(args: FaultArgs) -> Result<()> {
     }
     println!();
     println!(
-        "| backend | published | acked | handled | lost | violations | overlaps | duplicates | recovery (ms from kill to first handling after restart) | run |"
+        "| backend | published | acked | handled | lost | violations | overlaps | duplicates | recovery (ms from the fault to its aggregates handled again) | handled per member | run |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         println!("{}", r.markdown(args.members));
     }
     let failed: Vec<&str> = rows
         .iter()
-        .filter(|r| r.lost > 0 || r.violations > 0 || r.overlaps > 0)
+        .filter(|r| {
+            r.lost > 0
+                || r.violations > 0
+                || r.overlaps > 0
+                || (args.members == 3 && r.shares.iter().any(|(_, n)| *n == 0))
+        })
         .map(|r| r.backend)
         .collect();
     if failed.is_empty() {
@@ -252,8 +324,9 @@ impl Row {
             .iter()
             .map(|(what, ms)| format!("{what}: {}", ms.map_or("none".into(), |ms| format!("{ms:.0}"))))
             .collect();
+        let shares: Vec<String> = self.shares.iter().map(|(m, n)| format!("m{m} {n}")).collect();
         format!(
-            "| {} ({members} members) | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
+            "| {} ({members} members) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |",
             self.backend,
             self.published,
             self.acked,
@@ -263,6 +336,7 @@ impl Row {
             self.overlaps,
             self.duplicates,
             recoveries.join(", "),
+            shares.join(", "),
             self.elapsed.as_secs_f64()
         )
     }
@@ -280,6 +354,19 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
         std::fs::write(&settings, "[consumer]\nfetch_wait_max_ms = 500\n")
             .map_err(|e| Error::config("cannot write the Kafka settings").with_source(e))?;
         address.extend(["--kafka-config".to_owned(), settings.display().to_string()]);
+    }
+    if kind == BackendKind::Nats {
+        let settings = dir.join("nats.toml");
+        let mut toml = format!("[consumer]\nlease_ms = {}\n", args.lease_ms);
+        if args.partitions > 0 {
+            toml.push_str("[partitions]\n");
+            for t in 0..args.topics {
+                toml.push_str(&format!("\"{}\" = {}\n", worker::topic_of(t, args.topics), args.partitions));
+            }
+        }
+        std::fs::write(&settings, toml)
+            .map_err(|e| Error::config("cannot write the NATS settings").with_source(e))?;
+        address.extend(["--nats-config".to_owned(), settings.display().to_string()]);
     }
     let common = |what: &str| -> Vec<String> {
         let mut a = vec![what.to_owned()];
@@ -307,9 +394,9 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
     let mut producer_args = common("fault-producer");
     producer_args.extend(["--rate".into(), args.rate.to_string()]);
 
-    let mut members = vec![Worker::spawn(dir, "member-1", 1, &member_args(1))?];
-    if args.members == 2 {
-        members.push(Worker::spawn(dir, "member-2", 2, &member_args(2))?);
+    let mut members = Vec::new();
+    for id in 1..=u64::from(args.members) {
+        members.push(Worker::spawn(dir, &format!("member-{id}"), id, &member_args(id))?);
     }
     let mut producer = Worker::spawn(dir, "producer", 0, &producer_args)?;
     let logs = |members: &[Worker]| members.iter().map(|m| m.log.clone()).collect::<Vec<_>>();
@@ -319,58 +406,90 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
         check::handled(&refs).len()
     };
 
-    // (fault, fraction of events handled when it strikes)
-    let mut plan: Vec<(&'static str, f64)> = vec![("member 1", 0.2)];
-    if !args.no_broker_kill {
-        plan.push(("broker", 0.45));
+    // (step, fraction of events handled when it happens)
+    let mut plan: Vec<(Step, f64)> = Vec::new();
+    if args.members == 3 {
+        plan.push((Step::Kill(0), 0.2));
+        plan.push((Step::Join, 0.35));
+        plan.push((Step::Freeze(1), 0.5));
+        if !args.no_broker_kill {
+            plan.push((Step::Broker, 0.6));
+        }
+        plan.push((Step::Leave(2), 0.75));
+    } else {
+        plan.push((Step::Replace(0), 0.2));
+        if !args.no_broker_kill {
+            plan.push((Step::Broker, 0.45));
+        }
+        plan.push((Step::Replace(usize::from(args.members) - 1), 0.7));
     }
-    plan.push((
-        if args.members == 2 {
-            "member 2"
-        } else {
-            "member 1 again"
-        },
-        0.7,
-    ));
-    let mut faults: Vec<(&'static str, u128, u128)> = Vec::new(); // (what, killed at, restarted at)
+    // (what, member hit (0: the broker), at, when it was back or replaced)
+    let mut faults: Vec<(String, u64, u128, u128)> = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
-    let mut next_id = 3;
-    for (what, fraction) in plan {
-        let wait_producer = what == "broker" && args.broker_kill_after_publish;
+    let mut next_id = u64::from(args.members) + 1;
+    for (step, fraction) in plan {
+        let wait_producer = step == Step::Broker && args.broker_kill_after_publish;
         while handled_now(&members) < (events as f64 * fraction) as usize
             || (wait_producer && !matches!(producer.child.try_wait(), Ok(Some(_))))
         {
             if Instant::now() > deadline {
                 return Err(Error::timeout(format!(
-                    "fault[{kind:?}]: stuck before the {what} kill (see {})",
+                    "fault[{kind:?}]: stuck before {step:?} (see {})",
                     dir.display()
                 )));
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let killed = now_ns();
-        match what {
-            "broker" => {
+        let at = now_ns();
+        match step {
+            Step::Broker => {
                 broker.kill();
                 eprintln!("fault[{kind:?}]: broker killed");
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 broker.restart().await?;
+                faults.push(("broker".into(), 0, at, now_ns()));
             }
-            member => {
-                let index = if member == "member 2" { 1 } else { 0 };
+            Step::Kill(index) => {
                 members[index].kill();
-                eprintln!("fault[{kind:?}]: {member} killed");
+                let id = members[index].member;
+                eprintln!("fault[{kind:?}]: member {id} killed");
+                faults.push((format!("member {id} killed"), id, at, at));
+            }
+            Step::Replace(index) => {
+                members[index].kill();
+                let id = members[index].member;
+                eprintln!("fault[{kind:?}]: member {id} killed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let name = format!("member-{next_id}");
-                members.push(Worker::spawn(dir, &name, next_id, &member_args(next_id))?);
+                let replacement = Worker::spawn(dir, &format!("member-{next_id}"), next_id, &member_args(next_id))?;
                 next_id += 1;
                 // The replacement takes the killed member's place for the next kill.
-                let replacement = members.pop().expect("just pushed");
                 let dead = std::mem::replace(&mut members[index], replacement);
                 members.push(dead);
+                faults.push((format!("member {id} killed"), id, at, now_ns()));
+            }
+            Step::Join => {
+                members.push(Worker::spawn(dir, &format!("member-{next_id}"), next_id, &member_args(next_id))?);
+                eprintln!("fault[{kind:?}]: member {next_id} joined");
+                faults.push((format!("member {next_id} joined"), next_id, at, at));
+                next_id += 1;
+            }
+            Step::Freeze(index) => {
+                let pause = Duration::from_millis(2 * args.lease_ms + 1_000);
+                let id = members[index].member;
+                members[index].signal("STOP")?;
+                members[index].frozen_at.push(at);
+                eprintln!("fault[{kind:?}]: member {id} frozen for {pause:?}");
+                tokio::time::sleep(pause).await;
+                members[index].signal("CONT")?;
+                faults.push((format!("member {id} frozen"), id, at, at));
+            }
+            Step::Leave(index) => {
+                let id = members[index].member;
+                eprintln!("fault[{kind:?}]: member {id} stopping (SIGTERM)");
+                members[index].terminate().await?;
+                faults.push((format!("member {id} left"), id, at, at));
             }
         }
-        faults.push((what, killed, now_ns()));
     }
     // Drain: the producer ends by itself; then every acked event must be handled.
     let mut complete = false;
@@ -405,14 +524,21 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
             path: &m.log,
             out: &m.out,
             killed_at: m.killed_at,
+            frozen_at: m.frozen_at.clone(),
         })
         .collect();
     let broker_restarts: Vec<u128> = faults
         .iter()
-        .filter(|(what, ..)| *what == "broker")
-        .map(|(_, killed, _)| *killed)
+        .filter(|(_, member, ..)| *member == 0)
+        .map(|(_, _, killed, _)| *killed)
         .collect();
     let verdict = check::judge(&producer.log, &member_logs, &broker_restarts);
+    if verdict.fence_breaches > 0 {
+        eprintln!(
+            "fault[{kind:?}]: {} attempts cut by a freeze past the lease succeeded after it (counted as overlaps)",
+            verdict.fence_breaches
+        );
+    }
     if !verdict.lost.is_empty() {
         eprintln!(
             "fault[{kind:?}]: lost (first 10): {:?}",
@@ -421,9 +547,20 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
     }
     let recoveries = faults
         .iter()
-        .map(|(what, killed, restarted)| {
-            let first = verdict.successes.iter().find(|&&t| t > *restarted);
-            (*what, first.map(|t| (t - killed) as f64 / 1e6))
+        .map(|(what, member, at, back)| {
+            let ms = if what.ends_with("joined") {
+                // A join: until the new member handled its first event.
+                first_by(&verdict, *member, *at)
+            } else if *member == 0 || at != back {
+                // The broker, or a member with a replacement: the first
+                // handling after the restart.
+                let first = verdict.successes.iter().find(|&&t| t > *back);
+                first.map(|t| (t - at) as f64 / 1e6)
+            } else {
+                // A member gone or frozen: its aggregates handled by another.
+                verdict.takeover_ms(*member, *at)
+            };
+            (what.clone(), ms)
         })
         .collect();
     drop(broker);
@@ -441,6 +578,13 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
         overlaps: verdict.order.overlaps,
         duplicates: verdict.order.duplicates,
         recoveries,
+        shares: {
+            let mut ids: Vec<u64> = members.iter().map(|m| m.member).collect();
+            ids.sort_unstable();
+            ids.iter()
+                .map(|m| (*m, verdict.per_member.get(m).copied().unwrap_or(0)))
+                .collect()
+        },
         elapsed: started.elapsed(),
     })
 }

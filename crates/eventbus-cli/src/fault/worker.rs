@@ -6,7 +6,8 @@
 //! - producer: `A <topic> <aggregate> <version>` once the broker acked it;
 //! - member: `S <member> <topic> <aggregate> <version> <ns>` when a handler
 //!   attempt starts, `E …` when it succeeded (written before the handler
-//!   returns, so before the ack).
+//!   returns, so before the ack), `X …` when the attempt ended without
+//!   succeeding (its handler was cancelled: close, revoke, lost lease).
 //!
 //! Times are nanoseconds of the system clock, comparable across processes
 //! on one machine.
@@ -138,8 +139,10 @@ pub(crate) async fn member(args: MemberArgs) -> Result<()> {
             async move {
                 let fact = format!("{member} {name} {} {}", e.aggregate_id, e.event_version);
                 log.line(format!("S {fact} {}\n", now_ns()));
+                let mut running = Running { log, fact, done: false };
                 tokio::time::sleep(pause).await;
-                log.line(format!("E {fact} {}\n", now_ns()));
+                running.log.line(format!("E {} {}\n", running.fact, now_ns()));
+                running.done = true;
                 Ok::<_, std::io::Error>(())
             }
         };
@@ -148,12 +151,34 @@ pub(crate) async fn member(args: MemberArgs) -> Result<()> {
         subscriptions.push(sub);
     }
     eprintln!("member {} subscribed", args.member);
-    // Runs until the harness kills it (SIGKILL) or stops it (SIGTERM, Ctrl-C).
-    let _ = tokio::signal::ctrl_c().await;
+    // Runs until the harness kills it (SIGKILL) or stops it (SIGTERM, Ctrl-C):
+    // a stop closes every subscription (drain, hand partitions over).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| Error::config("cannot listen for SIGTERM").with_source(e))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    eprintln!("member {} leaving", args.member);
     for sub in subscriptions {
         let _ = sub.close().await;
     }
     bus.close().await
+}
+
+/// A handler attempt in progress: writes `X` if dropped before it succeeded.
+struct Running {
+    log: Arc<LineLog>,
+    fact: String,
+    done: bool,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if !self.done {
+            self.log.line(format!("X {} {}\n", self.fact, now_ns()));
+        }
+    }
 }
 
 /// The producer: every aggregate publishes versions 1..=versions in order,
