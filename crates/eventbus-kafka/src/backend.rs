@@ -172,7 +172,7 @@ impl KafkaBackend {
         };
         let mut props = self.inner.config.client_properties();
         props
-            .set("group.id", group_id)
+            .set("group.id", &group_id)
             .set("enable.auto.commit", "true")
             .set("enable.auto.offset.store", "false")
             .set("auto.commit.interval.ms", c.commit_interval_ms.to_string())
@@ -185,10 +185,16 @@ impl KafkaBackend {
         self.inner.config.apply_extra(&mut props);
         let tracker = Arc::new(OffsetTracker::default());
         let rebalances = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let view = Arc::new(std::sync::Mutex::new(eventbus_core::GroupAssignment {
+            partition_count: self.inner.config.default_topic.partitions.max(1) as u32,
+            ..Default::default()
+        }));
         let context = MemberContext {
             tracker: tracker.clone(),
             revoke_timeout: Duration::from_millis(c.revoke_timeout_ms),
             rebalances: rebalances.clone(),
+            view: view.clone(),
+            group_id: group_id.clone(),
         };
         let consumer: StreamConsumer<MemberContext> = props
             .create_with_context(context)
@@ -201,6 +207,7 @@ impl KafkaBackend {
             tracker,
             rebalances,
             c.max_in_flight_per_partition.max(1),
+            view,
         ))
     }
 }

@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::{
-    Acker, BackendSubscription, Delivery, Error, ErrorKind, Headers, Message, Position, Result,
+    Acker, BackendSubscription, Delivery, Error, ErrorKind, GroupAssignment, Headers, Message, Position,
+    Result,
 };
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
@@ -34,14 +35,49 @@ pub(crate) struct MemberContext {
     pub(crate) revoke_timeout: Duration,
     /// Bumped on every assignment: the poll task forgets its pauses.
     pub(crate) rebalances: Arc<AtomicU64>,
+    /// This member's partitions, for health.
+    pub(crate) view: Arc<std::sync::Mutex<GroupAssignment>>,
+    pub(crate) group_id: String,
+}
+
+impl MemberContext {
+    /// Records the assignment after a rebalance, and the group's size as
+    /// the coordinator reports it (left unchanged when it cannot say within 1 s).
+    fn show(&self, consumer: &BaseConsumer<Self>) {
+        let mut owned: Vec<u32> = consumer
+            .assignment()
+            .map(|tpl| tpl.elements().iter().map(|e| e.partition() as u32).collect())
+            .unwrap_or_default();
+        owned.sort_unstable();
+        let members = consumer
+            .fetch_group_list(Some(&self.group_id), Duration::from_secs(1))
+            .ok()
+            .and_then(|list| list.groups().first().map(|g| g.members().len()));
+        let mut view = self.view.lock().unwrap();
+        if view.owned != owned {
+            view.rebalances += 1;
+            metrics::counter!("eventbus_rebalances_total", "backend" => "kafka").increment(1);
+            view.owned = owned;
+        }
+        if let Some(members) = members {
+            view.members = members;
+        }
+    }
 }
 
 impl ClientContext for MemberContext {}
 
 impl ConsumerContext for MemberContext {
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(_) = rebalance {
             self.rebalances.fetch_add(1, Ordering::AcqRel);
+        }
+        let show = || self.show(consumer);
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(show)
+            }
+            _ => show(),
         }
     }
 
@@ -104,6 +140,7 @@ pub(crate) struct KafkaSubscription {
     deliveries: mpsc::Receiver<Result<Delivery>>,
     poller: tokio::task::JoinHandle<()>,
     stop: Arc<tokio::sync::Notify>,
+    view: Arc<std::sync::Mutex<GroupAssignment>>,
 }
 
 impl KafkaSubscription {
@@ -112,6 +149,7 @@ impl KafkaSubscription {
         tracker: Arc<OffsetTracker>,
         rebalances: Arc<AtomicU64>,
         per_partition: usize,
+        view: Arc<std::sync::Mutex<GroupAssignment>>,
     ) -> Self {
         let (tx, deliveries) = mpsc::channel(HANDOVER);
         let stop = Arc::new(tokio::sync::Notify::new());
@@ -131,6 +169,7 @@ impl KafkaSubscription {
             deliveries,
             poller,
             stop,
+            view,
         }
     }
 }
@@ -329,6 +368,10 @@ impl BackendSubscription for KafkaSubscription {
         self.deliveries.recv().await
     }
 
+    fn assignment(&self) -> Option<Arc<std::sync::Mutex<GroupAssignment>>> {
+        Some(self.view.clone())
+    }
+
     async fn close(self: Box<Self>) -> Result<()> {
         let Self {
             consumer,
@@ -336,6 +379,7 @@ impl BackendSubscription for KafkaSubscription {
             deliveries,
             poller,
             stop,
+            view: _,
         } = *self;
         stop.notify_one();
         drop(deliveries);

@@ -162,7 +162,9 @@ enum Step {
 
 /// ms from `at` to the first handling by `member` after it.
 fn first_by(verdict: &check::Verdict, member: u64, at: u128) -> Option<f64> {
-    verdict.first_handling_by(member, at).map(|t| (t - at) as f64 / 1e6)
+    verdict
+        .first_handling_by(member, at)
+        .map(|t| (t - at) as f64 / 1e6)
 }
 
 impl Worker {
@@ -361,7 +363,11 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
         if args.partitions > 0 {
             toml.push_str("[partitions]\n");
             for t in 0..args.topics {
-                toml.push_str(&format!("\"{}\" = {}\n", worker::topic_of(t, args.topics), args.partitions));
+                toml.push_str(&format!(
+                    "\"{}\" = {}\n",
+                    worker::topic_of(t, args.topics),
+                    args.partitions
+                ));
             }
         }
         std::fs::write(&settings, toml)
@@ -460,7 +466,8 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
                 let id = members[index].member;
                 eprintln!("fault[{kind:?}]: member {id} killed");
                 tokio::time::sleep(Duration::from_secs(1)).await;
-                let replacement = Worker::spawn(dir, &format!("member-{next_id}"), next_id, &member_args(next_id))?;
+                let replacement =
+                    Worker::spawn(dir, &format!("member-{next_id}"), next_id, &member_args(next_id))?;
                 next_id += 1;
                 // The replacement takes the killed member's place for the next kill.
                 let dead = std::mem::replace(&mut members[index], replacement);
@@ -468,7 +475,12 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
                 faults.push((format!("member {id} killed"), id, at, now_ns()));
             }
             Step::Join => {
-                members.push(Worker::spawn(dir, &format!("member-{next_id}"), next_id, &member_args(next_id))?);
+                members.push(Worker::spawn(
+                    dir,
+                    &format!("member-{next_id}"),
+                    next_id,
+                    &member_args(next_id),
+                )?);
                 eprintln!("fault[{kind:?}]: member {next_id} joined");
                 faults.push((format!("member {next_id} joined"), next_id, at, at));
                 next_id += 1;

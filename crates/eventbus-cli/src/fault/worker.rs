@@ -139,7 +139,11 @@ pub(crate) async fn member(args: MemberArgs) -> Result<()> {
             async move {
                 let fact = format!("{member} {name} {} {}", e.aggregate_id, e.event_version);
                 log.line(format!("S {fact} {}\n", now_ns()));
-                let mut running = Running { log, fact, done: false };
+                let mut running = Running {
+                    log,
+                    fact,
+                    done: false,
+                };
                 tokio::time::sleep(pause).await;
                 running.log.line(format!("E {} {}\n", running.fact, now_ns()));
                 running.done = true;
