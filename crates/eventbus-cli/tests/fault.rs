@@ -22,14 +22,15 @@ fn fault(args: &[&str]) -> String {
     stdout
 }
 
-/// NATS, one member at a time (a NATS durable consumer has one ordered
-/// member per group until partitioned groups exist): member killed twice,
-/// broker killed once.
+/// NATS, an unpartitioned topic (one durable consumer, one member): member
+/// killed twice, broker killed once.
 #[test]
 fn nats_member_and_server_kills_lose_nothing_and_keep_order() {
     let table = fault(&[
         "--backend",
         "nats",
+        "--partitions",
+        "0",
         "--members",
         "1",
         "--aggregates",
@@ -43,6 +44,36 @@ fn nats_member_and_server_kills_lose_nothing_and_keep_order() {
     ]);
     assert!(
         table.contains("| nats (1 members) | 1000 | 1000 | 1000 | 0 | 0 | 0 |"),
+        "{table}"
+    );
+}
+
+/// NATS partitioned consumer groups (8 partitions per topic, 2 s leases),
+/// the scale-out plan: three members, one SIGKILLed, a fourth joins, one
+/// frozen (SIGSTOP) past its lease and resumed, the broker SIGKILLed, one
+/// stopped gracefully; every member handles a share (the harness fails
+/// otherwise), nothing is lost, no violation or overlap, and no attempt cut
+/// by the freeze completes after it.
+#[test]
+fn nats_partitioned_group_scales_out_through_kill_join_freeze_and_leave() {
+    let table = fault(&[
+        "--backend",
+        "nats",
+        "--members",
+        "3",
+        "--lease-ms",
+        "2000",
+        "--aggregates",
+        "50",
+        "--versions",
+        "40",
+        "--rate",
+        "100",
+        "--timeout-secs",
+        "180",
+    ]);
+    assert!(
+        table.contains("| nats (3 members) | 2000 | 2000 | 2000 | 0 | 0 | 0 |"),
         "{table}"
     );
 }

@@ -27,10 +27,12 @@
 //! `t + 4/5 lease` ([`Ownership::set_deadline`]): from then no attempt of the
 //! partition starts and no running handler is polled again, even if the
 //! process was frozen (SIGSTOP) and wakes before this coordinator runs.
-//! **Order on takeover.** The new owner rewinds the partition's consumer to
-//! its ack floor when it has unacked messages (deleting and recreating it is
-//! safe: nobody else may consume it), so unsettled messages come again
-//! first, in stream order, never after newer versions.
+//! **Order on takeover.** Each owner consumes through a durable consumer of
+//! its own, named after its lease revision (`<durable>[-p<n>]-g<revision>`).
+//! The new owner creates its consumer at the previous owner's ack floor
+//! and deletes the previous one, so unsettled messages come again first, in
+//! stream order, never after newer versions, and a member that lost its
+//! lease while frozen or cut off can pull nothing more: its consumer is gone.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::IntoFuture;
@@ -214,12 +216,25 @@ impl Layout {
         }
     }
 
-    /// An unpartitioned topic keeps the durable name it always had.
-    fn consumer(&self, p: u32) -> String {
+    /// The durable consumer names of partition `p` start with this; each
+    /// owner's consumer ends with the revision of its lease, so a member
+    /// that lost its lease can only pull from a consumer that no longer
+    /// exists.
+    fn consumer_prefix(&self, p: u32) -> String {
         match self.partitioned {
-            Some(_) => format!("{}-p{p}", self.durable),
-            None => self.durable.clone(),
+            Some(_) => format!("{}-p{p}-g", self.durable),
+            None => format!("{}-g", self.durable),
         }
+    }
+
+    /// The generation of a consumer name of partition `p`: its lease
+    /// revision; 0 for the name an unpartitioned topic had before leases
+    /// (taken over like any other); `None` for another partition's or group's.
+    fn generation(&self, p: u32, name: &str) -> Option<u64> {
+        if self.partitioned.is_none() && name == self.durable {
+            return Some(0);
+        }
+        name.strip_prefix(&self.consumer_prefix(p))?.parse().ok()
     }
 
     fn lease_key(&self, p: u32) -> String {
@@ -468,7 +483,7 @@ impl Member {
     async fn take(&mut self, p: u32, revision: u64, sent: Instant) -> Result<()> {
         let ownership = Ownership::new();
         ownership.set_deadline(sent + self.held_for());
-        let consumer = self.consumer(p).await?;
+        let consumer = self.consumer(p, revision).await?;
         let messages = consumer.messages().await.map_err(|e| api("pull", e))?;
         tracing::info!(topic = %self.layout.topic, partition = p, "partitions assigned");
         let fetch = tokio::spawn(fetch(
@@ -491,10 +506,14 @@ impl Member {
         Ok(())
     }
 
-    /// The durable consumer of partition `p`, rewound to its ack floor
-    /// when unacked messages were left by an earlier owner: this member
-    /// holds the lease, so nobody else consumes it.
-    async fn consumer(&self, p: u32) -> Result<jetstream::consumer::Consumer<pull::Config>> {
+    /// A new durable consumer of partition `p` for the lease of revision
+    /// `revision`, starting at the ack floor of the previous owner's
+    /// consumer, which is deleted: this member holds the lease, so nobody
+    /// else may consume the partition, and a member that lost its lease
+    /// while cut off or frozen finds its consumer gone (its pull requests
+    /// cannot receive anything more). Unacked messages of the previous owner
+    /// come again first, in stream order.
+    async fn consumer(&self, p: u32, revision: u64) -> Result<jetstream::consumer::Consumer<pull::Config>> {
         let subject = self.layout.subject(p);
         let js = &self.ctx.js;
         let stream_name = js.stream_by_subject(subject.clone()).await.map_err(|e| {
@@ -504,26 +523,46 @@ impl Member {
             .get_stream(&stream_name)
             .await
             .map_err(|e| api("get stream", e))?;
-        let durable = self.layout.consumer(p);
-        let deliver_policy = match stream.consumer_info(&durable).await {
-            Ok(info) if info.num_ack_pending == 0 => {
-                return stream
-                    .get_consumer(&durable)
-                    .await
-                    .map_err(|e| api("get consumer", e));
+        let mut previous: Vec<(u64, String)> = Vec::new();
+        let mut names = stream.consumer_names();
+        while let Some(name) = names.next().await {
+            let name = name.map_err(|e| api("consumer names", e))?;
+            if let Some(generation) = self.layout.generation(p, &name) {
+                previous.push((generation, name));
             }
-            Ok(info) => {
-                let start_sequence = info.ack_floor.stream_sequence + 1;
-                tracing::info!(%durable, start_sequence, "rewinding consumer to its ack floor");
-                stream
-                    .delete_consumer(&durable)
-                    .await
-                    .map_err(|e| api("delete consumer", e))?;
-                DeliverPolicy::ByStartSequence { start_sequence }
+        }
+        previous.sort();
+        let mut deliver_policy = DeliverPolicy::All;
+        if let Some((_, latest)) = previous.last() {
+            let info = match stream.consumer_info(latest).await {
+                Ok(info) => Some(info),
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => None,
+                Err(e) => return Err(api("consumer info", e)),
+            };
+            if let Some(info) = info {
+                // A consumer created at a start sequence reports an ack
+                // floor of 0 until its first ack: never go below its start.
+                let created_at = match info.config.deliver_policy {
+                    DeliverPolicy::ByStartSequence { start_sequence } => start_sequence,
+                    _ => 1,
+                };
+                let start_sequence = (info.ack_floor.stream_sequence + 1).max(created_at);
+                if info.num_ack_pending > 0 {
+                    tracing::info!(consumer = %latest, start_sequence, "rewinding to the previous owner's ack floor");
+                }
+                deliver_policy = DeliverPolicy::ByStartSequence { start_sequence };
             }
-            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => DeliverPolicy::All,
-            Err(e) => return Err(api("consumer info", e)),
-        };
+        }
+        for (_, name) in &previous {
+            match stream.delete_consumer(name).await {
+                Ok(_) => {}
+                Err(e)
+                    if matches!(e.kind(), jetstream::stream::ConsumerErrorKind::JetStream(ref js)
+                        if js.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) => {}
+                Err(e) => return Err(api("delete consumer", e)),
+            }
+        }
+        let durable = format!("{}{revision}", self.layout.consumer_prefix(p));
         let consumer = &self.ctx.config.consumer;
         let config = pull::Config {
             durable_name: Some(durable),
@@ -618,6 +657,11 @@ async fn fetch(
     tx: mpsc::Sender<Result<Delivery>>,
 ) {
     while let Some(next) = messages.next().await {
+        if ownership.is_lost() {
+            // The lease ended (or the partition is draining): whatever comes
+            // now stays unacked for the next owner, who recreates the consumer.
+            return;
+        }
         let item = match next {
             Ok(m) => match delivery(m, partition, &topic, &ownership, &unsettled) {
                 Some(d) => Ok(d),
