@@ -164,6 +164,45 @@ impl Target {
         }
     }
 
+    /// `n` fresh buses over this backend, each its own connection (memory:
+    /// clients of one in-process broker), for the members of one group.
+    /// With more than one, NATS topics are split into 8 partitions (unless
+    /// the NATS settings already partition them), so the members share them.
+    ///
+    /// # Errors
+    /// What connecting the backend returns (`Connection`, `Config`).
+    pub(crate) async fn group_buses(&self, n: usize, config: BusConfig) -> Result<Vec<EventBus>> {
+        let mut buses = Vec::with_capacity(n);
+        match self {
+            Self::Memory => {
+                let broker = eventbus::MemoryBackend::new(config.memory.clone());
+                for _ in 0..n {
+                    buses.push(EventBus::new(broker.connect(), config.clone())?);
+                }
+            }
+            Self::Nats {
+                url, config: nats, ..
+            } if n > 1 => {
+                for _ in 0..n {
+                    let mut nats = NatsConfig {
+                        servers: url.split(',').map(str::to_owned).collect(),
+                        ..(**nats).clone()
+                    };
+                    if nats.partitions.is_empty() {
+                        nats.partitions.insert(">".into(), 8);
+                    }
+                    buses.push(EventBus::new(NatsBackend::connect(nats).await?, config.clone())?);
+                }
+            }
+            _ => {
+                for _ in 0..n {
+                    buses.push(self.bus(config.clone()).await?);
+                }
+            }
+        }
+        Ok(buses)
+    }
+
     /// A fresh bus over this backend.
     ///
     /// # Errors

@@ -42,6 +42,11 @@ impl Recorder {
 
     /// Records one handled envelope of `topic`; probes only count as readiness.
     pub(crate) fn record(&self, topic: &str, e: &Envelope) {
+        self.record_as(0, topic, e);
+    }
+
+    /// [`record`](Recorder::record) by group member `member`.
+    pub(crate) fn record_as(&self, member: u64, topic: &str, e: &Envelope) {
         if e.aggregate_id == PROBE_AGGREGATE {
             self.probes.fetch_add(1, Ordering::AcqRel);
             return;
@@ -54,7 +59,7 @@ impl Recorder {
             .lock()
             .unwrap()
             .saturating_record(latency as u64);
-        self.checker.record(topic, e);
+        self.checker.record_as(member, topic, e);
         *self.last_receive.lock().unwrap() = Some(Instant::now());
         self.received.fetch_add(1, Ordering::AcqRel);
         self.progress.inc(1);
@@ -109,6 +114,11 @@ impl Published {
             resources: sampler.finish().await,
         }
     }
+}
+
+/// Polls `done` every millisecond until it holds (true) or `timeout` passed (false).
+pub(crate) async fn wait_until(timeout: Duration, done: impl Fn() -> bool) -> bool {
+    wait(timeout, done).await
 }
 
 async fn wait(timeout: Duration, done: impl Fn() -> bool) -> bool {

@@ -52,6 +52,13 @@ pub(crate) struct BenchArgs {
     /// Skip the raw-client baselines.
     #[arg(long)]
     no_raw: bool,
+    /// Members of the consumer group, comma-separated: each level runs once
+    /// per count, the members in this process, each with its own bus and
+    /// broker connection (memory: clients of one broker). With more than one,
+    /// NATS topics are split into 8 partitions. The raw baseline runs once,
+    /// with one consumer.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    members: Vec<usize>,
     #[command(flatten)]
     brokers: BrokerArgs,
     /// Also write every figure as JSON to this file.
@@ -83,11 +90,17 @@ pub(crate) async fn run(args: BenchArgs) -> eventbus::Result<()> {
     let mut reports = Vec::new();
     for target in targets(&args).await? {
         for &events in &levels {
-            reports.push(run::level(&target, &scenario, events, bar(target.name(), events)).await?);
-            eprintln!(
-                "{}",
-                reports.last().map(LevelReport::one_line).unwrap_or_default()
-            );
+            for &members in &args.members {
+                let label = match members {
+                    0 | 1 => target.name().to_owned(),
+                    n => format!("{} ×{n}", target.name()),
+                };
+                reports.push(run::level(&target, &scenario, events, members, bar(&label, events)).await?);
+                eprintln!(
+                    "{}",
+                    reports.last().map(LevelReport::one_line).unwrap_or_default()
+                );
+            }
             if !args.no_raw {
                 let label = format!("{}-raw", target.name());
                 reports.push(raw::level(&target, &scenario, events, bar(&label, events)).await?);

@@ -125,7 +125,9 @@ fn ratio_to_raw(ours: &LevelReport, all: &[LevelReport]) -> Option<f64> {
     if ours.label.ends_with("-raw") {
         return None;
     }
-    let raw_label = format!("{}-raw", ours.label);
+    // Every member count compares with the one raw consumer ("nats ×3" with "nats-raw").
+    let backend = ours.label.split(' ').next().unwrap_or(&ours.label);
+    let raw_label = format!("{backend}-raw");
     let raw = all
         .iter()
         .find(|r| r.label == raw_label && r.events == ours.events)?;

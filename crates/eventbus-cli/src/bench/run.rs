@@ -10,28 +10,49 @@ use super::measure::{PROBE_AGGREGATE, Published, Recorder, Sampler, histogram};
 use super::{LevelReport, Scenario};
 use crate::backends::Target;
 
-/// Publishes and consumes one level of `events` through an `EventBus`.
+/// Publishes and consumes one level of `events` through an `EventBus`,
+/// consumed by `members` members of one group (in-process, each on a bus
+/// and broker connection of its own, as separate processes would be).
 pub(crate) async fn level(
     target: &Target,
     scenario: &Scenario,
     events: usize,
+    members: usize,
     progress: ProgressBar,
 ) -> eventbus::Result<LevelReport> {
     let sampler = Sampler::start();
-    let bus = target.bus(BusConfig::default()).await?;
+    let buses = target.group_buses(members.max(1), BusConfig::default()).await?;
+    let bus = buses[0].clone();
     let topics = scenario.topic_names(&super::run_id("bus", events));
     let recorder = Recorder::new(progress);
     let mut subscriptions = Vec::new();
-    for topic in &topics {
-        let (name, recorder) = (topic.clone(), recorder.clone());
-        let handler = move |e: Envelope| {
-            recorder.record(&name, &e);
-            async { Ok::<_, std::convert::Infallible>(()) }
-        };
-        subscriptions.push(
-            bus.subscribe_envelope(topic, SubscribeOptions::group("bench"), handler)
-                .await?,
-        );
+    for (member, member_bus) in buses.iter().enumerate() {
+        for topic in &topics {
+            let (name, recorder) = (topic.clone(), recorder.clone());
+            let handler = move |e: Envelope| {
+                recorder.record_as(member as u64, &name, &e);
+                async { Ok::<_, std::convert::Infallible>(()) }
+            };
+            subscriptions.push(
+                member_bus
+                    .subscribe_envelope(topic, SubscribeOptions::group("bench"), handler)
+                    .await?,
+            );
+        }
+    }
+    if members > 1 {
+        // Timing starts once every member owns its share.
+        let shared = super::measure::wait_until(scenario.timeout, || {
+            subscriptions
+                .iter()
+                .all(|s| s.health().assignment.is_some_and(|a| !a.owned.is_empty()))
+        })
+        .await;
+        if !shared {
+            return Err(eventbus::Error::timeout(
+                "the members did not each get a share of the group",
+            ));
+        }
     }
     for topic in &topics {
         let probe = Envelope::builder(PROBE_AGGREGATE, "Probe", 1)
@@ -62,9 +83,14 @@ pub(crate) async fn level(
     for s in subscriptions {
         s.close().await?;
     }
-    bus.close().await?;
+    for b in &buses {
+        b.close().await?;
+    }
     let published = Published {
-        label: bus.backend_name().to_owned(),
+        label: match members {
+            0 | 1 => bus.backend_name().to_owned(),
+            n => format!("{} ×{n}", bus.backend_name()),
+        },
         events,
         aggregates: scenario.aggregates_for(events),
         acked,
