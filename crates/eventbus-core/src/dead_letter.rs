@@ -85,6 +85,14 @@ pub fn dead_letter(
         .map(str::to_owned)
         .or_else(|| message.dedup_id.clone());
     dead.dedup_id = id.map(|id| format!("{id}{DEDUP_SUFFIX}"));
+    if dead.key.is_none() {
+        // A broker without record keys (NATS) still places the dead letter
+        // by its aggregate (a partitioned dead-letter topic, a redrive).
+        dead.key = message
+            .headers
+            .get(headers::AGGREGATE_ID)
+            .map(|a| bytes::Bytes::copy_from_slice(a.as_bytes()));
+    }
     dead
 }
 

@@ -41,28 +41,36 @@ pub(crate) struct MemberContext {
 }
 
 impl MemberContext {
-    /// Records the assignment after a rebalance, and the group's size as
-    /// the coordinator reports it (left unchanged when it cannot say within 1 s).
+    /// Records the assignment after a rebalance (local, no request: this
+    /// runs inside a poll).
     fn show(&self, consumer: &BaseConsumer<Self>) {
         let mut owned: Vec<u32> = consumer
             .assignment()
             .map(|tpl| tpl.elements().iter().map(|e| e.partition() as u32).collect())
             .unwrap_or_default();
         owned.sort_unstable();
-        let members = consumer
-            .fetch_group_list(Some(&self.group_id), Duration::from_secs(1))
-            .ok()
-            .and_then(|list| list.groups().first().map(|g| g.members().len()));
         let mut view = self.view.lock().unwrap();
         if view.owned != owned {
             view.rebalances += 1;
             metrics::counter!("eventbus_rebalances_total", "backend" => "kafka").increment(1);
             view.owned = owned;
         }
-        if let Some(members) = members {
-            view.members = members;
-        }
     }
+}
+
+/// Asks the group coordinator for the group's size (off the poll task, at
+/// most 1 s) and records it; left unchanged when it cannot say.
+fn refresh_members(consumer: Arc<StreamConsumer<MemberContext>>) {
+    tokio::task::spawn_blocking(move || {
+        let context = consumer.context();
+        let members = consumer
+            .fetch_group_list(Some(&context.group_id), Duration::from_secs(1))
+            .ok()
+            .and_then(|list| list.groups().first().map(|g| g.members().len()));
+        if let Some(members) = members {
+            context.view.lock().unwrap().members = members;
+        }
+    });
 }
 
 impl ClientContext for MemberContext {}
@@ -72,13 +80,7 @@ impl ConsumerContext for MemberContext {
         if let Rebalance::Assign(_) = rebalance {
             self.rebalances.fetch_add(1, Ordering::AcqRel);
         }
-        let show = || self.show(consumer);
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(show)
-            }
-            _ => show(),
-        }
+        self.show(consumer);
     }
 
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -312,6 +314,7 @@ impl Poller {
             return;
         }
         self.seen_rebalances = now;
+        refresh_members(self.consumer.clone());
         // librdkafka keeps an application pause across unassign and assign:
         // resume every partition we paused, assigned now or not, so one that
         // comes back later is not left paused with nobody to resume it.

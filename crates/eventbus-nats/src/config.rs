@@ -182,7 +182,8 @@ pub struct NatsConsumer {
     /// passed without a renewal, so it is fenced before the lease can expire
     /// on the server; a crashed member's partitions flow again after about
     /// one lease. It is the lease bucket's `max_age`, so every member using
-    /// one bucket must use the same value.
+    /// one bucket must use the same value. At least 500 (a `Config` error at
+    /// subscribe otherwise).
     pub lease_ms: u64,
     /// The key-value bucket holding group members and partition leases.
     /// Default `EVENTBUS_GROUPS`; created at the first subscribe when

@@ -57,12 +57,25 @@ use tokio_util::sync::CancellationToken;
 use crate::config::NatsConfig;
 use crate::topology::{self, api};
 
+/// Shortest lease (`consumer.lease_ms`), in ms: members renew every fifth of it.
+pub(crate) const MIN_LEASE_MS: u64 = 500;
+
 /// Deliveries fetched ahead of the bus, per subscription (count).
 const CHANNEL: usize = 256;
 
 /// Reply subjects of the messages this member fetched and has not settled,
-/// by stream sequence, with their partition.
-type Unsettled = Arc<Mutex<HashMap<u64, (u32, async_nats::Subject)>>>;
+/// by stream sequence, with their partition and the lease revision they
+/// were fetched under (a settlement of an earlier holding of the partition
+/// must not touch a later copy).
+type Unsettled = Arc<Mutex<HashMap<u64, Held>>>;
+
+/// One unsettled message's entry in [`Unsettled`].
+#[derive(Clone)]
+struct Held {
+    partition: u32,
+    generation: u64,
+    reply: async_nats::Subject,
+}
 
 /// Opens the lease bucket, creating it when `provision` creates.
 ///
@@ -72,6 +85,12 @@ type Unsettled = Arc<Mutex<HashMap<u64, (u32, async_nats::Subject)>>>;
 /// `consumer.lease_ms` (the members of one bucket must agree on the lease).
 pub(crate) async fn lease_bucket(js: &jetstream::Context, config: &NatsConfig) -> Result<kv::Store> {
     let name = &config.consumer.groups_bucket;
+    if config.consumer.lease_ms < MIN_LEASE_MS {
+        return Err(Error::config(format!(
+            "consumer.lease_ms is {} ms; at least {MIN_LEASE_MS} ms (0 would make leases never expire)",
+            config.consumer.lease_ms
+        )));
+    }
     let lease = Duration::from_millis(config.consumer.lease_ms);
     let store = match js.get_key_value(name).await {
         Ok(store) => store,
@@ -166,7 +185,7 @@ pub(crate) async fn subscribe(
         partition_count: layout.count(),
         ..GroupAssignment::default()
     }));
-    let lease = Duration::from_millis(ctx.config.consumer.lease_ms.max(50));
+    let lease = Duration::from_millis(ctx.config.consumer.lease_ms);
     let ack_wait = Duration::from_millis(ctx.config.consumer.ack_wait_ms);
     let keep_alive = tokio::spawn(keep_alive(
         ctx.client.clone(),
@@ -193,6 +212,7 @@ pub(crate) async fn subscribe(
         coordinator: Some(coordinator),
         keep_alive,
         view,
+        leave_bound: lease * 2 + Duration::from_secs(5),
     }))
 }
 
@@ -248,7 +268,11 @@ impl Layout {
 
 /// A partition this member holds.
 struct Owned {
+    /// The lease's current revision (moves at each renewal).
     revision: u64,
+    /// The revision the lease was taken at: names the consumer and tags
+    /// the unsettled messages of this holding.
+    generation: u64,
     ownership: Ownership,
     fetch: Fetcher,
     /// Set when a rebalance gives it up: no new attempt starts, running ones finish.
@@ -257,6 +281,15 @@ struct Owned {
 
 /// A partition's fetch task, aborted on drop.
 struct Fetcher(JoinHandle<()>);
+
+impl Fetcher {
+    /// Aborts the task and waits until it no longer runs, so it cannot
+    /// record another unsettled message after this returns.
+    async fn stop(mut self) {
+        self.0.abort();
+        let _ = (&mut self.0).await;
+    }
+}
 
 impl Drop for Fetcher {
     fn drop(&mut self) {
@@ -318,47 +351,34 @@ impl Member {
         }
     }
 
+    /// One request's bound: a heartbeat, at least 200 ms.
+    fn request_bound(&self) -> Duration {
+        self.heartbeat().max(Duration::from_millis(200))
+    }
+
     async fn round(&mut self) {
-        // Leases past their deadline, and fetch tasks that ended, are lost.
-        let lost: Vec<u32> = self
+        // A lease past its deadline is lost (draining or not): stop at once.
+        let expired: Vec<u32> = self
             .owned
             .iter()
-            .filter(|(_, o)| o.ownership.is_expired() || o.fetch.0.is_finished())
+            .filter(|(_, o)| o.ownership.is_expired())
             .map(|(p, _)| *p)
             .collect();
-        for p in lost {
-            self.lose(p, "lease expired or consumer gone").await;
+        for p in expired {
+            self.lose(p, "lease expired").await;
         }
-        // Renew.
+        // A consumer gone under an active partition: hand it back, take it again later.
+        let gone: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.draining_since.is_none() && o.fetch.0.is_finished())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in gone {
+            self.release(p, "consumer gone").await;
+        }
+        self.renew().await;
         let bucket = self.ctx.bucket.clone();
-        let partitions: Vec<(u32, u64)> = self.owned.iter().map(|(p, o)| (*p, o.revision)).collect();
-        for (p, revision) in partitions {
-            let sent = Instant::now();
-            let key = self.layout.lease_key(p);
-            match tokio::time::timeout(
-                self.heartbeat().max(Duration::from_millis(200)),
-                bucket.update(&key, Bytes::from(self.id.clone()), revision),
-            )
-            .await
-            {
-                Ok(Ok(revision)) => {
-                    let until = sent + self.held_for();
-                    if let Some(o) = self.owned.get_mut(&p) {
-                        o.revision = revision;
-                        o.ownership.set_deadline(until);
-                    }
-                }
-                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
-                    self.lose(p, "lease taken by another member").await;
-                }
-                Ok(Err(e)) => {
-                    tracing::warn!(topic = %self.layout.topic, partition = p, error = %e, "lease renewal failed")
-                }
-                Err(_) => {
-                    tracing::warn!(topic = %self.layout.topic, partition = p, "lease renewal timed out")
-                }
-            }
-        }
         let member_key = self.layout.member_key(&self.id);
         self.bounded("member heartbeat", bucket.put(&member_key, Bytes::new()))
             .await;
@@ -373,20 +393,21 @@ impl Member {
         let count = self.layout.count();
         let target = fair_share(count, members.len().max(index + 1), index) as usize;
         self.show(members.len().max(index + 1));
-        // Finish drains.
+        // Finish drains: no attempt left, or the revoke timeout passed.
+        let limit = Duration::from_millis(self.ctx.config.consumer.revoke_timeout_ms);
         let drained: Vec<u32> = self
             .owned
             .iter()
             .filter_map(|(p, o)| {
                 let since = o.draining_since?;
-                let limit = Duration::from_millis(self.ctx.config.consumer.revoke_timeout_ms);
                 (o.ownership.running_attempts() == 0 || since.elapsed() >= limit).then_some(*p)
             })
             .collect();
         for p in drained {
-            self.release(p).await;
+            self.release(p, "rebalance").await;
         }
-        // Give up partitions above the share: drain them first.
+        // Give up partitions above the share: drain them first (the lease
+        // is renewed meanwhile; queued messages will not start).
         let active: Vec<u32> = self
             .owned
             .iter()
@@ -398,7 +419,6 @@ impl Member {
                 tracing::info!(topic = %self.layout.topic, partition = *p, "draining a partition for a rebalance");
                 o.ownership.revoke();
                 o.draining_since = Some(Instant::now());
-                o.fetch.0.abort();
             }
         }
         // Take free partitions below the share, starting at an offset so
@@ -416,11 +436,7 @@ impl Member {
                 continue;
             }
             let sent = Instant::now();
-            let key = self.layout.lease_key(p);
-            let Some(revision) = self
-                .bounded("lease claim", bucket.create(&key, Bytes::from(self.id.clone())))
-                .await
-            else {
+            let Some(revision) = self.claim(p).await else {
                 continue;
             };
             match self.take(p, revision, sent).await {
@@ -428,6 +444,7 @@ impl Member {
                 Err(e) => {
                     tracing::warn!(topic = %self.layout.topic, partition = p, error = %e, "cannot consume a claimed partition");
                     let _ = self.tx.try_send(Err(e));
+                    let key = self.layout.lease_key(p);
                     self.bounded(
                         "lease release",
                         bucket.delete_expect_revision(&key, Some(revision)),
@@ -437,6 +454,81 @@ impl Member {
             }
         }
         self.show(members.len().max(index + 1));
+    }
+
+    /// Renews every held lease, concurrently, each bounded by a request
+    /// bound. A renewal refused because the revision moved is checked
+    /// against the key: still ours (an earlier renewal that timed out here
+    /// but was stored) keeps the lease at its old deadline, else it is lost.
+    async fn renew(&mut self) {
+        let bucket = self.ctx.bucket.clone();
+        let bound = self.request_bound();
+        let id = Bytes::from(self.id.clone());
+        let renewals = self.owned.iter().map(|(p, o)| {
+            let (bucket, key, id, revision, p) = (
+                bucket.clone(),
+                self.layout.lease_key(*p),
+                id.clone(),
+                o.revision,
+                *p,
+            );
+            async move {
+                let sent = Instant::now();
+                let outcome = tokio::time::timeout(bound, bucket.update(&key, id, revision)).await;
+                (p, sent, outcome)
+            }
+        });
+        for (p, sent, outcome) in futures::future::join_all(renewals).await {
+            match outcome {
+                Ok(Ok(revision)) => {
+                    let until = sent + self.held_for();
+                    if let Some(o) = self.owned.get_mut(&p) {
+                        o.revision = revision;
+                        o.ownership.set_deadline(until);
+                    }
+                }
+                Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
+                    match self.ours(p).await {
+                        Some(revision) => {
+                            if let Some(o) = self.owned.get_mut(&p) {
+                                o.revision = revision;
+                            }
+                        }
+                        None => self.lose(p, "lease taken by another member").await,
+                    }
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(topic = %self.layout.topic, partition = p, error = %e, "lease renewal failed")
+                }
+                Err(_) => {
+                    tracing::warn!(topic = %self.layout.topic, partition = p, "lease renewal timed out")
+                }
+            }
+        }
+    }
+
+    /// The revision of `p`'s lease when the server says this member holds it.
+    async fn ours(&self, p: u32) -> Option<u64> {
+        let key = self.layout.lease_key(p);
+        let entry = self.bounded("lease read", self.ctx.bucket.entry(key)).await??;
+        (entry.operation == kv::Operation::Put && entry.value == self.id.as_bytes()).then_some(entry.revision)
+    }
+
+    /// Takes `p`'s lease if it is free: its revision, or `None` when held
+    /// by another member. A claim whose answer was lost (timed out) but
+    /// that the server stored is recognised by reading the key back.
+    async fn claim(&self, p: u32) -> Option<u64> {
+        let key = self.layout.lease_key(p);
+        let created = tokio::time::timeout(
+            self.request_bound(),
+            self.ctx.bucket.create(&key, Bytes::from(self.id.clone())),
+        )
+        .await;
+        match created {
+            Ok(Ok(revision)) => Some(revision),
+            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
+            _ => self.ours(p).await,
+        }
     }
 
     /// Live member ids, sorted: keys `<durable>.m.*` the server still holds.
@@ -479,16 +571,33 @@ impl Member {
         view.members = members;
     }
 
-    /// Starts consuming partition `p`, whose lease was written at `sent`.
+    /// Starts consuming partition `p`, whose lease (revision `revision`)
+    /// was written at `sent`; bounded by the lease's local deadline.
     async fn take(&mut self, p: u32, revision: u64, sent: Instant) -> Result<()> {
         let ownership = Ownership::new();
-        ownership.set_deadline(sent + self.held_for());
-        let consumer = self.consumer(p, revision).await?;
-        let messages = consumer.messages().await.map_err(|e| api("pull", e))?;
+        let deadline = sent + self.held_for();
+        ownership.set_deadline(deadline);
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let started = tokio::time::timeout(remaining, async {
+            let consumer = self.consumer(p, revision, &ownership).await?;
+            consumer.messages().await.map_err(|e| api("pull", e))
+        })
+        .await;
+        let messages = match started {
+            Ok(Ok(messages)) => messages,
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                return Err(Error::timeout(format!(
+                    "partition {p} of {}: its consumer was not ready before the lease deadline",
+                    self.layout.topic
+                )));
+            }
+        };
         tracing::info!(topic = %self.layout.topic, partition = p, "partitions assigned");
         let fetch = tokio::spawn(fetch(
             messages,
             p,
+            revision,
             self.layout.topic.clone(),
             ownership.clone(),
             self.unsettled.clone(),
@@ -498,6 +607,7 @@ impl Member {
             p,
             Owned {
                 revision,
+                generation: revision,
                 ownership,
                 fetch: Fetcher(fetch),
                 draining_since: None,
@@ -513,7 +623,12 @@ impl Member {
     /// while cut off or frozen finds its consumer gone (its pull requests
     /// cannot receive anything more). Unacked messages of the previous owner
     /// come again first, in stream order.
-    async fn consumer(&self, p: u32, revision: u64) -> Result<jetstream::consumer::Consumer<pull::Config>> {
+    async fn consumer(
+        &self,
+        p: u32,
+        revision: u64,
+        ownership: &Ownership,
+    ) -> Result<jetstream::consumer::Consumer<pull::Config>> {
         let subject = self.layout.subject(p);
         let js = &self.ctx.js;
         let stream_name = js.stream_by_subject(subject.clone()).await.map_err(|e| {
@@ -532,26 +647,55 @@ impl Member {
             }
         }
         previous.sort();
-        let mut deliver_policy = DeliverPolicy::All;
-        if let Some((_, latest)) = previous.last() {
-            let info = match stream.consumer_info(latest).await {
-                Ok(info) => Some(info),
-                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => None,
+        if previous.last().is_some_and(|(g, _)| *g >= revision) {
+            // A later owner exists: this claim is stale (its lease lapsed
+            // while it was being taken). Never touch the newer consumer.
+            return Err(Error::new(
+                ErrorKind::Conflict,
+                format!("partition {p} of {} has a newer owner", self.layout.topic),
+            ));
+        }
+        // The latest previous consumer that still exists gives the start.
+        let mut deliver_policy = None;
+        for (_, name) in previous.iter().rev() {
+            let info = match stream.consumer_info(name).await {
+                Ok(info) => info,
+                Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => continue,
                 Err(e) => return Err(api("consumer info", e)),
             };
-            if let Some(info) = info {
-                // A consumer created at a start sequence reports an ack
-                // floor of 0 until its first ack: never go below its start.
-                let created_at = match info.config.deliver_policy {
-                    DeliverPolicy::ByStartSequence { start_sequence } => start_sequence,
-                    _ => 1,
-                };
-                let start_sequence = (info.ack_floor.stream_sequence + 1).max(created_at);
-                if info.num_ack_pending > 0 {
-                    tracing::info!(consumer = %latest, start_sequence, "rewinding to the previous owner's ack floor");
-                }
-                deliver_policy = DeliverPolicy::ByStartSequence { start_sequence };
+            // A consumer created at a start sequence reports an ack floor
+            // of 0 until its first ack: never go below its start.
+            let created_at = match info.config.deliver_policy {
+                DeliverPolicy::ByStartSequence { start_sequence } => start_sequence,
+                _ => 1,
+            };
+            let start_sequence = (info.ack_floor.stream_sequence + 1).max(created_at);
+            if info.num_ack_pending > 0 {
+                tracing::info!(consumer = %name, start_sequence, "rewinding to the previous owner's ack floor");
             }
+            deliver_policy = Some(DeliverPolicy::ByStartSequence { start_sequence });
+            break;
+        }
+        let deliver_policy = match (deliver_policy, previous.is_empty()) {
+            (Some(policy), _) => policy,
+            (None, true) => DeliverPolicy::All,
+            // Listed, then gone before it could be read: try again later
+            // rather than replay the whole partition.
+            (None, false) => {
+                return Err(Error::new(
+                    ErrorKind::Conflict,
+                    format!(
+                        "partition {p} of {}: the previous consumer vanished",
+                        self.layout.topic
+                    ),
+                ));
+            }
+        };
+        if ownership.is_lost() {
+            return Err(Error::timeout(format!(
+                "partition {p} of {}: the lease ended while taking it",
+                self.layout.topic
+            )));
         }
         for (_, name) in &previous {
             match stream.delete_consumer(name).await {
@@ -580,41 +724,45 @@ impl Member {
             .map_err(|e| api("create consumer", e))
     }
 
-    /// Stops consuming `p` at once (its lease is gone or about to be):
-    /// no attempt starts, running ones are cancelled, nothing is settled.
+    /// Stops consuming `p` at once: its lease is gone (or past its local
+    /// deadline). No attempt starts, running ones are cancelled, nothing is
+    /// settled, and the lease is left to expire on the server (deleting it
+    /// could let another member start while a cancelled handler is still
+    /// being dropped).
     async fn lose(&mut self, p: u32, why: &str) {
         let Some(o) = self.owned.remove(&p) else { return };
         o.ownership.revoke();
         o.ownership
             .stop_running(std::time::Instant::now(), Duration::ZERO);
-        drop(o.fetch);
-        self.forget(p);
+        o.fetch.stop().await;
+        self.forget(p, o.generation);
         tracing::info!(topic = %self.layout.topic, partition = p, reason = why, "partitions revoked");
-        let key = self.layout.lease_key(p);
-        let bucket = self.ctx.bucket.clone();
-        self.bounded(
-            "lease release",
-            bucket.delete_expect_revision(&key, Some(o.revision)),
-        )
-        .await;
     }
 
-    /// Hands `p` over after its drain: cancels what still runs (bounded by
-    /// one second), pushes out buffered acks, then deletes the lease so the
-    /// next owner can take it at once.
-    async fn release(&mut self, p: u32) {
+    /// Hands `p` over: no attempt starts, running ones are cancelled (they
+    /// had their drain; waits at most one second for them to stop), acks
+    /// are pushed out, then the lease is deleted so the next owner can take
+    /// it at once. A handler that would not stop keeps the lease until it
+    /// expires instead.
+    async fn release(&mut self, p: u32, why: &str) {
         let Some(o) = self.owned.remove(&p) else { return };
         o.ownership.revoke();
-        o.ownership
-            .stop_running(std::time::Instant::now(), Duration::ZERO);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-        while o.ownership.running_attempts() > 0 && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if o.ownership.running_attempts() > 0 {
+            o.ownership
+                .stop_running(std::time::Instant::now(), Duration::ZERO);
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+            while o.ownership.running_attempts() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
         }
-        drop(o.fetch);
-        self.forget(p);
+        o.fetch.stop().await;
+        self.forget(p, o.generation);
         self.bounded("flush", self.ctx.client.flush()).await;
-        tracing::info!(topic = %self.layout.topic, partition = p, "partitions revoked");
+        tracing::info!(topic = %self.layout.topic, partition = p, reason = why, "partitions revoked");
+        if o.ownership.running_attempts() > 0 {
+            tracing::warn!(topic = %self.layout.topic, partition = p, "a handler did not stop; its lease is left to expire");
+            return;
+        }
         let key = self.layout.lease_key(p);
         let bucket = self.ctx.bucket.clone();
         self.bounded(
@@ -624,9 +772,13 @@ impl Member {
         .await;
     }
 
-    /// Stops keeping `p`'s unsettled messages alive: the next owner gets them.
-    fn forget(&self, p: u32) {
-        self.unsettled.lock().unwrap().retain(|_, (q, _)| *q != p);
+    /// Stops keeping `p`'s unsettled messages of holding `generation`
+    /// alive: the next owner gets them.
+    fn forget(&self, p: u32, generation: u64) {
+        self.unsettled
+            .lock()
+            .unwrap()
+            .retain(|_, h| !(h.partition == p && h.generation == generation));
     }
 
     /// Leaves the group (on close, after the bus drained its handlers):
@@ -634,7 +786,7 @@ impl Member {
     async fn leave(&mut self) {
         let partitions: Vec<u32> = self.owned.keys().copied().collect();
         for p in partitions {
-            self.release(p).await;
+            self.release(p, "leaving the group").await;
         }
         let subject = format!("{}{}", self.ctx.bucket.prefix, self.layout.member_key(&self.id));
         self.bounded(
@@ -651,6 +803,7 @@ impl Member {
 async fn fetch(
     mut messages: pull::Stream,
     partition: u32,
+    generation: u64,
     topic: String,
     ownership: Ownership,
     unsettled: Unsettled,
@@ -663,14 +816,16 @@ async fn fetch(
             return;
         }
         let item = match next {
-            Ok(m) => match delivery(m, partition, &topic, &ownership, &unsettled) {
+            Ok(m) => match delivery(m, (partition, generation), &topic, &ownership, &unsettled) {
                 Some(d) => Ok(d),
                 None => continue,
             },
             Err(e) => {
                 let end = matches!(
                     e.kind(),
-                    pull::MessagesErrorKind::ConsumerDeleted | pull::MessagesErrorKind::PushBasedConsumer
+                    pull::MessagesErrorKind::ConsumerDeleted
+                        | pull::MessagesErrorKind::PushBasedConsumer
+                        | pull::MessagesErrorKind::NoResponders
                 );
                 let err = api("pull", e);
                 if end {
@@ -691,7 +846,7 @@ async fn fetch(
 /// member still holds (it must not be queued twice).
 fn delivery(
     m: jetstream::Message,
-    partition: u32,
+    (partition, generation): (u32, u64),
     topic: &str,
     ownership: &Ownership,
     unsettled: &Unsettled,
@@ -710,7 +865,14 @@ fn delivery(
             tracing::debug!(seq, "dropping a redelivered copy of a message still in flight");
             return None;
         }
-        unsettled.insert(seq, (partition, reply));
+        unsettled.insert(
+            seq,
+            Held {
+                partition,
+                generation,
+                reply,
+            },
+        );
     }
     let mut headers = eventbus_core::Headers::new();
     if let Some(h) = &m.message.headers {
@@ -738,6 +900,7 @@ fn delivery(
         acker: Box::new(NatsAcker {
             message: m,
             sequence,
+            generation,
             unsettled: unsettled.clone(),
         }),
         ownership: Some(ownership.clone()),
@@ -755,7 +918,7 @@ async fn keep_alive(client: async_nats::Client, unsettled: Unsettled, every: Dur
             .lock()
             .unwrap()
             .values()
-            .map(|(_, r)| r.clone())
+            .map(|h| h.reply.clone())
             .collect();
         for reply in replies {
             if let Err(e) = client.publish(reply, Bytes::from_static(b"+WPI")).await {
@@ -772,6 +935,8 @@ struct GroupSubscription {
     coordinator: Option<JoinHandle<()>>,
     keep_alive: JoinHandle<()>,
     view: Arc<Mutex<GroupAssignment>>,
+    /// Longest wait in `close` for the coordinator to leave the group.
+    leave_bound: Duration,
 }
 
 impl Drop for GroupSubscription {
@@ -793,11 +958,23 @@ impl BackendSubscription for GroupSubscription {
     async fn close(mut self: Box<Self>) -> Result<()> {
         self.keep_alive.abort();
         self.stop.cancel();
-        if let Some(c) = self.coordinator.take() {
-            c.await
-                .map_err(|e| Error::new(ErrorKind::Backend, "group coordinator failed").with_source(e))?;
+        let Some(mut c) = self.coordinator.take() else {
+            return Ok(());
+        };
+        // Releasing takes a few requests per partition; a server that does
+        // not answer leaves the leases to expire.
+        match tokio::time::timeout(self.leave_bound, &mut c).await {
+            Ok(joined) => {
+                joined.map_err(|e| Error::new(ErrorKind::Backend, "group coordinator failed").with_source(e))
+            }
+            Err(_) => {
+                c.abort();
+                Err(Error::timeout(format!(
+                    "leaving the group took over {} ms; its leases will expire",
+                    self.leave_bound.as_millis()
+                )))
+            }
         }
-        Ok(())
     }
 
     fn assignment(&self) -> Option<Arc<Mutex<GroupAssignment>>> {
@@ -808,6 +985,9 @@ impl BackendSubscription for GroupSubscription {
 struct NatsAcker {
     message: jetstream::Message,
     sequence: Option<u64>,
+    /// The holding it was fetched under: settling it must not touch a
+    /// later holding's copy of the same message.
+    generation: u64,
     unsettled: Unsettled,
 }
 
@@ -816,7 +996,13 @@ impl NatsAcker {
     /// a new delivery.
     async fn send(&self, kind: AckKind) -> Result<()> {
         if let Some(seq) = self.sequence {
-            self.unsettled.lock().unwrap().remove(&seq);
+            let mut unsettled = self.unsettled.lock().unwrap();
+            if unsettled
+                .get(&seq)
+                .is_some_and(|h| h.generation == self.generation)
+            {
+                unsettled.remove(&seq);
+            }
         }
         self.message
             .ack_with(kind)

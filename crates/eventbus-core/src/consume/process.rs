@@ -412,6 +412,9 @@ impl SubscriptionShared {
     /// window, bounded by `publish.timeout_ms`; its ACK wait, bounded by
     /// `publish.ack_timeout_ms`; its metrics); stops on close or revoke.
     async fn publish_dead_letter(&self, delivery: &Delivery, dlq: &str, reason: &str) -> Attempted {
+        if delivery.ownership.as_ref().is_some_and(Ownership::is_lost) {
+            return Attempted::Stopped; // the next owner decides
+        }
         let dead = dead_letter::dead_letter(&delivery.message, &self.topic, dlq, reason);
         let meta = codec::message_result_meta(&dead);
         let publish = async {
@@ -511,11 +514,20 @@ impl RecentIds {
     }
 }
 
-/// Resolves when `ownership` is revoked; never without one.
+/// Resolves when `ownership` is revoked or its lease deadline passed
+/// (checked every 100 ms); never without one.
 async fn revoked(ownership: Option<&Ownership>) {
-    match ownership {
-        Some(o) => o.revoked().await,
-        None => std::future::pending().await,
+    let Some(o) = ownership else {
+        return std::future::pending().await;
+    };
+    loop {
+        if o.is_lost() {
+            return;
+        }
+        tokio::select! {
+            _ = o.revoked() => return,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
     }
 }
 

@@ -13,7 +13,7 @@
 //!   more, running attempts finish within 30 s or are cancelled), then its
 //!   unsettled messages go back, ahead of newer ones, to the new member;
 //! - a member that leaves (closes, or is dropped without closing, as a
-//!   crashed process) returns its unsettled messages the same way.
+//!   crashed process) has its partitions revoked the same way.
 //!
 //! A message stays in the log until every group has acknowledged it. A
 //! topic holds at most `memory.max_messages_per_topic` messages: publishers
@@ -93,7 +93,7 @@ struct Group {
 #[derive(Debug, Default)]
 struct PartitionState {
     /// The member allowed to take from this partition; `None` while unowned
-    /// or handed over (the old member's attempts are still stopping).
+    /// or while a former owner's attempts are stopping.
     owner: Option<u64>,
     /// The owner's hold, given to each delivery.
     ownership: Ownership,
@@ -101,9 +101,14 @@ struct PartitionState {
     ready: VecDeque<u64>,
     /// Returned by a member that left or lost the partition; delivered first.
     redeliver: BTreeSet<u64>,
-    /// A handover to this member waits for the old owner's attempts.
-    handing_to: Option<u64>,
+    /// The former owner whose revoked attempts are being stopped: nobody
+    /// takes the partition until they did.
+    stopping: Option<u64>,
 }
+
+/// A partition taken from `from`, whose attempts under `ownership` must
+/// stop before anyone else gets it.
+type Revoked = (u32, u64, Ownership);
 
 impl Group {
     fn new(next: u64, partitions: u32) -> Self {
@@ -148,74 +153,66 @@ impl Group {
         }
     }
 
-    /// Recomputes who owns what after a join or leave. Partitions of members
-    /// that left are free; members above their fair share give up their
-    /// highest partitions, members below it take free ones. A partition
-    /// taken from a live member is returned as a handover to run.
-    fn rebalance(&mut self) -> Vec<(u32, u64, u64, Ownership)> {
+    /// Takes partition `p` from its owner: no attempt starts under its
+    /// ownership any more; nobody gets it until those running stopped.
+    fn revoke(&mut self, p: u32) -> Option<Revoked> {
+        let state = &mut self.partitions[p as usize];
+        let from = state.owner.take()?;
+        state.stopping = Some(from);
+        state.ownership.revoke();
+        Some((p, from, state.ownership.clone()))
+    }
+
+    /// Recomputes who owns what after a join, a leave or a finished stop.
+    /// Partitions of members that left, and those above a member's fair
+    /// share (its highest), are revoked; free partitions go to members
+    /// below their share. Returns the revocations to complete.
+    fn rebalance(&mut self) -> Vec<Revoked> {
         let members: Vec<u64> = self.members.keys().copied().collect();
         let count = self.partitions.len() as u32;
         let target = |m: u64| {
             members
                 .iter()
                 .position(|x| *x == m)
-                .map_or(0, |i| fair_share(count, members.len(), i))
+                .map_or(0, |i| fair_share(count, members.len(), i) as usize)
         };
-        for p in &mut self.partitions {
-            if p.owner.is_some_and(|o| !self.members.contains_key(&o)) {
-                p.owner = None;
-            }
-            if p.handing_to.is_some_and(|o| !self.members.contains_key(&o)) {
-                p.handing_to = None;
+        let mut revoked = Vec::new();
+        for p in 0..count {
+            if self.partitions[p as usize]
+                .owner
+                .is_some_and(|o| !self.members.contains_key(&o))
+            {
+                revoked.extend(self.revoke(p));
             }
         }
-        let owned = |parts: &[PartitionState], m: u64| -> Vec<u32> {
+        let owned_by = |parts: &[PartitionState], m: u64| -> Vec<u32> {
             (0..parts.len() as u32)
-                .filter(|i| {
-                    let p = &parts[*i as usize];
-                    p.owner == Some(m) && p.handing_to.is_none() || p.handing_to == Some(m)
-                })
+                .filter(|i| parts[*i as usize].owner == Some(m))
                 .collect()
         };
-        // Over their share: give up the highest.
-        let mut released = Vec::new();
         for &m in &members {
-            let mine = owned(&self.partitions, m);
-            let extra = mine.len().saturating_sub(target(m) as usize);
+            let mine = owned_by(&self.partitions, m);
+            let extra = mine.len().saturating_sub(target(m));
             for &p in mine.iter().rev().take(extra) {
-                released.push((p, m));
+                revoked.extend(self.revoke(p));
             }
         }
         let mut free: VecDeque<u32> = (0..count)
             .filter(|i| {
                 let p = &self.partitions[*i as usize];
-                p.owner.is_none() && p.handing_to.is_none()
+                p.owner.is_none() && p.stopping.is_none()
             })
             .collect();
-        let mut handovers = Vec::new();
         for &m in &members {
-            let mut need = (target(m) as usize).saturating_sub(owned(&self.partitions, m).len());
-            while need > 0 {
-                let taken = match free.pop_front() {
-                    Some(p) => Some((p, None)),
-                    None => released.pop().map(|(p, from)| (p, Some(from))),
-                };
-                let Some((p, from)) = taken else { break };
+            let need = target(m).saturating_sub(owned_by(&self.partitions, m).len());
+            for _ in 0..need {
+                let Some(p) = free.pop_front() else { break };
                 let state = &mut self.partitions[p as usize];
-                match from {
-                    None => {
-                        state.owner = Some(m);
-                        state.ownership = Ownership::new();
-                    }
-                    Some(from) => {
-                        state.handing_to = Some(m);
-                        handovers.push((p, from, m, state.ownership.clone()));
-                    }
-                }
-                need -= 1;
+                state.owner = Some(m);
+                state.ownership = Ownership::new();
             }
         }
-        handovers
+        revoked
     }
 
     /// Publishes each member's share to its health view.
@@ -262,44 +259,40 @@ impl Topic {
         }
     }
 
-    /// Runs a rebalance of `group` and the handovers it asks for: each
-    /// revoked partition waits (off the async threads) for its old member's
-    /// attempts, then passes, with that member's unsettled messages, to the
-    /// new one.
+    /// Runs a rebalance of `group` and completes each revocation it makes
+    /// on a thread of its own (it waits on a condition variable, and must
+    /// run even while a runtime shuts down): wait for the former owner's
+    /// attempts (cancelled after 30 s), give its unsettled messages back
+    /// ahead of newer ones, free the partition and rebalance again.
     fn rebalance(self: &Arc<Self>, group: &str) {
-        let handovers = {
+        let revoked = {
             let mut state = self.state.lock().unwrap();
             let Some(g) = state.groups.get_mut(group) else {
                 return;
             };
-            let handovers = g.rebalance();
+            let revoked = g.rebalance();
             g.show();
-            handovers
+            revoked
         };
-        for (partition, from, to, ownership) in handovers {
+        for (partition, from, ownership) in revoked {
             let topic = self.clone();
             let group = group.to_owned();
-            ownership.revoke();
+            let idle = ownership.running_attempts() == 0;
             let finish = move || {
                 ownership.stop_running(std::time::Instant::now() + REVOKE_GRACE, Duration::from_secs(1));
-                let mut state = topic.state.lock().unwrap();
-                if let Some(g) = state.groups.get_mut(&group) {
-                    g.give_back(from, Some(partition));
-                    let p = &mut g.partitions[partition as usize];
-                    if p.handing_to == Some(to) {
-                        p.handing_to = None;
-                        p.owner = Some(to);
-                        p.ownership = Ownership::new();
+                {
+                    let mut state = topic.state.lock().unwrap();
+                    if let Some(g) = state.groups.get_mut(&group) {
+                        g.give_back(from, Some(partition));
+                        g.partitions[partition as usize].stopping = None;
                     }
-                    g.show();
                 }
-                drop(state);
-                topic.notify();
+                topic.rebalance(&group);
             };
-            // The wait blocks on a condition variable: off the async threads.
-            match tokio::runtime::Handle::try_current() {
-                Ok(rt) => drop(rt.spawn_blocking(finish)),
-                Err(_) => finish(),
+            if idle {
+                finish();
+            } else {
+                std::thread::spawn(finish);
             }
         }
         self.notify();
@@ -491,7 +484,7 @@ impl MemorySubscription {
         for i in 0..count {
             let p = (self.next_partition + i) % count;
             let part = &mut group.partitions[p];
-            if part.owner != Some(self.member) || part.handing_to.is_some() {
+            if part.owner != Some(self.member) {
                 continue;
             }
             while taken.len() < TAKE_BATCH {

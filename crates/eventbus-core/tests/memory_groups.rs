@@ -1,0 +1,71 @@
+//! Memory backend consumer groups: a partition moving between members is
+//! revoked before its new owner starts, and comes back to flow even when
+//! the member it was moving to leaves first.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eventbus_core::{BusConfig, Envelope, EventBus, MemoryBackend, SubscribeOptions, partition_for};
+use eventbus_testkit::{envelope, eventually};
+
+/// An aggregate id whose events go to `partition` of 2.
+fn aggregate_in(partition: u32) -> String {
+    (0..)
+        .map(|i| format!("agg-{i}"))
+        .find(|a| partition_for(a.as_bytes(), 2) == partition)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handover_to_a_member_that_leaves_first_gives_the_partition_back() {
+    let mut config = BusConfig::default();
+    config.memory.partitions = 2;
+    let broker = MemoryBackend::new(config.memory.clone());
+    let a = EventBus::new(broker.connect(), config.clone()).unwrap();
+    let slow = aggregate_in(1);
+    let release = Arc::new(tokio::sync::Notify::new());
+    let handled: Arc<Mutex<Vec<(String, i64)>>> = Default::default();
+    let started = Arc::new(AtomicUsize::new(0));
+    let (r, h, s, slow_id) = (release.clone(), handled.clone(), started.clone(), slow.clone());
+    let sub_a = a
+        .subscribe_envelope("t", SubscribeOptions::group("g"), move |e: Envelope| {
+            let (r, h, s, slow_id) = (r.clone(), h.clone(), s.clone(), slow_id.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                if e.aggregate_id == slow_id && e.event_version == 1 {
+                    r.notified().await; // holds partition 1 while a rebalance moves it
+                }
+                h.lock().unwrap().push((e.aggregate_id, e.event_version));
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    a.publish_envelope_sync("t", &envelope(&slow, 1)).await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || started.load(Ordering::SeqCst) == 1).await);
+    // C joins: partition 1 is revoked from A, waiting for A's running attempt.
+    let c = EventBus::new(broker.connect(), config.clone()).unwrap();
+    let sub_c = c
+        .subscribe_envelope("t", SubscribeOptions::group("g"), |_e: Envelope| async {
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .unwrap();
+    // C leaves before the handover completed.
+    sub_c.close().await.unwrap();
+    c.close().await.unwrap();
+    release.notify_one();
+    // Partition 1 must flow again (back to A).
+    a.publish_envelope_sync("t", &envelope(&slow, 2)).await.unwrap();
+    let flowed = eventually(Duration::from_secs(10), || handled.lock().unwrap().len() == 2).await;
+    assert!(
+        flowed,
+        "partition 1 stuck after the handover target left: handled {:?}, A owns {:?}",
+        handled.lock().unwrap(),
+        sub_a.health().assignment
+    );
+    assert_eq!(sub_a.health().assignment.unwrap().owned, vec![0, 1]);
+    sub_a.close().await.unwrap();
+    a.close().await.unwrap();
+}
