@@ -489,7 +489,8 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
                 let pause = Duration::from_millis(2 * args.lease_ms + 1_000);
                 let id = members[index].member;
                 members[index].signal("STOP")?;
-                members[index].frozen_at.push(at);
+                // Stopped once `kill -STOP` returned: attempts it started before are cut here.
+                members[index].frozen_at.push(now_ns());
                 eprintln!("fault[{kind:?}]: member {id} frozen for {pause:?}");
                 tokio::time::sleep(pause).await;
                 members[index].signal("CONT")?;
