@@ -116,6 +116,11 @@ pub struct MemoryConfig {
     /// many members of one group share a topic, each aggregate with one
     /// member at a time.
     pub partitions: u32,
+    /// Messages of one partition taken by its member and not yet settled
+    /// (count): past it the partition waits while the member's others flow,
+    /// so a parked aggregate holds back only its partition (as Kafka's
+    /// `max_in_flight_per_partition`). Default 1,000.
+    pub max_in_flight_per_partition: usize,
 }
 
 impl Default for BusConfig {
@@ -167,6 +172,7 @@ impl Default for MemoryConfig {
         Self {
             max_messages_per_topic: 100_000,
             partitions: 8,
+            max_in_flight_per_partition: 1_000,
         }
     }
 }

@@ -69,3 +69,59 @@ async fn a_handover_to_a_member_that_leaves_first_gives_the_partition_back() {
     sub_a.close().await.unwrap();
     a.close().await.unwrap();
 }
+
+/// A parked aggregate holds at most `memory.max_in_flight_per_partition`
+/// messages of its partition; the subscription's other partitions flow,
+/// though the parked one has more queued than the subscription's limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_aggregate_holds_back_only_its_partition() {
+    let mut config = BusConfig::default();
+    config.memory.partitions = 2;
+    config.memory.max_in_flight_per_partition = 20;
+    config.consumer.max_in_flight = 50;
+    config.close_timeout_ms = 500; // the parked aggregate's backoff is cut at close
+    config.consumer.retry = eventbus_core::RetryPolicy::fixed(1, 10);
+    let bus = EventBus::memory_with(config).unwrap();
+    let stuck = aggregate_in(0);
+    let free = aggregate_in(1);
+    let got = Arc::new(AtomicUsize::new(0));
+    let (g, stuck_id) = (got.clone(), stuck.clone());
+    let sub = bus
+        .subscribe_envelope(
+            "parks",
+            SubscribeOptions::group("g").park_on_failure(),
+            move |e: Envelope| {
+                let (g, stuck) = (g.clone(), e.aggregate_id == stuck_id);
+                async move {
+                    if stuck {
+                        return Err(std::io::Error::other("downstream down"));
+                    }
+                    g.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    for v in 1..=100 {
+        bus.publish_envelope_sync("parks", &envelope(&stuck, v))
+            .await
+            .unwrap();
+    }
+    assert!(eventually(Duration::from_secs(10), || sub.health().stalled_aggregates == 1).await);
+    for v in 1..=100 {
+        bus.publish_envelope_sync("parks", &envelope(&free, v))
+            .await
+            .unwrap();
+    }
+    let flowed = eventually(Duration::from_secs(10), || got.load(Ordering::SeqCst) == 100).await;
+    assert!(
+        flowed,
+        "the other partition stopped behind a parked aggregate: {} of 100, {:?}",
+        got.load(Ordering::SeqCst),
+        sub.health()
+    );
+    assert!(sub.health().in_flight <= 50);
+    let _ = sub.close().await;
+    let _ = bus.close().await;
+}

@@ -58,10 +58,13 @@ impl MemberContext {
     }
 }
 
-/// Asks the group coordinator for the group's size (off the poll task, at
-/// most 1 s) and records it; left unchanged when it cannot say.
-fn refresh_members(consumer: Arc<StreamConsumer<MemberContext>>) {
-    tokio::task::spawn_blocking(move || {
+/// Asks the group coordinator for the group's size (at most 1 s) and
+/// records it; left unchanged when it cannot say. Runs on the poll task
+/// (`block_in_place`) after a rebalance, never in a task of its own: a task
+/// holding the consumer could end up dropping it last, after close, when
+/// librdkafka's final revoke-and-commit has no broker to answer.
+fn refresh_members(consumer: &StreamConsumer<MemberContext>) {
+    let fetch = || {
         let context = consumer.context();
         let members = consumer
             .fetch_group_list(Some(&context.group_id), Duration::from_secs(1))
@@ -70,7 +73,12 @@ fn refresh_members(consumer: Arc<StreamConsumer<MemberContext>>) {
         if let Some(members) = members {
             context.view.lock().unwrap().members = members;
         }
-    });
+    };
+    if let Ok(h) = tokio::runtime::Handle::try_current()
+        && h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    {
+        tokio::task::block_in_place(fetch);
+    }
 }
 
 impl ClientContext for MemberContext {}
@@ -314,7 +322,7 @@ impl Poller {
             return;
         }
         self.seen_rebalances = now;
-        refresh_members(self.consumer.clone());
+        refresh_members(&self.consumer);
         // librdkafka keeps an application pause across unassign and assign:
         // resume every partition we paused, assigned now or not, so one that
         // comes back later is not left paused with nobody to resume it.

@@ -174,8 +174,15 @@ pub struct NatsConsumer {
     /// or parked) is kept alive with "in progress" every third of it.
     /// Default 30,000.
     pub ack_wait_ms: u64,
-    /// Messages delivered and unacked per consumer. Default 10,000.
+    /// Messages delivered and unacked per consumer of an unpartitioned
+    /// topic (JetStream's `max_ack_pending`). Default 10,000.
     pub max_ack_pending: i64,
+    /// Messages delivered and unacked per partition of a partitioned topic
+    /// (each partition's consumer's `max_ack_pending`): past it the server
+    /// stops delivering that partition while the others flow, so a parked
+    /// or slow aggregate holds back only its partition, as Kafka's
+    /// `max_in_flight_per_partition` does. Default 1,000.
+    pub max_ack_pending_per_partition: i64,
     /// Lease of a member on a partition (or on an unpartitioned topic's
     /// consumer), in ms. Default 5,000. A member renews its leases every
     /// fifth of it and stops starting attempts on a partition once 4/5 of it
@@ -245,6 +252,7 @@ impl Default for NatsConsumer {
         Self {
             ack_wait_ms: 30_000,
             max_ack_pending: 10_000,
+            max_ack_pending_per_partition: 1_000,
             lease_ms: 5_000,
             groups_bucket: "EVENTBUS_GROUPS".into(),
             revoke_timeout_ms: 5_000,

@@ -714,7 +714,10 @@ impl Member {
             deliver_policy,
             ack_policy: AckPolicy::Explicit,
             ack_wait: Duration::from_millis(consumer.ack_wait_ms),
-            max_ack_pending: consumer.max_ack_pending,
+            max_ack_pending: match self.layout.partitioned {
+                Some(_) => consumer.max_ack_pending_per_partition,
+                None => consumer.max_ack_pending,
+            },
             max_deliver: -1,
             ..Default::default()
         };

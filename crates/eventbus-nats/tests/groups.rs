@@ -178,3 +178,68 @@ async fn health_shows_each_members_partitions_and_a_leave_hands_them_over() {
     a.close().await.unwrap();
     b.close().await.unwrap();
 }
+
+/// On a partitioned topic, a parked aggregate holds at most
+/// `consumer.max_ack_pending_per_partition` messages of its partition; the
+/// subscription's other partitions flow, though the parked one has more
+/// queued than the subscription's `max_in_flight`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_aggregate_holds_back_only_its_partition() {
+    let server = NatsServer::start().await.unwrap();
+    let mut nats = NatsConfig::with_servers([server.url()]);
+    nats.partitions.insert("parks".into(), 4);
+    nats.consumer.max_ack_pending_per_partition = 20;
+    nats.consumer.lease_ms = 2_000;
+    let mut config = BusConfig::default();
+    config.consumer.max_in_flight = 50;
+    config.close_timeout_ms = 500; // the parked aggregate's backoff is cut at close
+    config.consumer.retry = eventbus_core::RetryPolicy::fixed(1, 10);
+    let bus = EventBus::new(NatsBackend::connect(nats).await.unwrap(), config).unwrap();
+    let stuck = "stuck-1".to_owned();
+    let stuck_partition = eventbus_core::partition_for(stuck.as_bytes(), 4);
+    let free: Vec<String> = (0..)
+        .map(|i| format!("free-{i}"))
+        .filter(|a| eventbus_core::partition_for(a.as_bytes(), 4) != stuck_partition)
+        .take(5)
+        .collect();
+    let got = Arc::new(AtomicUsize::new(0));
+    let g = got.clone();
+    let sub = bus
+        .subscribe_envelope(
+            "parks",
+            SubscribeOptions::group("g").park_on_failure(),
+            move |e: Envelope| {
+                let (g, stuck) = (g.clone(), e.aggregate_id == "stuck-1");
+                async move {
+                    if stuck {
+                        return Err(std::io::Error::other("downstream down"));
+                    }
+                    g.fetch_add(1, Ordering::SeqCst);
+                    Ok(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    for v in 1..=100 {
+        bus.publish_envelope_sync("parks", &envelope(&stuck, v))
+            .await
+            .unwrap();
+    }
+    assert!(eventually(Duration::from_secs(20), || sub.health().stalled_aggregates == 1).await);
+    for v in 1..=20 {
+        for a in &free {
+            bus.publish_envelope_sync("parks", &envelope(a, v)).await.unwrap();
+        }
+    }
+    let flowed = eventually(Duration::from_secs(20), || got.load(Ordering::SeqCst) == 100).await;
+    assert!(
+        flowed,
+        "other partitions stopped behind a parked aggregate: {} of 100, {:?}",
+        got.load(Ordering::SeqCst),
+        sub.health()
+    );
+    assert!(sub.health().in_flight <= 50, "{:?}", sub.health());
+    let _ = sub.close().await;
+    let _ = bus.close().await;
+}

@@ -61,6 +61,8 @@ struct Inner {
 #[derive(Debug)]
 struct Topic {
     partitions: u32,
+    /// `memory.max_in_flight_per_partition`.
+    per_partition: usize,
     state: Mutex<TopicState>,
     /// Bumped for consumers: new message, redelivery, rebalance, close.
     changed: watch::Sender<u64>,
@@ -104,6 +106,9 @@ struct PartitionState {
     /// The former owner whose revoked attempts are being stopped: nobody
     /// takes the partition until they did.
     stopping: Option<u64>,
+    /// Taken and not yet settled (count): bounded by
+    /// `memory.max_in_flight_per_partition`.
+    in_flight: usize,
 }
 
 /// A partition taken from `from`, whose attempts under `ownership` must
@@ -148,7 +153,9 @@ impl Group {
             .collect();
         for (seq, p) in mine {
             self.pending.remove(&seq);
-            self.partitions[p as usize].redeliver.insert(seq);
+            let part = &mut self.partitions[p as usize];
+            part.redeliver.insert(seq);
+            part.in_flight = part.in_flight.saturating_sub(1);
             *self.counts.entry(seq).or_insert(1) += 1;
         }
     }
@@ -337,6 +344,7 @@ impl MemoryBackend {
             .or_insert_with(|| {
                 Arc::new(Topic {
                     partitions: self.inner.config.partitions.max(1),
+                    per_partition: self.inner.config.max_in_flight_per_partition.max(1),
                     state: Mutex::new(TopicState {
                         base: 1,
                         log: VecDeque::new(),
@@ -418,6 +426,7 @@ impl Backend for MemoryBackend {
             group.members.insert(member, view.clone());
         }
         topic.rebalance(&spec.group);
+        let per_partition = topic.per_partition;
         Ok(Box::new(MemorySubscription {
             buffer: VecDeque::new(),
             changed: topic.changed.subscribe(),
@@ -426,6 +435,7 @@ impl Backend for MemoryBackend {
             member,
             view,
             next_partition: 0,
+            per_partition,
             left: false,
             backend: self.clone(),
         }))
@@ -457,6 +467,8 @@ struct MemorySubscription {
     view: Arc<Mutex<GroupAssignment>>,
     /// Where the next batch starts among the partitions (round robin).
     next_partition: usize,
+    /// `memory.max_in_flight_per_partition`.
+    per_partition: usize,
     left: bool,
     changed: watch::Receiver<u64>,
     backend: MemoryBackend,
@@ -487,10 +499,11 @@ impl MemorySubscription {
             if part.owner != Some(self.member) {
                 continue;
             }
-            while taken.len() < TAKE_BATCH {
+            while taken.len() < TAKE_BATCH && part.in_flight < self.per_partition {
                 let Some(seq) = part.redeliver.pop_first().or_else(|| part.ready.pop_front()) else {
                     break;
                 };
+                part.in_flight += 1;
                 taken.push((seq, p as u32, part.ownership.clone()));
             }
             if taken.len() == TAKE_BATCH {
@@ -583,13 +596,18 @@ struct MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<()> {
+        let mut unblocked = false;
         let mut state = self.topic.state.lock().unwrap();
         if let Some(group) = state.groups.get_mut(&*self.group) {
-            if group.pending.remove(&self.seq).is_none() {
+            let part = self.partition as usize;
+            if group.pending.remove(&self.seq).is_some() {
+                let p = &mut group.partitions[part];
+                // A partition at its bound may take again: wake its member.
+                unblocked = p.in_flight == self.topic.per_partition;
+                p.in_flight = p.in_flight.saturating_sub(1);
+            } else {
                 // Handed back by a revoke after it was handled: settled all the same.
-                group.partitions[self.partition as usize]
-                    .redeliver
-                    .remove(&self.seq);
+                group.partitions[part].redeliver.remove(&self.seq);
             }
             group.counts.remove(&self.seq);
         }
@@ -597,6 +615,9 @@ impl Acker for MemoryAcker {
         drop(state);
         if trimmed {
             self.topic.notify_space();
+        }
+        if unblocked {
+            self.topic.notify();
         }
         Ok(())
     }
