@@ -232,6 +232,7 @@ impl Group {
             let mut v = view.lock().unwrap();
             if v.owned != owned {
                 v.rebalances += 1;
+                metrics::counter!("eventbus_rebalances_total", "backend" => "memory").increment(1);
                 v.owned = owned;
             }
             v.members = members;
