@@ -5,7 +5,7 @@
 //! (the Go SDK's) are in [`headers`].
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
+use chrono::DateTime;
 
 use crate::envelope::{Envelope, Payload};
 use crate::error::{Error, ErrorKind, Result, ValidationError};
@@ -73,8 +73,7 @@ pub fn envelope_from_headers(map: &Headers, payload: Payload) -> Result<Envelope
     };
     let timestamp = required(headers::TIMESTAMP, "timestamp")?;
     let timestamp = DateTime::parse_from_rfc3339(&timestamp)
-        .map_err(|e| ValidationError::new("timestamp", format!("not RFC 3339: {e}")))?
-        .with_timezone(&Utc);
+        .map_err(|e| ValidationError::new("timestamp", format!("not RFC 3339: {e}")))?;
     let envelope = Envelope {
         event_id: required(headers::EVENT_ID, "event_id")?,
         aggregate_id: required(headers::AGGREGATE_ID, "aggregate_id")?,

@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, FixedOffset, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -34,9 +34,13 @@ pub struct Envelope {
     pub event_type: String,
     /// Per-aggregate sequence number, > 0.
     pub event_version: i64,
-    /// When the event was created (RFC 3339 with nanoseconds on the wire).
+    /// When the event was created, with the sender's zone offset, as the Go
+    /// SDK writes it: RFC 3339 in Go's `RFC3339Nano` layout (fraction with
+    /// trailing zeros trimmed, `Z` for UTC, else `+hh:mm`). Decoding and
+    /// encoding keep the offset, so a re-published event keeps its text;
+    /// equality and ordering are by instant.
     #[serde(with = "rfc3339")]
-    pub timestamp: DateTime<Utc>,
+    pub timestamp: crate::Timestamp,
     /// Distributed-tracing id.
     #[serde(
         default,
@@ -51,8 +55,11 @@ pub struct Envelope {
         deserialize_with = "non_empty"
     )]
     pub correlation_id: Option<String>,
-    /// Tenant of the event, for multi-tenant services.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Tenant of the event, for multi-tenant services. Written as a JSON
+    /// integer; read from an integer or, as Go SDK releases from late
+    /// October 2025 to February 2026 write it, a string holding an integer
+    /// (`"7"`; `""` reads as none).
+    #[serde(default, skip_serializing_if = "Option::is_none", deserialize_with = "tenant")]
     pub tenant_id: Option<i64>,
     /// The event body, raw JSON kept byte for byte.
     pub payload: Payload,
@@ -167,22 +174,55 @@ pub fn new_event_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
 
-pub(crate) fn format_timestamp(t: &DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+/// `t` in Go's `time.RFC3339Nano` layout (`2006-01-02T15:04:05.999999999Z07:00`):
+/// the fraction's trailing zeros trimmed (no fraction when zero), `Z` for a
+/// zero offset, else `+hh:mm` / `-hh:mm`.
+pub(crate) fn format_timestamp(t: &DateTime<FixedOffset>) -> String {
+    use std::fmt::Write as _;
+    let mut out = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let nanos = t.nanosecond() % 1_000_000_000; // a leap second's extra second is not written
+    if nanos > 0 {
+        let fraction = format!("{nanos:09}");
+        let _ = write!(out, ".{}", fraction.trim_end_matches('0'));
+    }
+    match t.offset().local_minus_utc() {
+        0 => out.push('Z'),
+        _ => out.push_str(&t.format("%:z").to_string()),
+    }
+    out
 }
 
 mod rfc3339 {
     use super::*;
 
-    pub(super) fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn serialize<S: Serializer>(t: &DateTime<FixedOffset>, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&format_timestamp(t))
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<FixedOffset>, D::Error> {
         let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&s)
-            .map(|t| t.with_timezone(&Utc))
-            .map_err(serde::de::Error::custom)
+        DateTime::parse_from_rfc3339(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A tenant id from a JSON integer or a string holding one.
+fn tenant<'de, D: Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Tenant<'a> {
+        Number(i64),
+        #[serde(borrow)]
+        Text(std::borrow::Cow<'a, str>),
+    }
+    match Option::<Tenant<'de>>::deserialize(d)? {
+        None => Ok(None),
+        Some(Tenant::Number(n)) => Ok(Some(n)),
+        Some(Tenant::Text(t)) if t.is_empty() => Ok(None),
+        Some(Tenant::Text(t)) => t.parse().map(Some).map_err(|_| {
+            serde::de::Error::custom(format!(
+                "tenant_id {t:?} is neither an integer nor a string holding one"
+            ))
+        }),
     }
 }
 
@@ -272,7 +312,7 @@ pub struct EnvelopeBuilder {
     event_type: String,
     event_version: i64,
     event_id: Option<String>,
-    timestamp: Option<DateTime<Utc>>,
+    timestamp: Option<DateTime<FixedOffset>>,
     trace_id: Option<String>,
     correlation_id: Option<String>,
     tenant_id: Option<i64>,
@@ -286,9 +326,11 @@ impl EnvelopeBuilder {
         self
     }
 
-    /// Uses this timestamp instead of now.
-    pub fn timestamp(mut self, t: DateTime<Utc>) -> Self {
-        self.timestamp = Some(t);
+    /// Uses this timestamp instead of now; its zone offset is kept on the
+    /// wire (`DateTime<Utc>`, `DateTime<Local>` and `DateTime<FixedOffset>`
+    /// all convert).
+    pub fn timestamp(mut self, t: impl Into<DateTime<FixedOffset>>) -> Self {
+        self.timestamp = Some(t.into());
         self
     }
 
@@ -338,7 +380,7 @@ impl EnvelopeBuilder {
             aggregate_id: self.aggregate_id,
             event_type: self.event_type,
             event_version: self.event_version,
-            timestamp: self.timestamp.unwrap_or_else(Utc::now),
+            timestamp: self.timestamp.unwrap_or_else(|| Utc::now().fixed_offset()),
             trace_id: self.trace_id,
             correlation_id: self.correlation_id,
             tenant_id: self.tenant_id,
@@ -362,7 +404,7 @@ mod tests {
         let e = sample().build().unwrap();
         let id = uuid::Uuid::parse_str(&e.event_id).unwrap();
         assert_eq!(id.get_version_num(), 7);
-        assert!((Utc::now() - e.timestamp).num_seconds() < 5);
+        assert!(Utc::now().signed_duration_since(e.timestamp).num_seconds() < 5);
     }
 
     #[test]

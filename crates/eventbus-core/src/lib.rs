@@ -25,6 +25,11 @@ mod retry;
 mod secret;
 
 pub use backend::{AckFuture, Backend, BackendSubscription, SubscribeSpec};
+/// The date-time crate of [`Envelope::timestamp`], so users build
+/// timestamps without depending on it themselves.
+pub use chrono;
+/// The type of [`Envelope::timestamp`]: an instant with the sender's zone offset.
+pub type Timestamp = chrono::DateTime<chrono::FixedOffset>;
 pub use bus::{EventBus, EventBusBuilder, MAX_TOPIC_LEN, validate_topic};
 pub use config::{BusConfig, ConsumerConfig, ENV_PREFIX, MemoryConfig, PublishConfig, ResultsConfig};
 pub use consume::subscription::{SubscribeOptions, Subscription};

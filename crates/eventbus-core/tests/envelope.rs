@@ -1,7 +1,7 @@
 //! The envelope's wire format: a golden sample in the original Go SDK's
 //! format, and property tests of encode/decode.
 
-use chrono::{DateTime, TimeZone, Utc};
+use chrono::{DateTime, FixedOffset, TimeZone, Utc};
 use eventbus_core::{Envelope, ErrorKind, Payload};
 use proptest::prelude::*;
 
@@ -15,7 +15,12 @@ fn decodes_the_go_sdk_format() {
     assert_eq!(e.event_type, "OrderCreated");
     assert_eq!(e.event_version, 3);
     let expected = DateTime::parse_from_rfc3339("2025-10-15T00:30:00.123456789Z").unwrap();
-    assert_eq!(e.timestamp, expected.with_timezone(&Utc));
+    assert_eq!(e.timestamp, expected, "the same instant");
+    assert_eq!(
+        e.timestamp.offset().local_minus_utc(),
+        8 * 3600,
+        "the sender's offset kept"
+    );
     assert_eq!(e.trace_id.as_deref(), Some("4bf92f3577b34da6a3ce929d0e0e4736"));
     assert_eq!(e.correlation_id.as_deref(), Some("req-77"));
     assert_eq!(e.tenant_id, Some(9));
@@ -37,7 +42,67 @@ fn encodes_to_the_same_keys_as_the_go_sdk() {
     };
     assert_eq!(keys(&ours), keys(&golden));
     assert_eq!(ours["payload"], golden["payload"]);
-    assert_eq!(ours["timestamp"], "2025-10-15T00:30:00.123456789Z");
+    assert_eq!(
+        ours["timestamp"], "2025-10-15T08:30:00.123456789+08:00",
+        "re-encoding keeps the Go sender's text"
+    );
+}
+
+/// Envelopes as Go services write them (`encoding/json` of the Go SDK's
+/// struct, `time.RFC3339Nano` timestamps in the sender's zone): every field
+/// equal after decoding, and the timestamp text unchanged after re-encoding.
+#[test]
+fn decodes_go_written_variants_and_keeps_their_timestamps() {
+    let cases = [
+        // An old Go release: tenant_id as a string.
+        (
+            r#"{"event_id":"e1","aggregate_id":"a","event_type":"T","event_version":1,"timestamp":"2025-10-26T15:04:05.123456789+08:00","tenant_id":"7","payload":{}}"#,
+            Some(7),
+            "2025-10-26T15:04:05.123456789+08:00",
+        ),
+        // Trimmed fraction, a negative offset, an unknown extra field.
+        (
+            r#"{"event_id":"e2","aggregate_id":"a","event_type":"T","event_version":2,"timestamp":"2025-10-26T02:04:05.1234-05:30","tenant_id":12,"extra":{"x":1},"payload":[1,2]}"#,
+            Some(12),
+            "2025-10-26T02:04:05.1234-05:30",
+        ),
+        // No fraction, UTC, no tenant, a version above 2^53.
+        (
+            r#"{"event_id":"e3","aggregate_id":"a","event_type":"T","event_version":9007199254740993,"timestamp":"2025-10-26T07:04:05Z","payload":"text"}"#,
+            None,
+            "2025-10-26T07:04:05Z",
+        ),
+        // An old Go release with an empty tenant string.
+        (
+            r#"{"event_id":"e4","aggregate_id":"a","event_type":"T","event_version":1,"timestamp":"2025-10-26T07:04:05.5Z","tenant_id":"","payload":{}}"#,
+            None,
+            "2025-10-26T07:04:05.5Z",
+        ),
+    ];
+    for (json, tenant, stamp) in cases {
+        let e = Envelope::decode(json.as_bytes()).unwrap_or_else(|err| panic!("{json}: {err}"));
+        assert_eq!(e.tenant_id, tenant, "{json}");
+        assert_eq!(
+            e.timestamp,
+            DateTime::parse_from_rfc3339(stamp).unwrap(),
+            "{json}"
+        );
+        let back: serde_json::Value = serde_json::from_slice(&e.encode().unwrap()).unwrap();
+        assert_eq!(back["timestamp"], stamp, "{json}");
+        assert!(back.get("extra").is_none(), "unknown fields are not carried");
+        if let Some(t) = tenant {
+            assert_eq!(back["tenant_id"], t, "written as an integer");
+        }
+    }
+    assert_eq!(
+        Envelope::decode(br#"{"event_id":"e","aggregate_id":"a","event_type":"T","event_version":9007199254740993,"timestamp":"2025-10-26T07:04:05Z","payload":{}}"#)
+            .unwrap()
+            .event_version,
+        9_007_199_254_740_993
+    );
+    let bad = r#"{"event_id":"e","aggregate_id":"a","event_type":"T","event_version":1,"timestamp":"2025-10-26T07:04:05Z","tenant_id":"seven","payload":{}}"#;
+    let err = Envelope::decode(bad.as_bytes()).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Serialization);
 }
 
 #[test]
@@ -90,6 +155,7 @@ prop_compose! {
         event_type in "[A-Za-z][A-Za-z0-9.]{0,30}",
         event_version in 1..i64::MAX,
         nanos in 0i64..4_102_444_800_000_000_000,
+        offset_minutes in -(14 * 60)..=(14 * 60),
         trace_id in opt_text(),
         correlation_id in opt_text(),
         tenant_id in proptest::option::of(any::<i64>()),
@@ -100,7 +166,9 @@ prop_compose! {
             aggregate_id,
             event_type,
             event_version,
-            timestamp: Utc.timestamp_nanos(nanos),
+            timestamp: Utc
+                .timestamp_nanos(nanos)
+                .with_timezone(&FixedOffset::east_opt(offset_minutes * 60).unwrap()),
             trace_id,
             correlation_id,
             tenant_id,
@@ -113,6 +181,7 @@ proptest! {
     #[test]
     fn encode_then_decode_is_the_identity(e in envelope()) {
         let back = Envelope::decode(&e.encode().unwrap()).unwrap();
+        prop_assert_eq!(back.timestamp.offset(), e.timestamp.offset());
         prop_assert_eq!(back, e);
     }
 

@@ -51,7 +51,8 @@ impl Recorder {
             self.probes.fetch_add(1, Ordering::AcqRel);
             return;
         }
-        let latency = (chrono::Utc::now() - e.timestamp)
+        let latency = chrono::Utc::now()
+            .signed_duration_since(e.timestamp)
             .num_microseconds()
             .unwrap_or(i64::MAX)
             .max(1);
