@@ -104,7 +104,8 @@ impl Inner {
             .set("compression.type", p.compression.as_str())
             .set("linger.ms", p.linger_ms.to_string())
             .set("queue.buffering.max.messages", p.queue_max_messages.to_string())
-            .set("message.timeout.ms", p.delivery_timeout_ms.to_string());
+            .set("message.timeout.ms", p.delivery_timeout_ms.to_string())
+            .set("partitioner", p.partitioner.as_str());
         self.config.apply_extra(&mut props);
         props
             .create_with_context(ProducerContext {

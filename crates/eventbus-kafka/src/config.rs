@@ -85,6 +85,35 @@ pub struct KafkaSecurity {
     pub ssl_key_password: Option<Secret>,
 }
 
+/// How the producer picks a record's partition from its key (librdkafka
+/// `partitioner`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Partitioner {
+    /// sarama's default hash partitioner, as the Go SDK's producer uses
+    /// (librdkafka `fnv1a_random`): FNV-1a 32 of the key, as a signed
+    /// integer, remainder by the partition count, absolute value; the same
+    /// as [`partition_for`](eventbus_core::partition_for). Keyless records
+    /// go to a random partition. The default, so Go and Rust producers put
+    /// one aggregate's events on one partition.
+    #[default]
+    Sarama,
+    /// librdkafka's default (`consistent_random`: CRC32 of the key).
+    Librdkafka,
+    /// The Java client's default (`murmur2_random`), for fleets with Java producers.
+    Java,
+}
+
+impl Partitioner {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Self::Sarama => "fnv1a_random",
+            Self::Librdkafka => "consistent_random",
+            Self::Java => "murmur2_random",
+        }
+    }
+}
+
 /// Compression codec (librdkafka `compression.type`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
@@ -129,6 +158,9 @@ pub struct KafkaProducer {
     /// `message.timeout.ms`: how long the client retries a delivery before
     /// reporting it failed, in ms. Default 30,000.
     pub delivery_timeout_ms: u64,
+    /// How a record's key picks its partition. Default
+    /// [`Sarama`](Partitioner::Sarama), matching the Go SDK's producers.
+    pub partitioner: Partitioner,
 }
 
 /// Consumer settings.
@@ -214,6 +246,7 @@ impl Default for KafkaProducer {
             linger_ms: 5,
             queue_max_messages: 100_000,
             delivery_timeout_ms: 30_000,
+            partitioner: Partitioner::Sarama,
         }
     }
 }

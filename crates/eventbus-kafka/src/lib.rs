@@ -16,8 +16,8 @@ mod topics;
 
 pub use backend::KafkaBackend;
 pub use config::{
-    Compression, KafkaConfig, KafkaConsumer, KafkaProducer, KafkaSecurity, SaslMechanism, SecurityProtocol,
-    TopicSpec,
+    Compression, KafkaConfig, KafkaConsumer, KafkaProducer, KafkaSecurity, Partitioner, SaslMechanism,
+    SecurityProtocol, TopicSpec,
 };
 /// The provisioning strategy, shared by every backend (re-exported from `eventbus-core`).
 pub use eventbus_core::ProvisionStrategy;

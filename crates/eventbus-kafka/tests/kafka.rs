@@ -471,3 +471,44 @@ async fn a_fatal_producer_error_is_survived_by_a_new_producer() {
     assert_eq!(ok, 5, "publishes after a fatal error kept failing");
     bus.close().await.unwrap();
 }
+
+/// sarama's hash partitioner, written out here independently of the crates
+/// under test: FNV-1a 32 of the key, as int32, `% n`, absolute value
+/// (`github.com/IBM/sarama` `hashPartitioner.Partition`).
+fn sarama_partition(key: &str, n: i32) -> i32 {
+    let mut h: u32 = 2_166_136_261;
+    for b in key.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(16_777_619);
+    }
+    let p = (h as i32) % n;
+    if p < 0 { -p } else { p }
+}
+
+/// With default settings, every event lands on the partition a Go (sarama)
+/// producer would choose for its aggregate id, so Go and Rust producers keep
+/// one aggregate in one partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_land_on_the_partition_sarama_would_choose() {
+    let broker = TansuServer::start().await.unwrap();
+    let bus = bus(&broker.bootstrap()).await;
+    let mut matched = 0;
+    for i in 0..20 {
+        let aggregate = format!("order-{i}");
+        let ack = bus
+            .publish_envelope_sync("sarama-keys", &envelope(&aggregate, 1))
+            .await
+            .unwrap();
+        let Some(eventbus_core::Position::Offset { partition, .. }) = ack.position else {
+            panic!("no Kafka position in {ack:?}");
+        };
+        assert_eq!(partition, sarama_partition(&aggregate, 8), "{aggregate}");
+        assert_eq!(
+            partition as u32,
+            eventbus_core::partition_for(aggregate.as_bytes(), 8)
+        );
+        matched += 1;
+    }
+    assert_eq!(matched, 20);
+    bus.close().await.unwrap();
+}
