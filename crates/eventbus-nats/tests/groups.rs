@@ -243,3 +243,74 @@ async fn a_parked_aggregate_holds_back_only_its_partition() {
     let _ = sub.close().await;
     let _ = bus.close().await;
 }
+
+/// A Go service's stream and messages: subject = topic, no headers, no
+/// `Nats-Msg-Id`, no dead-letter subject, the timestamp in the sender's
+/// zone and an old release's string tenant id. A Rust subscriber set for
+/// Go (`subject_prefix = ""`, no streams of its own) handles it with every
+/// field equal, zone included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_go_published_event_on_a_go_stream_is_handled_with_every_field_equal() {
+    let server = NatsServer::start().await.unwrap();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client.clone());
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "GO_ORDERS".into(),
+        subjects: vec!["go-orders".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let go_json = r#"{"event_id":"0199e4a8-6b1c-7c3e-9a55-3f1d2b7c8e90","aggregate_id":"order-42","event_type":"OrderCreated","event_version":3,"timestamp":"2025-10-26T15:04:05.1234+08:00","trace_id":"t-1","tenant_id":"7","payload":{"total":"19.90"}}"#;
+    js.publish("go-orders", go_json.as_bytes().to_vec().into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut config = NatsConfig::with_servers([server.url()]);
+    config.subject_prefix = String::new();
+    config.streams = Vec::new();
+    config.consumer.lease_ms = 2_000;
+    let bus = EventBus::new(NatsBackend::connect(config).await.unwrap(), BusConfig::default()).unwrap();
+    let got: Arc<Mutex<Vec<Envelope>>> = Default::default();
+    let sink = got.clone();
+    let sub = bus
+        .subscribe_envelope(
+            "go-orders",
+            SubscribeOptions::group("billing").park_on_failure(),
+            move |e: Envelope| {
+                sink.lock().unwrap().push(e);
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .unwrap();
+    assert!(eventually(Duration::from_secs(20), || got.lock().unwrap().len() == 1).await);
+    let e = got.lock().unwrap()[0].clone();
+    assert_eq!(e.event_id, "0199e4a8-6b1c-7c3e-9a55-3f1d2b7c8e90");
+    assert_eq!(e.aggregate_id, "order-42");
+    assert_eq!(e.event_type, "OrderCreated");
+    assert_eq!(e.event_version, 3);
+    assert_eq!(e.trace_id.as_deref(), Some("t-1"));
+    assert_eq!(e.tenant_id, Some(7));
+    assert_eq!(e.payload.get(), r#"{"total":"19.90"}"#);
+    assert_eq!(
+        e.timestamp.offset().local_minus_utc(),
+        8 * 3600,
+        "the zone is kept"
+    );
+    let back: serde_json::Value = serde_json::from_slice(&e.encode().unwrap()).unwrap();
+    assert_eq!(back["timestamp"], "2025-10-26T15:04:05.1234+08:00");
+    // A dead-letter topic no stream stores is refused at subscribe, naming the subject.
+    let err = bus
+        .subscribe_envelope(
+            "go-orders",
+            SubscribeOptions::group("audit"),
+            |_e: Envelope| async { Ok::<_, std::io::Error>(()) },
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("go-orders.dlq"), "{err}");
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
+}
