@@ -192,6 +192,7 @@ impl Backend for NatsBackend {
             js: inner.js.clone(),
             config: inner.config.clone(),
             bucket,
+            events: inner.events.clone(),
         };
         group::subscribe(ctx, spec).await
     }

@@ -158,6 +158,9 @@ pub(crate) struct GroupContext {
     pub(crate) js: jetstream::Context,
     pub(crate) config: NatsConfig,
     pub(crate) bucket: kv::Store,
+    /// The connection's events: a reconnect makes every owned partition
+    /// start again from its ack floor.
+    pub(crate) events: tokio::sync::broadcast::Sender<crate::connect::ConnectionEvent>,
 }
 
 /// Joins (group, topic) and starts the member's coordinator.
@@ -277,6 +280,8 @@ struct Owned {
     fetch: Fetcher,
     /// Set when a rebalance gives it up: no new attempt starts, running ones finish.
     draining_since: Option<Instant>,
+    /// When the request that last wrote the lease (take or renewal) was sent.
+    written_at: Instant,
 }
 
 /// A partition's fetch task, aborted on drop.
@@ -322,14 +327,74 @@ impl Member {
     async fn run(mut self, stop: CancellationToken) {
         let mut tick = tokio::time::interval(self.heartbeat());
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut events = self.ctx.events.subscribe();
+        let mut reconnected = false;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
+                event = events.recv() => {
+                    use tokio::sync::broadcast::error::RecvError;
+                    match event {
+                        Ok(crate::connect::ConnectionEvent::Connected) | Err(RecvError::Lagged(_)) => reconnected = true,
+                        Ok(_) => {}
+                        Err(RecvError::Closed) => {}
+                    }
+                    continue;
+                }
             }
             self.round().await;
+            if std::mem::take(&mut reconnected) {
+                self.restart_after_reconnect().await;
+            }
         }
         self.leave().await;
+    }
+
+    /// After a reconnect, every partition this member still holds starts
+    /// again from its ack floor on a fresh consumer: messages the server
+    /// delivered while the connection was down never arrived here, and the
+    /// server would redeliver them only after `ack_wait`, behind newer
+    /// versions. Queued messages of the old holding do not start (they come
+    /// again from the new consumer).
+    async fn restart_after_reconnect(&mut self) {
+        let held: Vec<u32> = self
+            .owned
+            .iter()
+            .filter(|(_, o)| o.draining_since.is_none() && !o.ownership.is_lost())
+            .map(|(p, _)| *p)
+            .collect();
+        for p in held {
+            let Some(o) = self.owned.remove(&p) else { continue };
+            o.ownership.revoke();
+            if o.ownership.running_attempts() > 0 {
+                o.ownership
+                    .stop_running(std::time::Instant::now(), Duration::ZERO);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+                while o.ownership.running_attempts() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            o.fetch.stop().await;
+            self.forget(p, o.generation);
+            tracing::info!(topic = %self.layout.topic, partition = p, reason = "reconnected", "partitions revoked");
+            if o.ownership.running_attempts() > 0 {
+                tracing::warn!(topic = %self.layout.topic, partition = p, "a handler did not stop; its lease is left to expire");
+                continue;
+            }
+            // The same lease, a new holding: its consumer is named after the
+            // lease's current revision, newer than the old consumer's.
+            if let Err(e) = self.take(p, o.revision, o.written_at).await {
+                tracing::warn!(topic = %self.layout.topic, partition = p, error = %e, "cannot consume a partition after a reconnect");
+                let key = self.layout.lease_key(p);
+                let bucket = self.ctx.bucket.clone();
+                self.bounded(
+                    "lease release",
+                    bucket.delete_expect_revision(&key, Some(o.revision)),
+                )
+                .await;
+            }
+        }
     }
 
     /// Bounds one request to the server by a heartbeat.
@@ -484,6 +549,7 @@ impl Member {
                     let until = sent + self.held_for();
                     if let Some(o) = self.owned.get_mut(&p) {
                         o.revision = revision;
+                        o.written_at = sent;
                         o.ownership.set_deadline(until);
                     }
                 }
@@ -611,6 +677,7 @@ impl Member {
                 ownership,
                 fetch: Fetcher(fetch),
                 draining_since: None,
+                written_at: sent,
             },
         );
         Ok(())
@@ -647,7 +714,9 @@ impl Member {
             }
         }
         previous.sort();
-        if previous.last().is_some_and(|(g, _)| *g >= revision) {
+        // Revisions are unique per write: an equal one is this holding's own
+        // consumer (restarted after a reconnect), a higher one a newer owner's.
+        if previous.last().is_some_and(|(g, _)| *g > revision) {
             // A later owner exists: this claim is stale (its lease lapsed
             // while it was being taken). Never touch the newer consumer.
             return Err(Error::new(

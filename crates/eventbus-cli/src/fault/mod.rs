@@ -272,7 +272,7 @@ pub(crate) async fn run(args: FaultArgs) -> Result<()> {
         .collect();
     let mut rows = Vec::new();
     for kind in kinds {
-        let temp;
+        let mut temp = None;
         let dir = match &args.dir {
             Some(d) => {
                 let d = d.join(format!("{kind:?}").to_lowercase());
@@ -281,13 +281,21 @@ pub(crate) async fn run(args: FaultArgs) -> Result<()> {
                 d
             }
             None => {
-                temp = tempfile::tempdir()
+                let t = tempfile::tempdir()
                     .map_err(|e| Error::config("cannot create a temp dir").with_source(e))?;
-                temp.path().to_owned()
+                let path = t.path().to_owned();
+                temp = Some(t);
+                path
             }
         };
         let row = one(kind, &args, &dir).await?;
         eprintln!("fault[{}]: {}", row.backend, row.markdown(args.members));
+        if row.lost > 0 || row.violations > 0 || row.overlaps > 0 {
+            // Keep the logs of a failed run for a look.
+            if let Some(t) = temp.take() {
+                eprintln!("fault[{}]: logs kept in {}", row.backend, t.keep().display());
+            }
+        }
         rows.push(row);
     }
     println!();
