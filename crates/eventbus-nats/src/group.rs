@@ -282,6 +282,9 @@ struct Owned {
     draining_since: Option<Instant>,
     /// When the request that last wrote the lease (take or renewal) was sent.
     written_at: Instant,
+    /// Revoked by a disconnect: restarted from the ack floor on reconnect
+    /// (not released when its fetch task ends meanwhile).
+    suspended: bool,
 }
 
 /// A partition's fetch task, aborted on drop.
@@ -334,11 +337,22 @@ impl Member {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
                 event = events.recv() => {
+                    use crate::connect::ConnectionEvent;
                     use tokio::sync::broadcast::error::RecvError;
                     match event {
-                        Ok(crate::connect::ConnectionEvent::Connected) | Err(RecvError::Lagged(_)) => reconnected = true,
-                        Ok(_) => {}
-                        Err(RecvError::Closed) => {}
+                        Ok(ConnectionEvent::Disconnected) => {
+                            // Messages may be lost in flight from now on: no
+                            // queued message of these holdings may start, or
+                            // a newer version could run before a lost one.
+                            self.suspend();
+                            reconnected = true;
+                        }
+                        Ok(ConnectionEvent::Connected) | Err(RecvError::Lagged(_)) => {
+                            self.suspend();
+                            self.restart_after_reconnect().await;
+                            reconnected = false;
+                        }
+                        Ok(_) | Err(RecvError::Closed) => {}
                     }
                     continue;
                 }
@@ -357,11 +371,22 @@ impl Member {
     /// server would redeliver them only after `ack_wait`, behind newer
     /// versions. Queued messages of the old holding do not start (they come
     /// again from the new consumer).
+    /// Revokes every active holding at once (no queued message starts);
+    /// they are restarted by [`restart_after_reconnect`](Member::restart_after_reconnect).
+    fn suspend(&mut self) {
+        for o in self.owned.values_mut() {
+            if o.draining_since.is_none() {
+                o.ownership.revoke();
+                o.suspended = true;
+            }
+        }
+    }
+
     async fn restart_after_reconnect(&mut self) {
         let held: Vec<u32> = self
             .owned
             .iter()
-            .filter(|(_, o)| o.draining_since.is_none() && !o.ownership.is_lost())
+            .filter(|(_, o)| o.suspended && !o.ownership.is_expired())
             .map(|(p, _)| *p)
             .collect();
         for p in held {
@@ -436,7 +461,7 @@ impl Member {
         let gone: Vec<u32> = self
             .owned
             .iter()
-            .filter(|(_, o)| o.draining_since.is_none() && o.fetch.0.is_finished())
+            .filter(|(_, o)| o.draining_since.is_none() && !o.suspended && o.fetch.0.is_finished())
             .map(|(p, _)| *p)
             .collect();
         for p in gone {
@@ -678,6 +703,7 @@ impl Member {
                 fetch: Fetcher(fetch),
                 draining_since: None,
                 written_at: sent,
+                suspended: false,
             },
         );
         Ok(())
@@ -766,19 +792,30 @@ impl Member {
                 self.layout.topic
             )));
         }
-        for (_, name) in &previous {
-            match stream.delete_consumer(name).await {
-                Ok(_) => {}
-                Err(e)
-                    if matches!(e.kind(), jetstream::stream::ConsumerErrorKind::JetStream(ref js)
-                        if js.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) => {}
-                Err(e) => return Err(api("delete consumer", e)),
-            }
-        }
         let durable = format!("{}{revision}", self.layout.consumer_prefix(p));
+        let delete = |name: String| {
+            let stream = stream.clone();
+            async move {
+                match stream.delete_consumer(&name).await {
+                    Ok(_) => Ok(()),
+                    Err(e)
+                        if matches!(e.kind(), jetstream::stream::ConsumerErrorKind::JetStream(ref js)
+                            if js.error_code() == jetstream::ErrorCode::CONSUMER_NOT_FOUND) =>
+                    {
+                        Ok(())
+                    }
+                    Err(e) => Err(api("delete consumer", e)),
+                }
+            }
+        };
+        // This holding's own consumer (restarted after a reconnect, same
+        // revision) must go before it is created again under its name.
+        if previous.iter().any(|(_, name)| *name == durable) {
+            delete(durable.clone()).await?;
+        }
         let consumer = &self.ctx.config.consumer;
         let config = pull::Config {
-            durable_name: Some(durable),
+            durable_name: Some(durable.clone()),
             filter_subject: subject,
             deliver_policy,
             ack_policy: AckPolicy::Explicit,
@@ -790,10 +827,19 @@ impl Member {
             max_deliver: -1,
             ..Default::default()
         };
-        stream
+        // Create first, then delete the previous ones: if anything fails in
+        // between, the partition still has a consumer holding its ack floor
+        // (never a replay from the start).
+        let created = stream
             .create_consumer(config)
             .await
-            .map_err(|e| api("create consumer", e))
+            .map_err(|e| api("create consumer", e))?;
+        for (_, name) in previous {
+            if name != durable {
+                delete(name).await?;
+            }
+        }
+        Ok(created)
     }
 
     /// Stops consuming `p` at once: its lease is gone (or past its local
