@@ -606,8 +606,10 @@ impl Member {
     }
 
     /// Takes `p`'s lease if it is free: its revision, or `None` when held
-    /// by another member. A claim whose answer was lost (timed out) but
-    /// that the server stored is recognised by reading the key back.
+    /// (by another member, or by this one's earlier holding) or when the
+    /// answer was lost. A claim stored but unanswered is not adopted: its
+    /// write time is unknown here, and an earlier lease of this member read
+    /// back could be close to expiring; it expires and is claimed again.
     async fn claim(&self, p: u32) -> Option<u64> {
         let key = self.layout.lease_key(p);
         let created = tokio::time::timeout(
@@ -617,8 +619,7 @@ impl Member {
         .await;
         match created {
             Ok(Ok(revision)) => Some(revision),
-            Ok(Err(e)) if e.kind() == kv::CreateErrorKind::AlreadyExists => None,
-            _ => self.ours(p).await,
+            _ => None,
         }
     }
 
