@@ -391,31 +391,18 @@ impl Member {
             .collect();
         for p in held {
             let Some(o) = self.owned.remove(&p) else { continue };
-            o.ownership.revoke();
-            if o.ownership.running_attempts() > 0 {
-                o.ownership
-                    .stop_running(std::time::Instant::now(), Duration::ZERO);
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
-                while o.ownership.running_attempts() > 0 && tokio::time::Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                }
-            }
-            o.fetch.stop().await;
-            self.forget(p, o.generation);
-            tracing::info!(topic = %self.layout.topic, partition = p, reason = "reconnected", "partitions revoked");
-            if o.ownership.running_attempts() > 0 {
-                tracing::warn!(topic = %self.layout.topic, partition = p, "a handler did not stop; its lease is left to expire");
+            let Some((revision, written_at)) = self.stop_holding(p, o, "reconnected").await else {
                 continue;
-            }
+            };
             // The same lease, a new holding: its consumer is named after the
             // lease's current revision, newer than the old consumer's.
-            if let Err(e) = self.take(p, o.revision, o.written_at).await {
+            if let Err(e) = self.take(p, revision, written_at).await {
                 tracing::warn!(topic = %self.layout.topic, partition = p, error = %e, "cannot consume a partition after a reconnect");
                 let key = self.layout.lease_key(p);
                 let bucket = self.ctx.bucket.clone();
                 self.bounded(
                     "lease release",
-                    bucket.delete_expect_revision(&key, Some(o.revision)),
+                    bucket.delete_expect_revision(&key, Some(revision)),
                 )
                 .await;
             }
@@ -865,6 +852,26 @@ impl Member {
     /// expires instead.
     async fn release(&mut self, p: u32, why: &str) {
         let Some(o) = self.owned.remove(&p) else { return };
+        let stopped = self.stop_holding(p, o, why).await;
+        self.bounded("flush", self.ctx.client.flush()).await;
+        let Some((revision, _)) = stopped else {
+            return;
+        };
+        let key = self.layout.lease_key(p);
+        let bucket = self.ctx.bucket.clone();
+        self.bounded(
+            "lease release",
+            bucket.delete_expect_revision(&key, Some(revision)),
+        )
+        .await;
+    }
+
+    /// Ends holding `o` of `p`: no attempt starts, running ones are
+    /// cancelled (waiting at most one second for them), the fetch task
+    /// stops and its unsettled messages are no longer kept alive. The
+    /// lease's (revision, write time) when nothing runs any more; `None`
+    /// when a handler would not stop (its lease is left to expire).
+    async fn stop_holding(&self, p: u32, o: Owned, why: &str) -> Option<(u64, Instant)> {
         o.ownership.revoke();
         if o.ownership.running_attempts() > 0 {
             o.ownership
@@ -876,19 +883,12 @@ impl Member {
         }
         o.fetch.stop().await;
         self.forget(p, o.generation);
-        self.bounded("flush", self.ctx.client.flush()).await;
         tracing::info!(topic = %self.layout.topic, partition = p, reason = why, "partitions revoked");
         if o.ownership.running_attempts() > 0 {
             tracing::warn!(topic = %self.layout.topic, partition = p, "a handler did not stop; its lease is left to expire");
-            return;
+            return None;
         }
-        let key = self.layout.lease_key(p);
-        let bucket = self.ctx.bucket.clone();
-        self.bounded(
-            "lease release",
-            bucket.delete_expect_revision(&key, Some(o.revision)),
-        )
-        .await;
+        Some((o.revision, o.written_at))
     }
 
     /// Stops keeping `p`'s unsettled messages of holding `generation`
