@@ -185,7 +185,7 @@ impl EventBus {
     pub async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<PublishHandle> {
         self.ensure_open()?;
         validate_topic(topic)?;
-        let message = envelope_message(topic, envelope)?;
+        let message = envelope_message(topic, envelope, self.inner.config.publish.tenant_id_format)?;
         let meta = codec::envelope_result_meta(topic, envelope, true);
         self.inner
             .publisher

@@ -15,16 +15,21 @@ use crate::publish::ResultMeta;
 
 /// The broker message of an envelope publish: body = the envelope's JSON,
 /// key = the aggregate id (Kafka keeps an aggregate in one partition),
-/// the `X-Event-*` headers, dedup id = the event id.
+/// the `X-Event-*` headers, dedup id = the event id; `tenant_id` written in
+/// `tenant_format`.
 ///
 /// # Errors
 /// [`Serialization`](ErrorKind::Serialization) when the envelope cannot be encoded.
-pub(crate) fn envelope_message(topic: &str, envelope: &Envelope) -> Result<Message> {
+pub(crate) fn envelope_message(
+    topic: &str,
+    envelope: &Envelope,
+    tenant_format: crate::TenantIdFormat,
+) -> Result<Message> {
     Ok(Message {
         topic: topic.to_owned(),
         key: Some(Bytes::copy_from_slice(envelope.aggregate_id.as_bytes())),
         headers: envelope_headers(envelope),
-        payload: envelope.encode()?,
+        payload: envelope.encode_with(tenant_format)?,
         dedup_id: Some(envelope.event_id.clone()),
     })
 }

@@ -59,6 +59,10 @@ pub struct PublishConfig {
     pub timeout_ms: u64,
     /// Longest wait for the broker's ACK, in ms.
     pub ack_timeout_ms: u64,
+    /// How envelopes write `tenant_id`: `integer` (default, as the Go SDK
+    /// does) or `string` for consumers on Go SDK releases from late October
+    /// 2025 to February 2026, which read only the string form.
+    pub tenant_id_format: crate::TenantIdFormat,
 }
 
 /// Publish-results stream settings.
@@ -141,6 +145,7 @@ impl Default for PublishConfig {
             max_in_flight: 4_096,
             timeout_ms: 5_000,
             ack_timeout_ms: 30_000,
+            tenant_id_format: crate::TenantIdFormat::Integer,
         }
     }
 }

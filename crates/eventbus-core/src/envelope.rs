@@ -129,8 +129,33 @@ impl Envelope {
     /// # Errors
     /// [`Validation`](crate::ErrorKind::Validation) when a rule is broken.
     pub fn encode(&self) -> Result<Bytes> {
+        self.encode_with(TenantIdFormat::Integer)
+    }
+
+    /// Serializes to JSON bytes after validating, writing `tenant_id` in
+    /// `format` (every other byte is as [`encode`](Envelope::encode) writes it).
+    ///
+    /// # Errors
+    /// [`Validation`](crate::ErrorKind::Validation) when a rule is broken.
+    pub fn encode_with(&self, format: TenantIdFormat) -> Result<Bytes> {
         self.validate()?;
-        Ok(Bytes::from(serde_json::to_vec(self)?))
+        match (format, self.tenant_id) {
+            (TenantIdFormat::String, Some(tenant)) => {
+                let wire = StringTenant {
+                    event_id: &self.event_id,
+                    aggregate_id: &self.aggregate_id,
+                    event_type: &self.event_type,
+                    event_version: self.event_version,
+                    timestamp: format_timestamp(&self.timestamp),
+                    trace_id: self.trace_id.as_deref(),
+                    correlation_id: self.correlation_id.as_deref(),
+                    tenant_id: tenant.to_string(),
+                    payload: &self.payload,
+                };
+                Ok(Bytes::from(serde_json::to_vec(&wire)?))
+            }
+            _ => Ok(Bytes::from(serde_json::to_vec(self)?)),
+        }
     }
 
     /// Parses and validates JSON bytes. Never panics, whatever the input.
@@ -144,6 +169,39 @@ impl Envelope {
         envelope.validate()?;
         Ok(envelope)
     }
+}
+
+/// How [`Envelope::encode_with`] writes `tenant_id`.
+///
+/// The Go SDK writes an integer; its releases from late October 2025 to
+/// February 2026 typed it as a string and cannot read the integer (their
+/// decoder fails on `"tenant_id":7`). Every form is read whatever this says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TenantIdFormat {
+    /// A JSON integer (`"tenant_id":7`), as the current Go SDK writes it. Default.
+    #[default]
+    Integer,
+    /// A JSON string holding the integer (`"tenant_id":"7"`), for consumers
+    /// on those older Go releases.
+    String,
+}
+
+/// The envelope's JSON with `tenant_id` as a string, field for field and in
+/// the same order as [`Envelope`]'s own serialization.
+#[derive(Serialize)]
+struct StringTenant<'a> {
+    event_id: &'a str,
+    aggregate_id: &'a str,
+    event_type: &'a str,
+    event_version: i64,
+    timestamp: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trace_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    correlation_id: Option<&'a str>,
+    tenant_id: String,
+    payload: &'a Payload,
 }
 
 /// Checks an aggregate id: 1..=256 characters of `A-Z a-z 0-9 : _ - . /`.

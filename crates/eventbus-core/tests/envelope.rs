@@ -2,7 +2,7 @@
 //! format, and property tests of encode/decode.
 
 use chrono::{DateTime, FixedOffset, TimeZone, Utc};
-use eventbus_core::{Envelope, ErrorKind, Payload};
+use eventbus_core::{Envelope, ErrorKind, Payload, TenantIdFormat};
 use proptest::prelude::*;
 
 const GOLDEN: &str = include_str!("golden/go_envelope.json");
@@ -186,6 +186,20 @@ proptest! {
     }
 
     #[test]
+    fn the_string_tenant_form_changes_only_the_tenant(e in envelope()) {
+        let integer = String::from_utf8(e.encode().unwrap().to_vec()).unwrap();
+        let string = String::from_utf8(e.encode_with(TenantIdFormat::String).unwrap().to_vec()).unwrap();
+        match e.tenant_id {
+            Some(t) => {
+                let expected = integer.replacen(&format!("\"tenant_id\":{t},"), &format!("\"tenant_id\":\"{t}\","), 1);
+                prop_assert_eq!(&string, &expected);
+            }
+            None => prop_assert_eq!(&string, &integer),
+        }
+        prop_assert_eq!(Envelope::decode(string.as_bytes()).unwrap(), e);
+    }
+
+    #[test]
     fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
         let _ = Envelope::decode(&bytes);
     }
@@ -197,4 +211,40 @@ proptest! {
         bytes[i] = byte;
         let _ = Envelope::decode(&bytes);
     }
+}
+
+/// `publish.tenant_id_format = string` puts the old Go releases' form on the
+/// wire; a subscriber reads it back as the same tenant.
+#[tokio::test]
+async fn a_bus_set_for_old_go_consumers_writes_the_tenant_as_a_string() {
+    let mut config = eventbus_core::BusConfig::default();
+    config.publish.tenant_id_format = TenantIdFormat::String;
+    let bus = eventbus_core::EventBus::memory_with(config).unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let sub = bus
+        .subscribe(
+            "tenants",
+            eventbus_core::SubscribeOptions::group("raw"),
+            move |m: eventbus_core::Message| {
+                let _ = tx.send(m.payload);
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .unwrap();
+    let e = Envelope::builder("a", "T", 1)
+        .tenant_id(7)
+        .payload(Payload::from_raw("{}").unwrap())
+        .build()
+        .unwrap();
+    bus.publish_envelope_sync("tenants", &e).await.unwrap();
+    let body = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(v["tenant_id"], "7");
+    assert_eq!(Envelope::decode(&body).unwrap(), e);
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
 }

@@ -21,6 +21,9 @@ pub struct OutboxEvent<'a> {
     pub aggregate_type: &'a str,
     /// Deduplicates appends of one business operation; default the event id.
     pub idempotency_key: Option<&'a str>,
+    /// How the stored (and so published) JSON writes `tenant_id`; default
+    /// an integer. See [`TenantIdFormat`](eventbus_core::TenantIdFormat).
+    pub tenant_id_format: eventbus_core::TenantIdFormat,
 }
 
 impl<'a> OutboxEvent<'a> {
@@ -31,6 +34,7 @@ impl<'a> OutboxEvent<'a> {
             envelope,
             aggregate_type,
             idempotency_key: None,
+            tenant_id_format: eventbus_core::TenantIdFormat::Integer,
         }
     }
 }
@@ -58,7 +62,7 @@ impl<'a> OutboxEvent<'a> {
 /// (nothing is written), `Backend` when the database fails.
 pub async fn append<C: OutboxConnection>(conn: &mut C, event: OutboxEvent<'_>) -> Result<bool> {
     validate_topic(event.topic)?;
-    let json = event.envelope.encode()?;
+    let json = event.envelope.encode_with(event.tenant_id_format)?;
     let json = String::from_utf8(json.to_vec())
         .map_err(|e| Error::new(ErrorKind::Serialization, "envelope").with_source(e))?;
     conn.insert(&event, json).await
