@@ -35,8 +35,8 @@ pub use config::{BusConfig, ConsumerConfig, ENV_PREFIX, MemoryConfig, PublishCon
 pub use consume::subscription::{SubscribeOptions, Subscription};
 pub use dead_letter::DeadLetterPolicy;
 pub use envelope::{
-    Envelope, EnvelopeBuilder, MAX_AGGREGATE_ID_LEN, MAX_EVENT_ID_LEN, Payload, TenantIdFormat,
-    new_event_id, validate_aggregate_id,
+    Envelope, EnvelopeBuilder, MAX_AGGREGATE_ID_LEN, MAX_EVENT_ID_LEN, Payload, TenantIdFormat, new_event_id,
+    validate_aggregate_id,
 };
 pub use error::{BoxError, Error, ErrorKind, Result, ValidationError};
 pub use headers::Headers;

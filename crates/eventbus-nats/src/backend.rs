@@ -1,5 +1,6 @@
 //! [`NatsBackend`]: the [`Backend`] over JetStream.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -27,8 +28,10 @@ pub const MSG_ID_HEADER: &str = "Nats-Msg-Id";
 
 /// The NATS JetStream backend.
 ///
-/// - Topic `t` is subject `<subject_prefix>t`, stored by whichever configured
-///   stream covers it (streams are provisioned at connect).
+/// - Topic `t` is subject `<subject_prefix>t` (default: `t`, as the Go SDK
+///   publishes), stored by whichever stream covers it: a configured one
+///   (provisioned at connect) or the topic's own, found or created at its
+///   first publish or subscribe (see [`NatsConfig::topic_streams`]).
 /// - Publishes are async JetStream publishes carrying the envelope headers,
 ///   with `Nats-Msg-Id` = `X-Event-ID`; a repeat within the stream's
 ///   duplicate window is acked with `duplicate = true` and stored once.
@@ -63,6 +66,9 @@ struct Inner {
     reconnects: Arc<AtomicU64>,
     /// The group-lease bucket, opened at the first subscribe.
     bucket: tokio::sync::OnceCell<async_nats::jetstream::kv::Store>,
+    /// Topics whose stream is known to exist (checked or created once per
+    /// topic; a failed check is tried again at the next use).
+    topic_streams: std::sync::Mutex<HashMap<String, Arc<tokio::sync::OnceCell<()>>>>,
 }
 
 impl std::fmt::Debug for NatsBackend {
@@ -87,6 +93,7 @@ impl NatsBackend {
         let js = jetstream::ContextBuilder::new()
             .timeout(Duration::from_millis(config.request_timeout_ms))
             .build(client.clone());
+        topology::validate_topic_streams(&config.topic_streams)?;
         topology::provision(&js, &config.streams, config.provision).await?;
         Ok(Self {
             inner: Arc::new(Inner {
@@ -96,6 +103,7 @@ impl NatsBackend {
                 events,
                 reconnects,
                 bucket: tokio::sync::OnceCell::new(),
+                topic_streams: std::sync::Mutex::new(HashMap::new()),
             }),
         })
     }
@@ -118,6 +126,37 @@ impl NatsBackend {
     /// Reconnections since connect (count).
     pub fn reconnects(&self) -> u64 {
         self.inner.reconnects.load(Ordering::Relaxed)
+    }
+
+    /// Makes sure a stream stores `topic`'s subjects, once per topic: see
+    /// [`NatsConfig::topic_streams`].
+    ///
+    /// # Errors
+    /// Those of `topology::ensure_topic_stream` (`NotFound`, `Conflict`, `Backend`).
+    async fn ensure_topic(&self, topic: &str) -> Result<()> {
+        let cell = {
+            let mut map = self.inner.topic_streams.lock().unwrap_or_else(|e| e.into_inner());
+            match map.get(topic) {
+                Some(cell) if cell.initialized() => return Ok(()),
+                Some(cell) => cell.clone(),
+                None => map.entry(topic.to_owned()).or_default().clone(),
+            }
+        };
+        let config = &self.inner.config;
+        cell.get_or_try_init(|| async {
+            let subjects =
+                topology::topic_subjects(&config.subject_prefix, topic, config.partitions_of(topic));
+            topology::ensure_topic_stream(
+                &self.inner.js,
+                &config.topic_streams,
+                config.provision,
+                topic,
+                &subjects,
+            )
+            .await
+        })
+        .await
+        .map(|_| ())
     }
 
     /// The subject a message of `topic` with record key `key` goes to: the
@@ -161,6 +200,7 @@ impl Backend for NatsBackend {
 
     async fn publish(&self, message: Message) -> Result<AckFuture> {
         let headers = nats_headers(&message)?;
+        self.ensure_topic(&message.topic).await?;
         let subject = self.subject(&message.topic, message.key.as_deref());
         let ack = self
             .inner
@@ -181,6 +221,7 @@ impl Backend for NatsBackend {
     }
 
     async fn subscribe(&self, spec: &SubscribeSpec) -> Result<Box<dyn BackendSubscription>> {
+        self.ensure_topic(&spec.topic).await?;
         let inner = &self.inner;
         let bucket = inner
             .bucket
@@ -198,6 +239,7 @@ impl Backend for NatsBackend {
     }
 
     async fn check_publishable(&self, topic: &str) -> Result<()> {
+        self.ensure_topic(topic).await?;
         let subject = self.subject(topic, None);
         match self.inner.js.stream_by_subject(subject.clone()).await {
             Ok(_) => Ok(()),

@@ -23,14 +23,40 @@ pub struct NatsConfig {
     pub tls: Option<NatsTls>,
     /// Reconnect behaviour.
     pub reconnect: NatsReconnect,
-    /// Prefix prepended to a topic to make its subject. Default `events.`
-    /// (topic `orders` is subject `events.orders`).
+    /// Prefix prepended to a topic to make its subject. Default empty:
+    /// subject = topic, as the Go SDK publishes (topic `orders` is subject
+    /// `orders`). A prefix such as `events.` keeps the bus's subjects apart
+    /// from other traffic; Go services then see none of them.
     pub subject_prefix: String,
-    /// Streams to provision. Default: one stream `EVENTS` over `events.>`.
+    /// Streams to provision at connect, each with its own subjects. Default
+    /// none: every topic gets its own stream from
+    /// [`topic_streams`](NatsConfig::topic_streams) when no stream stores it.
     pub streams: Vec<StreamSpec>,
-    /// What to do with [`streams`](NatsConfig::streams) at connect, and with
-    /// the group-lease bucket ([`NatsConsumer::groups_bucket`]) at the first
-    /// subscribe: `validate_only` and `skip` require it to exist.
+    /// The stream a topic gets when no stream stores its subject, created at
+    /// the topic's first publish or subscribe (or its dead-letter topic's
+    /// check at subscribe) when [`provision`](NatsConfig::provision) creates.
+    /// Its [`name`](StreamSpec::name) is a prefix: topic `orders.v1` gets
+    /// stream `<name>_orders_v1` storing subject `<subject_prefix>orders.v1`
+    /// (a partitioned topic: its partition subjects), with this spec's
+    /// storage, retention and limits. Its `subjects` must be empty.
+    ///
+    /// The default name `BUSINESS_STREAM` is the Go SDK's default
+    /// `JetStream.Stream.Name`, and the Go SDK names the stream it creates
+    /// for a topic the same way (`<name>_<topic, . as _>`, subjects
+    /// `[topic]`), so a Go service and a Rust service starting in either
+    /// order use one stream. (The Go SDK's own defaults limit that stream to
+    /// 24 h and 100 MB; ours keeps everything: set
+    /// [`max_age_ms`](StreamSpec::max_age_ms) and
+    /// [`max_bytes`](StreamSpec::max_bytes) for limits.)
+    pub topic_streams: StreamSpec,
+    /// What to do with [`streams`](NatsConfig::streams) at connect, with a
+    /// topic's stream ([`topic_streams`](NatsConfig::topic_streams)) at its
+    /// first use, and with the group-lease bucket
+    /// ([`NatsConsumer::groups_bucket`]) at the first subscribe:
+    /// `create_or_update` (default) and `create_only` create what is
+    /// missing (a topic's existing stream is never updated); `validate_only` requires it to exist (a topic no stream
+    /// stores is then a `NotFound` error at publish and subscribe, naming
+    /// its subject); `skip` checks nothing.
     pub provision: ProvisionStrategy,
     /// Partitioned topics: topic (or pattern) to partition count. Default
     /// empty: every topic is unpartitioned.
@@ -108,9 +134,11 @@ pub struct NatsReconnect {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StreamSpec {
-    /// Stream name (no `.`, `*`, `>` or whitespace). Default `EVENTS`.
+    /// Stream name (no `.`, `*`, `>` or whitespace). Default `BUSINESS_STREAM`.
     pub name: String,
-    /// Subjects stored. Default `["events.>"]`.
+    /// Subjects stored, at least one (none for
+    /// [`NatsConfig::topic_streams`], whose subjects are the topic's).
+    /// Default empty.
     pub subjects: Vec<String>,
     /// `file` (default) or `memory`.
     pub storage: Storage,
@@ -210,8 +238,9 @@ impl Default for NatsConfig {
             auth: NatsAuth::default(),
             tls: None,
             reconnect: NatsReconnect::default(),
-            subject_prefix: "events.".into(),
-            streams: vec![StreamSpec::default()],
+            subject_prefix: String::new(),
+            streams: Vec::new(),
+            topic_streams: StreamSpec::default(),
             provision: ProvisionStrategy::default(),
             partitions: BTreeMap::new(),
             consumer: NatsConsumer::default(),
@@ -233,8 +262,8 @@ impl Default for NatsReconnect {
 impl Default for StreamSpec {
     fn default() -> Self {
         Self {
-            name: "EVENTS".into(),
-            subjects: vec!["events.>".into()],
+            name: "BUSINESS_STREAM".into(),
+            subjects: Vec::new(),
             storage: Storage::File,
             retention: Retention::Limits,
             max_age_ms: 0,

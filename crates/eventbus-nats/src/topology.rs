@@ -72,6 +72,116 @@ fn stream_config(spec: &StreamSpec) -> stream::Config {
     }
 }
 
+/// Every subject of `topic`: its one subject, or one per partition.
+pub(crate) fn topic_subjects(prefix: &str, topic: &str, partitions: Option<u32>) -> Vec<String> {
+    match partitions {
+        Some(n) => (0..n).map(|p| partition_subject(prefix, topic, p)).collect(),
+        None => vec![subject(prefix, topic)],
+    }
+}
+
+/// The name of the stream [`ensure_topic_stream`] creates for `topic`:
+/// `<prefix>_<topic with . as _>`, the Go SDK's naming of a topic's stream.
+pub(crate) fn topic_stream_name(prefix: &str, topic: &str) -> String {
+    format!("{prefix}_{}", topic.replace('.', "_"))
+}
+
+/// Checks the topic-stream template of `NatsConfig::topic_streams`.
+///
+/// # Errors
+/// [`Config`](ErrorKind::Config) when it has subjects or breaks a stream rule.
+pub(crate) fn validate_topic_streams(template: &StreamSpec) -> Result<()> {
+    if !template.subjects.is_empty() {
+        return Err(Error::config(
+            "nats.topic_streams.subjects must be empty: a topic's stream stores the topic's own subjects",
+        ));
+    }
+    validate_spec(template)
+}
+
+/// Makes sure some stream stores every subject of `topic`, creating
+/// `<template.name>_<topic>` (see [`topic_stream_name`]) when none stores
+/// any of them and `strategy` creates. A concurrent creator (another
+/// member, a Go service) is fine: its stream is used.
+///
+/// # Errors
+/// [`NotFound`](ErrorKind::NotFound) naming a subject no stream stores when
+/// `strategy` does not create, or when a stream stores some of a
+/// partitioned topic's subjects but not this one (its partition count
+/// changed); [`Conflict`](ErrorKind::Conflict) when the stream name is
+/// taken by a stream storing other subjects; [`Backend`](ErrorKind::Backend)
+/// for other JetStream API errors.
+pub(crate) async fn ensure_topic_stream(
+    js: &jetstream::Context,
+    template: &StreamSpec,
+    strategy: ProvisionStrategy,
+    topic: &str,
+    subjects: &[String],
+) -> Result<()> {
+    if strategy == ProvisionStrategy::Skip {
+        return Ok(());
+    }
+    let missing = missing_subjects(js, subjects).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let creates = matches!(
+        strategy,
+        ProvisionStrategy::CreateOnly | ProvisionStrategy::CreateOrUpdate
+    );
+    if !creates || missing.len() < subjects.len() {
+        return Err(Error::new(
+            ErrorKind::NotFound,
+            format!(
+                "no JetStream stream stores subject {} (topic {topic}){}",
+                missing[0],
+                if creates {
+                    ": a stream stores the topic's other partitions, so its partition count changed; \
+                     add the subject to that stream"
+                } else {
+                    ": create a stream for it, or let provisioning create one"
+                }
+            ),
+        ));
+    }
+    let name = topic_stream_name(&template.name, topic);
+    let spec = StreamSpec {
+        name: name.clone(),
+        subjects: subjects.to_vec(),
+        ..template.clone()
+    };
+    validate_spec(&spec)?;
+    if let Err(e) = js.create_stream(stream_config(&spec)).await {
+        // Someone else may have created it meanwhile (same name or another
+        // stream over these subjects): fine if the subjects are stored now.
+        if missing_subjects(js, subjects).await?.is_empty() {
+            return Ok(());
+        }
+        return Err(Error::new(
+            ErrorKind::Conflict,
+            format!("cannot create stream {name} for topic {topic} (subjects {subjects:?})"),
+        )
+        .with_source(e));
+    }
+    tracing::info!(stream = %name, topic, "created the topic's JetStream stream");
+    Ok(())
+}
+
+/// The subjects of `subjects` that no stream stores.
+async fn missing_subjects(js: &jetstream::Context, subjects: &[String]) -> Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for subject in subjects {
+        match js.stream_by_subject(subject.clone()).await {
+            Ok(_) => {}
+            Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => {
+                missing.push(subject.clone())
+            }
+            Err(e) => return Err(api("stream lookup by subject", e)),
+        }
+    }
+    Ok(missing)
+}
+
 /// Rules the server would refuse later, checked up front.
 fn validate_spec(spec: &StreamSpec) -> Result<()> {
     if spec.max_age_ms > 0 && spec.duplicate_window_ms > spec.max_age_ms {
@@ -134,6 +244,9 @@ pub(crate) async fn provision(
     }
     for spec in specs {
         validate_spec(spec)?;
+        if spec.subjects.is_empty() {
+            return Err(Error::config(format!("stream {} has no subjects", spec.name)));
+        }
         let want = stream_config(spec);
         let existing = match js.get_stream(&spec.name).await {
             Ok(mut s) => Some(s.info().await.map_err(|e| api("stream info", e))?.config.clone()),

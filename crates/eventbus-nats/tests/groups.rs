@@ -108,22 +108,21 @@ async fn a_member_joining_with_acks_pending_leaves_the_running_member_alone() {
 }
 
 /// A partitioned topic's event is stored on the subject of its aggregate's
-/// partition, `events.<topic>.<partition_for(aggregate id)>`.
+/// partition, `<topic>.<partition_for(aggregate id)>`, in the stream the
+/// topic got at its first use, `BUSINESS_STREAM_<topic>`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_topic_stores_each_aggregate_on_its_partition_subject() {
     let server = NatsServer::start().await.unwrap();
     let bus = bus(&server, &[("parts", 4)]).await;
     let client = async_nats::connect(server.url()).await.unwrap();
-    let stream = async_nats::jetstream::new(client)
-        .get_stream("EVENTS")
-        .await
-        .unwrap();
+    let js = async_nats::jetstream::new(client);
     for aggregate in ["order-1", "order-2", "order-3", "order-4", "order-5"] {
         let e = envelope(aggregate, 1);
         bus.publish_envelope_sync("parts", &e).await.unwrap();
+        let stream = js.get_stream("BUSINESS_STREAM_parts").await.unwrap();
         let p = eventbus_core::partition_for(aggregate.as_bytes(), 4);
         let stored = stream
-            .get_last_raw_message_by_subject(&format!("events.parts.{p}"))
+            .get_last_raw_message_by_subject(&format!("parts.{p}"))
             .await
             .unwrap();
         let got = Envelope::decode(&stored.payload).unwrap();
@@ -246,16 +245,17 @@ async fn a_parked_aggregate_holds_back_only_its_partition() {
 
 /// A Go service's stream and messages: subject = topic, no headers, no
 /// `Nats-Msg-Id`, no dead-letter subject, the timestamp in the sender's
-/// zone and an old release's string tenant id. A Rust subscriber set for
-/// Go (`subject_prefix = ""`, no streams of its own) handles it with every
-/// field equal, zone included.
+/// zone and an old release's string tenant id. A Rust subscriber with the
+/// default settings handles it with every field equal, zone included, and
+/// a Rust publisher with the default settings lands on the Go subject.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_go_published_event_on_a_go_stream_is_handled_with_every_field_equal() {
     let server = NatsServer::start().await.unwrap();
     let client = async_nats::connect(server.url()).await.unwrap();
     let js = async_nats::jetstream::new(client.clone());
+    // As the Go SDK creates it: `<JetStream.Stream.Name>_<topic>`, subjects [topic].
     js.create_stream(async_nats::jetstream::stream::Config {
-        name: "GO_ORDERS".into(),
+        name: "GO_STREAM_go-orders".into(),
         subjects: vec!["go-orders".into()],
         ..Default::default()
     })
@@ -268,10 +268,12 @@ async fn a_go_published_event_on_a_go_stream_is_handled_with_every_field_equal()
         .await
         .unwrap();
     let mut config = NatsConfig::with_servers([server.url()]);
-    config.subject_prefix = String::new();
-    config.streams = Vec::new();
-    config.consumer.lease_ms = 2_000;
-    let bus = EventBus::new(NatsBackend::connect(config).await.unwrap(), BusConfig::default()).unwrap();
+    config.consumer.lease_ms = 2_000; // everything else is the default
+    let bus = EventBus::new(
+        NatsBackend::connect(config.clone()).await.unwrap(),
+        BusConfig::default(),
+    )
+    .unwrap();
     let got: Arc<Mutex<Vec<Envelope>>> = Default::default();
     let sink = got.clone();
     let sub = bus
@@ -301,18 +303,54 @@ async fn a_go_published_event_on_a_go_stream_is_handled_with_every_field_equal()
     );
     let back: serde_json::Value = serde_json::from_slice(&e.encode().unwrap()).unwrap();
     assert_eq!(back["timestamp"], "2025-10-26T15:04:05.1234+08:00");
-    // A dead-letter topic no stream stores is refused at subscribe, naming the subject.
-    let err = bus
+    // Rust to Go: a default publisher stores the event in the Go stream on
+    // subject = topic, the body alone being what a Go consumer decodes.
+    let reply = Envelope::builder("order-42", "OrderPaid", 4)
+        .tenant_id(7)
+        .json_payload(&serde_json::json!({"paid": true}))
+        .unwrap()
+        .build()
+        .unwrap();
+    bus.publish_envelope_sync("go-orders", &reply).await.unwrap();
+    let stored = js
+        .get_stream("GO_STREAM_go-orders")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject("go-orders")
+        .await
+        .unwrap();
+    assert_eq!(Envelope::decode(&stored.payload).unwrap(), reply);
+    // A subscription dead-lettering to `go-orders.dlq` (the default) gets
+    // a stream for it, named the Go way.
+    let audit = bus
         .subscribe_envelope(
             "go-orders",
             SubscribeOptions::group("audit"),
             |_e: Envelope| async { Ok::<_, std::io::Error>(()) },
         )
         .await
+        .unwrap();
+    assert!(js.get_stream("BUSINESS_STREAM_go-orders_dlq").await.is_ok());
+    audit.close().await.unwrap();
+    // Without provisioning, a dead-letter topic no stream stores is refused
+    // at subscribe, naming its subject.
+    let mut strict = config;
+    strict.provision = eventbus_core::ProvisionStrategy::ValidateOnly;
+    let strict_bus =
+        EventBus::new(NatsBackend::connect(strict).await.unwrap(), BusConfig::default()).unwrap();
+    let err = strict_bus
+        .subscribe_envelope(
+            "go-orders",
+            SubscribeOptions::group("audit").dead_letter_topic("go-orders.poison"),
+            |_e: Envelope| async { Ok::<_, std::io::Error>(()) },
+        )
+        .await
         .unwrap_err();
-    assert!(err.to_string().contains("go-orders.dlq"), "{err}");
+    assert_eq!(err.kind(), eventbus_core::ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains("go-orders.poison"), "{err}");
     sub.close().await.unwrap();
     bus.close().await.unwrap();
+    strict_bus.close().await.unwrap();
 }
 
 /// A server restart while a member holds its lease: messages the server

@@ -218,7 +218,8 @@ async fn a_dead_letter_that_cannot_be_stored_is_refused_or_reported_stalled() {
         subjects: vec![subject.into()],
         ..StreamSpec::default()
     };
-    let nats = NatsConfig {
+    let mut nats = NatsConfig {
+        subject_prefix: "events.".into(),
         streams: vec![
             stream("WORK", "events.work"),
             stream("WORKDLQ", "events.work.dlq"),
@@ -226,6 +227,23 @@ async fn a_dead_letter_that_cannot_be_stored_is_refused_or_reported_stalled() {
         ],
         ..NatsConfig::with_servers([server.url()])
     };
+    // Creates the streams, and the group-lease bucket at a first subscribe.
+    let creating = EventBus::new(
+        NatsBackend::connect(nats.clone()).await.unwrap(),
+        BusConfig::default(),
+    )
+    .unwrap();
+    let first = creating
+        .subscribe_envelope("work", SubscribeOptions::group("setup"), |_e: Envelope| async {
+            Ok::<_, std::io::Error>(())
+        })
+        .await
+        .unwrap();
+    first.close().await.unwrap();
+    creating.close().await.unwrap();
+    // A topic's own stream would store the missing dead-letter subject:
+    // validate, so that only the configured streams exist.
+    nats.provision = ProvisionStrategy::ValidateOnly;
     let backend = NatsBackend::connect(nats).await.unwrap();
     let js = backend.jetstream().clone();
     let mut config = BusConfig {
@@ -270,4 +288,65 @@ async fn a_dead_letter_that_cannot_be_stored_is_refused_or_reported_stalled() {
         started.elapsed()
     );
     let _ = bus.close().await;
+}
+
+/// With the defaults, each topic is subject = topic in a stream of its own,
+/// named as the Go SDK names it, created at first use with the
+/// `topic_streams` settings; a partitioned topic's stream stores its
+/// partition subjects. Without provisioning, a topic no stream stores is a
+/// `NotFound` error at publish naming its subject; invalid stream settings
+/// are `Config` errors at connect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_topic_gets_its_own_stream_named_the_go_way() {
+    let server = NatsServer::start().await.unwrap();
+    let mut config = NatsConfig::with_servers([server.url()]);
+    config.topic_streams.max_age_ms = 3_600_000;
+    config.partitions.insert("parted".into(), 3);
+    let bus = EventBus::new(
+        NatsBackend::connect(config.clone()).await.unwrap(),
+        BusConfig::default(),
+    )
+    .unwrap();
+    let e = Envelope::builder("a-1", "T", 1)
+        .json_payload(&1)
+        .unwrap()
+        .build()
+        .unwrap();
+    bus.publish_envelope_sync("orders.v1", &e).await.unwrap();
+    bus.publish_envelope_sync("parted", &e).await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let mut stream = js.get_stream("BUSINESS_STREAM_orders_v1").await.unwrap();
+    let info = stream.info().await.unwrap().config.clone();
+    assert_eq!(info.subjects, vec!["orders.v1".to_owned()]);
+    assert_eq!(info.max_age, Duration::from_secs(3_600));
+    let stored = stream.get_last_raw_message_by_subject("orders.v1").await.unwrap();
+    assert_eq!(Envelope::decode(&stored.payload).unwrap(), e);
+    let mut parted = js.get_stream("BUSINESS_STREAM_parted").await.unwrap();
+    assert_eq!(
+        parted.info().await.unwrap().config.subjects,
+        vec!["parted.0".to_owned(), "parted.1".into(), "parted.2".into()]
+    );
+    bus.close().await.unwrap();
+
+    let mut strict = config.clone();
+    strict.provision = ProvisionStrategy::ValidateOnly;
+    let strict = EventBus::new(NatsBackend::connect(strict).await.unwrap(), BusConfig::default()).unwrap();
+    strict.publish_envelope_sync("orders.v1", &e).await.unwrap();
+    let err = strict.publish_envelope("nowhere", &e).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound, "{err}");
+    assert!(err.to_string().contains("subject nowhere"), "{err}");
+    strict.close().await.unwrap();
+
+    let mut no_subjects = config.clone();
+    no_subjects.streams = vec![StreamSpec {
+        name: "EMPTY".into(),
+        ..StreamSpec::default()
+    }];
+    let err = NatsBackend::connect(no_subjects).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    let mut template_subjects = config;
+    template_subjects.topic_streams.subjects = vec!["x.>".into()];
+    let err = NatsBackend::connect(template_subjects).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Config, "{err}");
+    assert!(err.to_string().contains("topic_streams.subjects"), "{err}");
 }

@@ -155,18 +155,19 @@ impl NatsRaw {
             .await
             .map_err(|e| Error::backend("connect", e))?;
         let js = jetstream::new(client);
-        let stream = js
-            .get_or_create_stream(stream::Config {
-                name: "BENCHRAW".into(),
-                subjects: vec!["benchraw.>".into()],
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| Error::backend("stream", e))?;
         let mut consumers = Vec::new();
         let mut subjects = Vec::new();
         for topic in topics {
+            // One stream per topic, as the bus lays its topics out by default.
             let subject = format!("benchraw.{topic}");
+            let stream = js
+                .get_or_create_stream(stream::Config {
+                    name: format!("BENCHRAW_{}", topic.replace('.', "_")),
+                    subjects: vec![subject.clone()],
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| Error::backend("stream", e))?;
             let consumer = stream
                 .create_consumer(pull::Config {
                     durable_name: Some(format!("raw-{topic}")),
