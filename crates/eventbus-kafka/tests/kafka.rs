@@ -512,3 +512,199 @@ async fn events_land_on_the_partition_sarama_would_choose() {
     assert_eq!(matched, 20);
     bus.close().await.unwrap();
 }
+
+/// A Go service's records, sent by a plain rdkafka producer as sarama
+/// sends them: key = aggregate id, the partition sarama's hash partitioner
+/// picks, headers `X-Event-ID`, `X-Aggregate-ID`, `X-Event-Version`,
+/// `X-Event-Type`, `X-Tenant-ID` and no `X-Timestamp`, the body in Go's
+/// format with the sender's zone and an old release's string tenant id. A
+/// default-configured Rust subscriber handles each with every field equal,
+/// zone included, in version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn go_records_are_handled_by_a_default_subscriber_with_every_field_equal() {
+    use rdkafka::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = TansuServer::start().await.unwrap();
+    let bus = bus(&broker.bootstrap()).await;
+    let got: Arc<Mutex<Vec<Envelope>>> = Default::default();
+    let sink = got.clone();
+    // Subscribing first creates the topic with the default 8 partitions.
+    let sub = bus
+        .subscribe_envelope(
+            "go-events",
+            SubscribeOptions::group("billing"),
+            move |e: Envelope| {
+                sink.lock().unwrap().push(e);
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    let bodies: Vec<String> = (1..=3)
+        .map(|v| {
+            format!(
+                r#"{{"event_id":"go-{v}","aggregate_id":"order-7","event_type":"OrderUpdated","event_version":{v},"timestamp":"2025-10-26T15:04:0{v}.12+08:00","correlation_id":"c-1","tenant_id":"7","payload":{{"step":{v},"note":"\u003cok\u003e"}}}}"#
+            )
+        })
+        .collect();
+    for (v, body) in (1..=3).zip(&bodies) {
+        let version = v.to_string();
+        let id = format!("go-{v}");
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "X-Event-ID",
+                value: Some(id.as_str()),
+            })
+            .insert(Header {
+                key: "X-Aggregate-ID",
+                value: Some("order-7"),
+            })
+            .insert(Header {
+                key: "X-Event-Version",
+                value: Some(version.as_str()),
+            })
+            .insert(Header {
+                key: "X-Event-Type",
+                value: Some("OrderUpdated"),
+            })
+            .insert(Header {
+                key: "X-Tenant-ID",
+                value: Some("7"),
+            });
+        producer
+            .send(
+                FutureRecord::to("go-events")
+                    .key("order-7")
+                    .partition(sarama_partition("order-7", 8))
+                    .headers(headers)
+                    .payload(body.as_str()),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(60), || got.lock().unwrap().len() >= 3).await,
+        "{:?}",
+        got.lock().unwrap()
+    );
+    let got = got.lock().unwrap().clone();
+    for (v, e) in (1..=3).zip(&got) {
+        assert_eq!(e.event_id, format!("go-{v}"));
+        assert_eq!(e.aggregate_id, "order-7");
+        assert_eq!(e.event_type, "OrderUpdated");
+        assert_eq!(e.event_version, v);
+        assert_eq!(e.correlation_id.as_deref(), Some("c-1"));
+        assert_eq!(e.tenant_id, Some(7));
+        assert_eq!(
+            e.timestamp.offset().local_minus_utc(),
+            8 * 3600,
+            "the zone is kept"
+        );
+        assert_eq!(
+            e.timestamp
+                .to_rfc3339_opts(eventbus_core::chrono::SecondsFormat::Millis, false),
+            format!("2025-10-26T15:04:0{v}.120+08:00")
+        );
+        assert_eq!(
+            e.payload.get(),
+            format!(r#"{{"step":{v},"note":"\u003cok\u003e"}}"#)
+        );
+    }
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
+}
+
+/// A Go service's consumer group is the group name itself, with sarama's
+/// default `range` assignor. A Rust member with `group_id_per_topic =
+/// false` joins that very group (a plain rdkafka consumer stands in for the
+/// Go member, with `range` only): the two split the topic's partitions and
+/// every event is received once by one of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rust_member_joins_a_go_style_group_and_splits_the_partitions() {
+    use rdkafka::ClientConfig;
+    use rdkafka::Message as _;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+
+    let broker = TansuServer::start().await.unwrap();
+    let mut config = KafkaConfig::with_brokers([broker.bootstrap()]);
+    config.consumer.group_id_per_topic = false;
+    config.consumer.session_timeout_ms = 6_000;
+    config.consumer.heartbeat_interval_ms = 500;
+    let bus = EventBus::new(KafkaBackend::connect(config).await.unwrap(), BusConfig::default()).unwrap();
+    let ours: Log = Default::default();
+    let sink = ours.clone();
+    let sub = bus
+        .subscribe_envelope("mixed", SubscribeOptions::group("shared"), move |e: Envelope| {
+            sink.lock()
+                .unwrap()
+                .push((e.aggregate_id.clone(), e.event_version));
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    let go_member: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("group.id", "shared")
+        .set("partition.assignment.strategy", "range")
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "500")
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.wait.max.ms", "20")
+        .create()
+        .unwrap();
+    go_member.subscribe(&["mixed"]).unwrap();
+    let theirs: Log = Default::default();
+    let go_sink = theirs.clone();
+    let go_task = tokio::spawn(async move {
+        loop {
+            if let Ok(m) = go_member.recv().await
+                && let Some(Ok(e)) = m.payload().map(Envelope::decode)
+            {
+                go_sink
+                    .lock()
+                    .unwrap()
+                    .push((e.aggregate_id.clone(), e.event_version));
+            }
+        }
+    });
+    // Both members hold partitions before anything is published.
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            sub.health().assignment.map(|a| a.owned.len()).unwrap_or(0) == 4
+        })
+        .await,
+        "the group did not split 4/4: {:?}",
+        sub.health().assignment
+    );
+    for i in 0..40 {
+        bus.publish_envelope_sync("mixed", &envelope(&format!("order-{i}"), 1))
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(60), || {
+            ours.lock().unwrap().len() + theirs.lock().unwrap().len() >= 40
+        })
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (ours, theirs) = (ours.lock().unwrap().clone(), theirs.lock().unwrap().clone());
+    assert!(
+        !ours.is_empty() && !theirs.is_empty(),
+        "ours {ours:?} theirs {theirs:?}"
+    );
+    let all: HashSet<_> = ours.iter().chain(&theirs).cloned().collect();
+    assert_eq!(all.len(), 40);
+    assert_eq!(ours.len() + theirs.len(), 40, "an event went to both members");
+    go_task.abort();
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
+}
