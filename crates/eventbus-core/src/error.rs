@@ -26,6 +26,10 @@ pub enum ErrorKind {
     Backend,
     /// The connection to the broker is down or could not be made.
     Connection,
+    /// The broker refused the credentials (user/password, token, NKey,
+    /// client certificate, SASL) or the client could not prove them.
+    /// Retrying with the same settings does not help.
+    Auth,
     /// Bytes could not be encoded or decoded (JSON, headers).
     Serialization,
     /// The configuration is invalid or could not be loaded.

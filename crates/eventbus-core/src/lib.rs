@@ -47,4 +47,4 @@ pub use partition::{GroupAssignment, fair_share, partition_for};
 pub use provision::ProvisionStrategy;
 pub use publish::{PublishHandle, PublishResult, PublishResults};
 pub use retry::RetryPolicy;
-pub use secret::Secret;
+pub use secret::{REDACTED, Secret, redact_url};

@@ -1,14 +1,98 @@
-//! [`Secret`]: a configuration string that never shows in `Debug` output or logs.
+//! [`Secret`]: a configuration string that never shows in `Debug`,
+//! `Display`, serialized output or logs; [`redact_url`] for URLs that may
+//! carry credentials.
 
+use std::borrow::Cow;
 use std::fmt;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer};
 
-/// A password, token or key seed. `Debug` and `Display` print `***`; read
-/// the value with [`expose`](Secret::expose) where the client needs it.
-#[derive(Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// What a secret or a URL's credentials are replaced with.
+pub const REDACTED: &str = "***";
+
+/// A password, token or key seed. `Debug`, `Display` and `Serialize` write
+/// `***` (so a configuration written back out carries no secret); read the
+/// value with [`expose`](Secret::expose) where the client needs it.
+/// Deserializes from a plain string.
+#[derive(Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(transparent)]
 pub struct Secret(String);
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+/// `url` with its credentials replaced by `***`: the password of
+/// `scheme://user:password@host` (the user stays), a lone user-info part
+/// (`nats://token@host`, a NATS token), and the values of query parameters
+/// named like a secret (`password`, `passwd`, `pwd`, `token`, `secret`,
+/// `sslpassword`, `key`, case-insensitive, as PostgreSQL URLs allow). Text
+/// that is not a URL with credentials comes back unchanged.
+pub fn redact_url(url: &str) -> Cow<'_, str> {
+    let mut out = String::new();
+    let mut rest = url;
+    // User info: between "://" and the last '@' of the authority.
+    if let Some(scheme_end) = url.find("://") {
+        let authority_start = scheme_end + 3;
+        let authority_end = url[authority_start..]
+            .find(['/', '?', '#'])
+            .map_or(url.len(), |i| authority_start + i);
+        if let Some(at) = url[authority_start..authority_end].rfind('@') {
+            let info = &url[authority_start..authority_start + at];
+            out.push_str(&url[..authority_start]);
+            match info.split_once(':') {
+                Some((user, _)) => {
+                    out.push_str(user);
+                    out.push(':');
+                    out.push_str(REDACTED);
+                }
+                None => out.push_str(REDACTED),
+            }
+            rest = &url[authority_start + at..];
+        }
+    }
+    if let Some(q) = rest.find('?') {
+        let (head, query) = rest.split_at(q + 1);
+        let (query, fragment) = match query.find('#') {
+            Some(f) => query.split_at(f),
+            None => (query, ""),
+        };
+        let secret_names = [
+            "password",
+            "passwd",
+            "pwd",
+            "token",
+            "secret",
+            "sslpassword",
+            "key",
+        ];
+        let mut changed = false;
+        let parts: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((name, _)) if secret_names.iter().any(|s| name.eq_ignore_ascii_case(s)) => {
+                    changed = true;
+                    format!("{name}={REDACTED}")
+                }
+                _ => pair.to_owned(),
+            })
+            .collect();
+        if changed || !out.is_empty() {
+            out.push_str(head);
+            out.push_str(&parts.join("&"));
+            out.push_str(fragment);
+            return Cow::Owned(out);
+        }
+    }
+    if out.is_empty() {
+        Cow::Borrowed(url)
+    } else {
+        out.push_str(rest);
+        Cow::Owned(out)
+    }
+}
 
 impl Secret {
     /// Wraps a secret value.
@@ -51,9 +135,43 @@ mod tests {
     use super::*;
 
     #[test]
-    fn debug_and_display_hide_the_value() {
+    fn debug_display_and_serialize_hide_the_value() {
         let s = Secret::new("hunter2");
         assert_eq!(format!("{s:?} {s}"), "*** ***");
+        assert_eq!(serde_json::to_string(&s).unwrap(), "\"***\"");
         assert_eq!(s.expose(), "hunter2");
+        let back: Secret = serde_json::from_str("\"hunter2\"").unwrap();
+        assert_eq!(back.expose(), "hunter2");
+    }
+
+    #[test]
+    fn urls_lose_their_credentials_only() {
+        let cases = [
+            (
+                "nats://user:pa55@127.0.0.1:4222",
+                "nats://user:***@127.0.0.1:4222",
+            ),
+            ("nats://s3cr3t-token@host:4222", "nats://***@host:4222"),
+            ("tls://u:p%40ss@host", "tls://u:***@host"),
+            (
+                "postgres://app:pa:ss@db.local:5432/orders?sslmode=require",
+                "postgres://app:***@db.local:5432/orders?sslmode=require",
+            ),
+            (
+                "postgres://db.local/orders?user=app&password=pa55&sslmode=require",
+                "postgres://db.local/orders?user=app&password=***&sslmode=require",
+            ),
+            (
+                "postgres://u:p@h/d?Password=x#frag",
+                "postgres://u:***@h/d?Password=***#frag",
+            ),
+            ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+            ("sqlite:///tmp/a@b.db", "sqlite:///tmp/a@b.db"),
+            ("127.0.0.1:9092", "127.0.0.1:9092"),
+            ("not a url", "not a url"),
+        ];
+        for (url, want) in cases {
+            assert_eq!(redact_url(url), want, "{url}");
+        }
     }
 }

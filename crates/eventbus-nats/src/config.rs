@@ -9,17 +9,26 @@ use serde::{Deserialize, Serialize};
 
 /// Settings of the NATS JetStream backend. Deserializes from the `nats`
 /// section of a configuration file; every field has a default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `Debug` and `Serialize` never show a secret: server URLs come out with
+/// their credentials replaced by `***` ([`redact_url`](eventbus_core::redact_url))
+/// and [`Secret`]s as `***`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsConfig {
     /// Server URLs; the client uses all of them (the original dialed only the first).
-    /// Default `["nats://127.0.0.1:4222"]`.
+    /// Default `["nats://127.0.0.1:4222"]`. Credentials in a URL
+    /// (`nats://user:password@host`, `nats://token@host`) are used and
+    /// never shown. A `tls://` URL requires TLS, as [`tls`](NatsConfig::tls) does.
+    #[serde(serialize_with = "redacted_urls")]
     pub servers: Vec<String>,
     /// Client name shown in the server's monitoring.
     pub client_name: Option<String>,
     /// Authentication.
     pub auth: NatsAuth,
-    /// TLS; `None` for plain TCP.
+    /// TLS; `None` for plain TCP (unless a server URL is `tls://`). When set,
+    /// the connection is TLS or fails: a server that does not offer TLS is
+    /// a `Connection` error, never a plaintext fallback.
     pub tls: Option<NatsTls>,
     /// Reconnect behaviour.
     pub reconnect: NatsReconnect,
@@ -102,18 +111,18 @@ pub struct NatsAuth {
     pub credentials_file: Option<PathBuf>,
 }
 
-/// TLS settings.
+/// TLS settings. Present means required: the client upgrades every
+/// connection to TLS and refuses a server that does not offer it.
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsTls {
-    /// PEM file of CA certificates to trust.
+    /// PEM file of CA certificates to trust, beside the system's roots.
     pub ca_file: Option<PathBuf>,
-    /// PEM client certificate, with [`key_file`](NatsTls::key_file), for mutual TLS.
+    /// PEM client certificate, with [`key_file`](NatsTls::key_file), for
+    /// mutual TLS. One without the other is a `Config` error at connect.
     pub cert_file: Option<PathBuf>,
     /// PEM private key of [`cert_file`](NatsTls::cert_file).
     pub key_file: Option<PathBuf>,
-    /// Refuse servers that do not offer TLS.
-    pub required: bool,
 }
 
 /// Reconnect settings.
@@ -311,6 +320,34 @@ impl NatsConfig {
     }
 }
 
+impl std::fmt::Debug for NatsConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let servers: Vec<_> = self
+            .servers
+            .iter()
+            .map(|s| eventbus_core::redact_url(s))
+            .collect();
+        f.debug_struct("NatsConfig")
+            .field("servers", &servers)
+            .field("client_name", &self.client_name)
+            .field("auth", &self.auth)
+            .field("tls", &self.tls)
+            .field("reconnect", &self.reconnect)
+            .field("subject_prefix", &self.subject_prefix)
+            .field("streams", &self.streams)
+            .field("topic_streams", &self.topic_streams)
+            .field("provision", &self.provision)
+            .field("partitions", &self.partitions)
+            .field("consumer", &self.consumer)
+            .field("request_timeout_ms", &self.request_timeout_ms)
+            .finish()
+    }
+}
+
+fn redacted_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| eventbus_core::redact_url(u)))
+}
+
 /// NATS subject-style matching on `.` tokens: `*` one token, a final `>` the rest.
 fn matches_pattern(pattern: &str, topic: &str) -> bool {
     let mut topic_tokens = topic.split('.');
@@ -348,7 +385,12 @@ mod tests {
         let mut c = NatsConfig::default();
         c.auth.password = Some("s3cret".into());
         c.auth.token = Some("t0ken".into());
-        let debug = format!("{c:?}");
-        assert!(!debug.contains("s3cret") && !debug.contains("t0ken"), "{debug}");
+        c.servers = vec!["nats://svc:pa55@a:4222".into(), "nats://tok3n@b:4222".into()];
+        for shown in [format!("{c:?}"), serde_json::to_string(&c).unwrap()] {
+            for secret in ["s3cret", "t0ken", "pa55", "tok3n"] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert!(shown.contains("nats://svc:***@a:4222"), "{shown}");
+        }
     }
 }

@@ -41,7 +41,8 @@ pub(crate) async fn client(
     if servers.is_empty() {
         return Err(Error::config("nats.servers is empty"));
     }
-    let options = options(config).await?.event_callback(move |event| {
+    let options = with_url_credentials(options(config).await?, config, &servers)?;
+    let options = options.event_callback(move |event| {
         let events = events.clone();
         let reconnects = reconnects.clone();
         async move {
@@ -59,10 +60,75 @@ pub(crate) async fn client(
             let _ = events.send(event);
         }
     });
-    options
-        .connect(servers)
-        .await
-        .map_err(|e| Error::new(ErrorKind::Connection, "cannot connect to NATS").with_source(e))
+    options.connect(servers).await.map_err(connect_error)
+}
+
+/// A typed error for a failed connect: `Auth` when the server refused the
+/// credentials (no retry with the same settings can help), `Connection`
+/// otherwise (TLS handshake, refused, timed out). Server URLs in the
+/// client's message are shown without their credentials.
+fn connect_error(e: async_nats::ConnectError) -> Error {
+    use async_nats::ConnectErrorKind as K;
+    let (kind, what) = match e.kind() {
+        K::AuthorizationViolation | K::Authentication => {
+            (ErrorKind::Auth, "the NATS server refused the credentials")
+        }
+        K::Tls => (ErrorKind::Connection, "TLS with the NATS server failed"),
+        K::TimedOut => (ErrorKind::Connection, "connecting to NATS timed out"),
+        _ => (ErrorKind::Connection, "cannot connect to NATS"),
+    };
+    let detail = eventbus_core::redact_url(&e.to_string()).into_owned();
+    Error::new(kind, format!("{what}: {detail}"))
+}
+
+/// Applies credentials written in the server URLs (`nats://user:password@host`,
+/// or `nats://token@host`), which async-nats itself does not read: every
+/// URL carrying credentials must carry the same ones.
+///
+/// # Errors
+/// [`Config`](ErrorKind::Config) when URLs carry different credentials, or
+/// when `nats.auth` sets credentials too (which to use would be a guess).
+fn with_url_credentials(
+    o: ConnectOptions,
+    config: &NatsConfig,
+    servers: &[ServerAddr],
+) -> Result<ConnectOptions> {
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8_lossy()
+            .into_owned()
+    };
+    let mut found: Option<(String, Option<String>)> = None;
+    for server in servers {
+        let Some(user) = server.username() else { continue };
+        let creds = (decode(user), server.password().map(decode));
+        match &found {
+            Some(first) if *first != creds => {
+                return Err(Error::config(
+                    "nats.servers carry different credentials; put one set in nats.auth instead",
+                ));
+            }
+            _ => found = Some(creds),
+        }
+    }
+    let Some((user, password)) = found else {
+        return Ok(o);
+    };
+    let auth = &config.auth;
+    if auth.user.is_some()
+        || auth.password.is_some()
+        || auth.token.is_some()
+        || auth.nkey_seed.is_some()
+        || auth.credentials_file.is_some()
+    {
+        return Err(Error::config(
+            "credentials are set both in nats.servers URLs and in nats.auth; keep one",
+        ));
+    }
+    Ok(match password {
+        Some(password) => o.user_and_password(user, password),
+        None => o.token(user),
+    })
 }
 
 async fn options(config: &NatsConfig) -> Result<ConnectOptions> {
@@ -94,10 +160,24 @@ async fn options(config: &NatsConfig) -> Result<ConnectOptions> {
         if let Some(ca) = &tls.ca_file {
             o = o.add_root_certificates(ca.clone());
         }
-        if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-            o = o.add_client_certificate(cert.clone(), key.clone());
+        match (&tls.cert_file, &tls.key_file) {
+            (Some(cert), Some(key)) => o = o.add_client_certificate(cert.clone(), key.clone()),
+            (None, None) => {}
+            (Some(_), None) => {
+                return Err(Error::config(
+                    "nats.tls.cert_file is set without nats.tls.key_file",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(Error::config(
+                    "nats.tls.key_file is set without nats.tls.cert_file",
+                ));
+            }
         }
-        o = o.require_tls(tls.required);
+        // Configured TLS is required TLS: async-nats would otherwise upgrade
+        // only when the server asks, and send credentials in plaintext to a
+        // server that does not.
+        o = o.require_tls(true);
     }
     Ok(o)
 }

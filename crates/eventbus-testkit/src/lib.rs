@@ -16,6 +16,7 @@ mod order;
 pub mod outbox;
 pub mod server;
 mod support;
+pub mod tls;
 
 pub use order::{Attempt, OrderChecker, OrderReport};
 pub use support::{envelope, eventually, unique};

@@ -42,6 +42,40 @@ impl NatsServer {
         })
     }
 
+    /// Starts a server from a configuration file holding the listen
+    /// address, JetStream's store and then `extra` (nats-server's config
+    /// syntax: `authorization { ... }`, `tls { ... }`), and waits until it
+    /// accepts TCP connections (at most 10 s).
+    ///
+    /// # Errors
+    /// As [`start`](NatsServer::start), and `Config` when the file cannot
+    /// be written.
+    pub async fn start_with_config(extra: &str) -> Result<Self> {
+        let store = temp_dir()?;
+        let port = free_port()?;
+        let file = store.path().join("server.conf");
+        let config = format!(
+            "listen: \"127.0.0.1:{port}\"\njetstream {{ store_dir: {:?} }}\n{extra}\n",
+            store.path().join("js")
+        );
+        std::fs::write(&file, config).map_err(|e| {
+            eventbus_core::Error::config("cannot write the nats-server config").with_source(e)
+        })?;
+        let mut process = LocalProcess::new(
+            "nats-server",
+            binary("NATS_SERVER_BIN", "nats-server"),
+            port,
+            store.path().join("server.log"),
+        )
+        .args(["-c"])
+        .args([&file]);
+        process.spawn(Duration::from_secs(10)).await?;
+        Ok(Self {
+            process,
+            _store: store,
+        })
+    }
+
     /// The client URL, `nats://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.process.port())
