@@ -32,11 +32,12 @@ impl BackendKind {
 }
 
 /// Where the brokers are.
-#[derive(Debug, Clone, Args)]
+#[derive(Clone, Args)]
 pub(crate) struct BrokerArgs {
-    /// NATS server URLs, comma-separated. Default: `bench` starts a local
-    /// nats-server; other commands use nats://127.0.0.1:4222.
-    #[arg(long, env = "EVENTBUS_NATS_URL")]
+    /// NATS server URLs, comma-separated (credentials in a URL are used and
+    /// never printed). Default: `bench` starts a local nats-server; other
+    /// commands use nats://127.0.0.1:4222.
+    #[arg(long, env = "EVENTBUS_NATS_URL", hide_env_values = true)]
     pub(crate) nats_url: Option<String>,
     /// Kafka bootstrap brokers, comma-separated. Default: `bench` starts a
     /// local tansu broker; other commands use 127.0.0.1:9092.
@@ -51,6 +52,17 @@ pub(crate) struct BrokerArgs {
     /// `brokers`.
     #[arg(long, env = "EVENTBUS_KAFKA_CONFIG")]
     pub(crate) kafka_config: Option<std::path::PathBuf>,
+}
+
+impl std::fmt::Debug for BrokerArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BrokerArgs")
+            .field("nats_url", &self.nats_url.as_deref().map(eventbus::redact_url))
+            .field("kafka_brokers", &self.kafka_brokers)
+            .field("nats_config", &self.nats_config)
+            .field("kafka_config", &self.kafka_config)
+            .finish()
+    }
 }
 
 /// Settings of type `T` from the TOML file at `path`, else `T::default()`.

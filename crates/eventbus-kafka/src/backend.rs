@@ -141,14 +141,25 @@ impl std::fmt::Debug for KafkaBackend {
 }
 
 impl KafkaBackend {
-    /// Creates the producer and admin client and provisions the configured topics.
+    /// Checks the configuration, creates the producer and admin client,
+    /// waits for a broker to answer (at most `connect_timeout_ms`) and
+    /// provisions the configured topics.
     ///
     /// # Errors
-    /// [`Config`](ErrorKind::Config) when librdkafka refuses a property, and
+    /// [`Config`](ErrorKind::Config) for settings that would be ignored
+    /// ([`KafkaConfig::validate`]) or that librdkafka refuses,
+    /// [`Auth`](ErrorKind::Auth) when the broker refused the credentials,
+    /// [`Connection`](ErrorKind::Connection) when no broker answered, and
     /// the provisioning errors (`NotFound`, `Conflict`, `Backend`).
     pub async fn connect(config: KafkaConfig) -> Result<Self> {
+        config.validate()?;
         let state = Arc::new(AtomicU8::new(CONNECTED));
         let topics = Topics::new(&config)?;
+        if config.connect_timeout_ms > 0 {
+            topics
+                .probe(Duration::from_millis(config.connect_timeout_ms))
+                .await?;
+        }
         topics.provision(&config.topics, config.provision).await?;
         let inner = Inner {
             config,

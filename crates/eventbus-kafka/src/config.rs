@@ -7,7 +7,11 @@ use eventbus_core::Secret;
 use serde::{Deserialize, Serialize};
 
 /// Settings of the Kafka backend; every field has a default.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// `Debug` and `Serialize` never show a secret: [`Secret`]s come out as
+/// `***`, and so do the values of [`extra`](KafkaConfig::extra) properties
+/// whose name holds `password`, `secret`, `token`, `jaas` or `.pem`.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, `host:port`. Default `["127.0.0.1:9092"]`.
@@ -30,7 +34,59 @@ pub struct KafkaConfig {
     /// What to do with [`topics`](KafkaConfig::topics) at connect.
     pub provision: ProvisionStrategy,
     /// Further librdkafka properties, set last (they win).
+    #[serde(serialize_with = "redacted_extra")]
     pub extra: BTreeMap<String, String>,
+    /// Longest wait at connect for a broker to answer a metadata request,
+    /// in ms: no answer is a `Connection` error, refused credentials an
+    /// `Auth` error, so a misconfigured service fails at start instead of
+    /// at its first publish. 0 skips the check: connect then succeeds with
+    /// no broker up, and publishes wait in the producer queue until one
+    /// answers or `producer.delivery_timeout_ms` passes. Default 10,000.
+    pub connect_timeout_ms: u64,
+}
+
+/// Whether librdkafka property `name` holds a secret.
+fn is_secret_property(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "secret", "token", "jaas", ".pem"]
+        .iter()
+        .any(|s| name.contains(s))
+}
+
+fn redacted(extra: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
+    extra
+        .iter()
+        .map(|(k, v)| {
+            let v = if is_secret_property(k) {
+                eventbus_core::REDACTED
+            } else {
+                v.as_str()
+            };
+            (k.as_str(), v)
+        })
+        .collect()
+}
+
+fn redacted_extra<S: serde::Serializer>(extra: &BTreeMap<String, String>, s: S) -> Result<S::Ok, S::Error> {
+    redacted(extra).serialize(s)
+}
+
+impl std::fmt::Debug for KafkaConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConfig")
+            .field("brokers", &self.brokers)
+            .field("client_id", &self.client_id)
+            .field("security", &self.security)
+            .field("producer", &self.producer)
+            .field("consumer", &self.consumer)
+            .field("topics", &self.topics)
+            .field("default_topic", &self.default_topic)
+            .field("auto_create_topics", &self.auto_create_topics)
+            .field("provision", &self.provision)
+            .field("extra", &redacted(&self.extra))
+            .field("connect_timeout_ms", &self.connect_timeout_ms)
+            .finish()
+    }
 }
 
 /// Security protocol (librdkafka `security.protocol`).
@@ -235,6 +291,7 @@ impl Default for KafkaConfig {
             auto_create_topics: true,
             provision: ProvisionStrategy::default(),
             extra: BTreeMap::new(),
+            connect_timeout_ms: 10_000,
         }
     }
 }
@@ -332,6 +389,88 @@ impl KafkaConfig {
         c
     }
 
+    /// Checks the security settings for ones librdkafka would silently
+    /// ignore or only refuse at the first connection.
+    ///
+    /// # Errors
+    /// [`Config`](eventbus_core::ErrorKind::Config) naming the setting: a TLS
+    /// setting (`ssl_*`) without a TLS protocol (`ssl`, `sasl_ssl`), a SASL
+    /// setting without a SASL protocol, a SASL protocol without user name
+    /// and password, a client certificate without its key or the reverse.
+    pub fn validate(&self) -> eventbus_core::Result<()> {
+        use eventbus_core::Error;
+        let s = &self.security;
+        // A protocol set through `extra` wins, as it does in librdkafka.
+        let protocol = match self
+            .extra
+            .get("security.protocol")
+            .map(|p| p.to_ascii_lowercase())
+        {
+            Some(p) => p,
+            None => match s.protocol {
+                SecurityProtocol::Plaintext => "plaintext",
+                SecurityProtocol::Ssl => "ssl",
+                SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+                SecurityProtocol::SaslSsl => "sasl_ssl",
+            }
+            .to_owned(),
+        };
+        let tls = protocol.ends_with("ssl");
+        let sasl = protocol.starts_with("sasl");
+        let tls_settings = [
+            ("ssl_ca_location", s.ssl_ca_location.is_some()),
+            ("ssl_certificate_location", s.ssl_certificate_location.is_some()),
+            ("ssl_key_location", s.ssl_key_location.is_some()),
+            ("ssl_key_password", s.ssl_key_password.is_some()),
+        ];
+        for (name, set) in tls_settings {
+            if set && !tls {
+                return Err(Error::config(format!(
+                    "kafka.security.{name} is set but security.protocol is {protocol}, which would ignore it: \
+                     use ssl or sasl_ssl"
+                )));
+            }
+        }
+        for (name, set) in [
+            ("sasl_username", s.sasl_username.is_some()),
+            ("sasl_password", s.sasl_password.is_some()),
+        ] {
+            if set && !sasl {
+                return Err(Error::config(format!(
+                    "kafka.security.{name} is set but security.protocol is {protocol}, which would ignore it: \
+                     use sasl_plaintext or sasl_ssl"
+                )));
+            }
+        }
+        let extra_has = |k: &str| self.extra.contains_key(k);
+        if sasl
+            && self
+                .extra
+                .get("sasl.mechanism")
+                .is_none_or(|m| m.to_ascii_uppercase() != "GSSAPI")
+        {
+            if s.sasl_username.is_none() && !extra_has("sasl.username") {
+                return Err(Error::config(format!(
+                    "security.protocol {protocol} needs kafka.security.sasl_username"
+                )));
+            }
+            if s.sasl_password.is_none() && !extra_has("sasl.password") {
+                return Err(Error::config(format!(
+                    "security.protocol {protocol} needs kafka.security.sasl_password"
+                )));
+            }
+        }
+        match (&s.ssl_certificate_location, &s.ssl_key_location) {
+            (Some(_), None) => Err(Error::config(
+                "kafka.security.ssl_certificate_location is set without ssl_key_location",
+            )),
+            (None, Some(_)) => Err(Error::config(
+                "kafka.security.ssl_key_location is set without ssl_certificate_location",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn apply_extra(&self, c: &mut rdkafka::ClientConfig) {
         for (k, v) in &self.extra {
             c.set(k, v);
@@ -350,10 +489,60 @@ mod tests {
         c.security.sasl_mechanism = SaslMechanism::ScramSha512;
         c.security.sasl_username = Some("svc".into());
         c.security.sasl_password = Some("pa55word".into());
-        assert!(!format!("{c:?}").contains("pa55word"));
+        c.extra
+            .insert("ssl.key.pem".into(), "-----BEGIN PRIVATE KEY-----k3y".into());
+        c.extra
+            .insert("sasl.oauthbearer.client.secret".into(), "cl1ent".into());
+        c.extra.insert("linger.ms".into(), "7".into());
+        for shown in [format!("{c:?}"), serde_json::to_string(&c).unwrap()] {
+            for secret in ["pa55word", "k3y", "cl1ent"] {
+                assert!(!shown.contains(secret), "{secret} in {shown}");
+            }
+            assert!(shown.contains("linger.ms"), "{shown}");
+        }
         let props = c.client_properties();
         assert_eq!(props.get("sasl.password"), Some("pa55word"));
         assert_eq!(props.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(props.get("security.protocol"), Some("sasl_ssl"));
+    }
+
+    #[test]
+    fn security_settings_that_would_be_ignored_are_config_errors() {
+        let check = |f: &dyn Fn(&mut KafkaConfig)| {
+            let mut c = KafkaConfig::default();
+            f(&mut c);
+            c.validate().map_err(|e| e.to_string())
+        };
+        let err = check(&|c| c.security.ssl_ca_location = Some("ca.pem".into())).unwrap_err();
+        assert!(
+            err.contains("ssl_ca_location") && err.contains("plaintext"),
+            "{err}"
+        );
+        let err = check(&|c| c.security.sasl_username = Some("svc".into())).unwrap_err();
+        assert!(err.contains("sasl_username"), "{err}");
+        let err = check(&|c| {
+            c.security.protocol = SecurityProtocol::SaslSsl;
+            c.security.sasl_username = Some("svc".into());
+        })
+        .unwrap_err();
+        assert!(err.contains("sasl_password"), "{err}");
+        let err = check(&|c| {
+            c.security.protocol = SecurityProtocol::Ssl;
+            c.security.ssl_certificate_location = Some("client.pem".into());
+        })
+        .unwrap_err();
+        assert!(err.contains("ssl_key_location"), "{err}");
+        // Consistent settings pass, a protocol from `extra` counts.
+        check(&|c| {
+            c.security.protocol = SecurityProtocol::Ssl;
+            c.security.ssl_ca_location = Some("ca.pem".into());
+        })
+        .unwrap();
+        check(&|c| {
+            c.extra.insert("security.protocol".into(), "SSL".into());
+            c.security.ssl_ca_location = Some("ca.pem".into());
+        })
+        .unwrap();
+        check(&|_| {}).unwrap();
     }
 }

@@ -8,15 +8,35 @@ use eventbus_core::{Error, ErrorKind, ProvisionStrategy, Result};
 use rdkafka::admin::{
     AdminClient, AdminOptions, AlterConfig, NewPartitions, NewTopic, ResourceSpecifier, TopicReplication,
 };
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::ClientContext;
+use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{KafkaConfig, TopicSpec};
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The admin client's context: remembers the last authentication failure
+/// librdkafka reported (it reports those through the error callback only).
+#[derive(Default)]
+pub(crate) struct AdminContext {
+    auth_failure: Mutex<Option<String>>,
+}
+
+impl ClientContext for AdminContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed)
+        ) {
+            *self.auth_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
+        }
+        tracing::warn!(%error, reason, "librdkafka error (admin client)");
+    }
+}
+
 pub(crate) struct Topics {
-    admin: Arc<AdminClient<DefaultClientContext>>,
+    admin: Arc<AdminClient<AdminContext>>,
     known: Mutex<HashSet<String>>,
     default: TopicSpec,
     auto_create: bool,
@@ -26,7 +46,7 @@ impl Topics {
     pub(crate) fn new(config: &KafkaConfig) -> Result<Self> {
         let mut props = config.client_properties();
         config.apply_extra(&mut props);
-        let admin = props.create().map_err(|e| {
+        let admin = props.create_with_context(AdminContext::default()).map_err(|e| {
             Error::new(ErrorKind::Config, "cannot create the Kafka admin client").with_source(e)
         })?;
         Ok(Self {
@@ -35,6 +55,39 @@ impl Topics {
             default: config.default_topic.clone(),
             auto_create: config.auto_create_topics,
         })
+    }
+
+    /// Asks the brokers for metadata, waiting at most `timeout`.
+    ///
+    /// # Errors
+    /// [`Auth`](ErrorKind::Auth) when a broker refused the credentials,
+    /// [`Connection`](ErrorKind::Connection) when none answered in time.
+    pub(crate) async fn probe(&self, timeout: Duration) -> Result<()> {
+        let client = self.admin.clone();
+        let answer =
+            tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, timeout).map(|_| ()))
+                .await
+                .map_err(|e| Error::backend("the metadata probe panicked", e))?;
+        let auth_failure = self
+            .admin
+            .inner()
+            .context()
+            .auth_failure
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        match (answer, auth_failure) {
+            (Ok(()), _) => Ok(()),
+            (Err(_), Some(reason)) => Err(Error::new(
+                ErrorKind::Auth,
+                format!("the Kafka broker refused the credentials: {reason}"),
+            )),
+            (Err(e), None) => Err(Error::new(
+                ErrorKind::Connection,
+                format!("no Kafka broker answered within {} ms", timeout.as_millis()),
+            )
+            .with_source(e)),
+        }
     }
 
     /// Applies `strategy` to every spec.

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
-use eventbus::{BusConfig, Result, RetryPolicy};
+use eventbus::{BusConfig, Result, RetryPolicy, Secret};
 use eventbus_outbox::{OutboxStore, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -28,9 +28,10 @@ pub(crate) enum OutboxCommand {
 /// Options of `eventbus outbox relay`.
 #[derive(Debug, Args)]
 pub(crate) struct RelayArgs {
-    /// Database URL: `sqlite://FILE` or `postgres://...`.
-    #[arg(long, env = "EVENTBUS_DATABASE_URL")]
-    database: String,
+    /// Database URL: `sqlite://FILE` or `postgres://...`. Never printed
+    /// (help hides the environment variable's value).
+    #[arg(long, env = "EVENTBUS_DATABASE_URL", hide_env_values = true)]
+    database: Secret,
     /// Backend to publish through.
     #[arg(long, value_enum)]
     backend: BackendKind,
@@ -58,9 +59,10 @@ pub(crate) struct RelayArgs {
 /// Options of `eventbus outbox status`.
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
-    /// Database URL: `sqlite://FILE` or `postgres://...`.
-    #[arg(long, env = "EVENTBUS_DATABASE_URL")]
-    database: String,
+    /// Database URL: `sqlite://FILE` or `postgres://...`. Never printed
+    /// (help hides the environment variable's value).
+    #[arg(long, env = "EVENTBUS_DATABASE_URL", hide_env_values = true)]
+    database: Secret,
     /// Print JSON instead of text.
     #[arg(long)]
     json: bool,
@@ -78,7 +80,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
     let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .map_err(|e| eventbus::Error::config("cannot install the metrics recorder").with_source(e))?;
-    let store = OutboxStore::connect(&args.database, 8).await?;
+    let store = OutboxStore::connect(args.database.expose(), 8).await?;
     store.migrate().await?;
     let target = Target::connect(args.backend, &args.brokers, WhenMissing::DefaultAddress).await?;
     let bus = target.bus(BusConfig::default()).await?;
@@ -119,7 +121,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
 }
 
 async fn status(args: StatusArgs) -> Result<()> {
-    let store = OutboxStore::connect(&args.database, 1).await?;
+    let store = OutboxStore::connect(args.database.expose(), 1).await?;
     let status = store.status().await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&status)?);

@@ -348,3 +348,35 @@ mod tests {
         assert_eq!(err.kind(), ErrorKind::Config);
     }
 }
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    /// Connect errors never show a password from the URL: invalid URLs and
+    /// schemes. (A refused connection's error is the OS error alone; it is
+    /// left out here because the pool retries it for 30 s.)
+    #[test]
+    fn connect_errors_show_no_password() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        for url in [
+            "postgres://app:s3cretpw@127.0.0.1:notaport/orders",
+            "postgres://127.0.0.1:99999/orders?user=app&password=s3cretpw",
+            "postgres://app:s3cretpw@127.0.0.1/orders?sslmode=bogus",
+            "mysql://app:s3cretpw@127.0.0.1/orders",
+            "sqlite:///nonexistent-dir/s3cretpw/x.db?mode=ro",
+        ] {
+            let err = rt.block_on(OutboxStore::connect(url, 1)).unwrap_err();
+            let mut shown = format!("{err} {err:?}");
+            let mut source = std::error::Error::source(&err);
+            while let Some(s) = source {
+                shown.push_str(&format!(" {s} {s:?}"));
+                source = s.source();
+            }
+            assert!(!shown.contains("s3cretpw"), "{url}: {shown}");
+        }
+    }
+}

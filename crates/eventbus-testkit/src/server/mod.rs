@@ -20,7 +20,7 @@ use eventbus_core::{Error, ErrorKind, Result};
 pub use nats::NatsServer;
 pub use postgres::PostgresServer;
 pub use s3::{S3_REGION, S3Server};
-pub use tansu::{TansuServer, TansuStorage};
+pub use tansu::{TansuOptions, TansuServer, TansuStorage};
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (bound, then released).
 ///

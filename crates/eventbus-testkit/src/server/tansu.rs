@@ -22,6 +22,15 @@ pub enum TansuStorage {
     },
 }
 
+/// Security of a [`TansuServer`]. (Tansu 0.6 also has a `--cert` TLS
+/// option, left out: its listener never completes a TLS handshake.)
+#[derive(Debug, Clone, Default)]
+pub struct TansuOptions {
+    /// Require client authentication (SASL SCRAM; users made with
+    /// [`TansuServer::create_user`]).
+    pub authentication: bool,
+}
+
 /// A `tansu broker` (Kafka protocol) on 127.0.0.1, on a free port; killed on
 /// `Drop`.
 ///
@@ -67,6 +76,14 @@ impl TansuServer {
     /// # Errors
     /// As [`start`](TansuServer::start).
     pub async fn start_with(storage: TansuStorage) -> Result<Self> {
+        Self::start_with_options(storage, TansuOptions::default()).await
+    }
+
+    /// Starts a broker with `storage` and `options` (SASL authentication).
+    ///
+    /// # Errors
+    /// As [`start`](TansuServer::start).
+    pub async fn start_with_options(storage: TansuStorage, options: TansuOptions) -> Result<Self> {
         let dir = temp_dir()?;
         let port = free_port()?;
         let url = format!("tcp://127.0.0.1:{port}");
@@ -93,8 +110,37 @@ impl TansuServer {
                 .env("AWS_ENDPOINT", endpoint)
                 .env("AWS_ALLOW_HTTP", "true"),
         };
+        if options.authentication {
+            process = process.args(["--authentication"]);
+        }
         process.spawn(Duration::from_secs(10)).await?;
         Ok(Self { process, _dir: dir })
+    }
+
+    /// Creates a SCRAM user (`tansu user create`, SCRAM-SHA-512) through this
+    /// broker, which must not require authentication itself; keep the
+    /// broker's storage in S3 to start an authenticating broker on it.
+    ///
+    /// # Errors
+    /// `Backend` when the command fails.
+    pub async fn create_user(&self, name: &str, password: &str) -> Result<()> {
+        let out = tokio::process::Command::new(binary("TANSU_BIN", "tansu"))
+            .args(["user", "create", "--broker"])
+            .arg(format!("tcp://{}", self.bootstrap()))
+            .args([name, password])
+            .output()
+            .await
+            .map_err(|e| eventbus_core::Error::config("cannot run tansu user create").with_source(e))?;
+        if !out.status.success() {
+            return Err(eventbus_core::Error::new(
+                eventbus_core::ErrorKind::Backend,
+                format!(
+                    "tansu user create failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// `127.0.0.1:<port>`, for `bootstrap.servers`.
