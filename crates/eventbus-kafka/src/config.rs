@@ -447,7 +447,7 @@ impl KafkaConfig {
             && self
                 .extra
                 .get("sasl.mechanism")
-                .is_none_or(|m| m.to_ascii_uppercase() != "GSSAPI")
+                .is_none_or(|m| !m.eq_ignore_ascii_case("GSSAPI"))
         {
             if s.sasl_username.is_none() && !extra_has("sasl.username") {
                 return Err(Error::config(format!(
