@@ -12,32 +12,9 @@
 
 use std::time::{Duration, Instant};
 
-use eventbus_core::{BusConfig, Envelope, ErrorKind, EventBus, SubscribeOptions};
+use eventbus_core::ErrorKind;
 use eventbus_kafka::{KafkaBackend, KafkaConfig, SaslMechanism, SecurityProtocol};
-use eventbus_testkit::envelope;
-use eventbus_testkit::server::{S3Server, TansuOptions, TansuServer, TansuStorage};
-
-async fn round_trip(config: KafkaConfig) {
-    let backend = KafkaBackend::connect(config).await.unwrap();
-    let bus = EventBus::new(backend, BusConfig::default()).unwrap();
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let sub = bus
-        .subscribe_envelope("secured", SubscribeOptions::group("g"), move |e: Envelope| {
-            let _ = tx.send(e);
-            async { Ok::<_, std::io::Error>(()) }
-        })
-        .await
-        .unwrap();
-    let e = envelope("acct-1", 1);
-    bus.publish_envelope_sync("secured", &e).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(60), rx.recv())
-        .await
-        .expect("the event arrives")
-        .unwrap();
-    assert_eq!(got, e);
-    sub.close().await.unwrap();
-    bus.close().await.unwrap();
-}
+use eventbus_testkit::server::{TansuOptions, TansuServer, TansuStorage};
 
 async fn refused(config: KafkaConfig, kind: ErrorKind, secrets: &[&str]) -> eventbus_core::Error {
     let started = Instant::now();

@@ -26,8 +26,10 @@ pub enum TansuStorage {
 /// option, left out: its listener never completes a TLS handshake.)
 #[derive(Debug, Clone, Default)]
 pub struct TansuOptions {
-    /// Require client authentication (SASL SCRAM; users made with
-    /// [`TansuServer::create_user`]).
+    /// Require client authentication (SASL SCRAM). Tansu 0.6 offers `tansu
+    /// user create` only through a broker that does not authenticate, and
+    /// keeps those users where an authenticating broker does not find them,
+    /// so such a broker refuses every login: good for testing refusals.
     pub authentication: bool,
 }
 
@@ -115,32 +117,6 @@ impl TansuServer {
         }
         process.spawn(Duration::from_secs(10)).await?;
         Ok(Self { process, _dir: dir })
-    }
-
-    /// Creates a SCRAM user (`tansu user create`, SCRAM-SHA-512) through this
-    /// broker, which must not require authentication itself; keep the
-    /// broker's storage in S3 to start an authenticating broker on it.
-    ///
-    /// # Errors
-    /// `Backend` when the command fails.
-    pub async fn create_user(&self, name: &str, password: &str) -> Result<()> {
-        let out = tokio::process::Command::new(binary("TANSU_BIN", "tansu"))
-            .args(["user", "create", "--broker"])
-            .arg(format!("tcp://{}", self.bootstrap()))
-            .args([name, password])
-            .output()
-            .await
-            .map_err(|e| eventbus_core::Error::config("cannot run tansu user create").with_source(e))?;
-        if !out.status.success() {
-            return Err(eventbus_core::Error::new(
-                eventbus_core::ErrorKind::Backend,
-                format!(
-                    "tansu user create failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ),
-            ));
-        }
-        Ok(())
     }
 
     /// `127.0.0.1:<port>`, for `bootstrap.servers`.
