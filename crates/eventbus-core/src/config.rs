@@ -125,6 +125,11 @@ pub struct MemoryConfig {
     /// so a parked aggregate holds back only its partition (as Kafka's
     /// `max_in_flight_per_partition`). Default 1,000.
     pub max_in_flight_per_partition: usize,
+    /// Largest message (payload plus headers and key), in bytes; a larger
+    /// one is refused at publish with a `Validation` error on `payload`, as
+    /// a broker refuses it (NATS `max_payload` defaults to 1 MiB). Default
+    /// 1,048,576.
+    pub max_message_bytes: usize,
 }
 
 impl Default for BusConfig {
@@ -178,6 +183,7 @@ impl Default for MemoryConfig {
             max_messages_per_topic: 100_000,
             partitions: 8,
             max_in_flight_per_partition: 1_000,
+            max_message_bytes: 1 << 20,
         }
     }
 }

@@ -165,9 +165,31 @@ impl Envelope {
     /// an envelope, [`Validation`](crate::ErrorKind::Validation) when one is but
     /// breaks a rule.
     pub fn decode(bytes: &[u8]) -> Result<Self> {
-        let envelope: Envelope = serde_json::from_slice(bytes)?;
+        let envelope: Envelope = match serde_json::from_slice(bytes) {
+            Ok(envelope) => envelope,
+            Err(e) => return Err(Self::decode_error(bytes, e)),
+        };
         envelope.validate()?;
         Ok(envelope)
+    }
+
+    /// The error of bytes that are not an envelope, naming the field when
+    /// one is at fault (serde_json names a missing field, not one of the
+    /// wrong type): decoded again, off the fast path, tracking the path.
+    #[cold]
+    fn decode_error(bytes: &[u8], e: serde_json::Error) -> Error {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let detailed = match serde_path_to_error::deserialize::<_, Envelope>(&mut de) {
+            Err(pathed) if !pathed.path().to_string().is_empty() && pathed.path().to_string() != "." => {
+                format!("{}: {}", pathed.path(), pathed.inner())
+            }
+            _ => e.to_string(),
+        };
+        Error::new(
+            crate::ErrorKind::Serialization,
+            format!("not an envelope: {detailed}"),
+        )
+        .with_source(e)
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use eventbus_core::{
     Ack, AckFuture, Backend, BackendSubscription, ConnectionState, Error, ErrorKind, Message, Position,
-    Result, SubscribeSpec,
+    Result, SubscribeSpec, ValidationError,
 };
 use futures::FutureExt;
 use rdkafka::ClientContext;
@@ -224,6 +224,19 @@ impl KafkaBackend {
     }
 }
 
+/// A message above the producer's `message.max.bytes` or the broker's
+/// `max.message.bytes`: a `Validation` error on the payload.
+fn too_large(bytes: usize) -> Error {
+    ValidationError::new(
+        "payload",
+        format!(
+            "a message of {bytes} bytes is above the Kafka limit (librdkafka message.max.bytes, \
+             default 1,000,000, or the topic's max.message.bytes)"
+        ),
+    )
+    .into()
+}
+
 fn kafka_headers(message: &Message) -> OwnedHeaders {
     message.headers.iter().fold(
         OwnedHeaders::new_with_capacity(message.headers.len()),
@@ -259,11 +272,15 @@ impl Backend for KafkaBackend {
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     tokio::time::sleep(QUEUE_FULL_RETRY).await;
                 }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                    return Err(too_large(message.payload.len()));
+                }
                 Err((e, _)) => return Err(Error::backend("Kafka producer refused the message", e)),
             }
         };
         let state = self.inner.state.clone();
         let inner = self.inner.clone();
+        let size = message.payload.len();
         Ok(async move {
             match delivery.await {
                 Ok(Ok(d)) => {
@@ -275,6 +292,9 @@ impl Backend for KafkaBackend {
                         }),
                         duplicate: false,
                     })
+                }
+                Ok(Err((e, _))) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge) => {
+                    Err(too_large(size))
                 }
                 Ok(Err((e, _))) => {
                     if e.rdkafka_error_code().is_some_and(|c| RENEW_ON.contains(&c)) {

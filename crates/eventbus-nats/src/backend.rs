@@ -207,7 +207,18 @@ impl Backend for NatsBackend {
             .js
             .publish_with_headers(subject, headers, message.payload)
             .await
-            .map_err(|e| Error::new(ErrorKind::Connection, "NATS publish failed").with_source(e))?;
+            .map_err(|e| match e.kind() {
+                jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                    Error::from(ValidationError::new(
+                        "payload",
+                        format!(
+                            "the message is above the server's max_payload of {} bytes ({e})",
+                            self.inner.client.server_info().max_payload
+                        ),
+                    ))
+                }
+                _ => Error::new(ErrorKind::Connection, "NATS publish failed").with_source(e),
+            })?;
         Ok(async move {
             let ack = ack
                 .await

@@ -379,6 +379,23 @@ impl Backend for MemoryBackend {
 
     async fn publish(&self, message: Message) -> Result<AckFuture> {
         self.ensure_open()?;
+        let size = message.payload.len()
+            + message.key.as_ref().map_or(0, |k| k.len())
+            + message
+                .headers
+                .iter()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        if size > self.inner.config.max_message_bytes {
+            return Err(crate::ValidationError::new(
+                "payload",
+                format!(
+                    "a message of {size} bytes is above memory.max_message_bytes ({})",
+                    self.inner.config.max_message_bytes
+                ),
+            )
+            .into());
+        }
         let topic = self.topic(&message.topic);
         let partition = partition_for(message.key.as_deref().unwrap_or_default(), topic.partitions);
         let mut changed: Option<watch::Receiver<u64>> = None;

@@ -1205,3 +1205,185 @@ fn killed_member_among_three_loses_nothing_and_keeps_order<'a>(
         }
     })
 }
+
+/// The bad-input matrix: messages tied to aggregate `agg` by their
+/// `X-Aggregate-ID` header and record key whose bodies are no valid envelope (not JSON,
+/// empty, each required field missing, wrong types, an invalid aggregate
+/// id, version 0 or negative) are each dead-lettered once, without calling
+/// the handler, with a reason naming the field; the aggregate's valid
+/// events around them are all handled, in order; a header value with a
+/// control character is refused at publish (`Validation` naming the
+/// header) or delivered with its envelope; nothing panics.
+fn bad_input_is_dead_lettered_naming_the_field<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(config_with_retry(3, 10)).await;
+        let topic = unique("badinput");
+        let (dlq_sub, dead) = record_raw(&bus, &format!("{topic}.dlq"), "inspect").await;
+        let (sub, got) = record_envelopes(&bus, &topic, "g").await;
+        let valid = |v: i64| serde_json::to_value(envelope("agg", v)).unwrap();
+        let without = |field: &str| {
+            let mut e = valid(99);
+            e.as_object_mut().unwrap().remove(field);
+            e.to_string()
+        };
+        let with = |field: &str, value: serde_json::Value| {
+            let mut e = valid(99);
+            e[field] = value;
+            e.to_string()
+        };
+        // (body, the field the reason must name, or "" for any reason)
+        let mut bad: Vec<(String, &str)> = vec![
+            ("{not json".into(), ""),
+            (String::new(), ""),
+            ("[1,2,3]".into(), ""),
+            ("null".into(), ""),
+        ];
+        for field in [
+            "event_id",
+            "aggregate_id",
+            "event_type",
+            "event_version",
+            "timestamp",
+            "payload",
+        ] {
+            bad.push((without(field), field));
+        }
+        bad.extend([
+            (with("event_version", "3".into()), "event_version"),
+            (with("event_version", 1.5.into()), "event_version"),
+            (with("timestamp", 1_700_000_000.into()), "timestamp"),
+            (with("timestamp", "yesterday".into()), "timestamp"),
+            (with("aggregate_id", 42.into()), "aggregate_id"),
+            (with("event_type", serde_json::json!(["T"])), "event_type"),
+            (with("tenant_id", "seven".into()), "tenant_id"),
+            (with("aggregate_id", "agg with spaces".into()), "aggregate_id"),
+            (with("aggregate_id", "a".repeat(257).into()), "aggregate_id"),
+            (with("event_version", 0.into()), "event_version"),
+            (with("event_version", (-1).into()), "event_version"),
+            (with("event_type", " ".into()), "event_type"),
+            (with("payload", serde_json::Value::Null), "payload"),
+        ]);
+        let publish_bad = |body: String| {
+            let bus = bus.clone();
+            let topic = topic.clone();
+            async move {
+                let m = Message::new(&topic, body.into_bytes())
+                    .with_key("agg")
+                    .with_header(headers::AGGREGATE_ID, "agg");
+                bus.publish_message(m).await.unwrap().await.into_result().unwrap();
+            }
+        };
+        // v1, every bad message, v2..v3: the bad ones sit between valid versions.
+        bus.publish_envelope_sync(&topic, &envelope("agg", 1))
+            .await
+            .unwrap();
+        for (body, _) in &bad {
+            publish_bad(body.clone()).await;
+        }
+        for v in 2..=3 {
+            bus.publish_envelope_sync(&topic, &envelope("agg", v))
+                .await
+                .unwrap();
+        }
+        // A header value with a control character: refused, or carried as is.
+        let odd = Message::new(&topic, serde_json::to_vec(&valid(4)).unwrap())
+            .with_key("agg")
+            .with_header("X-Odd", "bell\u{7}tab\there");
+        let odd_sent = match bus.publish_message(odd).await {
+            Ok(handle) => {
+                handle.await.into_result().unwrap();
+                true
+            }
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Validation, "{e}");
+                assert!(e.to_string().contains("header"), "{e}");
+                false
+            }
+        };
+        if !odd_sent {
+            bus.publish_envelope_sync(&topic, &envelope("agg", 4))
+                .await
+                .unwrap();
+        }
+        assert!(
+            eventually(caps.timeout, || len(&dead) == bad.len() && len(&got) == 4).await,
+            "dead-lettered {} of {}, handled {} of 4: {:?}",
+            len(&dead),
+            bad.len(),
+            len(&got),
+            got.lock()
+                .unwrap()
+                .iter()
+                .map(|e| e.event_version)
+                .collect::<Vec<_>>()
+        );
+        let versions: Vec<i64> = got.lock().unwrap().iter().map(|e| e.event_version).collect();
+        assert_eq!(
+            versions,
+            vec![1, 2, 3, 4],
+            "the aggregate's valid events, in order"
+        );
+        let dead = dead.lock().unwrap().clone();
+        for (body, field) in &bad {
+            let letter = dead
+                .iter()
+                .find(|m| m.payload == body.as_bytes())
+                .unwrap_or_else(|| panic!("not dead-lettered: {body:.80}"));
+            let reason = letter.headers.get(headers::ERROR_MESSAGE).unwrap_or_default();
+            assert!(!reason.is_empty(), "no reason for {body:.80}");
+            assert!(
+                reason.contains(field),
+                "reason {reason:?} does not name {field} ({body:.80})"
+            );
+            assert_eq!(letter.headers.get(headers::ORIGINAL_TOPIC), Some(topic.as_str()));
+        }
+        assert_eq!(sub.health().dead_lettered, bad.len() as u64);
+        sub.close().await.unwrap();
+        dlq_sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+/// A message above the backend's size limit (2 MiB; NATS's default
+/// `max_payload` and librdkafka's `message.max.bytes` are 1 MB, the memory
+/// backend's `memory.max_message_bytes` 1 MiB) is refused with a
+/// `Validation` error naming the payload, at publish or as the publish's
+/// result, never a hang or a silent drop; the next publish goes through.
+fn oversized_message_is_refused_at_publish<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("oversized");
+        let (sub, got) = record_envelopes(&bus, &topic, "g").await;
+        let big = Envelope::builder("big", "T", 1)
+            .json_payload(&"x".repeat(2 << 20))
+            .unwrap()
+            .build()
+            .unwrap();
+        let outcome = match bus.publish_envelope(&topic, &big).await {
+            Err(e) => Arc::new(e),
+            Ok(handle) => tokio::time::timeout(caps.timeout, handle)
+                .await
+                .expect("the oversized publish got no result")
+                .error
+                .expect("an oversized message was reported delivered"),
+        };
+        assert_eq!(outcome.kind(), ErrorKind::Validation, "{outcome}");
+        assert!(outcome.to_string().contains("payload"), "{outcome}");
+        bus.publish_envelope_sync(&topic, &envelope("big", 1))
+            .await
+            .unwrap();
+        assert!(eventually(caps.timeout, || len(&got) == 1).await);
+        assert_eq!(
+            got.lock().unwrap()[0].payload.len(),
+            envelope("big", 1).payload.len()
+        );
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}

@@ -151,6 +151,8 @@ macro_rules! conformance_tests {
             an_event_settled_before_is_not_handled_again,
             three_members_share_a_group_in_order_through_join_and_leave,
             killed_member_among_three_loses_nothing_and_keeps_order,
+            bad_input_is_dead_lettered_naming_the_field,
+            oversized_message_is_refused_at_publish,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
