@@ -129,13 +129,15 @@ pub(crate) fn message_result_meta(message: &Message) -> ResultMeta {
     }
 }
 
-/// The body as an envelope; failing that, an envelope rebuilt from its
-/// `X-Event-*` headers around a raw JSON body.
+/// A received message as an envelope, as subscriptions decode it: the body
+/// as an envelope; failing that, an envelope rebuilt from its `X-Event-*`
+/// headers around a raw JSON body (ORIGIN.md's order). Never panics,
+/// whatever the bytes.
 ///
 /// # Errors
 /// The body's decode error when there are no envelope headers, else the
 /// header mapping's error.
-pub(crate) fn decode_envelope(message: &Message) -> Result<Envelope> {
+pub fn decode_envelope(message: &Message) -> Result<Envelope> {
     let body_error = match Envelope::decode(&message.payload) {
         Ok(envelope) => return Ok(envelope),
         Err(e) => e,
@@ -150,8 +152,9 @@ pub(crate) fn decode_envelope(message: &Message) -> Result<Envelope> {
 }
 
 /// The aggregate id of a message that is not a valid envelope: the
-/// `X-Aggregate-ID` header, then the record key (ORIGIN.md's order after the body).
-pub(crate) fn fallback_aggregate_id(message: &Message) -> Option<String> {
+/// `X-Aggregate-ID` header, then the record key when it is UTF-8
+/// (ORIGIN.md's order after the body); `None` when neither is there.
+pub fn fallback_aggregate_id(message: &Message) -> Option<String> {
     let from_header = message.headers.get(headers::AGGREGATE_ID).map(str::to_owned);
     let from_key = || {
         message
