@@ -231,7 +231,9 @@ pub struct NatsConsumer {
     pub lease_ms: u64,
     /// The key-value bucket holding group members and partition leases.
     /// Default `EVENTBUS_GROUPS`; created at the first subscribe when
-    /// provisioning creates.
+    /// provisioning creates, with as many replicas as the most replicated
+    /// of [`streams`](NatsConfig::streams) and
+    /// [`topic_streams`](NatsConfig::topic_streams).
     pub groups_bucket: String,
     /// Longest wait, when a rebalance moves a partition away, for its
     /// running handlers to finish before they are cancelled, in ms.

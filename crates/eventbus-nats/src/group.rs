@@ -117,7 +117,15 @@ pub(crate) async fn lease_bucket(js: &jetstream::Context, config: &NatsConfig) -
                 max_messages_per_subject: 1,
                 max_age: lease,
                 storage: jetstream::stream::StorageType::File,
-                num_replicas: config.streams.first().map_or(1, |s| s.replicas),
+                // As replicated as the most replicated stream, so losing a
+                // node does not lose the leases of the topics it outlives.
+                num_replicas: config
+                    .streams
+                    .iter()
+                    .map(|s| s.replicas)
+                    .chain([config.topic_streams.replicas])
+                    .max()
+                    .unwrap_or(1),
                 allow_rollup: true,
                 deny_delete: true,
                 allow_direct: true,

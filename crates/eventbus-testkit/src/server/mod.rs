@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use eventbus_core::{Error, ErrorKind, Result};
 
-pub use nats::NatsServer;
+pub use nats::{NatsCluster, NatsServer};
 pub use postgres::PostgresServer;
 pub use s3::{S3_REGION, S3Server};
 pub use tansu::{TansuOptions, TansuServer, TansuStorage};
