@@ -220,6 +220,25 @@ impl LocalProcess {
         }
     }
 
+    /// Waits up to `timeout` for the process to exit by itself (after a
+    /// signal), then kills it; reaps it either way.
+    pub fn wait_exit(&mut self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(_)) = child.try_wait()
+            {
+                self.child = None;
+                return;
+            }
+            if self.child.is_none() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+    }
+
     /// Stops it as configured ([`StopWith`]); SIGKILL after 10 s.
     pub fn stop(&mut self) {
         if self.stop_with == StopWith::Interrupt && self.signal("INT").is_ok() {

@@ -114,11 +114,18 @@ impl PostgresServer {
         }
         process.spawn(Duration::from_secs(30)).await?;
         let server = Self { process, _dir: dir };
-        // Listening comes before accepting sessions ("the database system is starting up").
+        server.wait_for_sessions().await?;
+        Ok(server)
+    }
+
+    /// Listening comes before accepting sessions ("the database system is
+    /// starting up", or recovering after a crash): waits at most 30 s.
+    async fn wait_for_sessions(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
-            if sqlx::PgPool::connect(&server.url()).await.is_ok() {
-                return Ok(server);
+            if let Ok(pool) = sqlx::PgPool::connect(&self.url()).await {
+                pool.close().await;
+                return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -126,6 +133,29 @@ impl PostgresServer {
             ErrorKind::Timeout,
             "postgres did not accept connections within 30 s",
         ))
+    }
+
+    /// Stops the server as a crash would: SIGQUIT (immediate shutdown: every
+    /// session dropped, no checkpoint; the next start recovers from the
+    /// WAL), waiting for the process to exit. Not SIGKILL, which would
+    /// leave its backends running.
+    ///
+    /// # Errors
+    /// `Config` when it is not running.
+    pub fn crash(&mut self) -> Result<()> {
+        self.process.signal("QUIT")?;
+        self.process.wait_exit(Duration::from_secs(10));
+        Ok(())
+    }
+
+    /// Starts the server again on the same port and data directory, and
+    /// waits until it accepts sessions (at most 30 s each).
+    ///
+    /// # Errors
+    /// As [`start`](PostgresServer::start).
+    pub async fn restart(&mut self) -> Result<()> {
+        self.process.spawn(Duration::from_secs(30)).await?;
+        self.wait_for_sessions().await
     }
 
     /// `postgres://postgres@127.0.0.1:<port>/postgres`.
