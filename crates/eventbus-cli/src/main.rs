@@ -4,6 +4,7 @@ mod backends;
 mod bench;
 mod fault;
 mod outbox;
+mod soak;
 
 use clap::{Parser, Subcommand};
 
@@ -28,6 +29,9 @@ enum Command {
     /// A group member process of `eventbus fault`.
     #[command(hide = true)]
     FaultMember(fault::worker::MemberArgs),
+    /// A long steady run on one backend, sampling memory every second:
+    /// RSS slope after warm-up, lost events and order violations.
+    Soak(soak::SoakArgs),
     /// Transactional outbox: run a relay, show status.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
@@ -42,6 +46,7 @@ async fn main() {
     let outcome = match Cli::parse().command {
         Command::Bench(args) => bench::run(args).await,
         Command::Outbox(command) => outbox::run(command).await,
+        Command::Soak(args) => soak::run(args).await,
         Command::Fault(args) => fault::run(args).await,
         Command::FaultProducer(args) => fault::worker::producer(args).await,
         Command::FaultMember(args) => fault::worker::member(args).await,
