@@ -4,6 +4,7 @@ mod backends;
 mod bench;
 mod fault;
 mod outbox;
+mod signals;
 mod soak;
 
 use clap::{Parser, Subcommand};

@@ -165,3 +165,77 @@ async fn a_killed_relay_process_restarted_loses_nothing() {
     let got: HashSet<String> = seen.lock().unwrap().iter().cloned().collect();
     assert_eq!(got, ids, "events lost");
 }
+
+/// SIGTERM drains a running relay (it finishes its round, marks what it
+/// published, flushes and exits 0); its `/metrics` is the Prometheus
+/// exporter's text with `# HELP` for every metric, nothing hand-written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_relay_and_it_exits_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("outbox.db").display());
+    let nats = NatsServer::start().await.unwrap();
+    let store = OutboxStore::connect(&database, 2).await.unwrap();
+    store.migrate().await.unwrap();
+    let OutboxStore::Sqlite(pool) = &store else {
+        unreachable!()
+    };
+    let mut tx = pool.begin().await.unwrap();
+    for n in 0..500 {
+        let e = Envelope::builder(format!("agg-{}", n % 50), "OrderPlaced", (n / 50 + 1) as i64)
+            .json_payload(&n)
+            .unwrap()
+            .build()
+            .unwrap();
+        append(&mut *tx, OutboxEvent::new("orders", &e, "Order"))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let port = free_port();
+    let mut child = relay(&database, &nats.url(), port);
+    let mut metrics = String::new();
+    for _ in 0..300 {
+        if published(&store).await > 0
+            && let Some(text) = http_get(port, "/metrics").await
+        {
+            metrics = text;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        metrics.contains("# HELP eventbus_outbox_published_total"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("eventbus_outbox_rows{status=\"pending\"}"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# HELP eventbus_published_total"), "{metrics}");
+    let started = std::time::Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the relay did not drain in 20 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit}");
+    // Every row is published, or still pending for the next relay.
+    let status = store.status().await.unwrap();
+    let published = status.counts.get("published").copied().unwrap_or(0);
+    let pending = status.counts.get("pending").copied().unwrap_or(0);
+    assert_eq!(published + pending, 500, "{status:?}");
+    eprintln!(
+        "drained after {:?}: published {published}, pending {pending}",
+        started.elapsed()
+    );
+}

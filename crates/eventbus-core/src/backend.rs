@@ -89,4 +89,53 @@ pub trait BackendSubscription: Send + 'static {
     fn assignment(&self) -> Option<std::sync::Arc<std::sync::Mutex<crate::GroupAssignment>>> {
         None
     }
+
+    /// How to read this member's lag, at each health call and every second
+    /// for the `eventbus_consumer_lag` gauge. `None` (the default) when the
+    /// backend cannot tell.
+    fn lag_probe(&self) -> Option<LagProbe> {
+        None
+    }
+}
+
+/// Reads a subscription's lag: messages on the member's partitions that
+/// the broker holds and the group has not settled (fetched-and-unsettled
+/// included), as a count; `None` while not measured yet. Cheap: backends
+/// that measure over the network return their last measurement.
+pub type LagProbe = std::sync::Arc<dyn Fn() -> Option<u64> + Send + Sync>;
+
+/// A lag measured in the background and read by a [`LagProbe`]: the last
+/// value set, or `None` before the first.
+#[derive(Debug, Default)]
+pub struct MeasuredLag(std::sync::atomic::AtomicU64);
+
+impl MeasuredLag {
+    const UNKNOWN: u64 = u64::MAX;
+
+    /// A lag not measured yet.
+    pub fn new() -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self(std::sync::atomic::AtomicU64::new(Self::UNKNOWN)))
+    }
+
+    /// Records a measurement (count).
+    pub fn set(&self, messages: u64) {
+        self.0.store(
+            messages.min(Self::UNKNOWN - 1),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    /// The last measurement.
+    pub fn get(&self) -> Option<u64> {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            Self::UNKNOWN => None,
+            n => Some(n),
+        }
+    }
+
+    /// A probe reading this measurement.
+    pub fn probe(self: &std::sync::Arc<Self>) -> LagProbe {
+        let me = self.clone();
+        std::sync::Arc::new(move || me.get())
+    }
 }

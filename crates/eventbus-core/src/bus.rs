@@ -94,11 +94,13 @@ impl EventBus {
     /// As [`new`](EventBus::new).
     pub fn from_arc(backend: Arc<dyn Backend>, config: BusConfig) -> Result<Self> {
         config.validate()?;
+        crate::telemetry::describe();
         let executor = OrderedExecutor::new(config.consumer.concurrency);
+        let publisher = Arc::new(Publisher::new(&config, backend.name()));
         Ok(Self {
             inner: Arc::new(BusInner {
                 backend,
-                publisher: Arc::new(Publisher::new(&config)),
+                publisher,
                 executor,
                 config,
                 closed: AtomicBool::new(false),
@@ -330,6 +332,8 @@ impl EventBus {
             max_in_flight: consumer.max_in_flight,
             dedup_window: consumer.dedup_window,
             assignment: source.assignment(),
+            lag: source.lag_probe(),
+            lag_alert_messages: consumer.lag_alert_messages,
         });
         let subscription = Subscription::start(
             shared,

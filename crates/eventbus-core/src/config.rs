@@ -104,6 +104,10 @@ pub struct ConsumerConfig {
     /// parked aggregate can hold the committed offset back past it) is
     /// handled again. Across processes, use the inbox. Default 10,000.
     pub dedup_window: usize,
+    /// Lag (count) at which a subscription's health raises
+    /// [`lag_alert`](crate::SubscriptionHealth::lag_alert); 0 turns it off.
+    /// Default 1,000, the original SDK's backlog threshold.
+    pub lag_alert_messages: u64,
 }
 
 /// Memory backend settings.
@@ -173,6 +177,7 @@ impl Default for ConsumerConfig {
             retry: RetryPolicy::default(),
             dead_letter: crate::dead_letter::DeadLetterPolicy::default(),
             dedup_window: 10_000,
+            lag_alert_messages: 1_000,
         }
     }
 }

@@ -70,4 +70,15 @@ pub struct SubscriptionHealth {
     /// groups (NATS, memory); `None` where the broker assigns partitions
     /// itself (Kafka).
     pub assignment: Option<crate::GroupAssignment>,
+    /// Messages on this member's partitions that the broker holds and the
+    /// group has not settled, fetched-and-unsettled included (count); `None`
+    /// when the backend has not measured it yet. NATS: pending plus
+    /// ack-pending of each owned partition's consumer; Kafka: log end minus
+    /// the group's committed offset of each assigned partition; memory:
+    /// queued, redelivered and in-flight messages of owned partitions.
+    /// NATS and Kafka measure it every second.
+    pub lag: Option<u64>,
+    /// Whether [`lag`](SubscriptionHealth::lag) reached
+    /// `consumer.lag_alert_messages` (the original SDK's backlog alert).
+    pub lag_alert: bool,
 }

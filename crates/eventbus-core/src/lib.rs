@@ -23,8 +23,9 @@ mod provision;
 mod publish;
 mod retry;
 mod secret;
+pub mod telemetry;
 
-pub use backend::{AckFuture, Backend, BackendSubscription, SubscribeSpec};
+pub use backend::{AckFuture, Backend, BackendSubscription, LagProbe, MeasuredLag, SubscribeSpec};
 /// The date-time crate of [`Envelope::timestamp`], so users build
 /// timestamps without depending on it themselves.
 pub use chrono;

@@ -158,10 +158,12 @@ pub(crate) struct Publisher {
     global_results: Mutex<Option<PublishResults>>,
     timeout: Duration,
     ack_timeout: Duration,
+    /// The backend's name, the `backend` label of the publish metrics.
+    backend: &'static str,
 }
 
 impl Publisher {
-    pub(crate) fn new(config: &crate::BusConfig) -> Self {
+    pub(crate) fn new(config: &crate::BusConfig, backend: &'static str) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let routes = Arc::new(Mutex::new(ResultRoutes::default()));
         let mut global_results = None;
@@ -170,7 +172,7 @@ impl Publisher {
             routes.lock().unwrap().global = Some(gtx);
             global_results = Some(PublishResults(grx));
         }
-        tokio::spawn(collect(rx, routes.clone()));
+        tokio::spawn(collect(rx, routes.clone(), backend));
         Self {
             // The unbounded channel holds at most `max_in_flight` items: each carries a permit.
             window: Arc::new(Semaphore::new(config.publish.max_in_flight)),
@@ -181,6 +183,7 @@ impl Publisher {
             global_results: Mutex::new(global_results),
             timeout: Duration::from_millis(config.publish.timeout_ms),
             ack_timeout: Duration::from_millis(config.publish.ack_timeout_ms),
+            backend,
         }
     }
 
@@ -207,15 +210,25 @@ impl Publisher {
         };
         // Most backends accept at once: only a pending accept pays for a timer.
         let mut accept = std::pin::pin!(accept);
-        let ack = match futures::poll!(accept.as_mut()) {
-            Poll::Ready(accepted) => accepted?,
-            Poll::Pending => tokio::time::timeout(self.timeout, accept).await.map_err(|_| {
-                Error::timeout(format!(
-                    "backend did not accept the message within {:?}",
-                    self.timeout
-                ))
-            })??,
+        let accepted = match futures::poll!(accept.as_mut()) {
+            Poll::Ready(accepted) => accepted,
+            Poll::Pending => tokio::time::timeout(self.timeout, accept)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::timeout(format!(
+                        "backend did not accept the message within {:?}",
+                        self.timeout
+                    )))
+                }),
         };
+        let ack = accepted.inspect_err(|_| {
+            metrics::counter!(
+                crate::telemetry::PUBLISH_ERRORS,
+                "backend" => self.backend,
+                "topic" => meta.topic.clone()
+            )
+            .increment(1);
+        })?;
         let ack_timeout = self.ack_timeout;
         let ack = async move {
             tokio::time::timeout(ack_timeout, ack)
@@ -271,11 +284,44 @@ impl Publisher {
     }
 }
 
-async fn collect(mut rx: mpsc::UnboundedReceiver<Pending>, routes: Arc<Mutex<ResultRoutes>>) {
+/// The published and failed counters of each topic, labelled once.
+struct TopicCounters {
+    backend: &'static str,
+    by_topic: std::collections::HashMap<String, (metrics::Counter, metrics::Counter)>,
+}
+
+impl TopicCounters {
+    fn count(&mut self, topic: &str, success: bool) {
+        let backend = self.backend;
+        let (published, failed) = self.by_topic.entry(topic.to_owned()).or_insert_with(|| {
+            let labels = [("backend", backend.to_owned()), ("topic", topic.to_owned())];
+            (
+                metrics::counter!(crate::telemetry::PUBLISHED, &labels),
+                metrics::counter!(crate::telemetry::PUBLISH_ERRORS, &labels),
+            )
+        });
+        match success {
+            true => published.increment(1),
+            false => failed.increment(1),
+        }
+    }
+}
+
+async fn collect(
+    mut rx: mpsc::UnboundedReceiver<Pending>,
+    routes: Arc<Mutex<ResultRoutes>>,
+    backend: &'static str,
+) {
+    let mut counters = TopicCounters {
+        backend,
+        by_topic: std::collections::HashMap::new(),
+    };
     let mut in_flight = FuturesUnordered::new();
     loop {
         tokio::select! {
             Some((result, pending)) = in_flight.next(), if !in_flight.is_empty() => {
+                let result: PublishResult = result;
+                counters.count(&result.topic, result.is_success());
                 deliver(&routes, result, pending).await;
             }
             next = rx.recv() => match next {
@@ -290,6 +336,7 @@ async fn collect(mut rx: mpsc::UnboundedReceiver<Pending>, routes: Arc<Mutex<Res
         }
     }
     while let Some((result, pending)) = in_flight.next().await {
+        counters.count(&result.topic, result.is_success());
         deliver(&routes, result, pending).await;
     }
 }
@@ -299,11 +346,6 @@ async fn deliver(
     result: PublishResult,
     (report, reply, permit): (bool, oneshot::Sender<PublishResult>, OwnedSemaphorePermit),
 ) {
-    // Static keys: no allocation per publish (per-topic figures are in the results).
-    match result.is_success() {
-        true => metrics::counter!("eventbus_published_total").increment(1),
-        false => metrics::counter!("eventbus_publish_errors_total").increment(1),
-    }
     let (global, tenant) = {
         let r = routes.lock().unwrap();
         let tenant = result.tenant_id.and_then(|t| r.tenants.get(&t).cloned());

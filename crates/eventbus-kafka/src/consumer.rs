@@ -151,6 +151,8 @@ pub(crate) struct KafkaSubscription {
     poller: tokio::task::JoinHandle<()>,
     stop: Arc<tokio::sync::Notify>,
     view: Arc<std::sync::Mutex<GroupAssignment>>,
+    /// Log end minus committed offset of the assigned partitions.
+    lag: Arc<eventbus_core::MeasuredLag>,
 }
 
 impl KafkaSubscription {
@@ -163,7 +165,10 @@ impl KafkaSubscription {
     ) -> Self {
         let (tx, deliveries) = mpsc::channel(HANDOVER);
         let stop = Arc::new(tokio::sync::Notify::new());
+        let lag = eventbus_core::MeasuredLag::new();
         let poll = Poller {
+            lag: lag.clone(),
+            lag_measured: None,
             consumer: consumer.clone(),
             tracker: tracker.clone(),
             rebalances,
@@ -180,12 +185,19 @@ impl KafkaSubscription {
             poller,
             stop,
             view,
+            lag,
         }
     }
 }
 
+/// How often the poll task measures the lag (one watermark request per
+/// assigned partition and one committed-offsets request).
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
 /// The poll task's state.
 struct Poller {
+    lag: Arc<eventbus_core::MeasuredLag>,
+    lag_measured: Option<std::time::Instant>,
     consumer: Arc<StreamConsumer<MemberContext>>,
     tracker: Arc<OffsetTracker>,
     rebalances: Arc<AtomicU64>,
@@ -197,6 +209,43 @@ struct Poller {
 }
 
 impl Poller {
+    /// Log end minus the group's committed offset (or the log start when
+    /// nothing is committed) of every assigned partition, at most every
+    /// [`LAG_EVERY`], on this task (`block_in_place`: the requests block);
+    /// left as it was when a request fails.
+    fn measure_lag(&mut self) {
+        if self.lag_measured.is_some_and(|t| t.elapsed() < LAG_EVERY) {
+            return;
+        }
+        self.lag_measured = Some(std::time::Instant::now());
+        let Ok(h) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if h.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
+            return;
+        }
+        let consumer = &self.consumer;
+        let measured = tokio::task::block_in_place(|| -> Option<u64> {
+            let timeout = Duration::from_millis(500);
+            let committed = consumer.committed(timeout).ok()?;
+            let mut total = 0u64;
+            for e in committed.elements() {
+                let (low, high) = consumer
+                    .fetch_watermarks(e.topic(), e.partition(), timeout)
+                    .ok()?;
+                let from = match e.offset() {
+                    rdkafka::Offset::Offset(o) => o,
+                    _ => low,
+                };
+                total += (high - from).max(0) as u64;
+            }
+            Some(total)
+        });
+        if let Some(total) = measured {
+            self.lag.set(total);
+        }
+    }
+
     async fn run(mut self, stop: Arc<tokio::sync::Notify>) {
         let consumer = self.consumer.clone();
         let tx = self.tx.clone();
@@ -205,6 +254,7 @@ impl Poller {
         loop {
             self.after_rebalance();
             self.resume_with_room();
+            self.measure_lag();
             let next = tokio::select! {
                 _ = &mut stopped => return,
                 _ = self.tx.closed() => return,
@@ -383,6 +433,10 @@ impl BackendSubscription for KafkaSubscription {
         Some(self.view.clone())
     }
 
+    fn lag_probe(&self) -> Option<eventbus_core::LagProbe> {
+        Some(self.lag.probe())
+    }
+
     async fn close(self: Box<Self>) -> Result<()> {
         let Self {
             consumer,
@@ -391,6 +445,7 @@ impl BackendSubscription for KafkaSubscription {
             poller,
             stop,
             view: _,
+            lag: _,
         } = *self;
         stop.notify_one();
         drop(deliveries);

@@ -23,7 +23,13 @@ async fn setup() -> (impl BusFactory, Capabilities) {
             EventBus::new(backend, config).unwrap()
         }
     };
-    (factory, Capabilities::all("kafka"))
+    // Tansu's log-end offsets are wrong (INFRA.md): the lag case runs
+    // against librdkafka's mock cluster in tests/kafka.rs instead.
+    let caps = Capabilities {
+        lag: false,
+        ..Capabilities::all("kafka")
+    };
+    (factory, caps)
 }
 
 eventbus_testkit::conformance_tests!(setup);

@@ -709,3 +709,61 @@ async fn a_rust_member_joins_a_go_style_group_and_splits_the_partitions() {
     sub.close().await.unwrap();
     bus.close().await.unwrap();
 }
+
+/// Lag against librdkafka's mock cluster, whose offsets are true (tansu's
+/// log-end offsets are not): 30 events published while the handler is held
+/// count 30 (log end minus the group's committed offset, over the topic's 4
+/// partitions) and raise the alert at 20; once handled and committed, 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lag_is_log_end_minus_committed_on_a_true_broker() {
+    use rdkafka::mocking::MockCluster;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("lagging", 4, 1).unwrap();
+    cluster.create_topic("lagging.dlq", 1, 1).unwrap();
+    let mut kafka = KafkaConfig::with_brokers([cluster.bootstrap_servers()]);
+    kafka.auto_create_topics = false;
+    kafka.consumer.commit_interval_ms = 200;
+    let mut config = BusConfig::default();
+    config.consumer.lag_alert_messages = 20;
+    let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), config).unwrap();
+    let hold = Arc::new(AtomicBool::new(true));
+    let handled = Arc::new(AtomicUsize::new(0));
+    let (h, n) = (hold.clone(), handled.clone());
+    let sub = bus
+        .subscribe_envelope("lagging", SubscribeOptions::group("g"), move |_e: Envelope| {
+            let (h, n) = (h.clone(), n.clone());
+            async move {
+                while h.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                n.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    for v in 1..=10 {
+        for a in 0..3 {
+            bus.publish_envelope_sync("lagging", &envelope(&format!("lag-{a}"), v))
+                .await
+                .unwrap();
+        }
+    }
+    assert!(
+        eventually(Duration::from_secs(60), || sub.health().lag == Some(30)).await,
+        "lag: {:?}",
+        sub.health().lag
+    );
+    assert!(sub.health().lag_alert);
+    hold.store(false, Ordering::SeqCst);
+    assert!(eventually(Duration::from_secs(30), || handled.load(Ordering::SeqCst) == 30).await);
+    assert!(
+        eventually(Duration::from_secs(30), || sub.health().lag == Some(0)).await,
+        "lag after handling: {:?}",
+        sub.health().lag
+    );
+    assert!(!sub.health().lag_alert);
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
+}

@@ -204,6 +204,7 @@ pub(crate) async fn subscribe(
         (ack_wait / 3).max(Duration::from_millis(10)),
     ));
     let stop = CancellationToken::new();
+    let lag = eventbus_core::MeasuredLag::new();
     let member = Member {
         // UUIDv7 starts with the time: members sort by age, so the oldest
         // keep what they own (a standby or a new member gets the rest).
@@ -215,10 +216,13 @@ pub(crate) async fn subscribe(
         unsettled,
         view: view.clone(),
         owned: BTreeMap::new(),
+        lag: lag.clone(),
+        lag_measured: None,
     };
     let coordinator = tokio::spawn(member.run(stop.clone()));
     Ok(Box::new(GroupSubscription {
         rx,
+        lag,
         stop,
         coordinator: Some(coordinator),
         keep_alive,
@@ -323,9 +327,42 @@ struct Member {
     unsettled: Unsettled,
     view: Arc<Mutex<GroupAssignment>>,
     owned: BTreeMap<u32, Owned>,
+    /// This member's lag, measured at most every [`LAG_EVERY`].
+    lag: Arc<eventbus_core::MeasuredLag>,
+    lag_measured: Option<Instant>,
 }
 
+/// How often a member measures its lag (one consumer-info request per owned partition).
+const LAG_EVERY: Duration = Duration::from_secs(1);
+
 impl Member {
+    /// Sums pending and ack-pending messages of every partition this member
+    /// holds (its consumers' info); left as it was when a request fails.
+    async fn measure_lag(&mut self) {
+        if self.lag_measured.is_some_and(|t| t.elapsed() < LAG_EVERY) {
+            return;
+        }
+        self.lag_measured = Some(Instant::now());
+        let mut total = 0u64;
+        let held: Vec<(u32, u64)> = self.owned.iter().map(|(p, o)| (*p, o.generation)).collect();
+        for (p, generation) in held {
+            let name = format!("{}{generation}", self.layout.consumer_prefix(p));
+            let subject = self.layout.subject(p);
+            let js = self.ctx.js.clone();
+            let info = self
+                .bounded("lag measurement", async move {
+                    let stream = js.stream_by_subject(subject).await.map_err(|e| e.to_string())?;
+                    let stream = js.get_stream(&stream).await.map_err(|e| e.to_string())?;
+                    stream.consumer_info(&name).await.map_err(|e| e.to_string())
+                })
+                .await;
+            match info {
+                Some(info) => total += info.num_pending + info.num_ack_pending as u64,
+                None => return,
+            }
+        }
+        self.lag.set(total);
+    }
     fn heartbeat(&self) -> Duration {
         self.lease / 5
     }
@@ -463,6 +500,7 @@ impl Member {
             self.release(p, "consumer gone").await;
         }
         self.renew().await;
+        self.measure_lag().await;
         let bucket = self.ctx.bucket.clone();
         let member_key = self.layout.member_key(&self.id);
         self.bounded("member heartbeat", bucket.put(&member_key, Bytes::new()))
@@ -1058,6 +1096,8 @@ async fn keep_alive(client: async_nats::Client, unsettled: Unsettled, every: Dur
 /// One member of a group, as the bus's source of deliveries.
 struct GroupSubscription {
     rx: mpsc::Receiver<Result<Delivery>>,
+    /// Pending plus ack-pending of the owned partitions' consumers.
+    lag: Arc<eventbus_core::MeasuredLag>,
     stop: CancellationToken,
     coordinator: Option<JoinHandle<()>>,
     keep_alive: JoinHandle<()>,
@@ -1106,6 +1146,10 @@ impl BackendSubscription for GroupSubscription {
 
     fn assignment(&self) -> Option<Arc<Mutex<GroupAssignment>>> {
         Some(self.view.clone())
+    }
+
+    fn lag_probe(&self) -> Option<eventbus_core::LagProbe> {
+        Some(self.lag.probe())
     }
 }
 

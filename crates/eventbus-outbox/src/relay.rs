@@ -192,7 +192,7 @@ impl Relay {
             self.lost_claims(lost);
         }
         self.stats.published.fetch_add(marked, Ordering::Relaxed);
-        metrics::counter!("eventbus_outbox_published_total").increment(marked);
+        metrics::counter!(eventbus_core::telemetry::OUTBOX_PUBLISHED).increment(marked);
         Ok(rows.len())
     }
 
@@ -215,7 +215,7 @@ impl Relay {
 
     fn lost_claims(&self, n: u64) {
         self.stats.lost_claims.fetch_add(n, Ordering::Relaxed);
-        metrics::counter!("eventbus_outbox_lost_claims_total").increment(n);
+        metrics::counter!(eventbus_core::telemetry::OUTBOX_LOST_CLAIMS).increment(n);
         tracing::warn!(rows = n, "outbox claim lost to another relay: result discarded");
     }
 
@@ -246,6 +246,7 @@ impl Relay {
     async fn failed(&self, claim: &str, row: &OutboxRow, error: &str) -> Result<()> {
         let attempt = row.attempts + 1;
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(eventbus_core::telemetry::OUTBOX_FAILED_ATTEMPTS).increment(1);
         let exhausted = attempt >= self.config.backoff.max_attempts as i32;
         let next = now_us() + self.config.backoff.backoff(attempt as u32).as_micros() as i64;
         // The dead-letter topic is unreachable too: keep the row, try later.
@@ -256,7 +257,7 @@ impl Relay {
         }
         if dead {
             self.stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("eventbus_outbox_dead_lettered_total").increment(1);
+            metrics::counter!(eventbus_core::telemetry::OUTBOX_DEAD_LETTERED).increment(1);
             tracing::warn!(event_id = %row.id, error, "outbox row dead-lettered");
         }
         Ok(())

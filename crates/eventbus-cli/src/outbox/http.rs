@@ -8,9 +8,9 @@ use axum::Json;
 use axum::extract::State as Extract;
 use axum::http::StatusCode;
 use axum::routing::get;
+use eventbus::prometheus::PrometheusHandle;
 use eventbus::{EventBus, Result};
 use eventbus_outbox::{OutboxStore, RelayStats};
-use metrics_exporter_prometheus::PrometheusHandle;
 use tokio_util::sync::CancellationToken;
 
 /// What the endpoints read.
@@ -43,36 +43,19 @@ pub(crate) async fn serve(
     }))
 }
 
+/// The Prometheus exposition of every metric (the relay's and the bus's),
+/// after setting the outbox gauges from the database.
 async fn metrics(Extract(state): Extract<State>) -> String {
-    let mut text = state.metrics.render();
-    let s = &state.stats;
-    for (name, value) in [
-        (
-            "eventbus_outbox_relay_published",
-            s.published.load(Ordering::Relaxed),
-        ),
-        (
-            "eventbus_outbox_relay_failed_attempts",
-            s.failed.load(Ordering::Relaxed),
-        ),
-        (
-            "eventbus_outbox_relay_dead_lettered",
-            s.dead_lettered.load(Ordering::Relaxed),
-        ),
-    ] {
-        text.push_str(&format!("# TYPE {name} counter\n{name} {value}\n"));
-    }
+    use eventbus::telemetry::{OUTBOX_OLDEST_PENDING_AGE, OUTBOX_ROWS};
     if let Ok(status) = state.store.status().await {
-        text.push_str("# TYPE eventbus_outbox_rows gauge\n");
-        for (status, count) in &status.counts {
-            text.push_str(&format!("eventbus_outbox_rows{{status=\"{status}\"}} {count}\n"));
+        for status_name in ["pending", "published", "dead_lettered"] {
+            let count = status.counts.get(status_name).copied().unwrap_or(0);
+            metrics::gauge!(OUTBOX_ROWS, "status" => status_name).set(count as f64);
         }
-        let age = status.oldest_pending_age_ms.unwrap_or(0);
-        text.push_str(&format!(
-            "# TYPE eventbus_outbox_oldest_pending_ms gauge\neventbus_outbox_oldest_pending_ms {age}\n"
-        ));
+        let age_ms = status.oldest_pending_age_ms.unwrap_or(0);
+        metrics::gauge!(OUTBOX_OLDEST_PENDING_AGE).set(age_ms as f64 / 1000.0);
     }
-    text
+    state.metrics.render()
 }
 
 async fn health(Extract(state): Extract<State>) -> (StatusCode, Json<serde_json::Value>) {

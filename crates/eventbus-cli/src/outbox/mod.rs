@@ -77,9 +77,7 @@ pub(crate) async fn run(command: OutboxCommand) -> Result<()> {
 }
 
 async fn relay(args: RelayArgs) -> Result<()> {
-    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| eventbus::Error::config("cannot install the metrics recorder").with_source(e))?;
+    let metrics = eventbus::prometheus::install()?;
     let store = OutboxStore::connect(args.database.expose(), 8).await?;
     store.migrate().await?;
     let target = Target::connect(args.backend, &args.brokers, WhenMissing::DefaultAddress).await?;
@@ -109,11 +107,7 @@ async fn relay(args: RelayArgs) -> Result<()> {
         relay.id(),
         args.listen
     );
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = tokio::signal::ctrl_c().await;
-        stop.cancel();
-    });
+    crate::signals::drain_on_signal(shutdown.clone())?;
     relay.run(shutdown.clone()).await?;
     shutdown.cancel();
     let _ = server.await;

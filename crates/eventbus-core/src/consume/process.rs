@@ -142,6 +142,11 @@ pub(crate) struct SubscriptionShared {
     last_error: Mutex<Option<String>>,
     /// The backend's view of this member's share of the group.
     assignment: Option<Arc<Mutex<crate::GroupAssignment>>>,
+    /// The same figures through the `metrics` facade.
+    metrics: crate::telemetry::SubscriptionMetrics,
+    /// The backend's lag measurement.
+    lag: Option<crate::LagProbe>,
+    lag_alert_messages: u64,
 }
 
 /// What [`SubscriptionShared::new`] needs.
@@ -158,10 +163,13 @@ pub(crate) struct SubscriptionParams {
     pub(crate) max_in_flight: usize,
     pub(crate) dedup_window: usize,
     pub(crate) assignment: Option<Arc<Mutex<crate::GroupAssignment>>>,
+    pub(crate) lag: Option<crate::LagProbe>,
+    pub(crate) lag_alert_messages: u64,
 }
 
 impl SubscriptionShared {
     pub(crate) fn new(p: SubscriptionParams) -> Arc<Self> {
+        let metrics = crate::telemetry::SubscriptionMetrics::new(p.backend.name(), &p.topic, &p.group);
         Arc::new(Self {
             id: p.id,
             topic: p.topic,
@@ -186,6 +194,9 @@ impl SubscriptionShared {
             recent: Mutex::new(RecentIds::new(p.dedup_window)),
             unordered_seq: AtomicU64::new(0),
             last_error: Mutex::new(None),
+            metrics,
+            lag: p.lag,
+            lag_alert_messages: p.lag_alert_messages,
             assignment: p.assignment,
         })
     }
@@ -204,6 +215,7 @@ impl SubscriptionShared {
     pub(crate) fn job(self: &Arc<Self>, delivery: Delivery, slot: OwnedSemaphorePermit) -> (Key, Job) {
         let (key, work) = self.classify(delivery);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
+        self.metrics.in_flight.increment(1.0);
         let job = Job {
             work,
             first_error: None,
@@ -290,11 +302,23 @@ impl SubscriptionShared {
         match settled {
             Ok(Some(counter)) => {
                 counter.fetch_add(1, Ordering::Relaxed);
+                match settle {
+                    Settle::Ack => {
+                        self.metrics.handled.increment(1);
+                        if let Input::Envelope(e) = &work.input {
+                            self.metrics.end_to_end(&e.timestamp);
+                        }
+                    }
+                    Settle::AckDuplicate => self.metrics.duplicates_skipped.increment(1),
+                    Settle::DeadLettered => self.metrics.dead_lettered.increment(1),
+                    Settle::Abandon | Settle::Revoked => {}
+                }
             }
             Ok(None) => {}
             // The broker will redeliver: at-least-once.
             Err(e) => self.record_error(format!("settling failed: {e}")),
         }
+        self.metrics.in_flight.decrement(1.0);
         if self.in_flight.fetch_sub(1, Ordering::AcqRel) == 1 {
             self.idle.notify_waiters();
         }
@@ -317,6 +341,7 @@ impl SubscriptionShared {
         let settle = loop {
             self.failed_attempts.fetch_add(1, Ordering::Relaxed);
             if handler_failed {
+                self.metrics.handler_errors.increment(1);
                 self.record_error(error.clone());
             }
             let exhausted = attempt >= self.retry.max_attempts || matches!(work.input, Input::Invalid(_));
@@ -339,6 +364,7 @@ impl SubscriptionShared {
             if exhausted && !stalled {
                 stalled = true;
                 self.stalled.fetch_add(1, Ordering::Relaxed);
+                self.metrics.stalled.increment(1.0);
                 tracing::warn!(topic = %self.topic, group = %self.group, %error, "aggregate stalled");
             }
             if !self.sleep(self.retry.backoff(attempt), delivery).await {
@@ -349,6 +375,7 @@ impl SubscriptionShared {
                 handler_failed = false;
                 continue; // retry the dead letter, not the handler
             }
+            self.metrics.retries.increment(1);
             error = match self.attempt(work, concurrency).await {
                 Attempted::Stopped => break self.stopped(delivery),
                 Attempted::Ok => break Settle::Ack,
@@ -357,6 +384,7 @@ impl SubscriptionShared {
         };
         if stalled {
             self.stalled.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.stalled.decrement(1.0);
         }
         settle
     }
@@ -391,6 +419,17 @@ impl SubscriptionShared {
                 Some(limit) => tokio::time::timeout(limit, run).await.ok(),
                 None => Some(run.await),
             }
+        };
+        let started = std::time::Instant::now();
+        let run = async move {
+            let outcome = run.await;
+            (outcome, started.elapsed())
+        };
+        let metrics = &self.metrics;
+        let run = async move {
+            let (outcome, took) = run.await;
+            metrics.handler_duration(took);
+            outcome
         };
         tokio::select! {
             outcome = run => match outcome {
@@ -461,6 +500,7 @@ impl SubscriptionShared {
     }
 
     pub(crate) fn health(&self) -> SubscriptionHealth {
+        let lag = self.lag();
         SubscriptionHealth {
             topic: self.topic.clone(),
             group: self.group.clone(),
@@ -474,7 +514,18 @@ impl SubscriptionShared {
             duplicates_skipped: self.duplicates_skipped.load(Ordering::Relaxed),
             last_error: self.last_error.lock().unwrap().clone(),
             assignment: self.assignment.as_ref().map(|a| a.lock().unwrap().clone()),
+            lag,
+            lag_alert: lag.is_some_and(|l| self.lag_alert_messages > 0 && l >= self.lag_alert_messages),
         }
+    }
+
+    /// The backend's lag measurement, also set on the lag gauge.
+    pub(crate) fn lag(&self) -> Option<u64> {
+        let lag = self.lag.as_ref().and_then(|probe| probe());
+        if let Some(lag) = lag {
+            self.metrics.lag.set(lag as f64);
+        }
+        lag
     }
 }
 

@@ -100,6 +100,17 @@ impl Subscription {
     ) -> Self {
         shared.fetching.store(true, Ordering::Relaxed);
         let fetch = tokio::spawn(fetch_loop(shared.clone(), executor, source));
+        // The lag gauge, every second until close.
+        let gauge = shared.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = gauge.stop_fetch.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+                let _ = gauge.lag();
+            }
+        });
         Self {
             inner: Arc::new(SubscriptionInner {
                 shared,

@@ -602,6 +602,31 @@ impl BackendSubscription for MemorySubscription {
     fn assignment(&self) -> Option<Arc<Mutex<GroupAssignment>>> {
         Some(self.view.clone())
     }
+
+    fn lag_probe(&self) -> Option<crate::LagProbe> {
+        let (topic, group, member) = (self.topic.clone(), self.group.clone(), self.member);
+        Some(Arc::new(move || topic.lag(&group, member)))
+    }
+}
+
+impl Topic {
+    /// Messages of `member`'s partitions its group has not settled: queued,
+    /// returned for redelivery, taken and unsettled, and published but not
+    /// yet routed (count). `None` once the group is gone.
+    fn lag(&self, group: &str, member: u64) -> Option<u64> {
+        let state = self.state.lock().unwrap();
+        let g = state.groups.get(group)?;
+        let owned = |p: u32| g.partitions[p as usize].owner == Some(member);
+        let queued: usize = g
+            .partitions
+            .iter()
+            .filter(|part| part.owner == Some(member))
+            .map(|part| part.ready.len() + part.redeliver.len() + part.in_flight)
+            .sum();
+        let skip = g.next.saturating_sub(state.base) as usize;
+        let unrouted = state.log.iter().skip(skip).filter(|(_, p)| owned(*p)).count();
+        Some((queued + unrouted) as u64)
+    }
 }
 
 struct MemoryAcker {

@@ -1387,3 +1387,57 @@ fn oversized_message_is_refused_at_publish<'a>(
         bus.close().await.unwrap();
     })
 }
+
+/// Lag: 30 events published while the handler is held count 30 in health
+/// (and raise the alert at `consumer.lag_alert_messages` = 20); once
+/// released and handled, the lag goes back to 0 and the alert clears.
+fn lag_counts_what_the_group_has_not_settled<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        if !caps.lag {
+            return;
+        }
+        let mut config = BusConfig::default();
+        config.consumer.lag_alert_messages = 20;
+        let bus = f.bus(config).await;
+        let topic = unique("lag");
+        let hold = Arc::new(AtomicBool::new(true));
+        let handled = Arc::new(AtomicUsize::new(0));
+        let (h, n) = (hold.clone(), handled.clone());
+        let sub = bus
+            .subscribe_envelope(&topic, SubscribeOptions::group("g"), move |_e: Envelope| {
+                let (h, n) = (h.clone(), n.clone());
+                async move {
+                    while h.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    n.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(())
+                }
+            })
+            .await
+            .unwrap();
+        let events: Vec<Envelope> = (1..=10)
+            .flat_map(|v| (0..3).map(move |a| envelope(&format!("lag-{a}"), v)))
+            .collect();
+        publish_all(&bus, &topic, &events).await;
+        assert!(
+            eventually(caps.timeout, || sub.health().lag == Some(30)).await,
+            "lag with 30 unsettled: {:?}",
+            sub.health().lag
+        );
+        assert!(sub.health().lag_alert, "30 is past the alert threshold of 20");
+        hold.store(false, Ordering::SeqCst);
+        assert!(eventually(caps.timeout, || handled.load(Ordering::SeqCst) == 30).await);
+        assert!(
+            eventually(caps.timeout, || sub.health().lag == Some(0)).await,
+            "lag after handling everything: {:?}",
+            sub.health().lag
+        );
+        assert!(!sub.health().lag_alert);
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}

@@ -35,6 +35,9 @@ pub struct Capabilities {
     /// partitions). False where one member at a time consumes and the
     /// others stand by (an unpartitioned NATS topic).
     pub shares_groups: bool,
+    /// The backend's lag measurement can be trusted against this server
+    /// (false for Kafka on tansu, whose log-end offsets are wrong).
+    pub lag: bool,
     /// Longest wait for any expected delivery or result.
     pub timeout: Duration,
 }
@@ -48,6 +51,7 @@ impl Capabilities {
             keys: true,
             restartable: true,
             shares_groups: true,
+            lag: true,
             timeout: Duration::from_secs(60),
         }
     }
@@ -153,6 +157,7 @@ macro_rules! conformance_tests {
             killed_member_among_three_loses_nothing_and_keeps_order,
             bad_input_is_dead_lettered_naming_the_field,
             oversized_message_is_refused_at_publish,
+            lag_counts_what_the_group_has_not_settled,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
