@@ -115,8 +115,8 @@ impl Inner {
     }
 }
 
-const CONNECTED: u8 = 0;
-const DISCONNECTED: u8 = 1;
+pub(crate) const CONNECTED: u8 = 0;
+pub(crate) const DISCONNECTED: u8 = 1;
 
 /// Tracks "all brokers down" reports from librdkafka.
 struct ProducerContext {
@@ -207,6 +207,7 @@ impl KafkaBackend {
             rebalances: rebalances.clone(),
             view: view.clone(),
             group_id: group_id.clone(),
+            state: self.inner.state.clone(),
         };
         let consumer: StreamConsumer<MemberContext> = props
             .create_with_context(context)

@@ -38,6 +38,11 @@ pub(crate) struct MemberContext {
     /// This member's partitions, for health.
     pub(crate) view: Arc<std::sync::Mutex<GroupAssignment>>,
     pub(crate) group_id: String,
+    /// The backend's connection state, which consumers report too: all
+    /// brokers down sets it disconnected; a fetched message or a broker
+    /// answering the lag measurement sets it connected (so a consumer-only
+    /// process does not stay "disconnected" after a broker restart).
+    pub(crate) state: Arc<std::sync::atomic::AtomicU8>,
 }
 
 impl MemberContext {
@@ -81,7 +86,14 @@ fn refresh_members(consumer: &StreamConsumer<MemberContext>) {
     }
 }
 
-impl ClientContext for MemberContext {}
+impl ClientContext for MemberContext {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::AllBrokersDown) {
+            self.state.store(crate::backend::DISCONNECTED, Ordering::Relaxed);
+        }
+        tracing::warn!(%error, reason, "librdkafka error (consumer)");
+    }
+}
 
 impl ConsumerContext for MemberContext {
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -243,6 +255,11 @@ impl Poller {
         });
         if let Some(total) = measured {
             self.lag.set(total);
+            // The brokers answered: connected.
+            self.consumer
+                .context()
+                .state
+                .store(crate::backend::CONNECTED, Ordering::Relaxed);
         }
     }
 
@@ -264,6 +281,10 @@ impl Poller {
                 Err(_) => continue, // polled, nothing came: the member stays alive
                 Ok(Err(e)) => Err(Error::new(ErrorKind::Backend, "Kafka fetch failed").with_source(e)),
                 Ok(Ok(m)) => {
+                    self.consumer
+                        .context()
+                        .state
+                        .store(crate::backend::CONNECTED, Ordering::Relaxed);
                     // A rebalance served inside this very poll resets pauses first:
                     // a message of the new assignment is never taken for a paused one.
                     self.after_rebalance();

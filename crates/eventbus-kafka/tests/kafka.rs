@@ -767,3 +767,42 @@ async fn lag_is_log_end_minus_committed_on_a_true_broker() {
     sub.close().await.unwrap();
     bus.close().await.unwrap();
 }
+
+/// A consumer-only process reports its connection truthfully: the broker
+/// killed makes it `Disconnected`, the broker back makes it `Connected`
+/// again without any publish (the consumer's own client events and broker
+/// answers drive the state, not only successful publishes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_only_bus_reports_the_broker_going_and_coming_back() {
+    let mut broker = TansuServer::start().await.unwrap();
+    let bus = bus(&broker.bootstrap()).await;
+    let sub = bus
+        .subscribe_envelope(
+            "consumer-only",
+            SubscribeOptions::group("g"),
+            |_e: Envelope| async { Ok::<_, std::io::Error>(()) },
+        )
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || sub.health().lag.is_some()).await,
+        "the consumer never reached the broker"
+    );
+    assert_eq!(bus.health().connection, eventbus_core::ConnectionState::Connected);
+    broker.kill();
+    assert!(
+        eventually(Duration::from_secs(30), || bus.health().connection
+            != eventbus_core::ConnectionState::Connected)
+        .await,
+        "still connected with the broker down"
+    );
+    broker.restart().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), || bus.health().connection
+            == eventbus_core::ConnectionState::Connected)
+        .await,
+        "not connected again after the broker came back"
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(20), sub.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(20), bus.close()).await;
+}
