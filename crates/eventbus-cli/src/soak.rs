@@ -171,7 +171,8 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
     let bus = target.bus(BusConfig::default()).await?;
     let id = crate::bench::run_id("soak", 0);
     let topics: Vec<String> = (0..args.topics.max(1)).map(|t| format!("{id}-t{t}")).collect();
-    let checker = Arc::new(eventbus_testkit::OrderChecker::new());
+    // A bounded checker: its own memory must not grow with the events.
+    let checker = Arc::new(eventbus_testkit::OrderChecker::with_replay_window(64));
     let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut subs = Vec::new();
     for topic in &topics {

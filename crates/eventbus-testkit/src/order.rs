@@ -33,6 +33,9 @@ use eventbus_core::Envelope;
 #[derive(Debug, Default)]
 pub struct OrderChecker {
     state: Mutex<State>,
+    /// Versions kept in each aggregate's `succeeded` below its highest;
+    /// `None` keeps them all.
+    replay_window: Option<i64>,
 }
 
 #[derive(Debug, Default)]
@@ -62,6 +65,17 @@ struct AggregateSeen {
 }
 
 impl AggregateSeen {
+    /// Records a success of `version`, forgetting successes more than
+    /// `window` versions below the highest.
+    fn succeeded(&mut self, version: i64, window: Option<i64>) {
+        self.succeeded.insert(version);
+        if let Some(window) = window {
+            while self.succeeded.first().is_some_and(|v| *v < self.highest - window) {
+                self.succeeded.pop_first();
+            }
+        }
+    }
+
     fn mark(&mut self, version: i64) {
         if version > self.contiguous {
             self.above.insert(version);
@@ -143,10 +157,11 @@ impl Attempt {
         if ok {
             state.report.received += 1;
         }
+        let window = self.checker.replay_window;
         let seen = state.aggregates.get_mut(&key).expect("begun before");
         seen.running -= 1;
         if ok {
-            seen.succeeded.insert(self.version);
+            seen.succeeded(self.version, window);
             if self.version == seen.highest {
                 seen.highest_succeeded = true;
             }
@@ -164,6 +179,19 @@ impl OrderChecker {
     /// An empty checker.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty checker for long runs: it remembers the successes of each
+    /// aggregate's last `versions` versions only, so its memory stays
+    /// bounded (by the aggregates) however many events pass. Only the
+    /// classification of a replay's re-handlings reaching further back
+    /// changes (retries instead of duplicates); violations, gaps and
+    /// overlaps are judged the same.
+    pub fn with_replay_window(versions: i64) -> Self {
+        Self {
+            replay_window: Some(versions.max(1)),
+            ..Self::default()
+        }
     }
 
     /// Records the start of a handler attempt for `envelope` on `topic`;
@@ -201,7 +229,7 @@ impl OrderChecker {
             .get_mut(&(topic.to_owned(), envelope.aggregate_id.clone()))
             .expect("just started");
         seen.running -= 1;
-        seen.succeeded.insert(envelope.event_version);
+        seen.succeeded(envelope.event_version, self.replay_window);
         if envelope.event_version == seen.highest {
             seen.highest_succeeded = true;
         }
@@ -279,6 +307,20 @@ mod tests {
                 a.succeeded();
             }
         }
+    }
+
+    #[test]
+    fn a_bounded_checker_forgets_old_successes_but_judges_order_the_same() {
+        let c = Arc::new(OrderChecker::with_replay_window(4));
+        for v in 1..=1_000 {
+            c.record("t", &envelope("a", v));
+        }
+        let kept = c.state.lock().unwrap().aggregates.values().map(|a| a.succeeded.len()).max();
+        assert_eq!(kept, Some(5), "versions 996..=1000");
+        c.record("t", &envelope("a", 999)); // a regression, as ever
+        c.record("t", &envelope("a", 1_002)); // a gap, as ever
+        let r = c.report();
+        assert_eq!((r.regressions, r.gaps), (1, 1));
     }
 
     #[test]
