@@ -212,6 +212,10 @@ async fn sigterm_drains_the_relay_and_it_exits_zero() {
         "{metrics}"
     );
     assert!(metrics.contains("# HELP eventbus_published_total"), "{metrics}");
+    let livez = http_get(port, "/livez").await.unwrap_or_default();
+    assert!(livez.contains("200 OK") && livez.contains("live"), "{livez}");
+    let readyz = http_get(port, "/readyz").await.unwrap_or_default();
+    assert!(readyz.contains("200 OK") && readyz.contains("ready"), "{readyz}");
     let started = std::time::Instant::now();
     let status = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

@@ -36,6 +36,24 @@ impl Health {
                 .iter()
                 .all(|s| s.fetching && s.stalled_aggregates == 0)
     }
+
+    /// Readiness (e.g. a Kubernetes readiness probe: send this instance
+    /// traffic, count it in service): connected, every subscription's
+    /// fetch loop running, and no subscription over its lag threshold
+    /// (`consumer.lag_alert_messages`). False while (re)connecting.
+    pub fn is_ready(&self) -> bool {
+        self.connection == ConnectionState::Connected
+            && self.subscriptions.iter().all(|s| s.fetching && !s.lag_alert)
+    }
+
+    /// Liveness (a liveness probe: restart this instance when false): false
+    /// only when the process cannot recover by itself: the bus is closed, or
+    /// a subscription's fetch loop ended while the subscription is open.
+    /// A broker outage, a rebalance, lag or a stalled aggregate keep it
+    /// live: the client reconnects, and a restart would not help.
+    pub fn is_live(&self) -> bool {
+        self.connection != ConnectionState::Closed && self.subscriptions.iter().all(|s| s.fetching)
+    }
 }
 
 /// The state of one subscription.

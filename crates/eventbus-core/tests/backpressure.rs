@@ -207,3 +207,46 @@ async fn dead_letters_take_the_publish_window() {
     );
     assert!(eventually(|| sub.health().stalled_aggregates == 0).await);
 }
+
+/// Readiness follows the lag threshold and the connection; liveness only
+/// fails when the bus is closed.
+#[tokio::test]
+async fn readiness_follows_lag_and_liveness_only_a_closed_bus() {
+    let mut config = BusConfig::default();
+    config.consumer.lag_alert_messages = 5;
+    let bus = EventBus::memory_with(config).unwrap();
+    let hold = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let h = hold.clone();
+    let sub = bus
+        .subscribe_envelope(
+            "ready",
+            eventbus_core::SubscribeOptions::group("g"),
+            move |_e: Envelope| {
+                let h = h.clone();
+                async move {
+                    while h.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                    }
+                    Ok::<_, std::io::Error>(())
+                }
+            },
+        )
+        .await
+        .unwrap();
+    assert!(bus.health().is_ready() && bus.health().is_live());
+    for v in 1..=10 {
+        bus.publish_envelope_sync("ready", &envelope("r", v))
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(|| !bus.health().is_ready()).await,
+        "10 unsettled is past 5"
+    );
+    assert!(bus.health().is_live(), "lag is no reason to restart");
+    hold.store(false, Ordering::SeqCst);
+    assert!(eventually(|| bus.health().is_ready()).await);
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
+    assert!(!bus.health().is_live());
+}

@@ -75,6 +75,25 @@ pub struct RelayStats {
     /// Results discarded because the row's claim was lost (its lease expired
     /// and another relay took it) before the result was recorded.
     pub lost_claims: AtomicU64,
+    /// When the last round started, in ms since the Unix epoch (0: never).
+    pub last_round_started_ms: AtomicU64,
+}
+
+impl RelayStats {
+    /// Seconds since the last round started (0 before the first: starting):
+    /// a relay whose rounds stopped starting is stuck (liveness).
+    pub fn seconds_since_last_round(&self) -> u64 {
+        match self.last_round_started_ms.load(Ordering::Relaxed) {
+            0 => 0,
+            at => now_ms().saturating_sub(at) / 1000,
+        }
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Publishes outbox rows through a bus.
@@ -168,6 +187,9 @@ impl Relay {
     /// # Errors
     /// `Backend` when the database fails (claimed rows are claimable again after their lease).
     pub async fn run_once(&self) -> Result<usize> {
+        self.stats
+            .last_round_started_ms
+            .store(now_ms(), Ordering::Relaxed);
         let lease = Duration::from_millis(self.config.lease_ms);
         if !self.store.database().may_run(&self.id, lease).await? {
             return Ok(0);

@@ -315,7 +315,14 @@ mod tests {
         for v in 1..=1_000 {
             c.record("t", &envelope("a", v));
         }
-        let kept = c.state.lock().unwrap().aggregates.values().map(|a| a.succeeded.len()).max();
+        let kept = c
+            .state
+            .lock()
+            .unwrap()
+            .aggregates
+            .values()
+            .map(|a| a.succeeded.len())
+            .max();
         assert_eq!(kept, Some(5), "versions 996..=1000");
         c.record("t", &envelope("a", 999)); // a regression, as ever
         c.record("t", &envelope("a", 1_002)); // a gap, as ever

@@ -32,6 +32,8 @@ pub(crate) async fn serve(
     let app = axum::Router::new()
         .route("/metrics", get(metrics))
         .route("/health", get(health))
+        .route("/livez", get(livez))
+        .route("/readyz", get(readyz))
         .with_state(state);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -56,6 +58,28 @@ async fn metrics(Extract(state): Extract<State>) -> String {
         metrics::gauge!(OUTBOX_OLDEST_PENDING_AGE).set(age_ms as f64 / 1000.0);
     }
     state.metrics.render()
+}
+
+/// Liveness: 200 while the relay's bus is open and its rounds run (one
+/// finished within the last minute, or it is waiting for work); 503 means
+/// restart it.
+async fn livez(Extract(state): Extract<State>) -> (StatusCode, &'static str) {
+    let bus = state.bus.health();
+    let stuck = state.stats.seconds_since_last_round() > 60;
+    match bus.is_live() && !stuck {
+        true => (StatusCode::OK, "live\n"),
+        false => (StatusCode::SERVICE_UNAVAILABLE, "not live\n"),
+    }
+}
+
+/// Readiness: 200 when the broker connection is up and the database
+/// answers; 503 otherwise (take it out of service, do not restart it).
+async fn readyz(Extract(state): Extract<State>) -> (StatusCode, &'static str) {
+    let ready = state.bus.health().is_ready() && state.store.status().await.is_ok();
+    match ready {
+        true => (StatusCode::OK, "ready\n"),
+        false => (StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+    }
 }
 
 async fn health(Extract(state): Extract<State>) -> (StatusCode, Json<serde_json::Value>) {
