@@ -73,7 +73,11 @@ fn settings<T: serde::de::DeserializeOwned + Default>(path: Option<&std::path::P
     use figment::providers::Format as _;
     figment::Figment::from(figment::providers::Toml::file_exact(path))
         .extract()
-        .map_err(|e| Error::config(format!("invalid settings in {}: {e}", path.display())))
+        .map_err(|e| {
+            // The error quotes the offending value, which may be a URL with credentials.
+            let shown = eventbus::redact_url(&e.to_string()).into_owned();
+            Error::config(format!("invalid settings in {}: {shown}", path.display()))
+        })
 }
 
 /// What to do when a broker address is not given.

@@ -180,7 +180,9 @@ impl Envelope {
     fn decode_error(bytes: &[u8], e: serde_json::Error) -> Error {
         let mut de = serde_json::Deserializer::from_slice(bytes);
         let detailed = match serde_path_to_error::deserialize::<_, Envelope>(&mut de) {
-            Err(pathed) if !pathed.path().to_string().is_empty() && pathed.path().to_string() != "." => {
+            // `.` is the top level and `?` an unknown position (a syntax
+            // error between fields): no field to name there.
+            Err(pathed) if !matches!(pathed.path().to_string().as_str(), "" | "." | "?") => {
                 format!("{}: {}", pathed.path(), pathed.inner())
             }
             _ => e.to_string(),

@@ -26,21 +26,40 @@ impl Serialize for Secret {
 
 /// `url` with its credentials replaced by `***`: the password of
 /// `scheme://user:password@host` (the user stays), a lone user-info part
-/// (`nats://token@host`, a NATS token), and the values of query parameters
-/// named like a secret (`password`, `passwd`, `pwd`, `token`, `secret`,
-/// `sslpassword`, `key`, case-insensitive, as PostgreSQL URLs allow). Text
-/// that is not a URL with credentials comes back unchanged.
+/// (`nats://token@host`, a NATS token), the same without a scheme
+/// (`user:password@host:4222`, which clients complete with a default
+/// scheme), and the values of query parameters named like a secret
+/// (`password`, `passwd`, `pwd`, `token`, `secret`, `sslpassword`, `key`,
+/// case-insensitive, as PostgreSQL URLs allow). A comma-separated list is
+/// redacted URL by URL, and so is a URL inside longer text (an error
+/// message). The user info runs to the last `@` before whitespace or a
+/// quote, so a password holding an unencoded `/`, `?` or `#` is still
+/// hidden (erring towards hiding too much). Text without credentials comes
+/// back unchanged.
 pub fn redact_url(url: &str) -> Cow<'_, str> {
+    if !url.contains('@') && !url.contains('?') {
+        return Cow::Borrowed(url);
+    }
+    let pieces: Vec<String> = url.split(',').map(redact_one).collect();
+    let joined = pieces.join(",");
+    if joined == url {
+        Cow::Borrowed(url)
+    } else {
+        Cow::Owned(joined)
+    }
+}
+
+fn redact_one(url: &str) -> String {
     let mut out = String::new();
     let mut rest = url;
-    // User info: between "://" and the last '@' of the authority.
-    if let Some(scheme_end) = url.find("://") {
-        let authority_start = scheme_end + 3;
-        let authority_end = url[authority_start..]
-            .find(['/', '?', '#'])
-            .map_or(url.len(), |i| authority_start + i);
-        if let Some(at) = url[authority_start..authority_end].rfind('@') {
-            let info = &url[authority_start..authority_start + at];
+    let authority_start = url.find("://").map_or(0, |i| i + 3);
+    let after = &url[authority_start..];
+    if !after.starts_with('/') {
+        let region_end = after
+            .find(|c: char| c.is_whitespace() || c == '"' || c == '\'')
+            .unwrap_or(after.len());
+        if let Some(at) = after[..region_end].rfind('@') {
+            let info = &after[..at];
             out.push_str(&url[..authority_start]);
             match info.split_once(':') {
                 Some((user, _)) => {
@@ -50,12 +69,12 @@ pub fn redact_url(url: &str) -> Cow<'_, str> {
                 }
                 None => out.push_str(REDACTED),
             }
-            rest = &url[authority_start + at..];
+            rest = &after[at..];
         }
     }
     if let Some(q) = rest.find('?') {
         let (head, query) = rest.split_at(q + 1);
-        let (query, fragment) = match query.find('#') {
+        let (query, fragment) = match query.find(['#', ' ', '"']) {
             Some(f) => query.split_at(f),
             None => (query, ""),
         };
@@ -68,30 +87,22 @@ pub fn redact_url(url: &str) -> Cow<'_, str> {
             "sslpassword",
             "key",
         ];
-        let mut changed = false;
         let parts: Vec<String> = query
             .split('&')
             .map(|pair| match pair.split_once('=') {
                 Some((name, _)) if secret_names.iter().any(|s| name.eq_ignore_ascii_case(s)) => {
-                    changed = true;
                     format!("{name}={REDACTED}")
                 }
                 _ => pair.to_owned(),
             })
             .collect();
-        if changed || !out.is_empty() {
-            out.push_str(head);
-            out.push_str(&parts.join("&"));
-            out.push_str(fragment);
-            return Cow::Owned(out);
-        }
+        out.push_str(head);
+        out.push_str(&parts.join("&"));
+        out.push_str(fragment);
+        return out;
     }
-    if out.is_empty() {
-        Cow::Borrowed(url)
-    } else {
-        out.push_str(rest);
-        Cow::Owned(out)
-    }
+    out.push_str(rest);
+    out
 }
 
 impl Secret {
@@ -169,6 +180,13 @@ mod tests {
             ("sqlite:///tmp/a@b.db", "sqlite:///tmp/a@b.db"),
             ("127.0.0.1:9092", "127.0.0.1:9092"),
             ("not a url", "not a url"),
+            ("svc:pa55@host:4222", "svc:***@host:4222"),
+            ("nats://u:p1@h1,nats://u:p2@h2", "nats://u:***@h1,nats://u:***@h2"),
+            ("postgres://u:pa/ss?w#rd@h/db", "postgres://u:***@h/db"),
+            (
+                "invalid type: found string \"nats://svc:pw@h:4222\", expected a sequence",
+                "invalid type: found string \"nats://svc:***@h:4222\", expected a sequence",
+            ),
         ];
         for (url, want) in cases {
             assert_eq!(redact_url(url), want, "{url}");

@@ -111,7 +111,7 @@ impl Inner {
             .create_with_context(ProducerContext {
                 state: self.state.clone(),
             })
-            .map_err(|e| Error::new(ErrorKind::Config, "cannot create the Kafka producer").with_source(e))
+            .map_err(|e| crate::config::creation_error("cannot create the Kafka producer", e))
     }
 }
 
@@ -156,9 +156,7 @@ impl KafkaBackend {
         let state = Arc::new(AtomicU8::new(CONNECTED));
         let topics = Topics::new(&config)?;
         if config.connect_timeout_ms > 0 {
-            topics
-                .probe(Duration::from_millis(config.connect_timeout_ms))
-                .await?;
+            crate::topics::probe(&config, Duration::from_millis(config.connect_timeout_ms)).await?;
         }
         topics.provision(&config.topics, config.provision).await?;
         let inner = Inner {
@@ -211,7 +209,7 @@ impl KafkaBackend {
         };
         let consumer: StreamConsumer<MemberContext> = props
             .create_with_context(context)
-            .map_err(|e| Error::new(ErrorKind::Config, "cannot create the Kafka consumer").with_source(e))?;
+            .map_err(|e| crate::config::creation_error("cannot create the Kafka consumer", e))?;
         consumer
             .subscribe(&[&spec.topic])
             .map_err(|e| Error::backend(format!("cannot subscribe to {}", spec.topic), e))?;
@@ -225,13 +223,24 @@ impl KafkaBackend {
     }
 }
 
+/// A record's size as the limits count it: payload, key and headers (bytes).
+fn message_size(message: &Message) -> usize {
+    message.payload.len()
+        + message.key.as_ref().map_or(0, |k| k.len())
+        + message
+            .headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len())
+            .sum::<usize>()
+}
+
 /// A message above the producer's `message.max.bytes` or the broker's
 /// `max.message.bytes`: a `Validation` error on the payload.
 fn too_large(bytes: usize) -> Error {
     ValidationError::new(
         "payload",
         format!(
-            "a message of {bytes} bytes is above the Kafka limit (librdkafka message.max.bytes, \
+            "a message of {bytes} bytes (payload, key and headers) is above the Kafka limit (librdkafka message.max.bytes, \
              default 1,000,000, or the topic's max.message.bytes)"
         ),
     )
@@ -274,14 +283,14 @@ impl Backend for KafkaBackend {
                     tokio::time::sleep(QUEUE_FULL_RETRY).await;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
-                    return Err(too_large(message.payload.len()));
+                    return Err(too_large(message_size(&message)));
                 }
                 Err((e, _)) => return Err(Error::backend("Kafka producer refused the message", e)),
             }
         };
         let state = self.inner.state.clone();
         let inner = self.inner.clone();
-        let size = message.payload.len();
+        let size = message_size(&message);
         Ok(async move {
             match delivery.await {
                 Ok(Ok(d)) => {

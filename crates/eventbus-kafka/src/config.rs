@@ -48,9 +48,36 @@ pub struct KafkaConfig {
 /// Whether librdkafka property `name` holds a secret.
 fn is_secret_property(name: &str) -> bool {
     let name = name.to_ascii_lowercase();
-    ["password", "secret", "token", "jaas", ".pem"]
-        .iter()
-        .any(|s| name.contains(s))
+    [
+        "password",
+        "passphrase",
+        "secret",
+        "token",
+        "jaas",
+        ".pem",
+        "credential",
+    ]
+    .iter()
+    .any(|s| name.contains(s))
+}
+
+/// The error of creating a librdkafka client: a refused property is named
+/// with its value hidden when it is a secret (rdkafka's own error prints
+/// the value), other errors keep their source.
+pub(crate) fn creation_error(what: &'static str, e: rdkafka::error::KafkaError) -> eventbus_core::Error {
+    match e {
+        rdkafka::error::KafkaError::ClientConfig(_, desc, key, value) => {
+            let (desc, value) = match is_secret_property(&key) {
+                true => (
+                    desc.replace(&value, eventbus_core::REDACTED),
+                    eventbus_core::REDACTED.to_owned(),
+                ),
+                false => (desc, value),
+            };
+            eventbus_core::Error::config(format!("{what}: librdkafka refused {key} = {value}: {desc}"))
+        }
+        other => eventbus_core::Error::config(what).with_source(other),
+    }
 }
 
 fn redacted(extra: &BTreeMap<String, String>) -> BTreeMap<&str, &str> {
@@ -359,10 +386,10 @@ impl KafkaConfig {
             SecurityProtocol::SaslSsl => "sasl_ssl",
         };
         c.set("security.protocol", protocol);
-        if matches!(
-            s.protocol,
-            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
-        ) {
+        // The mechanism whenever the effective protocol is SASL (also when
+        // `extra` sets the protocol) and `extra` does not set it itself:
+        // librdkafka would otherwise default to GSSAPI.
+        if self.effective_protocol().starts_with("sasl") && self.extra_mechanism().is_none() {
             let mechanism = match s.sasl_mechanism {
                 SaslMechanism::Plain => "PLAIN",
                 SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
@@ -400,21 +427,7 @@ impl KafkaConfig {
     pub fn validate(&self) -> eventbus_core::Result<()> {
         use eventbus_core::Error;
         let s = &self.security;
-        // A protocol set through `extra` wins, as it does in librdkafka.
-        let protocol = match self
-            .extra
-            .get("security.protocol")
-            .map(|p| p.to_ascii_lowercase())
-        {
-            Some(p) => p,
-            None => match s.protocol {
-                SecurityProtocol::Plaintext => "plaintext",
-                SecurityProtocol::Ssl => "ssl",
-                SecurityProtocol::SaslPlaintext => "sasl_plaintext",
-                SecurityProtocol::SaslSsl => "sasl_ssl",
-            }
-            .to_owned(),
-        };
+        let protocol = self.effective_protocol();
         let tls = protocol.ends_with("ssl");
         let sasl = protocol.starts_with("sasl");
         let tls_settings = [
@@ -443,12 +456,11 @@ impl KafkaConfig {
             }
         }
         let extra_has = |k: &str| self.extra.contains_key(k);
-        if sasl
-            && self
-                .extra
-                .get("sasl.mechanism")
-                .is_none_or(|m| !m.eq_ignore_ascii_case("GSSAPI"))
-        {
+        // GSSAPI (Kerberos) and OAUTHBEARER log in without a password.
+        let password_login = self
+            .extra_mechanism()
+            .is_none_or(|m| !m.eq_ignore_ascii_case("GSSAPI") && !m.eq_ignore_ascii_case("OAUTHBEARER"));
+        if sasl && password_login {
             if s.sasl_username.is_none() && !extra_has("sasl.username") {
                 return Err(Error::config(format!(
                     "security.protocol {protocol} needs kafka.security.sasl_username"
@@ -469,6 +481,30 @@ impl KafkaConfig {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// `security.protocol` as librdkafka will see it: from `extra` when set
+    /// there (it wins), else from [`security`](KafkaConfig::security).
+    fn effective_protocol(&self) -> String {
+        match self.extra.get("security.protocol") {
+            Some(p) => p.to_ascii_lowercase(),
+            None => match self.security.protocol {
+                SecurityProtocol::Plaintext => "plaintext",
+                SecurityProtocol::Ssl => "ssl",
+                SecurityProtocol::SaslPlaintext => "sasl_plaintext",
+                SecurityProtocol::SaslSsl => "sasl_ssl",
+            }
+            .to_owned(),
+        }
+    }
+
+    /// The SASL mechanism set through `extra` (`sasl.mechanism` or its
+    /// alias `sasl.mechanisms`), if any.
+    fn extra_mechanism(&self) -> Option<&str> {
+        self.extra
+            .get("sasl.mechanism")
+            .or_else(|| self.extra.get("sasl.mechanisms"))
+            .map(String::as_str)
     }
 
     pub(crate) fn apply_extra(&self, c: &mut rdkafka::ClientConfig) {
@@ -544,5 +580,45 @@ mod tests {
         })
         .unwrap();
         check(&|_| {}).unwrap();
+        // OAUTHBEARER and GSSAPI (either key) need no password.
+        for key in ["sasl.mechanism", "sasl.mechanisms"] {
+            for mechanism in ["OAUTHBEARER", "GSSAPI"] {
+                check(&|c| {
+                    c.security.protocol = SecurityProtocol::SaslSsl;
+                    c.extra.insert(key.into(), mechanism.into());
+                })
+                .unwrap();
+            }
+        }
+        // A SASL protocol from `extra` gets the configured mechanism.
+        let mut c = KafkaConfig::default();
+        c.extra.insert("security.protocol".into(), "sasl_ssl".into());
+        c.security.sasl_mechanism = SaslMechanism::ScramSha256;
+        c.security.sasl_username = Some("u".into());
+        c.security.sasl_password = Some("p".into());
+        c.validate().unwrap();
+        assert_eq!(c.client_properties().get("sasl.mechanism"), Some("SCRAM-SHA-256"));
+    }
+
+    #[test]
+    fn a_refused_secret_property_is_named_without_its_value() {
+        let mut c = KafkaConfig::default();
+        c.extra
+            .insert("sasl.jaas.config".into(), "password=\"s3cret\"".into());
+        let mut props = c.client_properties();
+        c.apply_extra(&mut props);
+        let err = props
+            .create::<rdkafka::producer::BaseProducer>()
+            .map(|_| ())
+            .map_err(|e| creation_error("cannot create the Kafka producer", e))
+            .unwrap_err();
+        let mut shown = format!("{err} {err:?}");
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            shown.push_str(&s.to_string());
+            source = s.source();
+        }
+        assert!(shown.contains("sasl.jaas.config"), "{shown}");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 }

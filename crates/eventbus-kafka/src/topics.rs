@@ -10,20 +10,31 @@ use rdkafka::admin::{
 };
 use rdkafka::client::ClientContext;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::Producer as _;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{KafkaConfig, TopicSpec};
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The admin client's context: remembers the last authentication failure
-/// librdkafka reported (it reports those through the error callback only).
+/// The admin client's context: logs librdkafka's errors.
 #[derive(Default)]
-pub(crate) struct AdminContext {
+pub(crate) struct AdminContext;
+
+impl ClientContext for AdminContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "librdkafka error (admin client)");
+    }
+}
+
+/// The connect probe's context: remembers the last authentication failure
+/// librdkafka reported (through the error callback only, served by `poll`).
+#[derive(Default)]
+struct ProbeContext {
     auth_failure: Mutex<Option<String>>,
 }
 
-impl ClientContext for AdminContext {
+impl ClientContext for ProbeContext {
     fn error(&self, error: KafkaError, reason: &str) {
         if matches!(
             error.rdkafka_error_code(),
@@ -31,7 +42,63 @@ impl ClientContext for AdminContext {
         ) {
             *self.auth_failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.to_owned());
         }
-        tracing::warn!(%error, reason, "librdkafka error (admin client)");
+        tracing::debug!(%error, reason, "librdkafka error (connect probe)");
+    }
+}
+
+impl rdkafka::producer::ProducerContext for ProbeContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
+}
+
+/// Asks the brokers for metadata through a throwaway client, waiting at
+/// most `timeout`, then serves its error events.
+///
+/// # Errors
+/// [`Auth`](ErrorKind::Auth) when a broker refused the credentials,
+/// [`Connection`](ErrorKind::Connection) when none answered in time,
+/// [`Config`](ErrorKind::Config) when the client cannot be made.
+pub(crate) async fn probe(config: &KafkaConfig, timeout: Duration) -> Result<()> {
+    let mut props = config.client_properties();
+    config.apply_extra(&mut props);
+    let client: rdkafka::producer::BaseProducer<ProbeContext> = props
+        .create_with_context(ProbeContext::default())
+        .map_err(|e| crate::config::creation_error("cannot create the Kafka client", e))?;
+    let (answer, auth_failure) = tokio::task::spawn_blocking(move || {
+        // Short tries, serving error events between them (SASL failures
+        // among them), so refused credentials fail in a fraction of a second.
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let answer = client
+                .client()
+                .fetch_metadata(None, left.min(Duration::from_millis(250)))
+                .map(|_| ());
+            client.poll(Duration::ZERO);
+            let failure = client
+                .context()
+                .auth_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            if answer.is_ok() || failure.is_some() || std::time::Instant::now() >= deadline {
+                break (answer, failure);
+            }
+        }
+    })
+    .await
+    .map_err(|e| Error::backend("the metadata probe panicked", e))?;
+    match (answer, auth_failure) {
+        (_, Some(reason)) => Err(Error::new(
+            ErrorKind::Auth,
+            format!("the Kafka broker refused the credentials: {reason}"),
+        )),
+        (Ok(()), None) => Ok(()),
+        (Err(e), None) => Err(Error::new(
+            ErrorKind::Connection,
+            format!("no Kafka broker answered within {} ms", timeout.as_millis()),
+        )
+        .with_source(e)),
     }
 }
 
@@ -46,48 +113,15 @@ impl Topics {
     pub(crate) fn new(config: &KafkaConfig) -> Result<Self> {
         let mut props = config.client_properties();
         config.apply_extra(&mut props);
-        let admin = props.create_with_context(AdminContext::default()).map_err(|e| {
-            Error::new(ErrorKind::Config, "cannot create the Kafka admin client").with_source(e)
-        })?;
+        let admin = props
+            .create_with_context(AdminContext)
+            .map_err(|e| crate::config::creation_error("cannot create the Kafka admin client", e))?;
         Ok(Self {
             admin: Arc::new(admin),
             known: Mutex::new(HashSet::new()),
             default: config.default_topic.clone(),
             auto_create: config.auto_create_topics,
         })
-    }
-
-    /// Asks the brokers for metadata, waiting at most `timeout`.
-    ///
-    /// # Errors
-    /// [`Auth`](ErrorKind::Auth) when a broker refused the credentials,
-    /// [`Connection`](ErrorKind::Connection) when none answered in time.
-    pub(crate) async fn probe(&self, timeout: Duration) -> Result<()> {
-        let client = self.admin.clone();
-        let answer =
-            tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, timeout).map(|_| ()))
-                .await
-                .map_err(|e| Error::backend("the metadata probe panicked", e))?;
-        let auth_failure = self
-            .admin
-            .inner()
-            .context()
-            .auth_failure
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        match (answer, auth_failure) {
-            (Ok(()), _) => Ok(()),
-            (Err(_), Some(reason)) => Err(Error::new(
-                ErrorKind::Auth,
-                format!("the Kafka broker refused the credentials: {reason}"),
-            )),
-            (Err(e), None) => Err(Error::new(
-                ErrorKind::Connection,
-                format!("no Kafka broker answered within {} ms", timeout.as_millis()),
-            )
-            .with_source(e)),
-        }
     }
 
     /// Applies `strategy` to every spec.

@@ -1,6 +1,6 @@
 //! Kafka security against a real Kafka-protocol broker, as far as one is
 //! available here: tansu with `--authentication` refuses SCRAM credentials,
-//! and the connect fails within `connect_timeout_ms` showing no secret; an
+//! and the connect fails at once with `Auth`, showing no secret; an
 //! unreachable broker is a `Connection` error; a TLS setting the protocol
 //! would ignore is a `Config` error.
 //!
@@ -56,14 +56,20 @@ async fn refused_scram_credentials_fail_at_connect_without_showing_them() {
     let broker = TansuServer::start_with_options(TansuStorage::Memory, TansuOptions { authentication: true })
         .await
         .unwrap();
-    // Tansu closes the connection of a refused SCRAM exchange instead of
-    // answering SaslAuthenticate with an error, so librdkafka sees a
-    // transport failure, not an authentication error: the connect fails
-    // as `Connection` here (a Kafka broker's error answer gives `Auth`).
+    // The broker answers the SCRAM exchange with an error (unknown user):
+    // librdkafka reports it through the error callback, which the connect
+    // probe serves, so the connect fails as `Auth`, at once.
     let mut wrong = config(broker.bootstrap());
     scram(&mut wrong, "wrongpass9");
-    refused(wrong, ErrorKind::Connection, &["wrongpass9"]).await;
-    // No SASL at all: refused the same way.
+    let started = std::time::Instant::now();
+    let err = refused(wrong, ErrorKind::Auth, &["wrongpass9"]).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(err.to_string().contains("SASL"), "{err}");
+    // No SASL at all: the broker drops the connection; no broker answers.
     refused(config(broker.bootstrap()), ErrorKind::Connection, &[]).await;
 }
 

@@ -42,6 +42,32 @@ pub(crate) async fn client(
         return Err(Error::config("nats.servers is empty"));
     }
     let options = with_url_credentials(options(config).await?, config, &servers)?;
+    // A `tls://` or `wss://` URL asks for TLS: require it on every
+    // connection, including servers the cluster advertises later as
+    // `nats://` (async-nats decides per address otherwise).
+    let tls_url = servers.iter().any(|s| s.tls_required() || s.scheme() == "wss");
+    if config.tls.is_some() && servers.iter().any(|s| s.scheme() == "ws") {
+        return Err(Error::config(
+            "nats.tls is set but a server URL is ws:// (a plain websocket): use wss://",
+        ));
+    }
+    let options = if tls_url {
+        options.require_tls(true)
+    } else {
+        options
+    };
+    // Credentials are in the options now: hand async-nats URLs without
+    // them (it logs server addresses at debug level, password included).
+    let servers = servers
+        .into_iter()
+        .map(|s| {
+            let mut url = s.into_inner();
+            let _ = url.set_username("");
+            let _ = url.set_password(None);
+            ServerAddr::from_url(url)
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::config("invalid NATS server URL").with_source(e))?;
     let options = options.event_callback(move |event| {
         let events = events.clone();
         let reconnects = reconnects.clone();

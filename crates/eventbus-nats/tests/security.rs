@@ -119,6 +119,21 @@ async fn configured_tls_never_falls_back_to_plaintext() {
     });
     let err = refused(half, ErrorKind::Config, &[]).await;
     assert!(err.to_string().contains("key_file"), "{err}");
+    // TLS with a plain websocket URL would send credentials in cleartext.
+    let mut ws = config(format!("ws://svc:plainpass1@127.0.0.1:{}", plain.port()));
+    ws.tls = Some(NatsTls {
+        ca_file: Some(pki.ca()),
+        ..NatsTls::default()
+    });
+    let err = refused(ws, ErrorKind::Config, &["plainpass1"]).await;
+    assert!(err.to_string().contains("wss://"), "{err}");
+    // A tls:// URL alone requires TLS too: refused by a plaintext server.
+    refused(
+        config(format!("tls://svc:plainpass1@127.0.0.1:{}", plain.port())),
+        ErrorKind::Connection,
+        &["plainpass1"],
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
