@@ -806,3 +806,95 @@ async fn a_consumer_only_bus_reports_the_broker_going_and_coming_back() {
     let _ = tokio::time::timeout(Duration::from_secs(20), sub.close()).await;
     let _ = tokio::time::timeout(Duration::from_secs(20), bus.close()).await;
 }
+
+/// Headers that are not UTF-8 (Kafka headers are bytes) neither panic nor
+/// block: with a valid body the envelope is handled (the body wins), with
+/// a body that is no envelope the record is dead-lettered, and the
+/// aggregate's later events are handled in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn headers_that_are_not_utf8_are_survived() {
+    use rdkafka::ClientConfig;
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    let broker = TansuServer::start().await.unwrap();
+    let bus = bus(&broker.bootstrap()).await;
+    let got: Arc<Mutex<Vec<i64>>> = Default::default();
+    let sink = got.clone();
+    let sub = bus
+        .subscribe_envelope(
+            "bytes-headers",
+            SubscribeOptions::group("g"),
+            move |e: Envelope| {
+                sink.lock().unwrap().push(e.event_version);
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .unwrap();
+    let dead: Arc<Mutex<Vec<eventbus_core::Message>>> = Default::default();
+    let dead_sink = dead.clone();
+    let dlq = bus
+        .subscribe(
+            "bytes-headers.dlq",
+            SubscribeOptions::group("inspect"),
+            move |m: eventbus_core::Message| {
+                dead_sink.lock().unwrap().push(m);
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .create()
+        .unwrap();
+    let send = |body: Vec<u8>| {
+        let producer = producer.clone();
+        async move {
+            let headers = OwnedHeaders::new()
+                .insert(Header {
+                    key: "X-Event-ID",
+                    value: Some(&b"\xff\xfe"[..]),
+                })
+                .insert(Header {
+                    key: "X-Aggregate-ID",
+                    value: Some(&b"\xc3\x28"[..]),
+                })
+                .insert(Header {
+                    key: "X-Other",
+                    value: Some(&b"\x00\x01\x80"[..]),
+                });
+            producer
+                .send(
+                    FutureRecord::to("bytes-headers")
+                        .key("utf-agg")
+                        .partition(sarama_partition("utf-agg", 8))
+                        .headers(headers)
+                        .payload(&body),
+                    Duration::from_secs(10),
+                )
+                .await
+                .map_err(|(e, _)| e)
+                .unwrap();
+        }
+    };
+    send(serde_json::to_vec(&envelope("utf-agg", 1)).unwrap()).await;
+    send(b"\xff not an envelope".to_vec()).await;
+    bus.publish_envelope_sync("bytes-headers", &envelope("utf-agg", 2))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(60), || got.lock().unwrap().len() == 2
+            && dead.lock().unwrap().len() == 1)
+        .await,
+        "handled {:?}, dead {}",
+        got.lock().unwrap(),
+        dead.lock().unwrap().len()
+    );
+    assert_eq!(*got.lock().unwrap(), vec![1, 2]);
+    assert_eq!(&dead.lock().unwrap()[0].payload[..], b"\xff not an envelope");
+    sub.close().await.unwrap();
+    dlq.close().await.unwrap();
+    bus.close().await.unwrap();
+}
