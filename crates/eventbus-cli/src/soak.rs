@@ -60,6 +60,11 @@ struct Sample {
     secs: f64,
     /// Resident set size, in KiB (`VmRSS`).
     rss_kib: u64,
+    /// Bytes the C allocator has handed out and not had back, in KiB
+    /// (glibc `mallinfo2`: `uordblks + hblkhd`, every arena; Rust and
+    /// librdkafka both allocate there). RSS minus this is memory the
+    /// allocator keeps for reuse. 0 where glibc is not the allocator.
+    heap_kib: u64,
     /// Envelopes acked by the broker so far (count).
     acked: u64,
     /// Envelopes handled so far (count).
@@ -86,6 +91,15 @@ struct SoakReport {
     rss_max_mib: f64,
     /// Least-squares slope of RSS after warm-up, in MiB per minute.
     rss_slope_mib_per_min: f64,
+    heap_after_warmup_mib: f64,
+    heap_end_mib: f64,
+    heap_max_mib: f64,
+    /// Least-squares slope of the live heap after warm-up, in MiB per minute:
+    /// a leak shows here; growth of RSS alone is the allocator's retention.
+    heap_slope_mib_per_min: f64,
+    /// RSS after the run, once the subscriptions are closed and
+    /// `malloc_trim(0)` has returned free pages to the system, in MiB.
+    rss_after_trim_mib: f64,
     samples: Vec<Sample>,
 }
 
@@ -99,6 +113,29 @@ fn rss_kib() -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1).and_then(|v| v.parse().ok()))
         })
         .unwrap_or(0)
+}
+
+/// Live heap bytes of the C allocator, in KiB (see [`Sample::heap_kib`]).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn heap_kib() -> u64 {
+    // SAFETY: mallinfo2 only reads the allocator's counters (glibc >= 2.33).
+    let info = unsafe { libc::mallinfo2() };
+    ((info.uordblks + info.hblkhd) / 1024) as u64
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn heap_kib() -> u64 {
+    0
+}
+
+/// Returns free heap pages to the system, so the RSS that follows is what
+/// is really in use.
+fn trim_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 /// Least-squares slope of `y` over `x`.
@@ -128,7 +165,8 @@ pub(crate) async fn run(args: SoakArgs) -> eventbus::Result<()> {
         println!(
             "{}: {:.1} min at {}/s: published {}, acked {}, publish failures {}, handled {}, lost {}, \
              violations {}, overlaps {}, duplicates {}; RSS {:.1} MiB at start, {:.1} after warm-up, \
-             {:.1} at end, max {:.1}; slope after warm-up {:+.3} MiB/min",
+             {:.1} at end, max {:.1}; slope after warm-up {:+.3} MiB/min; live heap {:.1} MiB after \
+             warm-up, {:.1} at end, max {:.1}, slope {:+.3} MiB/min; RSS after close and trim {:.1} MiB",
             report.backend,
             report.minutes,
             report.rate,
@@ -144,7 +182,12 @@ pub(crate) async fn run(args: SoakArgs) -> eventbus::Result<()> {
             report.rss_after_warmup_mib,
             report.rss_end_mib,
             report.rss_max_mib,
-            report.rss_slope_mib_per_min
+            report.rss_slope_mib_per_min,
+            report.heap_after_warmup_mib,
+            report.heap_end_mib,
+            report.heap_max_mib,
+            report.heap_slope_mib_per_min,
+            report.rss_after_trim_mib
         );
         reports.push(report);
     }
@@ -198,6 +241,7 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
     let mut samples = vec![Sample {
         secs: 0.0,
         rss_kib: rss_kib(),
+        heap_kib: heap_kib(),
         acked: 0,
         handled: 0,
     }];
@@ -236,6 +280,7 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
             samples.push(Sample {
                 secs: started.elapsed().as_secs_f64(),
                 rss_kib: rss_kib(),
+                heap_kib: heap_kib(),
                 acked,
                 handled: handled.load(std::sync::atomic::Ordering::Relaxed),
             });
@@ -255,12 +300,19 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
         let _ = sub.close().await;
     }
     let _ = bus.close().await;
+    trim_heap();
+    let rss_after_trim = rss_kib();
     let report = checker.report();
     let mib = |kib: u64| kib as f64 / 1024.0;
     let warm: Vec<(f64, f64)> = samples
         .iter()
         .filter(|s| s.secs >= args.warmup_secs as f64)
         .map(|s| (s.secs / 60.0, mib(s.rss_kib)))
+        .collect();
+    let warm_heap: Vec<(f64, f64)> = samples
+        .iter()
+        .filter(|s| s.secs >= args.warmup_secs as f64)
+        .map(|s| (s.secs / 60.0, mib(s.heap_kib)))
         .collect();
     let handled = handled.load(std::sync::atomic::Ordering::Relaxed);
     Ok(SoakReport {
@@ -280,6 +332,11 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
         rss_end_mib: samples.last().map_or(0.0, |s| mib(s.rss_kib)),
         rss_max_mib: mib(samples.iter().map(|s| s.rss_kib).max().unwrap_or(0)),
         rss_slope_mib_per_min: slope(&warm),
+        heap_after_warmup_mib: warm_heap.first().map_or(0.0, |p| p.1),
+        heap_end_mib: samples.last().map_or(0.0, |s| mib(s.heap_kib)),
+        heap_max_mib: mib(samples.iter().map(|s| s.heap_kib).max().unwrap_or(0)),
+        heap_slope_mib_per_min: slope(&warm_heap),
+        rss_after_trim_mib: mib(rss_after_trim),
         samples,
     })
 }
@@ -293,5 +350,7 @@ mod tests {
         assert_eq!(slope(&[(0.0, 1.0), (1.0, 3.0), (2.0, 5.0)]), 2.0);
         assert_eq!(slope(&[(0.0, 1.0)]), 0.0);
         assert!(rss_kib() > 0);
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        assert!(heap_kib() > 0);
     }
 }

@@ -293,6 +293,38 @@ impl EventBus {
             .await
     }
 
+    /// Subscribes to envelopes of `topic` with a [`tower::Service`](tower_service::Service)
+    /// as the handler, so middleware ([`layer`](crate::layer): timeout, rate
+    /// limit, concurrency limit, tracing, the outbox crate's inbox) wraps it
+    /// as layers. Order and retries are those of
+    /// [`subscribe_envelope`](EventBus::subscribe_envelope): the whole layered
+    /// service runs inside the aggregate's slot, and its error, a layer's
+    /// included, is a failed attempt.
+    ///
+    /// Each call clones `service`, waits for `poll_ready`, then calls it
+    /// (tower's idiom): clones must share whatever state the service keeps.
+    ///
+    /// # Errors
+    /// As [`subscribe`](EventBus::subscribe).
+    pub async fn subscribe_service<S>(
+        &self,
+        topic: &str,
+        options: SubscribeOptions,
+        service: S,
+    ) -> Result<Subscription>
+    where
+        S: tower_service::Service<Envelope, Response = ()> + Clone + Send + Sync + 'static,
+        S::Error: Into<BoxError>,
+        S::Future: Send + 'static,
+    {
+        self.start_subscription(
+            topic,
+            options,
+            Handler::Envelope(crate::layer::handler_of(service)),
+        )
+        .await
+    }
+
     async fn start_subscription(
         &self,
         topic: &str,

@@ -16,6 +16,7 @@ mod envelope;
 mod error;
 pub mod headers;
 mod health;
+pub mod layer;
 mod memory;
 mod message;
 mod partition;

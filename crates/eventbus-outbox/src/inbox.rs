@@ -1,6 +1,10 @@
-//! The inbox: consumer-side idempotency keyed by (event id, handler name).
+//! The inbox: consumer-side idempotency keyed by (event id, handler name),
+//! called by hand ([`handle_once_sqlite`], [`handle_once_postgres`]) or as
+//! handler middleware ([`InboxLayer`]).
 
-use eventbus_core::{BoxError, Error, ErrorKind, Result};
+use std::sync::Arc;
+
+use eventbus_core::{BoxError, Envelope, Error, ErrorKind, Result};
 use futures::future::BoxFuture;
 
 use crate::store::{Dialect, db, now_us};
@@ -18,7 +22,7 @@ const INSERT: &str =
     "INSERT INTO inbox_events (event_id, handler, processed_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
 
 macro_rules! handle_once {
-    ($(#[$doc:meta])* $name:ident, $pool:ty, $conn:ty, $dialect:expr) => {
+    ($(#[$doc:meta])* $name:ident, $db:ty, $pool:ty, $conn:ty) => {
         $(#[$doc])*
         ///
         /// # Errors
@@ -30,15 +34,7 @@ macro_rules! handle_once {
             F: for<'t> FnOnce(&'t mut $conn) -> BoxFuture<'t, std::result::Result<(), BoxError>>,
         {
             let mut tx = pool.begin().await.map_err(db("begin"))?;
-            let inserted = sqlx::query(&$dialect.sql(INSERT))
-                .bind(event_id)
-                .bind(handler)
-                .bind(now_us())
-                .execute(&mut *tx)
-                .await
-                .map_err(db("inbox insert"))?
-                .rows_affected();
-            if inserted == 0 {
+            if !<$db as InboxDatabase>::claim(&mut tx, handler, event_id).await? {
                 return Ok(InboxOutcome::Duplicate);
             }
             work(&mut *tx)
@@ -55,15 +51,204 @@ handle_once!(
     /// (event id, handler) in one SQLite transaction, unless already recorded:
     /// a redelivered event has no second effect.
     handle_once_sqlite,
+    sqlx::Sqlite,
     sqlx::SqlitePool,
-    sqlx::SqliteConnection,
-    Dialect::Sqlite
+    sqlx::SqliteConnection
 );
 
 handle_once!(
     /// As [`handle_once_sqlite`], on PostgreSQL.
     handle_once_postgres,
+    sqlx::Postgres,
     sqlx::PgPool,
-    sqlx::PgConnection,
-    Dialect::Postgres
+    sqlx::PgConnection
 );
+
+/// The databases the inbox runs on: SQLite and PostgreSQL (sealed).
+pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
+    /// Inserts the inbox row (event id, handler) in `tx` unless it exists;
+    /// `true` when inserted (the handler has not processed this event).
+    #[doc(hidden)]
+    fn claim<'t>(
+        tx: &'t mut sqlx::Transaction<'static, Self>,
+        handler: &'t str,
+        event_id: &'t str,
+    ) -> BoxFuture<'t, Result<bool>>;
+}
+
+mod sealed {
+    pub trait Sealed {}
+    impl Sealed for sqlx::Sqlite {}
+    impl Sealed for sqlx::Postgres {}
+}
+
+macro_rules! inbox_database {
+    ($db:ty, $dialect:expr) => {
+        impl InboxDatabase for $db {
+            fn claim<'t>(
+                tx: &'t mut sqlx::Transaction<'static, Self>,
+                handler: &'t str,
+                event_id: &'t str,
+            ) -> BoxFuture<'t, Result<bool>> {
+                Box::pin(async move {
+                    let inserted = sqlx::query(&$dialect.sql(INSERT))
+                        .bind(event_id)
+                        .bind(handler)
+                        .bind(now_us())
+                        .execute(&mut **tx)
+                        .await
+                        .map_err(db("inbox insert"))?
+                        .rows_affected();
+                    Ok(inserted > 0)
+                })
+            }
+        }
+    };
+}
+
+inbox_database!(sqlx::Sqlite, Dialect::Sqlite);
+inbox_database!(sqlx::Postgres, Dialect::Postgres);
+
+/// What a handler behind [`InboxLayer`] receives: the envelope and the open
+/// transaction that already holds its inbox row. The handler makes its
+/// writes in `tx` and returns it; the layer commits it.
+pub struct InboxRequest<DB: sqlx::Database> {
+    /// The event.
+    pub envelope: Envelope,
+    /// The transaction to write in; hand it back to commit.
+    pub tx: sqlx::Transaction<'static, DB>,
+}
+
+impl<DB: sqlx::Database> std::fmt::Debug for InboxRequest<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboxRequest")
+            .field("envelope", &self.envelope)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The inbox as handler middleware ([`EventBus::subscribe_service`](eventbus_core::EventBus::subscribe_service)):
+/// exactly one effect per (event id, handler name), whatever the broker
+/// redelivers.
+///
+/// Each call opens a transaction, inserts the inbox row, and calls the inner
+/// service with an [`InboxRequest`]; the inner service writes in the
+/// transaction and returns it, and the layer commits. An event this handler
+/// already processed is settled without a call (the row exists); an inner
+/// error drops the transaction, so the row and the writes roll back together
+/// and the retry or redelivery runs again. Effects outside the database are
+/// not covered: they run at least once.
+///
+/// The wrapped service is a `Service<Envelope, Response = (), Error = BoxError>`.
+/// Errors: the inner service's, or a `Backend` [`Error`] when the database
+/// fails (both are failed attempts: retried, then dead-lettered).
+pub struct InboxLayer<DB: sqlx::Database> {
+    pool: sqlx::Pool<DB>,
+    handler: Arc<str>,
+}
+
+impl<DB: sqlx::Database> Clone for InboxLayer<DB> {
+    fn clone(&self) -> Self {
+        Self {
+            pool: self.pool.clone(),
+            handler: self.handler.clone(),
+        }
+    }
+}
+
+impl<DB: sqlx::Database> std::fmt::Debug for InboxLayer<DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboxLayer")
+            .field("handler", &self.handler)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<DB: InboxDatabase> InboxLayer<DB> {
+    /// The inbox in the `inbox_events` table of `pool` (SQLite or
+    /// PostgreSQL; created by [`OutboxStore::migrate`](crate::OutboxStore::migrate)),
+    /// for the handler called `handler`: each handler name has its own
+    /// record of what it processed.
+    pub fn new(pool: sqlx::Pool<DB>, handler: &str) -> Self {
+        Self {
+            pool,
+            handler: handler.into(),
+        }
+    }
+}
+
+impl<S, DB: sqlx::Database> tower_layer::Layer<S> for InboxLayer<DB> {
+    type Service = Inbox<S, DB>;
+
+    fn layer(&self, inner: S) -> Inbox<S, DB> {
+        Inbox {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service of [`InboxLayer`].
+pub struct Inbox<S, DB: sqlx::Database> {
+    inner: S,
+    layer: InboxLayer<DB>,
+}
+
+impl<S: Clone, DB: sqlx::Database> Clone for Inbox<S, DB> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            layer: self.layer.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, DB: sqlx::Database> std::fmt::Debug for Inbox<S, DB> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox")
+            .field("inner", &self.inner)
+            .field("handler", &self.layer.handler)
+            .finish()
+    }
+}
+
+impl<S, DB> tower_service::Service<Envelope> for Inbox<S, DB>
+where
+    DB: InboxDatabase,
+    S: tower_service::Service<InboxRequest<DB>, Response = sqlx::Transaction<'static, DB>>
+        + Clone
+        + Send
+        + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+{
+    type Response = ();
+    type Error = BoxError;
+    type Future = BoxFuture<'static, std::result::Result<(), BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::result::Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, envelope: Envelope) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let InboxLayer { pool, handler } = self.layer.clone();
+        Box::pin(async move {
+            let mut tx = pool.begin().await.map_err(db("begin"))?;
+            if !DB::claim(&mut tx, &handler, &envelope.event_id).await? {
+                tracing::debug!(%handler, event_id = %envelope.event_id, "inbox: already processed, not handled again");
+                return Ok(());
+            }
+            let tx = inner
+                .call(InboxRequest { envelope, tx })
+                .await
+                .map_err(Into::into)?;
+            tx.commit().await.map_err(db("commit"))?;
+            Ok(())
+        })
+    }
+}

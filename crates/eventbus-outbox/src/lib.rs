@@ -11,7 +11,8 @@
 //!   and a lease that expires when a relay dies) and wake on `NOTIFY`.
 //! - [`handle_once_sqlite`] / [`handle_once_postgres`] make a consumer
 //!   idempotent: its own writes and the inbox row (event id, handler) commit
-//!   together, so a redelivered event has no second effect.
+//!   together, so a redelivered event has no second effect; [`InboxLayer`]
+//!   does the same as handler middleware.
 //!
 //! The outbox gaps of the original SDK (ORIGIN.md) are closed: rows are
 //! claimed (two relays never publish the same row at once), a row is only
@@ -24,6 +25,8 @@ mod relay;
 mod store;
 
 pub use append::{OutboxConnection, OutboxEvent, append};
-pub use inbox::{InboxOutcome, handle_once_postgres, handle_once_sqlite};
+pub use inbox::{
+    Inbox, InboxDatabase, InboxLayer, InboxOutcome, InboxRequest, handle_once_postgres, handle_once_sqlite,
+};
 pub use relay::{Relay, RelayConfig, RelayStats};
 pub use store::{OutboxRow, OutboxStatus, OutboxStore};

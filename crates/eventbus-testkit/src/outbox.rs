@@ -56,6 +56,7 @@ macro_rules! outbox_store_tests {
             the_inbox_runs_a_redelivered_event_once,
             an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers,
             a_relay_whose_claim_expired_never_undoes_another_relays_work,
+            the_inbox_layer_gives_one_effect_per_event_and_handler,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
@@ -570,6 +571,92 @@ fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFac
             "A discards its result"
         );
         sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+/// [`InboxLayer`](eventbus_outbox::InboxLayer) around a subscription's
+/// handler: a redelivered event (published twice, with the bus's own event id
+/// memory off) has one effect per handler name; a handler error after its
+/// write rolls the write and the inbox row back, and the retry writes once;
+/// two handler names each process every event once.
+fn the_inbox_layer_gives_one_effect_per_event_and_handler(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    use eventbus_outbox::{InboxLayer, InboxRequest};
+    use tower::ServiceBuilder;
+    Box::pin(async move {
+        let store = store(f).await;
+        let mut config = BusConfig::default();
+        config.consumer.dedup_window = 0;
+        config.consumer.retry = RetryPolicy::fixed(5, 10);
+        let bus = EventBus::memory_with(config).unwrap();
+        let topic = crate::unique("inbox-layer");
+        let insert = sql(&store, "INSERT INTO orders (id, total) VALUES (?, ?)");
+        let fail_once = Arc::new(AtomicBool::new(true));
+        let mut subs = Vec::new();
+        for name in ["billing", "audit"] {
+            let (insert, fail_once) = (insert.clone(), fail_once.clone());
+            let sub = on_pool!(&store, |pool| {
+                let service = ServiceBuilder::new()
+                    .layer(InboxLayer::new(pool.clone(), name))
+                    .service_fn(move |mut request: InboxRequest<_>| {
+                        let (insert, fail_once) = (insert.clone(), fail_once.clone());
+                        async move {
+                            let e = &request.envelope;
+                            sqlx::query(&insert)
+                                .bind(format!("{name}/{}/{}", e.event_id, uuid::Uuid::now_v7()))
+                                .bind(e.event_version)
+                                .execute(&mut *request.tx)
+                                .await?;
+                            if name == "billing"
+                                && e.event_version == 2
+                                && fail_once.swap(false, Ordering::SeqCst)
+                            {
+                                return Err::<_, eventbus_core::BoxError>(
+                                    "downstream down after the write".into(),
+                                );
+                            }
+                            Ok(request.tx)
+                        }
+                    });
+                bus.subscribe_service(&topic, SubscribeOptions::group(name), service)
+                    .await
+                    .expect("subscribe")
+            });
+            subs.push(sub);
+        }
+        let first = envelope("inbox-order", 1);
+        let second = envelope("inbox-order", 2);
+        for e in [&first, &second, &first] {
+            bus.publish_envelope_sync(&topic, e).await.unwrap();
+        }
+        assert!(
+            eventually(Duration::from_secs(30), || subs
+                .iter()
+                .all(|s| s.health().handled == 3))
+            .await,
+            "handled: {:?}",
+            subs.iter().map(|s| s.health().handled).collect::<Vec<_>>()
+        );
+        assert!(!fail_once.load(Ordering::SeqCst), "the failing attempt ran");
+        let (inbox, orders): ((i64,), (i64,)) = on_pool!(&store, |pool| (
+            sqlx::query_as("SELECT COUNT(*) FROM inbox_events")
+                .fetch_one(pool)
+                .await
+                .unwrap(),
+            sqlx::query_as("SELECT COUNT(*) FROM orders")
+                .fetch_one(pool)
+                .await
+                .unwrap()
+        ));
+        assert_eq!(inbox.0, 4, "two events, two handler names");
+        assert_eq!(
+            orders.0, 4,
+            "one effect per event and handler, the failed attempt's rolled back"
+        );
+        for sub in subs {
+            assert_eq!(sub.health().dead_lettered, 0);
+            sub.close().await.unwrap();
+        }
         bus.close().await.unwrap();
     })
 }

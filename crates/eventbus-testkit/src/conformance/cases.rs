@@ -1441,3 +1441,103 @@ fn lag_counts_what_the_group_has_not_settled<'a>(
         bus.close().await.unwrap();
     })
 }
+
+/// Handler middleware ([`eventbus_core::layer`]) around a tower service:
+/// tracing, a timeout that fires on the first attempt of every version 3, a
+/// concurrency limit of 2 and a token bucket. Every event is handled once
+/// it succeeds, in order, with no two attempts of an aggregate at once (a
+/// timed-out attempt is dropped before the retry starts), and never more
+/// than 2 calls at once.
+fn layers_run_inside_the_aggregate_slot<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    use eventbus_core::layer::{ConcurrencyLimitLayer, RateLimitLayer, TimeoutLayer, TraceLayer};
+    use tower::ServiceBuilder;
+    Box::pin(async move {
+        let bus = f.bus(config_with_retry(5, 10)).await;
+        let topic = unique("layers");
+        let checker = Arc::new(OrderChecker::new());
+        let running = Arc::new(AtomicUsize::new(0));
+        let most = Arc::new(AtomicUsize::new(0));
+        let timed_out = Arc::new(Mutex::new(HashSet::<String>::new()));
+        let handler = {
+            let (checker, running, most, timed_out, topic) = (
+                checker.clone(),
+                running.clone(),
+                most.clone(),
+                timed_out.clone(),
+                topic.clone(),
+            );
+            tower::service_fn(move |e: Envelope| {
+                let (checker, running, most, timed_out, topic) = (
+                    checker.clone(),
+                    running.clone(),
+                    most.clone(),
+                    timed_out.clone(),
+                    topic.clone(),
+                );
+                async move {
+                    let attempt = checker.begin(&topic, &e);
+                    let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                    most.fetch_max(now, Ordering::SeqCst);
+                    struct Leave(Arc<AtomicUsize>);
+                    impl Drop for Leave {
+                        fn drop(&mut self) {
+                            self.0.fetch_sub(1, Ordering::SeqCst);
+                        }
+                    }
+                    let _leave = Leave(running);
+                    let first =
+                        e.event_version == 3 && timed_out.lock().unwrap().insert(e.aggregate_id.clone());
+                    if first {
+                        tokio::time::sleep(Duration::from_secs(30)).await; // past the timeout
+                    } else {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                    attempt.succeeded();
+                    Ok::<_, std::io::Error>(())
+                }
+            })
+        };
+        let service = ServiceBuilder::new()
+            .layer(TraceLayer::new(topic.clone(), "g").system(bus.backend_name()))
+            .layer(TimeoutLayer::new(Duration::from_millis(300)))
+            .layer(ConcurrencyLimitLayer::new(2))
+            .layer(RateLimitLayer::per_second(2_000, 50).unwrap())
+            .service(handler);
+        let sub = bus
+            .subscribe_service(&topic, SubscribeOptions::group("g"), service)
+            .await
+            .expect("subscribe");
+        let events: Vec<Envelope> = (1..=8)
+            .flat_map(|v| (0..10).map(move |a| envelope(&format!("layered-{a}"), v)))
+            .collect();
+        publish_all(&bus, &topic, &events).await;
+        assert!(
+            eventually(caps.timeout, || checker.report().received >= 80).await,
+            "handled {}",
+            checker.report()
+        );
+        let report = checker.report();
+        assert_eq!(report.received, 80, "{report}");
+        assert!(report.is_strictly_ordered(), "{report}");
+        assert_eq!(report.overlaps, 0, "{report}");
+        assert_eq!(
+            timed_out.lock().unwrap().len(),
+            10,
+            "each version 3 timed out once"
+        );
+        assert!(
+            report.attempts >= 90,
+            "the timed-out attempts count as attempts: {report}"
+        );
+        let most = most.load(Ordering::SeqCst);
+        assert!(most <= 2, "{most} calls at once under a limit of 2");
+        let health = sub.health();
+        assert_eq!(health.handled, 80);
+        assert_eq!(health.dead_lettered, 0);
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}

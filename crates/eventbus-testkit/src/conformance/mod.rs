@@ -158,6 +158,7 @@ macro_rules! conformance_tests {
             bad_input_is_dead_lettered_naming_the_field,
             oversized_message_is_refused_at_publish,
             lag_counts_what_the_group_has_not_settled,
+            layers_run_inside_the_aggregate_slot,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
