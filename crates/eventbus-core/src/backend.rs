@@ -3,10 +3,11 @@
 
 use async_trait::async_trait;
 use futures::future::BoxFuture;
+use futures::stream::BoxStream;
 
 use crate::error::Result;
 use crate::health::ConnectionState;
-use crate::message::{Ack, Delivery, Message};
+use crate::message::{Ack, Delivery, Message, Position};
 
 /// The second stage of a publish: resolves when the broker acknowledges.
 pub type AckFuture = BoxFuture<'static, Result<Ack>>;
@@ -65,12 +66,45 @@ pub trait Backend: Send + Sync + 'static {
         Ok(())
     }
 
+    /// Reads `topic` from its oldest stored message, without a consumer
+    /// group: nothing is acked and no group's position moves (JMS calls this
+    /// browsing). For operators' tools: tail a topic, list dead letters.
+    ///
+    /// The stream yields every stored message of the topic with its
+    /// position, in broker order within each partition (Kafka), subject
+    /// (partitioned NATS topic) or log (memory), then waits for new ones; it
+    /// never ends by itself while the broker is up, so readers stop it by
+    /// dropping it (for example when nothing arrived for a while). Dropping
+    /// it removes what it created on the broker (an ordered ephemeral NATS
+    /// consumer; Kafka reads by assignment, with no group and no commit).
+    ///
+    /// # Errors
+    /// [`Unsupported`](crate::ErrorKind::Unsupported) by default;
+    /// [`NotFound`](crate::ErrorKind::NotFound) when nothing stores the
+    /// topic; a client error. An item is an error when the broker failed
+    /// mid-read.
+    async fn browse(&self, topic: &str) -> Result<BoxStream<'static, Result<BrowsedMessage>>> {
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!("the {} backend cannot browse topic {topic}", self.name()),
+        ))
+    }
+
     /// The connection's state.
     fn connection_state(&self) -> ConnectionState;
 
     /// Flushes and closes the client. Called once, after every subscription
     /// closed and every publish got its result.
     async fn close(&self) -> Result<()>;
+}
+
+/// A message read by [`Backend::browse`], with where the broker stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrowsedMessage {
+    /// The message (NATS: no record key; the envelope holds the aggregate id).
+    pub message: Message,
+    /// Its partition and offset, or stream sequence.
+    pub position: Position,
 }
 
 /// One member of a consumer group, as a source of deliveries.

@@ -247,6 +247,25 @@ impl EventBus {
         Ok(self.inner.publisher.tenant_results(tenant_id))
     }
 
+    /// Reads `topic` from its oldest stored message without joining a group
+    /// (nothing acked, no group's position moved), then follows it: see
+    /// [`Backend::browse`]. Drop the stream to stop. Used by operators'
+    /// tools (`eventbus tail`, `eventbus dlq`).
+    ///
+    /// # Errors
+    /// [`Closed`](crate::ErrorKind::Closed), an invalid topic
+    /// ([`Validation`](crate::ErrorKind::Validation)), or the backend's
+    /// error ([`Unsupported`](crate::ErrorKind::Unsupported),
+    /// [`NotFound`](crate::ErrorKind::NotFound), a client error).
+    pub async fn browse(
+        &self,
+        topic: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Result<crate::BrowsedMessage>>> {
+        self.ensure_open()?;
+        validate_topic(topic)?;
+        self.inner.backend.browse(topic).await
+    }
+
     /// Subscribes to raw messages of `topic`: handled concurrently, in no
     /// particular order, with the same retry and dead-letter path as envelopes.
     ///

@@ -40,6 +40,9 @@ pub enum ErrorKind {
     Conflict,
     /// A subscription handler returned an error or panicked.
     Handler,
+    /// The backend cannot do this (for example [`Backend::browse`](crate::Backend::browse)
+    /// on a backend that does not implement it).
+    Unsupported,
 }
 
 /// The error of every fallible call in this SDK.

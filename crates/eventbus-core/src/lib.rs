@@ -26,7 +26,9 @@ mod retry;
 mod secret;
 pub mod telemetry;
 
-pub use backend::{AckFuture, Backend, BackendSubscription, LagProbe, MeasuredLag, SubscribeSpec};
+pub use backend::{
+    AckFuture, Backend, BackendSubscription, BrowsedMessage, LagProbe, MeasuredLag, SubscribeSpec,
+};
 /// The date-time crate of [`Envelope::timestamp`], so users build
 /// timestamps without depending on it themselves.
 pub use chrono;

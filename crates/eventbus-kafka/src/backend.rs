@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eventbus_core::{
-    Ack, AckFuture, Backend, BackendSubscription, ConnectionState, Error, ErrorKind, Message, Position,
-    Result, SubscribeSpec, ValidationError,
+    Ack, AckFuture, Backend, BackendSubscription, BrowsedMessage, ConnectionState, Error, ErrorKind, Message,
+    Position, Result, SubscribeSpec, ValidationError,
 };
 use futures::FutureExt;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -328,6 +330,61 @@ impl Backend for KafkaBackend {
     async fn subscribe(&self, spec: &SubscribeSpec) -> Result<Box<dyn BackendSubscription>> {
         self.inner.topics.ensure(&spec.topic).await?;
         Ok(Box::new(self.member(spec)?))
+    }
+
+    /// A consumer with every partition of the topic assigned from its
+    /// beginning: no group is joined and nothing is committed (its random
+    /// `group.id` is never used on the broker). Positions are partition and
+    /// offset; order is per partition.
+    async fn browse(&self, topic: &str) -> Result<BoxStream<'static, Result<BrowsedMessage>>> {
+        let Some(partitions) = self.inner.topics.partition_count(topic).await? else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("Kafka topic {topic} does not exist"),
+            ));
+        };
+        let mut props = self.inner.config.client_properties();
+        props
+            .set(
+                "group.id",
+                format!("eventbus-browse-{}", uuid::Uuid::now_v7().simple()),
+            )
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("enable.partition.eof", "false")
+            .set("auto.offset.reset", "earliest")
+            .set(
+                "fetch.wait.max.ms",
+                self.inner.config.consumer.fetch_wait_max_ms.to_string(),
+            );
+        self.inner.config.apply_extra(&mut props);
+        let consumer: StreamConsumer = props
+            .create()
+            .map_err(|e| crate::config::creation_error("cannot create the Kafka browse consumer", e))?;
+        let mut assignment = rdkafka::TopicPartitionList::with_capacity(partitions);
+        for p in 0..partitions as i32 {
+            assignment
+                .add_partition_offset(topic, p, rdkafka::Offset::Beginning)
+                .map_err(|e| Error::backend("cannot assign the browse partitions", e))?;
+        }
+        consumer
+            .assign(&assignment)
+            .map_err(|e| Error::backend(format!("cannot assign {topic}'s partitions"), e))?;
+        let consumer = Arc::new(consumer);
+        Ok(futures::stream::unfold(consumer, |consumer| async move {
+            let item = match consumer.recv().await {
+                Ok(m) => Ok(BrowsedMessage {
+                    message: crate::consumer::message_of(&m),
+                    position: Position::Offset {
+                        partition: rdkafka::Message::partition(&m),
+                        offset: rdkafka::Message::offset(&m),
+                    },
+                }),
+                Err(e) => Err(Error::backend("Kafka browse failed", e)),
+            };
+            Some((item, consumer))
+        })
+        .boxed())
     }
 
     fn connection_state(&self) -> ConnectionState {

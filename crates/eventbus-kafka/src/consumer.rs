@@ -405,13 +405,10 @@ impl Poller {
     }
 }
 
-fn delivery<M: rdkafka::Message>(
-    consumer: &Arc<StreamConsumer<MemberContext>>,
-    tracker: &Arc<OffsetTracker>,
-    m: &M,
-) -> Delivery {
-    let key: PartitionKey = (m.topic().to_owned(), m.partition());
-    let (generation, ownership) = tracker.fetched(&key, m.offset());
+/// The bus message of a Kafka record: headers whose value is not UTF-8 are
+/// kept lossily (the envelope decoder then rejects what it needs), a
+/// missing payload is empty.
+pub(crate) fn message_of<M: rdkafka::Message>(m: &M) -> Message {
     let mut headers = Headers::new();
     if let Some(h) = m.headers() {
         for header in h.iter() {
@@ -419,13 +416,23 @@ fn delivery<M: rdkafka::Message>(
             headers.insert(header.key, value);
         }
     }
-    let message = Message {
-        topic: key.0.clone(),
+    Message {
+        topic: m.topic().to_owned(),
         key: m.key().map(bytes::Bytes::copy_from_slice),
         headers,
         payload: bytes::Bytes::copy_from_slice(m.payload().unwrap_or_default()),
         dedup_id: None,
-    };
+    }
+}
+
+fn delivery<M: rdkafka::Message>(
+    consumer: &Arc<StreamConsumer<MemberContext>>,
+    tracker: &Arc<OffsetTracker>,
+    m: &M,
+) -> Delivery {
+    let key: PartitionKey = (m.topic().to_owned(), m.partition());
+    let (generation, ownership) = tracker.fetched(&key, m.offset());
+    let message = message_of(m);
     Delivery {
         message,
         position: Some(Position::Offset {

@@ -286,7 +286,7 @@ impl Topics {
     /// Partitions of `topic`; `None` when it does not exist. Lists every
     /// topic rather than asking for this one, because a metadata request
     /// naming a topic may auto-create it (tansu does).
-    async fn partition_count(&self, topic: &str) -> Result<Option<usize>> {
+    pub(crate) async fn partition_count(&self, topic: &str) -> Result<Option<usize>> {
         let client = self.admin.clone();
         let metadata =
             tokio::task::spawn_blocking(move || client.inner().fetch_metadata(None, ADMIN_TIMEOUT))

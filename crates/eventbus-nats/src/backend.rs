@@ -10,10 +10,12 @@ use async_nats::jetstream;
 use async_nats::{HeaderMap, HeaderName, HeaderValue};
 use async_trait::async_trait;
 use eventbus_core::{
-    Ack, AckFuture, Backend, BackendSubscription, ConnectionState, Error, ErrorKind, Message, Position,
-    Result, SubscribeSpec, ValidationError,
+    Ack, AckFuture, Backend, BackendSubscription, BrowsedMessage, ConnectionState, Error, ErrorKind, Message,
+    Position, Result, SubscribeSpec, ValidationError,
 };
 use futures::FutureExt;
+use futures::StreamExt;
+use futures::stream::BoxStream;
 use tokio::sync::broadcast;
 
 use crate::config::NatsConfig;
@@ -175,6 +177,24 @@ impl NatsBackend {
     }
 }
 
+/// The bus headers of a received NATS message: the last value of each
+/// header, without the server's own `Nats-*` headers (dedup id, ...).
+pub(crate) fn headers_of(h: Option<&HeaderMap>) -> eventbus_core::Headers {
+    let mut headers = eventbus_core::Headers::new();
+    if let Some(h) = h {
+        for (name, values) in h.iter() {
+            let name: &str = name.as_ref();
+            if name.starts_with("Nats-") {
+                continue;
+            }
+            if let Some(v) = values.last() {
+                headers.insert(name, v.as_str());
+            }
+        }
+    }
+    headers
+}
+
 fn nats_headers(message: &Message) -> Result<HeaderMap> {
     let mut out = HeaderMap::new();
     for (name, value) in message.headers.iter() {
@@ -247,6 +267,80 @@ impl Backend for NatsBackend {
             events: inner.events.clone(),
         };
         group::subscribe(ctx, spec).await
+    }
+
+    /// An ordered ephemeral JetStream consumer over the topic's subject (a
+    /// partitioned topic: its partition subjects), from the stream's first
+    /// message; the server removes it once the stream is dropped. Positions
+    /// are stream sequences. Order is the stream's, across partitions too.
+    async fn browse(&self, topic: &str) -> Result<BoxStream<'static, Result<BrowsedMessage>>> {
+        let config = &self.inner.config;
+        let partitions = config.partitions_of(topic);
+        let subjects = topology::topic_subjects(&config.subject_prefix, topic, partitions);
+        let name = self
+            .inner
+            .js
+            .stream_by_subject(subjects[0].clone())
+            .await
+            .map_err(|e| {
+                Error::new(
+                    ErrorKind::NotFound,
+                    format!(
+                        "no JetStream stream stores subject {} (topic {topic})",
+                        subjects[0]
+                    ),
+                )
+                .with_source(e)
+            })?;
+        let stream = self
+            .inner
+            .js
+            .get_stream(&name)
+            .await
+            .map_err(|e| topology::api("stream lookup", e))?;
+        // One filter subject (servers before 2.10 take no list): a
+        // partitioned topic's `<topic>.*` also matches other topics below it,
+        // whose messages are skipped here.
+        let filter_subject = match partitions {
+            Some(_) => format!("{}.*", topology::subject(&config.subject_prefix, topic)),
+            None => subjects[0].clone(),
+        };
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject,
+                deliver_policy: jetstream::consumer::DeliverPolicy::All,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| topology::api("browse consumer", e))?;
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| topology::api("browse messages", e))?;
+        let topic = topic.to_owned();
+        let wanted: std::collections::HashSet<String> = subjects.into_iter().collect();
+        Ok(messages
+            .filter_map(move |m| {
+                let item = match m {
+                    Err(e) => Some(Err(Error::backend("JetStream browse failed", e))),
+                    Ok(m) if !wanted.contains(m.subject.as_str()) => None,
+                    Ok(m) => {
+                        let sequence = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+                        Some(Ok(BrowsedMessage {
+                            message: Message {
+                                topic: topic.clone(),
+                                key: None,
+                                headers: headers_of(m.headers.as_ref()),
+                                payload: m.payload.clone(),
+                                dedup_id: None,
+                            },
+                            position: Position::Sequence(sequence),
+                        }))
+                    }
+                };
+                std::future::ready(item)
+            })
+            .boxed())
     }
 
     async fn check_publishable(&self, topic: &str) -> Result<()> {

@@ -1039,18 +1039,7 @@ fn delivery(
             },
         );
     }
-    let mut headers = eventbus_core::Headers::new();
-    if let Some(h) = &m.message.headers {
-        for (name, values) in h.iter() {
-            let name: &str = name.as_ref();
-            if name.starts_with("Nats-") {
-                continue;
-            }
-            if let Some(v) = values.last() {
-                headers.insert(name, v.as_str());
-            }
-        }
-    }
+    let headers = crate::backend::headers_of(m.message.headers.as_ref());
     let message = Message {
         topic: topic.to_owned(),
         key: None,

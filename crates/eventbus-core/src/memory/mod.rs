@@ -27,9 +27,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::FutureExt;
+use futures::stream::{BoxStream, StreamExt};
 use tokio::sync::watch;
 
-use crate::backend::{AckFuture, Backend, BackendSubscription, SubscribeSpec};
+use crate::backend::{AckFuture, Backend, BackendSubscription, BrowsedMessage, SubscribeSpec};
 use crate::config::MemoryConfig;
 use crate::error::{Error, Result};
 use crate::health::ConnectionState;
@@ -457,6 +458,45 @@ impl Backend for MemoryBackend {
             left: false,
             backend: self.clone(),
         }))
+    }
+
+    /// Reads what the topic's log retains (a message leaves the log once
+    /// every group acked it; a topic without groups, such as a dead-letter
+    /// topic, keeps all), then follows it; ends when the backend closes.
+    async fn browse(&self, topic: &str) -> Result<BoxStream<'static, Result<BrowsedMessage>>> {
+        self.ensure_open()?;
+        let topic = self.topic(topic);
+        let changed = topic.changed.subscribe();
+        let start = (self.clone(), topic, changed, 1u64);
+        Ok(
+            futures::stream::unfold(start, |(backend, topic, mut changed, next)| async move {
+                loop {
+                    changed.borrow_and_update();
+                    if backend.ensure_open().is_err() {
+                        return None;
+                    }
+                    let found = {
+                        let state = topic.state.lock().unwrap();
+                        let seq = next.max(state.base);
+                        state
+                            .log
+                            .get((seq - state.base) as usize)
+                            .map(|(m, _)| (seq, m.clone()))
+                    };
+                    if let Some((seq, message)) = found {
+                        let item = BrowsedMessage {
+                            message,
+                            position: Position::Sequence(seq),
+                        };
+                        return Some((Ok(item), (backend, topic, changed, seq + 1)));
+                    }
+                    if changed.changed().await.is_err() {
+                        return None;
+                    }
+                }
+            })
+            .boxed(),
+        )
     }
 
     fn connection_state(&self) -> ConnectionState {

@@ -1541,3 +1541,78 @@ fn layers_run_inside_the_aggregate_slot<'a>(
         bus.close().await.unwrap();
     })
 }
+
+/// `browse` reads a topic from its first message without a group: every
+/// message with a distinct position, each aggregate in publish order; it
+/// follows new messages; a second browse reads everything again; and a
+/// group subscribing afterwards still receives everything.
+fn browse_reads_without_moving_any_group<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("browse");
+        let events: Vec<Envelope> = (1..=5)
+            .flat_map(|v| ["browse-a", "browse-b"].map(|a| envelope(a, v)))
+            .collect();
+        publish_all(&bus, &topic, &events).await;
+        let read = |n: usize| {
+            let bus = bus.clone();
+            let topic = topic.clone();
+            async move {
+                let mut stream = bus.browse(&topic).await.expect("browse");
+                let mut got = Vec::new();
+                while got.len() < n {
+                    match tokio::time::timeout(caps.timeout, stream.next()).await {
+                        Ok(Some(item)) => got.push(item.expect("browsed message")),
+                        other => panic!("browse stopped after {} of {n}: {other:?}", got.len()),
+                    }
+                }
+                (stream, got)
+            }
+        };
+        let (mut stream, first) = read(10).await;
+        let positions: HashSet<_> = first.iter().map(|b| b.position).collect();
+        assert_eq!(positions.len(), 10, "distinct positions");
+        let decoded: Vec<Envelope> = first
+            .iter()
+            .map(|b| eventbus_core::codec::decode_envelope(&b.message).expect("an envelope"))
+            .collect();
+        for aggregate in ["browse-a", "browse-b"] {
+            let versions: Vec<i64> = decoded
+                .iter()
+                .filter(|e| e.aggregate_id == aggregate)
+                .map(|e| e.event_version)
+                .collect();
+            assert_eq!(versions, vec![1, 2, 3, 4, 5], "{aggregate} in order");
+        }
+        assert!(first.iter().all(|b| b.message.topic == topic));
+        // It follows: a later publish arrives on the open stream.
+        bus.publish_envelope_sync(&topic, &envelope("browse-a", 6))
+            .await
+            .unwrap();
+        let next = tokio::time::timeout(caps.timeout, stream.next())
+            .await
+            .expect("a followed message")
+            .expect("stream open")
+            .expect("browsed message");
+        assert_eq!(
+            eventbus_core::codec::decode_envelope(&next.message)
+                .unwrap()
+                .event_version,
+            6
+        );
+        drop(stream);
+        let (_, again) = read(11).await;
+        assert_eq!(again.len(), 11);
+        let (sub, got) = record_envelopes(&bus, &topic, "after-browse").await;
+        assert!(
+            eventually(caps.timeout, || len(&got) >= 11).await,
+            "the group got {} of 11",
+            len(&got)
+        );
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}

@@ -159,6 +159,7 @@ macro_rules! conformance_tests {
             oversized_message_is_refused_at_publish,
             lag_counts_what_the_group_has_not_settled,
             layers_run_inside_the_aggregate_slot,
+            browse_reads_without_moving_any_group,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
