@@ -43,6 +43,15 @@ pub(crate) struct BrokerArgs {
     /// local tansu broker; other commands use 127.0.0.1:9092.
     #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
     pub(crate) kafka_brokers: Option<String>,
+    /// One settings file (TOML, or YAML for .yaml/.yml) with sections
+    /// `[bus]` (`BusConfig`), `[nats]` (`NatsConfig`: TLS, auth, streams),
+    /// `[kafka]` (`KafkaConfig`: SASL, SSL, librdkafka properties); each
+    /// section is optional. `--nats-config`, `--kafka-config` and the flags
+    /// take precedence; `EVENTBUS_*` variables override `[bus]`. Put secrets
+    /// in the environment or in files the settings name, not on the command
+    /// line; they are never printed.
+    #[arg(long, env = "EVENTBUS_CONFIG")]
+    pub(crate) config: Option<std::path::PathBuf>,
     /// NATS client settings (`NatsConfig`) from a TOML file; `--nats-url`
     /// replaces its `servers`.
     #[arg(long, env = "EVENTBUS_NATS_CONFIG")]
@@ -59,25 +68,64 @@ impl std::fmt::Debug for BrokerArgs {
         f.debug_struct("BrokerArgs")
             .field("nats_url", &self.nats_url.as_deref().map(eventbus::redact_url))
             .field("kafka_brokers", &self.kafka_brokers)
+            .field("config", &self.config)
             .field("nats_config", &self.nats_config)
             .field("kafka_config", &self.kafka_config)
             .finish()
     }
 }
 
-/// Settings of type `T` from the TOML file at `path`, else `T::default()`.
-fn settings<T: serde::de::DeserializeOwned + Default>(path: Option<&std::path::Path>) -> Result<T> {
-    let Some(path) = path else {
-        return Ok(T::default());
-    };
+/// The figment provider of a settings file: YAML for `.yaml`/`.yml`, else TOML.
+fn file_provider(path: &std::path::Path) -> figment::Figment {
     use figment::providers::Format as _;
-    figment::Figment::from(figment::providers::Toml::file_exact(path))
-        .extract()
-        .map_err(|e| {
-            // The error quotes the offending value, which may be a URL with credentials.
-            let shown = eventbus::redact_url(&e.to_string()).into_owned();
-            Error::config(format!("invalid settings in {}: {shown}", path.display()))
-        })
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("yaml" | "yml") => figment::Figment::from(figment::providers::Yaml::file_exact(path)),
+        _ => figment::Figment::from(figment::providers::Toml::file_exact(path)),
+    }
+}
+
+/// Settings of type `T`: `T::default()`, then section `section` of the
+/// `--config` file, then the whole of the section's own file (`own`).
+fn settings<T: serde::de::DeserializeOwned + serde::Serialize + Default>(
+    config: Option<&std::path::Path>,
+    section: &str,
+    own: Option<&std::path::Path>,
+) -> Result<T> {
+    let mut figment = figment::Figment::from(figment::providers::Serialized::defaults(T::default()));
+    let mut shown = Vec::new();
+    if let Some(path) = config {
+        figment = figment.merge(file_provider(path).focus(section));
+        shown.push(format!("[{section}] of {}", path.display()));
+    }
+    if let Some(path) = own {
+        figment = figment.merge(file_provider(path));
+        shown.push(path.display().to_string());
+    }
+    figment.extract().map_err(|e| {
+        // The error quotes the offending value, which may be a URL with credentials.
+        let message = eventbus::redact_url(&e.to_string()).into_owned();
+        Error::config(format!("invalid settings in {}: {message}", shown.join(" or ")))
+    })
+}
+
+impl BrokerArgs {
+    /// The bus settings: defaults, `[bus]` of `--config`, `EVENTBUS_*` variables.
+    ///
+    /// # Errors
+    /// `Config` naming the file and the bad key.
+    pub(crate) fn bus_config(&self) -> Result<BusConfig> {
+        use figment::providers::Serialized;
+        let mut figment = figment::Figment::from(Serialized::defaults(BusConfig::default()));
+        if let Some(path) = &self.config {
+            figment = figment.merge(file_provider(path).focus("bus"));
+        }
+        let config: BusConfig = figment.merge(BusConfig::env()).extract().map_err(|e| {
+            let message = eventbus::redact_url(&e.to_string()).into_owned();
+            Error::config(format!("invalid bus settings: {message}"))
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
 }
 
 /// What to do when a broker address is not given.
@@ -121,8 +169,9 @@ impl Target {
         brokers: &BrokerArgs,
         missing: WhenMissing,
     ) -> Result<Self> {
-        let nats: Box<NatsConfig> = Box::new(settings(brokers.nats_config.as_deref())?);
-        let kafka: Box<KafkaConfig> = Box::new(settings(brokers.kafka_config.as_deref())?);
+        let file = brokers.config.as_deref();
+        let nats: Box<NatsConfig> = Box::new(settings(file, "nats", brokers.nats_config.as_deref())?);
+        let kafka: Box<KafkaConfig> = Box::new(settings(file, "kafka", brokers.kafka_config.as_deref())?);
         Ok(match kind {
             BackendKind::Memory => Self::Memory,
             BackendKind::Nats => match (&brokers.nats_url, missing) {

@@ -3,6 +3,7 @@
 mod backends;
 mod bench;
 mod fault;
+mod ops;
 mod outbox;
 mod signals;
 mod soak;
@@ -36,6 +37,18 @@ enum Command {
     /// Transactional outbox: run a relay, show status.
     #[command(subcommand)]
     Outbox(outbox::OutboxCommand),
+    /// Print a topic's messages, decoded, from its oldest stored one
+    /// (without joining any consumer group).
+    Tail(ops::tail::TailArgs),
+    /// Publish envelopes from a file or stdin (one JSON envelope, or JSON
+    /// lines) and print each one's ACK result.
+    Publish(ops::publish::PublishArgs),
+    /// Dead letters: list, show, replay to the original topic.
+    #[command(subcommand)]
+    Dlq(ops::dlq::DlqCommand),
+    /// How far behind a consumer group is: pending per partition, age of
+    /// the oldest unsettled message, rate of change.
+    Lag(ops::lag::LagArgs),
 }
 
 #[tokio::main]
@@ -48,6 +61,10 @@ async fn main() {
         Command::Bench(args) => bench::run(args).await,
         Command::Outbox(command) => outbox::run(command).await,
         Command::Soak(args) => soak::run(args).await,
+        Command::Tail(args) => ops::tail::run(args).await,
+        Command::Publish(args) => ops::publish::run(args).await,
+        Command::Dlq(command) => ops::dlq::run(command).await,
+        Command::Lag(args) => ops::lag::run(args).await,
         Command::Fault(args) => fault::run(args).await,
         Command::FaultProducer(args) => fault::worker::producer(args).await,
         Command::FaultMember(args) => fault::worker::member(args).await,

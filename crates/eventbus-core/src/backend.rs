@@ -90,6 +90,26 @@ pub trait Backend: Send + Sync + 'static {
         ))
     }
 
+    /// The backlog of consumer group `group` on `topic`, per partition (per
+    /// consumer on NATS), measured from outside the group: nothing is
+    /// joined, fetched or acked. For operators (`eventbus lag`) and
+    /// autoscalers that are not members.
+    ///
+    /// # Errors
+    /// [`Unsupported`](crate::ErrorKind::Unsupported) by default;
+    /// [`NotFound`](crate::ErrorKind::NotFound) when the topic is missing;
+    /// a client error.
+    async fn group_lag(&self, topic: &str, group: &str) -> Result<Vec<PartitionLag>> {
+        let _ = group;
+        Err(crate::Error::new(
+            crate::ErrorKind::Unsupported,
+            format!(
+                "the {} backend cannot measure a group's lag on {topic}",
+                self.name()
+            ),
+        ))
+    }
+
     /// The connection's state.
     fn connection_state(&self) -> ConnectionState;
 
@@ -105,6 +125,26 @@ pub struct BrowsedMessage {
     pub message: Message,
     /// Its partition and offset, or stream sequence.
     pub position: Position,
+}
+
+/// A consumer group's backlog on one partition, from [`Backend::group_lag`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// The partition; `None` for an unpartitioned NATS topic.
+    pub partition: Option<u32>,
+    /// What the broker calls the measured thing: the Kafka group id, the
+    /// NATS durable consumer, the memory group.
+    pub consumer: String,
+    /// Messages stored that the group has not settled (count), delivered
+    /// and unsettled included. Kafka: high watermark minus committed
+    /// offset (wrong on tansu, whose log-end offsets are wrong).
+    pub pending: u64,
+    /// When the oldest unsettled message was stored or published, where
+    /// the backend can tell cheaply (NATS: the stream's time of the message
+    /// after the ack floor, for a topic with a stream of its own; memory:
+    /// the envelope's `X-Timestamp`); `None` when nothing is pending or it
+    /// cannot tell (Kafka).
+    pub oldest_unsettled_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 /// One member of a consumer group, as a source of deliveries.

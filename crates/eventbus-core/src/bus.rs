@@ -266,6 +266,19 @@ impl EventBus {
         self.inner.backend.browse(topic).await
     }
 
+    /// The backlog of consumer group `group` on `topic`, per partition,
+    /// measured without joining the group: see [`Backend::group_lag`].
+    ///
+    /// # Errors
+    /// [`Closed`](crate::ErrorKind::Closed), an invalid topic, or the
+    /// backend's error ([`Unsupported`](crate::ErrorKind::Unsupported),
+    /// [`NotFound`](crate::ErrorKind::NotFound), a client error).
+    pub async fn group_lag(&self, topic: &str, group: &str) -> Result<Vec<crate::PartitionLag>> {
+        self.ensure_open()?;
+        validate_topic(topic)?;
+        self.inner.backend.group_lag(topic, group).await
+    }
+
     /// Subscribes to raw messages of `topic`: handled concurrently, in no
     /// particular order, with the same retry and dead-letter path as envelopes.
     ///

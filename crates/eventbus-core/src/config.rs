@@ -213,7 +213,24 @@ impl BusConfig {
                 )));
             }
         };
-        Self::extract(figment.merge(Env::prefixed(ENV_PREFIX).split("__")))
+        Self::extract(figment.merge(Self::env()))
+    }
+
+    /// The `EVENTBUS_*` environment variables that set bus settings:
+    /// `EVENTBUS_<SECTION>__<KEY>` (for example
+    /// `EVENTBUS_CONSUMER__RETRY__MAX_ATTEMPTS=5`) and
+    /// `EVENTBUS_CLOSE_TIMEOUT_MS`. Other `EVENTBUS_*` variables (the CLI's
+    /// `EVENTBUS_NATS_URL`, `EVENTBUS_DATABASE_URL`, ...) are not bus
+    /// settings and are left out, rather than refused as unknown keys.
+    pub fn env() -> Env {
+        const TOP: [&str; 5] = ["publish", "results", "consumer", "close_timeout_ms", "memory"];
+        Env::prefixed(ENV_PREFIX)
+            .filter(|key| {
+                let key = key.as_str().to_ascii_lowercase();
+                TOP.iter()
+                    .any(|top| key == *top || key.starts_with(&format!("{top}__")))
+            })
+            .split("__")
     }
 
     /// Defaults overridden by `EVENTBUS_*` environment variables.
@@ -221,9 +238,7 @@ impl BusConfig {
     /// # Errors
     /// [`Config`](ErrorKind::Config) when a variable has the wrong type.
     pub fn from_env() -> Result<Self> {
-        Self::extract(
-            Figment::from(Serialized::defaults(Self::default())).merge(Env::prefixed(ENV_PREFIX).split("__")),
-        )
+        Self::extract(Figment::from(Serialized::defaults(Self::default())).merge(Self::env()))
     }
 
     fn extract(figment: Figment) -> Result<Self> {
@@ -297,6 +312,27 @@ mod tests {
             let c = BusConfig::from_file(&yaml).unwrap();
             assert_eq!(c.publish.max_in_flight, 7);
             assert_eq!(c.publish.timeout_ms, 42);
+            Ok(())
+        });
+    }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure must return figment::Error
+    fn other_eventbus_variables_are_not_bus_settings() {
+        figment::Jail::expect_with(|jail| {
+            // The CLI's variables share the prefix; they are not unknown bus keys.
+            jail.set_env("EVENTBUS_NATS_URL", "nats://127.0.0.1:4222");
+            jail.set_env("EVENTBUS_DATABASE_URL", "sqlite://x.db");
+            jail.set_env("EVENTBUS_CONSUMER__CONCURRENCY", "12");
+            jail.set_env("EVENTBUS_CLOSE_TIMEOUT_MS", "1234");
+            let c = BusConfig::from_env().unwrap();
+            assert_eq!(c.consumer.concurrency, 12);
+            assert_eq!(c.close_timeout_ms, 1234);
+            jail.set_env("EVENTBUS_CONSUMER__NO_SUCH_KEY", "1");
+            assert!(
+                BusConfig::from_env().is_err(),
+                "an unknown key of a bus section is still refused"
+            );
             Ok(())
         });
     }

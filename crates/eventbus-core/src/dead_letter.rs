@@ -1,7 +1,8 @@
 //! The one way a dead letter is built, used by subscriptions and the outbox
 //! relay: a copy of the message on the dead-letter topic with
 //! `X-Original-Topic` and `X-Error-Message` (the Go SDK's header names), and
-//! a dedup id of its own.
+//! a dedup id of its own; and the one way it is sent back ([`replay`], used
+//! by `eventbus dlq replay`).
 
 use serde::{Deserialize, Serialize};
 
@@ -96,6 +97,39 @@ pub fn dead_letter(
     dead
 }
 
+/// The message that sends dead letter `dead` (read from the dead-letter
+/// topic at `from`, written `<dead-letter topic>@<position>`) back to `to`:
+/// same body and key, the dead-letter headers (`X-Original-Topic`,
+/// `X-Error-Message`) removed, `X-Replayed-From` = `from` added. Its dedup id
+/// is `<event id>/replay/<from>`: distinct from the original's (which a
+/// NATS stream may still remember) and the same for a second replay of the
+/// same dead letter, which the broker's dedup window then drops. A message
+/// without a key gets its `X-Aggregate-ID` as key.
+pub fn replay(dead: &Message, to: &str, from: &str) -> Message {
+    let mut out = dead.clone();
+    out.topic = to.to_owned();
+    out.headers.remove(headers::ORIGINAL_TOPIC);
+    out.headers.remove(headers::ERROR_MESSAGE);
+    out.headers.insert(headers::REPLAYED_FROM, from);
+    let id = dead
+        .headers
+        .get(headers::EVENT_ID)
+        .map(str::to_owned)
+        .or_else(|| {
+            dead.dedup_id
+                .as_ref()
+                .and_then(|d| d.strip_suffix(DEDUP_SUFFIX).map(str::to_owned))
+        });
+    out.dedup_id = id.map(|id| format!("{id}/replay/{from}"));
+    if out.key.is_none() {
+        out.key = dead
+            .headers
+            .get(headers::AGGREGATE_ID)
+            .map(|a| bytes::Bytes::copy_from_slice(a.as_bytes()));
+    }
+    out
+}
+
 /// One line of at most [`MAX_ERROR_HEADER_BYTES`] bytes: control characters
 /// (CR and LF among them, which NATS headers cannot hold) become spaces, and
 /// the text is cut at a character boundary.
@@ -134,5 +168,23 @@ mod tests {
         assert_eq!(d.payload, m.payload);
         let raw = dead_letter(&Message::new("t", "x"), "t", "t.dlq", "r");
         assert_eq!(raw.dedup_id, None);
+    }
+
+    #[test]
+    fn a_replay_drops_the_dead_letter_headers_and_names_its_source() {
+        let m = Message::new("orders", "{}")
+            .with_header(headers::EVENT_ID, "e-1")
+            .with_header(headers::AGGREGATE_ID, "o-1")
+            .with_header("X-Custom", "kept");
+        let dead = dead_letter(&m, "orders", "orders.dlq", "boom");
+        let back = replay(&dead, "orders", "orders.dlq@7");
+        assert_eq!(back.topic, "orders");
+        assert_eq!(back.headers.get(headers::ORIGINAL_TOPIC), None);
+        assert_eq!(back.headers.get(headers::ERROR_MESSAGE), None);
+        assert_eq!(back.headers.get(headers::REPLAYED_FROM), Some("orders.dlq@7"));
+        assert_eq!(back.headers.get("X-Custom"), Some("kept"));
+        assert_eq!(back.dedup_id.as_deref(), Some("e-1/replay/orders.dlq@7"));
+        assert_eq!(back.key.as_deref(), Some(&b"o-1"[..]));
+        assert_eq!(back.payload, m.payload);
     }
 }

@@ -25,6 +25,9 @@ pub const TENANT_ID: &str = "X-Tenant-ID";
 pub const ORIGINAL_TOPIC: &str = "X-Original-Topic";
 /// Added to a dead-lettered message: the last handler error, as text.
 pub const ERROR_MESSAGE: &str = "X-Error-Message";
+/// Added to a replayed dead letter ([`dead_letter::replay`](crate::dead_letter::replay)):
+/// `<dead-letter topic>@<position>` it was replayed from.
+pub const REPLAYED_FROM: &str = "X-Replayed-From";
 
 /// Ordered broker headers: name/value pairs, names matched case-insensitively.
 ///

@@ -27,7 +27,8 @@ mod secret;
 pub mod telemetry;
 
 pub use backend::{
-    AckFuture, Backend, BackendSubscription, BrowsedMessage, LagProbe, MeasuredLag, SubscribeSpec,
+    AckFuture, Backend, BackendSubscription, BrowsedMessage, LagProbe, MeasuredLag, PartitionLag,
+    SubscribeSpec,
 };
 /// The date-time crate of [`Envelope::timestamp`], so users build
 /// timestamps without depending on it themselves.

@@ -14,8 +14,8 @@ use eventbus_core::{
     Position, Result, SubscribeSpec, ValidationError,
 };
 use futures::FutureExt;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use tokio::sync::broadcast;
 
 use crate::config::NatsConfig;
@@ -341,6 +341,84 @@ impl Backend for NatsBackend {
                 std::future::ready(item)
             })
             .boxed())
+    }
+
+    /// Per partition: the group's newest consumer (the highest lease
+    /// generation) and its `num_pending + num_ack_pending`; with no
+    /// consumer yet, every message the stream holds on the subject.
+    async fn group_lag(&self, topic: &str, group: &str) -> Result<Vec<eventbus_core::PartitionLag>> {
+        let layout = group::Layout::new(&self.inner.config, topic, group);
+        let js = &self.inner.js;
+        let first = layout.subject(0);
+        let name = js.stream_by_subject(first.clone()).await.map_err(|e| {
+            Error::new(
+                ErrorKind::NotFound,
+                format!("no JetStream stream stores subject {first} (topic {topic})"),
+            )
+            .with_source(e)
+        })?;
+        let mut stream = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| topology::api("stream lookup", e))?;
+        let names: Vec<String> = stream
+            .consumer_names()
+            .try_collect()
+            .await
+            .map_err(|e| topology::api("consumer list", e))?;
+        let mut out = Vec::new();
+        for p in 0..layout.count() {
+            let subject = layout.subject(p);
+            let newest = names
+                .iter()
+                .filter_map(|n| layout.generation(p, n).map(|g| (g, n)))
+                .max()
+                .map(|(_, n)| n.clone());
+            let (consumer, pending, floor) = match &newest {
+                Some(consumer) => {
+                    let info = stream
+                        .consumer_info(consumer)
+                        .await
+                        .map_err(|e| topology::api("consumer info", e))?;
+                    let pending = info.num_pending + info.num_ack_pending as u64;
+                    (consumer.clone(), pending, info.ack_floor.stream_sequence + 1)
+                }
+                None => {
+                    let mut counts = stream
+                        .info_with_subjects(&subject)
+                        .await
+                        .map_err(|e| topology::api("stream subjects", e))?;
+                    let mut stored = 0u64;
+                    while let Some(entry) = counts.next().await {
+                        let (_, count) = entry.map_err(|e| topology::api("stream subjects", e))?;
+                        stored += count as u64;
+                    }
+                    (
+                        "(no consumer yet)".to_owned(),
+                        stored,
+                        stream.info().await.map_or(1, |i| i.state.first_sequence),
+                    )
+                }
+            };
+            // The message after the ack floor is the oldest unsettled one
+            // when it is on this subject (a stream of the topic's own).
+            let oldest_unsettled_at = match pending {
+                0 => None,
+                _ => match stream.get_raw_message(floor).await {
+                    Ok(m) if m.subject.as_str() == subject => {
+                        chrono::DateTime::from_timestamp_nanos(m.time.unix_timestamp_nanos() as i64).into()
+                    }
+                    _ => None,
+                },
+            };
+            out.push(eventbus_core::PartitionLag {
+                partition: layout.partitioned().then_some(p),
+                consumer,
+                pending,
+                oldest_unsettled_at,
+            });
+        }
+        Ok(out)
     }
 
     async fn check_publishable(&self, topic: &str) -> Result<()> {

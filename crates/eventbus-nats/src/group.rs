@@ -179,13 +179,7 @@ pub(crate) async fn subscribe(
     ctx: GroupContext,
     spec: &SubscribeSpec,
 ) -> Result<Box<dyn BackendSubscription>> {
-    let partitioned = ctx.config.partitions_of(&spec.topic);
-    let layout = Layout {
-        prefix: ctx.config.subject_prefix.clone(),
-        topic: spec.topic.clone(),
-        durable: topology::durable_name(&spec.group, &spec.topic),
-        partitioned,
-    };
+    let layout = Layout::new(&ctx.config, &spec.topic, &spec.group);
     let subject = layout.subject(0);
     ctx.js.stream_by_subject(subject.clone()).await.map_err(|e| {
         Error::new(ErrorKind::NotFound, format!("no stream stores subject {subject}")).with_source(e)
@@ -232,7 +226,7 @@ pub(crate) async fn subscribe(
 }
 
 /// Subjects, consumer names and lease keys of one (group, topic).
-struct Layout {
+pub(crate) struct Layout {
     prefix: String,
     topic: String,
     durable: String,
@@ -240,11 +234,26 @@ struct Layout {
 }
 
 impl Layout {
-    fn count(&self) -> u32 {
+    /// The layout of `group` on `topic` under `config`.
+    pub(crate) fn new(config: &NatsConfig, topic: &str, group: &str) -> Self {
+        Self {
+            prefix: config.subject_prefix.clone(),
+            topic: topic.to_owned(),
+            durable: topology::durable_name(group, topic),
+            partitioned: config.partitions_of(topic),
+        }
+    }
+
+    /// Whether the topic is split into partition subjects.
+    pub(crate) fn partitioned(&self) -> bool {
+        self.partitioned.is_some()
+    }
+
+    pub(crate) fn count(&self) -> u32 {
         self.partitioned.unwrap_or(1)
     }
 
-    fn subject(&self, p: u32) -> String {
+    pub(crate) fn subject(&self, p: u32) -> String {
         match self.partitioned {
             Some(_) => topology::partition_subject(&self.prefix, &self.topic, p),
             None => topology::subject(&self.prefix, &self.topic),
@@ -265,7 +274,7 @@ impl Layout {
     /// The generation of a consumer name of partition `p`: its lease
     /// revision; 0 for the name an unpartitioned topic had before leases
     /// (taken over like any other); `None` for another partition's or group's.
-    fn generation(&self, p: u32, name: &str) -> Option<u64> {
+    pub(crate) fn generation(&self, p: u32, name: &str) -> Option<u64> {
         if self.partitioned.is_none() && name == self.durable {
             return Some(0);
         }

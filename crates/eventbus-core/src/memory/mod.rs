@@ -499,6 +499,47 @@ impl Backend for MemoryBackend {
         )
     }
 
+    /// Per partition: queued, returned, taken and unsettled, and not yet
+    /// routed messages of the group; a group that never subscribed has
+    /// everything retained pending.
+    async fn group_lag(&self, topic: &str, group: &str) -> Result<Vec<crate::PartitionLag>> {
+        self.ensure_open()?;
+        let topic = self.topic(topic);
+        let state = topic.state.lock().unwrap();
+        let mut out: Vec<crate::PartitionLag> = (0..topic.partitions)
+            .map(|p| crate::PartitionLag {
+                partition: Some(p),
+                consumer: group.to_owned(),
+                pending: 0,
+                oldest_unsettled_at: None,
+            })
+            .collect();
+        let (next, floor) = match state.groups.get(group) {
+            Some(g) => {
+                for (p, part) in g.partitions.iter().enumerate() {
+                    out[p].pending += (part.ready.len() + part.redeliver.len() + part.in_flight) as u64;
+                }
+                (g.next, g.floor())
+            }
+            None => (state.base, state.base),
+        };
+        for (i, (message, p)) in state.log.iter().enumerate() {
+            let seq = state.base + i as u64;
+            let lag = &mut out[*p as usize];
+            if seq >= next {
+                lag.pending += 1;
+            }
+            if seq >= floor && lag.oldest_unsettled_at.is_none() && lag.pending > 0 {
+                lag.oldest_unsettled_at = message
+                    .headers
+                    .get(crate::headers::TIMESTAMP)
+                    .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                    .map(|t| t.with_timezone(&chrono::Utc));
+            }
+        }
+        Ok(out)
+    }
+
     fn connection_state(&self) -> ConnectionState {
         match self.closed.load(Ordering::Acquire) {
             true => ConnectionState::Closed,

@@ -1616,3 +1616,45 @@ fn browse_reads_without_moving_any_group<'a>(
         bus.close().await.unwrap();
     })
 }
+
+/// `group_lag` from outside the group: a group that never subscribed has
+/// everything pending; once a member handled everything, 0 on every
+/// partition (Kafka: only where the broker's log-end offsets are true).
+fn group_lag_is_measured_without_joining<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    Box::pin(async move {
+        if !caps.lag {
+            eprintln!(
+                "{}: log-end offsets untrusted here; group lag tested elsewhere",
+                caps.name
+            );
+            return;
+        }
+        let bus = f.bus(BusConfig::default()).await;
+        let topic = unique("group-lag");
+        let events: Vec<Envelope> = (1..=10)
+            .flat_map(|v| (0..3).map(move |a| envelope(&format!("lagged-{a}"), v)))
+            .collect();
+        publish_all(&bus, &topic, &events).await;
+        let total = |lags: &[eventbus_core::PartitionLag]| lags.iter().map(|l| l.pending).sum::<u64>();
+        let before = bus.group_lag(&topic, "late").await.expect("group lag");
+        assert_eq!(total(&before), 30, "{before:?}");
+        let (sub, got) = record_envelopes(&bus, &topic, "late").await;
+        assert!(eventually(caps.timeout, || len(&got) >= 30).await);
+        // Committed offsets and ack floors trail the handler a little.
+        let deadline = tokio::time::Instant::now() + caps.timeout;
+        let (settled, after) = loop {
+            let lags = bus.group_lag(&topic, "late").await.expect("group lag");
+            if total(&lags) == 0 || tokio::time::Instant::now() >= deadline {
+                break (total(&lags) == 0, lags);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        };
+        assert!(settled, "still pending: {after:?}");
+        assert!(after.iter().all(|l| l.oldest_unsettled_at.is_none()), "{after:?}");
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}

@@ -160,6 +160,7 @@ macro_rules! conformance_tests {
             lag_counts_what_the_group_has_not_settled,
             layers_run_inside_the_aggregate_slot,
             browse_reads_without_moving_any_group,
+            group_lag_is_measured_without_joining,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
