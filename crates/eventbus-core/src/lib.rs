@@ -8,6 +8,8 @@
 
 mod backend;
 mod bus;
+#[cfg(feature = "cloudevents")]
+pub mod cloud_events;
 pub mod codec;
 mod config;
 mod consume;
