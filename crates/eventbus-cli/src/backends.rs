@@ -268,13 +268,31 @@ impl Target {
         Ok(buses)
     }
 
-    /// A fresh bus over this backend.
+    /// Sets what the backend does with the streams or topics its settings
+    /// declare, at connect (`eventbus topics`); under `ValidateOnly`, Kafka
+    /// creates no topic on first use either.
+    pub(crate) fn set_provision(&mut self, strategy: eventbus::ProvisionStrategy) {
+        match self {
+            Self::Memory => {}
+            Self::Nats { config, .. } => config.provision = strategy,
+            Self::Kafka { config, .. } => {
+                config.provision = strategy;
+                if strategy == eventbus::ProvisionStrategy::ValidateOnly {
+                    config.auto_create_topics = false;
+                }
+            }
+        }
+    }
+
+    /// A fresh client of this backend (provisioning what its settings
+    /// declare, per their `provision` strategy).
     ///
     /// # Errors
-    /// What connecting the backend returns (`Connection`, `Config`).
-    pub(crate) async fn bus(&self, config: BusConfig) -> Result<EventBus> {
-        match self {
-            Self::Memory => EventBus::memory_with(config),
+    /// What connecting the backend returns (`Connection`, `Config`,
+    /// `NotFound`, `Conflict`).
+    pub(crate) async fn backend(&self) -> Result<std::sync::Arc<dyn eventbus::Backend>> {
+        Ok(match self {
+            Self::Memory => std::sync::Arc::new(eventbus::MemoryBackend::new(Default::default())),
             Self::Nats {
                 url, config: nats, ..
             } => {
@@ -282,7 +300,7 @@ impl Target {
                     servers: url.split(',').map(str::to_owned).collect(),
                     ..(**nats).clone()
                 };
-                EventBus::new(NatsBackend::connect(nats).await?, config)
+                std::sync::Arc::new(NatsBackend::connect(nats).await?)
             }
             Self::Kafka {
                 brokers,
@@ -293,8 +311,19 @@ impl Target {
                     brokers: brokers.split(',').map(str::to_owned).collect(),
                     ..(**kafka).clone()
                 };
-                EventBus::new(KafkaBackend::connect(kafka).await?, config)
+                std::sync::Arc::new(KafkaBackend::connect(kafka).await?)
             }
+        })
+    }
+
+    /// A fresh bus over this backend.
+    ///
+    /// # Errors
+    /// What connecting the backend returns (`Connection`, `Config`).
+    pub(crate) async fn bus(&self, config: BusConfig) -> Result<EventBus> {
+        match self {
+            Self::Memory => EventBus::memory_with(config),
+            _ => EventBus::from_arc(self.backend().await?, config),
         }
     }
 }

@@ -49,6 +49,9 @@ enum Command {
     /// How far behind a consumer group is: pending per partition, age of
     /// the oldest unsettled message, rate of change.
     Lag(ops::lag::LagArgs),
+    /// Create or check the streams and topics a settings file declares.
+    #[command(subcommand)]
+    Topics(ops::topics::TopicsCommand),
 }
 
 #[tokio::main]
@@ -65,6 +68,7 @@ async fn main() {
         Command::Publish(args) => ops::publish::run(args).await,
         Command::Dlq(command) => ops::dlq::run(command).await,
         Command::Lag(args) => ops::lag::run(args).await,
+        Command::Topics(command) => ops::topics::run(command).await,
         Command::Fault(args) => fault::run(args).await,
         Command::FaultProducer(args) => fault::worker::producer(args).await,
         Command::FaultMember(args) => fault::worker::member(args).await,

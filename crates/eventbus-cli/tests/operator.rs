@@ -336,3 +336,56 @@ async fn a_stuck_consumer_is_diagnosed_and_repaired_with_the_cli_on_kafka() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_validate_names_what_is_missing_and_ensure_creates_it() {
+    let server = NatsServer::start().await.unwrap();
+    let url = server.url();
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("eventbus.toml");
+    std::fs::write(
+        &toml,
+        "[bus]\nclose_timeout_ms = 5000\n\n[nats]\nstreams = [{ name = \"SHOP_ORDERS\", subjects = [\"shop.orders\"] }]\n",
+    )
+    .unwrap();
+    let yaml = dir.path().join("eventbus.yaml");
+    std::fs::write(
+        &yaml,
+        "nats:\n  streams:\n    - name: SHOP_ORDERS\n      subjects: [shop.orders]\n",
+    )
+    .unwrap();
+    let broker = ["--backend", "nats", "--nats-url", url.as_str()];
+    let run = |args: &[&str]| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&broker);
+        eventbus(&all, None)
+    };
+    let toml = toml.to_str().unwrap();
+    let yaml = yaml.to_str().unwrap();
+    let (ok, _, err) = run(&["topics", "validate", "--config", toml]);
+    assert!(
+        !ok && err.contains("NotFound") && err.contains("SHOP_ORDERS"),
+        "{err}"
+    );
+    let (ok, out, err) = run(&["topics", "ensure", "--config", toml, "shop.payments"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("shop.payments: ok"), "{out}");
+    let (ok, _, err) = run(&[
+        "topics",
+        "validate",
+        "--config",
+        yaml,
+        "shop.payments",
+        "shop.orders",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run(&["topics", "validate", "--config", yaml, "shop.missing"]);
+    assert!(
+        !ok && err.contains("NotFound") && err.contains("shop.missing"),
+        "{err}"
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "[nats]\nno_such_setting = 1\n").unwrap();
+    let (ok, _, err) = run(&["topics", "validate", "--config", bad.to_str().unwrap()]);
+    assert!(!ok && err.contains("no_such_setting"), "{err}");
+}

@@ -1,4 +1,4 @@
-//! The operator's commands: `tail`, `publish`, `dlq` and `lag`, and what
+//! The operator's commands: `tail`, `publish`, `dlq`, `lag` and `topics`, and what
 //! they share: reading a topic to its end ([`read`]) and showing messages
 //! ([`view`]).
 
@@ -7,4 +7,5 @@ pub(crate) mod lag;
 pub(crate) mod publish;
 pub(crate) mod read;
 pub(crate) mod tail;
+pub(crate) mod topics;
 pub(crate) mod view;
