@@ -389,3 +389,71 @@ async fn topics_validate_names_what_is_missing_and_ensure_creates_it() {
     let (ok, _, err) = run(&["topics", "validate", "--config", bad.to_str().unwrap()]);
     assert!(!ok && err.contains("no_such_setting"), "{err}");
 }
+
+/// A filtered replay never lets an aggregate's later dead letter overtake an
+/// earlier one left behind: `--since` excludes v1, so v2 waits (held back);
+/// the unfiltered run then replays v1 before v2.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filtered_replay_holds_back_what_would_overtake() {
+    let server = NatsServer::start().await.unwrap();
+    let url = server.url();
+    let backend = eventbus_nats::NatsBackend::connect(eventbus_nats::NatsConfig {
+        servers: vec![url.clone()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let bus = EventBus::new(backend, BusConfig::default()).unwrap();
+    let topic = format!("held-{}", uuid::Uuid::now_v7().simple());
+    let dlq = format!("{topic}.dlq");
+    let broker = [
+        "--backend",
+        "nats",
+        "--nats-url",
+        url.as_str(),
+        "--idle-ms",
+        "1000",
+    ];
+    let cli = |args: &[&str], stdin: Option<&str>| {
+        let mut all = args.to_vec();
+        all.extend_from_slice(&broker);
+        eventbus(&all, stdin)
+    };
+    let input = [("2026-01-01T00:00:00Z", 1), ("2026-01-02T00:00:00Z", 2)]
+        .map(|(t, v)| {
+            serde_json::json!({"aggregate_id": "acct-1", "event_type": "Charged", "event_version": v,
+                "timestamp": t, "payload": {}})
+            .to_string()
+        })
+        .join("\n");
+    let (ok, _, err) = eventbus(
+        &["publish", &topic, "--backend", "nats", "--nats-url", &url],
+        Some(&input),
+    );
+    assert!(ok, "{err}");
+    let broken = Arc::new(AtomicBool::new(true));
+    let checker = Arc::new(OrderChecker::new());
+    let sub = consumer(&bus, &topic, broken.clone(), checker.clone()).await;
+    wait_for("both dead-lettered", || sub.health().dead_lettered == 2).await;
+    broken.store(false, Ordering::SeqCst);
+    let (ok, out, err) = cli(
+        &["dlq", "replay", &dlq, "--since", "2026-01-01T12:00:00Z", "--json"],
+        None,
+    );
+    assert!(ok, "{err}");
+    let counts: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (counts["replayed"].as_u64(), counts["held_back"].as_u64()),
+        (Some(0), Some(1)),
+        "{out}"
+    );
+    let (ok, out, err) = cli(&["dlq", "replay", &dlq, "--json"], None);
+    assert!(ok, "{err}");
+    let counts: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(counts["replayed"], 2, "{out}");
+    wait_for("both handled", || checker.report().received == 2).await;
+    let report = checker.report();
+    assert!(report.is_strictly_ordered(), "{report}");
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
+}

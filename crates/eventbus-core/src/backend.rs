@@ -80,9 +80,10 @@ pub trait Backend: Send + Sync + 'static {
     ///
     /// # Errors
     /// [`Unsupported`](crate::ErrorKind::Unsupported) by default;
-    /// [`NotFound`](crate::ErrorKind::NotFound) when nothing stores the
-    /// topic; a client error. An item is an error when the broker failed
-    /// mid-read.
+    /// [`NotFound`](crate::ErrorKind::NotFound) when the broker answers that
+    /// nothing stores the topic (never for a failed request; the memory
+    /// backend has every topic); a client error. An item is an error when
+    /// the broker failed mid-read.
     async fn browse(&self, topic: &str) -> Result<BoxStream<'static, Result<BrowsedMessage>>> {
         Err(crate::Error::new(
             crate::ErrorKind::Unsupported,

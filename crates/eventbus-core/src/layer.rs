@@ -14,7 +14,14 @@
 //! aggregate at a time, and a layer's error (a timeout, a refused request) is
 //! a failed attempt like a handler error: retried with the subscription's
 //! [`RetryPolicy`](crate::RetryPolicy), then dead-lettered. A layer that waits
-//! (rate limit, concurrency limit) holds the aggregate's slot while it waits.
+//! (rate limit, concurrency limit) holds the aggregate's slot while it waits,
+//! and one of the bus's `consumer.concurrency` permits, and the bus's own
+//! `consumer.handler_timeout_ms` counts the wait. So:
+//! - put [`TimeoutLayer`] inside (after) the waiting layers, as in the
+//!   example, so the timeout measures the handler and not the queue;
+//! - a limit far below the traffic fills the bus's permits with waiting
+//!   calls: give a throttled subscription its own bus, or keep
+//!   `consumer.concurrency` above what it can hold.
 //!
 //! ```
 //! use std::time::Duration;
@@ -24,8 +31,8 @@
 //! # async fn demo(bus: EventBus) -> eventbus_core::Result<()> {
 //! let handler = ServiceBuilder::new()
 //!     .layer(layer::TraceLayer::new("orders", "billing"))
-//!     .layer(layer::TimeoutLayer::new(Duration::from_secs(5)))
 //!     .layer(layer::RateLimitLayer::per_second(100, 10)?)
+//!     .layer(layer::TimeoutLayer::new(Duration::from_secs(5)))
 //!     .service_fn(|e: Envelope| async move {
 //!         println!("{} v{}", e.aggregate_id, e.event_version);
 //!         Ok::<_, std::io::Error>(())

@@ -350,6 +350,9 @@ impl Backend for KafkaBackend {
             ));
         };
         let mut props = self.inner.config.client_properties();
+        // The user's extra properties first: what keeps a browse out of
+        // every group (no commit, no offset store) wins.
+        self.inner.config.apply_extra(&mut props);
         props
             .set(
                 "group.id",
@@ -363,7 +366,6 @@ impl Backend for KafkaBackend {
                 "fetch.wait.max.ms",
                 self.inner.config.consumer.fetch_wait_max_ms.to_string(),
             );
-        self.inner.config.apply_extra(&mut props);
         let consumer: StreamConsumer = props
             .create()
             .map_err(|e| crate::config::creation_error("cannot create the Kafka browse consumer", e))?;
@@ -406,10 +408,10 @@ impl Backend for KafkaBackend {
         };
         let group_id = self.group_id(group, topic);
         let mut props = self.inner.config.client_properties();
+        self.inner.config.apply_extra(&mut props);
         props
             .set("group.id", &group_id)
             .set("enable.auto.commit", "false");
-        self.inner.config.apply_extra(&mut props);
         let consumer: rdkafka::consumer::BaseConsumer = props
             .create()
             .map_err(|e| crate::config::creation_error("cannot create the Kafka lag consumer", e))?;
@@ -425,6 +427,15 @@ impl Backend for KafkaBackend {
             })?;
             let mut out = Vec::with_capacity(partitions);
             for e in committed.elements() {
+                if let Err(err) = e.error() {
+                    return Err(Error::backend(
+                        format!(
+                            "cannot read group {group_id}'s committed offset of {topic} partition {}",
+                            e.partition()
+                        ),
+                        err,
+                    ));
+                }
                 let (low, high) = consumer
                     .fetch_watermarks(&topic, e.partition(), timeout)
                     .map_err(|err| Error::backend(format!("cannot read {topic}'s watermarks"), err))?;

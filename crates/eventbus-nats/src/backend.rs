@@ -277,20 +277,17 @@ impl Backend for NatsBackend {
         let config = &self.inner.config;
         let partitions = config.partitions_of(topic);
         let subjects = topology::topic_subjects(&config.subject_prefix, topic, partitions);
-        let name = self
-            .inner
-            .js
-            .stream_by_subject(subjects[0].clone())
+        let name = topology::stream_name_of(&self.inner.js, &subjects[0])
             .await
-            .map_err(|e| {
-                Error::new(
+            .map_err(|e| match e.kind() {
+                ErrorKind::NotFound => Error::new(
                     ErrorKind::NotFound,
                     format!(
                         "no JetStream stream stores subject {} (topic {topic})",
                         subjects[0]
                     ),
-                )
-                .with_source(e)
+                ),
+                _ => e,
             })?;
         let stream = self
             .inner
@@ -325,7 +322,15 @@ impl Backend for NatsBackend {
                     Err(e) => Some(Err(Error::backend("JetStream browse failed", e))),
                     Ok(m) if !wanted.contains(m.subject.as_str()) => None,
                     Ok(m) => {
-                        let sequence = m.info().map(|i| i.stream_sequence).unwrap_or_default();
+                        let sequence = match m.info() {
+                            Ok(info) => info.stream_sequence,
+                            Err(e) => {
+                                return std::future::ready(Some(Err(Error::backend(
+                                    "a browsed JetStream message has no stream sequence",
+                                    e,
+                                ))));
+                            }
+                        };
                         Some(Ok(BrowsedMessage {
                             message: Message {
                                 topic: topic.clone(),
@@ -350,13 +355,7 @@ impl Backend for NatsBackend {
         let layout = group::Layout::new(&self.inner.config, topic, group);
         let js = &self.inner.js;
         let first = layout.subject(0);
-        let name = js.stream_by_subject(first.clone()).await.map_err(|e| {
-            Error::new(
-                ErrorKind::NotFound,
-                format!("no JetStream stream stores subject {first} (topic {topic})"),
-            )
-            .with_source(e)
-        })?;
+        let name = topology::stream_name_of(js, &first).await?;
         let mut stream = js
             .get_stream(&name)
             .await
@@ -424,9 +423,9 @@ impl Backend for NatsBackend {
     async fn check_publishable(&self, topic: &str) -> Result<()> {
         self.ensure_topic(topic).await?;
         let subject = self.subject(topic, None);
-        match self.inner.js.stream_by_subject(subject.clone()).await {
+        match topology::stream_name_of(&self.inner.js, &subject).await {
             Ok(_) => Ok(()),
-            Err(e) => Err(Error::new(
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(Error::new(
                 ErrorKind::NotFound,
                 format!(
                     "no JetStream stream stores subject {subject} (topic {topic}): add it to a stream's subjects, \
@@ -434,6 +433,7 @@ impl Backend for NatsBackend {
                 ),
             )
             .with_source(e)),
+            Err(e) => Err(e),
         }
     }
 

@@ -181,9 +181,7 @@ pub(crate) async fn subscribe(
 ) -> Result<Box<dyn BackendSubscription>> {
     let layout = Layout::new(&ctx.config, &spec.topic, &spec.group);
     let subject = layout.subject(0);
-    ctx.js.stream_by_subject(subject.clone()).await.map_err(|e| {
-        Error::new(ErrorKind::NotFound, format!("no stream stores subject {subject}")).with_source(e)
-    })?;
+    topology::stream_name_of(&ctx.js, &subject).await?;
     let (tx, rx) = mpsc::channel(CHANNEL);
     let unsettled: Unsettled = Arc::new(Mutex::new(HashMap::new()));
     let view = Arc::new(Mutex::new(GroupAssignment {
@@ -767,9 +765,7 @@ impl Member {
     ) -> Result<jetstream::consumer::Consumer<pull::Config>> {
         let subject = self.layout.subject(p);
         let js = &self.ctx.js;
-        let stream_name = js.stream_by_subject(subject.clone()).await.map_err(|e| {
-            Error::new(ErrorKind::NotFound, format!("no stream stores subject {subject}")).with_source(e)
-        })?;
+        let stream_name = topology::stream_name_of(js, &subject).await?;
         let stream = js
             .get_stream(&stream_name)
             .await

@@ -293,6 +293,24 @@ fn is_not_found(kind: &jetstream::context::GetStreamErrorKind) -> bool {
         if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
 }
 
+/// The name of the stream that stores `subject`.
+///
+/// # Errors
+/// [`NotFound`](ErrorKind::NotFound) only when the server answers that no
+/// stream stores it; a failed request (timeout, no responders, a refused
+/// API call) is a `Backend` error, never taken for a missing stream.
+pub(crate) async fn stream_name_of(js: &jetstream::Context, subject: &str) -> Result<String> {
+    match js.stream_by_subject(subject.to_owned()).await {
+        Ok(name) => Ok(name),
+        Err(e) if e.kind() == jetstream::context::GetStreamByNameErrorKind::NotFound => Err(Error::new(
+            ErrorKind::NotFound,
+            format!("no JetStream stream stores subject {subject}"),
+        )
+        .with_source(e)),
+        Err(e) => Err(api("stream lookup by subject", e)),
+    }
+}
+
 pub(crate) fn api(what: &'static str, e: impl Into<eventbus_core::BoxError>) -> Error {
     Error::backend(format!("JetStream {what} failed"), e)
 }

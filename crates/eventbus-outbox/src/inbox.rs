@@ -74,7 +74,20 @@ pub trait InboxDatabase: sqlx::Database + sealed::Sealed {
         handler: &'t str,
         event_id: &'t str,
     ) -> BoxFuture<'t, Result<bool>>;
+
+    /// Checks, in `tx`, that the inbox row of (event id, handler) is there:
+    /// the transaction a handler hands back must be the one that holds it,
+    /// and must not be aborted (PostgreSQL would turn its COMMIT into a
+    /// silent ROLLBACK).
+    #[doc(hidden)]
+    fn confirm<'t>(
+        tx: &'t mut sqlx::Transaction<'static, Self>,
+        handler: &'t str,
+        event_id: &'t str,
+    ) -> BoxFuture<'t, Result<()>>;
 }
+
+const CONFIRM: &str = "SELECT COUNT(*) FROM inbox_events WHERE event_id = ? AND handler = ?";
 
 mod sealed {
     pub trait Sealed {}
@@ -100,6 +113,40 @@ macro_rules! inbox_database {
                         .map_err(db("inbox insert"))?
                         .rows_affected();
                     Ok(inserted > 0)
+                })
+            }
+
+            fn confirm<'t>(
+                tx: &'t mut sqlx::Transaction<'static, Self>,
+                handler: &'t str,
+                event_id: &'t str,
+            ) -> BoxFuture<'t, Result<()>> {
+                Box::pin(async move {
+                    let (rows,): (i64,) = sqlx::query_as(&$dialect.sql(CONFIRM))
+                        .bind(event_id)
+                        .bind(handler)
+                        .fetch_one(&mut **tx)
+                        .await
+                        .map_err(|e| {
+                            Error::new(
+                                ErrorKind::Handler,
+                                format!(
+                                    "handler {handler} handed back a transaction that cannot commit \
+                                     (a statement in it failed?): its writes are rolled back"
+                                ),
+                            )
+                            .with_source(e)
+                        })?;
+                    match rows {
+                        1 => Ok(()),
+                        _ => Err(Error::new(
+                            ErrorKind::Handler,
+                            format!(
+                                "handler {handler} handed back a transaction without the inbox row of event \
+                                 {event_id}: return the request's own transaction"
+                            ),
+                        )),
+                    }
                 })
             }
         }
@@ -133,7 +180,9 @@ impl<DB: sqlx::Database> std::fmt::Debug for InboxRequest<DB> {
 ///
 /// Each call opens a transaction, inserts the inbox row, and calls the inner
 /// service with an [`InboxRequest`]; the inner service writes in the
-/// transaction and returns it, and the layer commits. An event this handler
+/// transaction and returns it, and the layer checks the inbox row is in it
+/// (a different or aborted transaction is a `Handler` error: nothing
+/// commits) and commits. An event this handler
 /// already processed is settled without a call (the row exists); an inner
 /// error drops the transaction, so the row and the writes roll back together
 /// and the retry or redelivery runs again. Effects outside the database are
@@ -243,10 +292,12 @@ where
                 tracing::debug!(%handler, event_id = %envelope.event_id, "inbox: already processed, not handled again");
                 return Ok(());
             }
-            let tx = inner
+            let event_id = envelope.event_id.clone();
+            let mut tx = inner
                 .call(InboxRequest { envelope, tx })
                 .await
                 .map_err(Into::into)?;
+            DB::confirm(&mut tx, &handler, &event_id).await?;
             tx.commit().await.map_err(db("commit"))?;
             Ok(())
         })

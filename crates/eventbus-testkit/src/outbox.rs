@@ -593,14 +593,31 @@ fn the_inbox_layer_gives_one_effect_per_event_and_handler(f: &dyn StoreFactory) 
         let insert = sql(&store, "INSERT INTO orders (id, total) VALUES (?, ?)");
         let fail_once = Arc::new(AtomicBool::new(true));
         let mut subs = Vec::new();
-        for name in ["billing", "audit"] {
-            let (insert, fail_once) = (insert.clone(), fail_once.clone());
+        let sneak_once = Arc::new(AtomicBool::new(true));
+        for name in ["billing", "audit", "sneaky"] {
+            let (insert, fail_once, sneak_once) = (insert.clone(), fail_once.clone(), sneak_once.clone());
             let sub = on_pool!(&store, |pool| {
+                let own_pool = pool.clone();
                 let service = ServiceBuilder::new()
                     .layer(InboxLayer::new(pool.clone(), name))
                     .service_fn(move |mut request: InboxRequest<_>| {
-                        let (insert, fail_once) = (insert.clone(), fail_once.clone());
+                        let (insert, fail_once, sneak_once) =
+                            (insert.clone(), fail_once.clone(), sneak_once.clone());
+                        let own_pool = own_pool.clone();
                         async move {
+                            if name == "sneaky" && sneak_once.swap(false, Ordering::SeqCst) {
+                                // Writes in a transaction of its own and hands
+                                // that back: the layer must refuse to commit it.
+                                let version = request.envelope.event_version;
+                                drop(request);
+                                let mut other = own_pool.begin().await?;
+                                sqlx::query(&insert)
+                                    .bind(format!("sneaky/{}", uuid::Uuid::now_v7()))
+                                    .bind(version)
+                                    .execute(&mut *other)
+                                    .await?;
+                                return Ok(other);
+                            }
                             let e = &request.envelope;
                             sqlx::query(&insert)
                                 .bind(format!("{name}/{}/{}", e.event_id, uuid::Uuid::now_v7()))
@@ -648,10 +665,14 @@ fn the_inbox_layer_gives_one_effect_per_event_and_handler(f: &dyn StoreFactory) 
                 .await
                 .unwrap()
         ));
-        assert_eq!(inbox.0, 4, "two events, two handler names");
+        assert_eq!(inbox.0, 6, "two events, three handler names");
         assert_eq!(
-            orders.0, 4,
-            "one effect per event and handler, the failed attempt's rolled back"
+            orders.0, 6,
+            "one effect per event and handler; the failed attempt's and the foreign transaction's rolled back"
+        );
+        assert!(
+            !sneak_once.load(Ordering::SeqCst),
+            "the foreign transaction was handed back"
         );
         for sub in subs {
             assert_eq!(sub.health().dead_lettered, 0);

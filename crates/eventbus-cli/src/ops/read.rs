@@ -75,7 +75,7 @@ impl Reader {
     ///
     /// # Errors
     /// The broker's error while reading.
-    pub(crate) async fn to_end(&mut self) -> Result<Vec<BrowsedMessage>> {
+    pub(crate) async fn read_to_end(&mut self) -> Result<Vec<BrowsedMessage>> {
         let mut out = Vec::new();
         while let Next::Message(m) = self.next().await? {
             out.push(*m);

@@ -39,7 +39,7 @@ pub(crate) struct TailArgs {
     #[arg(long)]
     raw: bool,
     /// The topic's end is when nothing arrived for this long (ms).
-    #[arg(long, default_value_t = 2_000, value_name = "MS")]
+    #[arg(long, default_value_t = 2_000, value_name = "MS", value_parser = clap::value_parser!(u64).range(100..))]
     idle_ms: u64,
     /// One JSON object per line instead of text.
     #[arg(long)]
