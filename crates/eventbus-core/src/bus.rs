@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::FutureExt;
+use tracing::Instrument;
 
 use crate::backend::{Backend, SubscribeSpec};
 use crate::codec::{self, envelope_message};
@@ -166,13 +167,20 @@ impl EventBus {
     ///   full, or the backend did not accept, for `publish.timeout_ms`;
     /// - [`Closed`](crate::ErrorKind::Closed) after [`close`](EventBus::close);
     /// - the backend's error when it refused the message.
-    pub async fn publish_message(&self, message: Message) -> Result<PublishHandle> {
+    pub async fn publish_message(&self, mut message: Message) -> Result<PublishHandle> {
         self.ensure_open()?;
         validate_topic(&message.topic)?;
         let meta = codec::message_result_meta(&message);
+        let id = message
+            .headers
+            .get(crate::headers::EVENT_ID)
+            .or(message.dedup_id.as_deref());
+        let span = crate::trace::publish_span(self.backend_name(), &message.topic, id);
+        crate::trace::inject(&span, &mut message.headers);
         self.inner
             .publisher
             .publish(meta, self.inner.backend.publish(message))
+            .instrument(span)
             .await
     }
 
@@ -187,11 +195,14 @@ impl EventBus {
     pub async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<PublishHandle> {
         self.ensure_open()?;
         validate_topic(topic)?;
-        let message = envelope_message(topic, envelope, self.inner.config.publish.tenant_id_format)?;
+        let mut message = envelope_message(topic, envelope, self.inner.config.publish.tenant_id_format)?;
         let meta = codec::envelope_result_meta(topic, envelope, true);
+        let span = crate::trace::publish_span(self.backend_name(), topic, Some(&envelope.event_id));
+        crate::trace::inject(&span, &mut message.headers);
         self.inner
             .publisher
             .publish(meta, self.inner.backend.publish(message))
+            .instrument(span)
             .await
     }
 

@@ -27,6 +27,7 @@ mod publish;
 mod retry;
 mod secret;
 pub mod telemetry;
+pub mod trace;
 
 pub use backend::{
     AckFuture, Backend, BackendSubscription, BrowsedMessage, LagProbe, MeasuredLag, PartitionLag,

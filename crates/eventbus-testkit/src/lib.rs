@@ -13,6 +13,7 @@
 
 pub mod conformance;
 mod order;
+pub mod otel;
 pub mod outbox;
 pub mod server;
 mod support;

@@ -22,6 +22,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::executor::{Key, Task};
 use crate::backend::Backend;
@@ -46,6 +47,8 @@ pub(crate) enum Handler {
 pub(crate) struct Work {
     delivery: Delivery,
     input: Input,
+    /// The delivery's `receive` span, from fetch to settlement.
+    span: tracing::Span,
 }
 
 enum Input {
@@ -227,15 +230,26 @@ impl SubscriptionShared {
 
     /// Decides the ordering key and the handler's input of a delivery.
     fn classify(&self, delivery: Delivery) -> (Key, Work) {
+        let (key, input) = self.key_and_input(&delivery);
+        let id = match &input {
+            Input::Envelope(e) => Some(e.event_id.as_str()),
+            _ => delivery.message.headers.get(crate::headers::EVENT_ID),
+        };
+        let span = crate::trace::receive_span(self.backend.name(), &self.group, &delivery.message, id);
+        (
+            key,
+            Work {
+                delivery,
+                input,
+                span,
+            },
+        )
+    }
+
+    fn key_and_input(&self, delivery: &Delivery) -> (Key, Input) {
         if let Handler::Raw(_) = self.handler {
             let key = Key::Unordered(self.unordered_seq.fetch_add(1, Ordering::Relaxed));
-            return (
-                key,
-                Work {
-                    delivery,
-                    input: Input::Raw,
-                },
-            );
+            return (key, Input::Raw);
         }
         let (aggregate, input) = match decode_envelope(&delivery.message) {
             Ok(envelope) => (Some(envelope.aggregate_id.clone()), Input::Envelope(envelope)),
@@ -244,11 +258,14 @@ impl SubscriptionShared {
                 Input::Invalid(e.to_string()),
             ),
         };
-        let key = match aggregate {
-            Some(aggregate) => Key::Aggregate {
-                subscription: self.id,
-                aggregate: aggregate.into(),
-            },
+        match aggregate {
+            Some(aggregate) => (
+                Key::Aggregate {
+                    subscription: self.id,
+                    aggregate: aggregate.into(),
+                },
+                input,
+            ),
             None => {
                 let input = match input {
                     Input::Invalid(e) => Input::Invalid(format!(
@@ -256,13 +273,12 @@ impl SubscriptionShared {
                     )),
                     other => other,
                 };
-                return (
+                (
                     Key::Unordered(self.unordered_seq.fetch_add(1, Ordering::Relaxed)),
-                    Work { delivery, input },
-                );
+                    input,
+                )
             }
-        };
-        (key, Work { delivery, input })
+        }
     }
 
     /// How a message that was stopped before settling is left.
@@ -411,7 +427,8 @@ impl SubscriptionShared {
                 unreachable!("envelope subscriptions classify every delivery")
             }
         };
-        let call = AssertUnwindSafe(call).catch_unwind();
+        let span = crate::trace::process_span(&work.span, &self.topic);
+        let call = AssertUnwindSafe(call.instrument(span.clone())).catch_unwind();
         let run = with_progress(fenced(call, ownership), delivery);
         let limit = self.handler_timeout;
         let run = async move {

@@ -1658,3 +1658,129 @@ fn group_lag_is_measured_without_joining<'a>(
         bus.close().await.unwrap();
     })
 }
+
+/// One OpenTelemetry trace spans each event's publish and handling: the
+/// W3C trace context travels in the broker's headers, so every `receive`
+/// span is a child of its `publish` span, and every handler attempt's
+/// `process` span a child of its `receive` span, with the messaging
+/// attributes (captured by an in-memory exporter).
+fn one_trace_spans_publish_and_handle<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    use crate::otel::{SpanCapture, TRACED_PREFIX, attribute};
+    use opentelemetry::trace::SpanKind;
+    Box::pin(async move {
+        let capture = SpanCapture::global();
+        let bus = f.bus(config_with_retry(3, 10)).await;
+        let topic = unique(&format!("{TRACED_PREFIX}orders"));
+        let failed_once = Arc::new(AtomicBool::new(false));
+        let handled = Arc::new(AtomicUsize::new(0));
+        let (flag, count) = (failed_once.clone(), handled.clone());
+        let sub = bus
+            .subscribe_envelope(&topic, SubscribeOptions::group("traced"), move |e: Envelope| {
+                let fail = e.event_version == 2 && !flag.swap(true, Ordering::SeqCst);
+                if !fail {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+                async move {
+                    match fail {
+                        true => Err(std::io::Error::other("first attempt fails")),
+                        false => Ok(()),
+                    }
+                }
+            })
+            .await
+            .expect("subscribe");
+        let events: Vec<Envelope> = (1..=3).map(|v| envelope("traced-order", v)).collect();
+        publish_all(&bus, &topic, &events).await;
+        assert!(eventually(caps.timeout, || handled.load(Ordering::SeqCst) == 3).await);
+        sub.close().await.unwrap();
+        let of_topic = |spans: &[opentelemetry_sdk::trace::SpanData]| {
+            spans
+                .iter()
+                .filter(|s| s.name.ends_with(&format!(" {topic}")))
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        // Spans end when their work settles; wait for all of them.
+        let mut spans = Vec::new();
+        let deadline = tokio::time::Instant::now() + caps.timeout;
+        while tokio::time::Instant::now() < deadline {
+            spans = of_topic(&capture.spans());
+            let process = spans.iter().filter(|s| s.name.starts_with("process ")).count();
+            let receive = spans.iter().filter(|s| s.name.starts_with("receive ")).count();
+            if process >= 4 && receive >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for e in &events {
+            let with_id = |name: &str| {
+                spans
+                    .iter()
+                    .filter(|s| {
+                        s.name.starts_with(name)
+                            && attribute(s, "messaging.message.id").as_deref() == Some(e.event_id.as_str())
+                    })
+                    .cloned()
+                    .collect::<Vec<_>>()
+            };
+            let publish = with_id("publish ");
+            assert_eq!(
+                publish.len(),
+                1,
+                "one publish span of v{}: {spans:#?}",
+                e.event_version
+            );
+            let publish = &publish[0];
+            assert_eq!(publish.span_kind, SpanKind::Producer);
+            assert_eq!(
+                attribute(publish, "messaging.system").as_deref(),
+                Some(bus.backend_name())
+            );
+            assert_eq!(
+                attribute(publish, "messaging.operation.type").as_deref(),
+                Some("publish")
+            );
+            let trace = publish.span_context.trace_id();
+            let receives = with_id("receive ");
+            assert!(!receives.is_empty(), "no receive span of v{}", e.event_version);
+            for receive in &receives {
+                assert_eq!(
+                    receive.span_context.trace_id(),
+                    trace,
+                    "receive in the publish's trace"
+                );
+                assert_eq!(receive.parent_span_id, publish.span_context.span_id());
+                assert_eq!(receive.span_kind, SpanKind::Consumer);
+                assert_eq!(
+                    attribute(receive, "messaging.consumer.group.name").as_deref(),
+                    Some("traced")
+                );
+                assert_eq!(
+                    attribute(receive, "messaging.destination.name").as_deref(),
+                    Some(topic.as_str())
+                );
+            }
+            let process: Vec<_> = spans
+                .iter()
+                .filter(|s| {
+                    s.name.starts_with("process ")
+                        && receives
+                            .iter()
+                            .any(|r| r.span_context.span_id() == s.parent_span_id)
+                })
+                .collect();
+            let expected = if e.event_version == 2 { 2 } else { 1 };
+            assert!(
+                process.len() >= expected,
+                "v{}: {} process spans, expected {expected}",
+                e.event_version,
+                process.len()
+            );
+            assert!(process.iter().all(|p| p.span_context.trace_id() == trace));
+        }
+        bus.close().await.unwrap();
+    })
+}

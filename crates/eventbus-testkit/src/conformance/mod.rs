@@ -161,6 +161,7 @@ macro_rules! conformance_tests {
             layers_run_inside_the_aggregate_slot,
             browse_reads_without_moving_any_group,
             group_lag_is_measured_without_joining,
+            one_trace_spans_publish_and_handle,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
