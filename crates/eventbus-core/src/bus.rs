@@ -61,6 +61,8 @@ struct BusInner {
     close_done: tokio::sync::Mutex<bool>,
     subscriptions: Mutex<Vec<Subscription>>,
     next_subscription: AtomicU64,
+    /// The end-to-end heartbeat, once started.
+    heartbeat: Mutex<Option<Arc<crate::heartbeat::Heartbeat>>>,
 }
 
 impl Drop for BusInner {
@@ -108,6 +110,7 @@ impl EventBus {
                 close_done: tokio::sync::Mutex::new(false),
                 subscriptions: Mutex::new(Vec::new()),
                 next_subscription: AtomicU64::new(0),
+                heartbeat: Mutex::new(None),
             }),
         })
     }
@@ -438,7 +441,72 @@ impl EventBus {
                 .filter(|s| !s.is_closed())
                 .map(Subscription::health)
                 .collect(),
+            heartbeat: self.inner.heartbeat.lock().unwrap().as_ref().map(|h| h.health()),
         }
+    }
+
+    /// Starts the end-to-end heartbeat (see [`heartbeat`](crate::heartbeat)):
+    /// a beat published to `config.topic` every `interval_ms` and read back
+    /// without a consumer group; [`Health::heartbeat`](crate::Health::heartbeat)
+    /// reports it, with an alert after `timeout_ms` without one of this
+    /// bus's beats (readiness false meanwhile). The first beat is published
+    /// and acknowledged before this returns. A second call replaces the
+    /// first heartbeat; [`close`](EventBus::close) stops it.
+    ///
+    /// # Errors
+    /// [`Validation`](crate::ErrorKind::Validation) for invalid settings or
+    /// topic; [`Closed`](crate::ErrorKind::Closed); the first beat's publish
+    /// error; what [`browse`](EventBus::browse) returns.
+    pub async fn start_heartbeat(&self, config: crate::heartbeat::HeartbeatConfig) -> Result<()> {
+        self.ensure_open()?;
+        config.validate()?;
+        validate_topic(&config.topic)?;
+        let beat = crate::heartbeat::Heartbeat::new(config);
+        // The first beat creates the topic where it is created on use.
+        self.publish_message(beat.beat()).await?.await.into_result()?;
+        beat.published(true);
+        let stream = self.browse(beat.topic()).await?;
+        if let Some(old) = self.inner.heartbeat.lock().unwrap().replace(beat.clone()) {
+            old.stop.cancel();
+        }
+        // The tasks hold the bus weakly: a bus dropped without close stops them.
+        let weak = Arc::downgrade(&self.inner);
+        let reader = beat.clone();
+        tokio::spawn(async move {
+            let mut stream = Some(stream);
+            loop {
+                if let Some(s) = stream.take() {
+                    reader.read(s).await;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(reader.interval()) => {}
+                    _ = reader.stop.cancelled() => return,
+                }
+                // The read ended (the broker failed it): read again.
+                let Some(inner) = weak.upgrade() else { return };
+                stream = EventBus { inner }.browse(reader.topic()).await.ok();
+            }
+        });
+        let weak = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(beat.interval());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = beat.stop.cancelled() => return,
+                }
+                let Some(inner) = weak.upgrade() else { return };
+                let bus = EventBus { inner };
+                let ok = match bus.publish_message(beat.beat()).await {
+                    Ok(handle) => handle.await.is_success(),
+                    Err(_) => false,
+                };
+                beat.published(ok);
+            }
+        });
+        Ok(())
     }
 
     /// Closes the bus: refuses new calls with [`Closed`](crate::ErrorKind::Closed),
@@ -456,6 +524,9 @@ impl EventBus {
             return Ok(());
         }
         self.inner.closed.store(true, Ordering::Release);
+        if let Some(heartbeat) = self.inner.heartbeat.lock().unwrap().as_ref() {
+            heartbeat.stop.cancel();
+        }
         let subscriptions: Vec<Subscription> = std::mem::take(&mut *self.inner.subscriptions.lock().unwrap());
         let closes = futures::future::join_all(subscriptions.iter().map(Subscription::close)).await;
         let flushed = self

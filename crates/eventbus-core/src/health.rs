@@ -25,12 +25,17 @@ pub struct Health {
     pub publishes_in_flight: usize,
     /// Each open subscription.
     pub subscriptions: Vec<SubscriptionHealth>,
+    /// The end-to-end heartbeat, when started
+    /// ([`EventBus::start_heartbeat`](crate::EventBus::start_heartbeat)).
+    pub heartbeat: Option<crate::heartbeat::HeartbeatHealth>,
 }
 
 impl Health {
-    /// Connected, and no subscription has a stalled aggregate or a dead fetch loop.
+    /// Connected, no heartbeat alert, and no subscription has a stalled
+    /// aggregate or a dead fetch loop.
     pub fn is_healthy(&self) -> bool {
         self.connection == ConnectionState::Connected
+            && !self.heartbeat_alert()
             && self
                 .subscriptions
                 .iter()
@@ -40,10 +45,17 @@ impl Health {
     /// Readiness (e.g. a Kubernetes readiness probe: send this instance
     /// traffic, count it in service): connected, every subscription's
     /// fetch loop running, and no subscription over its lag threshold
-    /// (`consumer.lag_alert_messages`). False while (re)connecting.
+    /// (`consumer.lag_alert_messages`), and no heartbeat alert. False while
+    /// (re)connecting.
     pub fn is_ready(&self) -> bool {
         self.connection == ConnectionState::Connected
+            && !self.heartbeat_alert()
             && self.subscriptions.iter().all(|s| s.fetching && !s.lag_alert)
+    }
+
+    /// The heartbeat is started and none of its beats came back in time.
+    pub fn heartbeat_alert(&self) -> bool {
+        self.heartbeat.as_ref().is_some_and(|h| h.alert)
     }
 
     /// Liveness (a liveness probe: restart this instance when false): false

@@ -18,6 +18,7 @@ mod envelope;
 mod error;
 pub mod headers;
 mod health;
+pub mod heartbeat;
 pub mod layer;
 mod memory;
 mod message;
