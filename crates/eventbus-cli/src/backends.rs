@@ -36,17 +36,18 @@ impl BackendKind {
 pub(crate) struct BrokerArgs {
     /// NATS server URLs, comma-separated (credentials in a URL are used and
     /// never printed). Default: `bench` starts a local nats-server; other
-    /// commands use nats://127.0.0.1:4222.
+    /// commands use the settings' `[nats] servers` (nats://127.0.0.1:4222).
     #[arg(long, env = "EVENTBUS_NATS_URL", hide_env_values = true)]
     pub(crate) nats_url: Option<String>,
     /// Kafka bootstrap brokers, comma-separated. Default: `bench` starts a
-    /// local tansu broker; other commands use 127.0.0.1:9092.
+    /// local tansu broker; other commands use the settings' `[kafka]
+    /// brokers`, else 127.0.0.1:9092.
     #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
     pub(crate) kafka_brokers: Option<String>,
     /// One settings file (TOML, or YAML for .yaml/.yml) with sections
     /// `[bus]` (`BusConfig`), `[nats]` (`NatsConfig`: TLS, auth, streams),
-    /// `[kafka]` (`KafkaConfig`: SASL, SSL, librdkafka properties); each
-    /// section is optional. `--nats-config`, `--kafka-config` and the flags
+    /// `[kafka]` (`KafkaConfig`: SASL, SSL, librdkafka properties) and, for
+    /// `outbox relay`, `[relay]` (`RelayConfig`); each section is optional. `--nats-config`, `--kafka-config` and the flags
     /// take precedence; `EVENTBUS_*` variables override `[bus]`. Put secrets
     /// in the environment or in files the settings name, not on the command
     /// line; they are never printed.
@@ -86,7 +87,7 @@ fn file_provider(path: &std::path::Path) -> figment::Figment {
 
 /// Settings of type `T`: `T::default()`, then section `section` of the
 /// `--config` file, then the whole of the section's own file (`own`).
-fn settings<T: serde::de::DeserializeOwned + serde::Serialize + Default>(
+pub(crate) fn settings<T: serde::de::DeserializeOwned + serde::Serialize + Default>(
     config: Option<&std::path::Path>,
     section: &str,
     own: Option<&std::path::Path>,
@@ -180,8 +181,9 @@ impl Target {
                     config: nats,
                     _server: None,
                 },
+                // The settings' servers (`[nats] servers`; default nats://127.0.0.1:4222).
                 (None, WhenMissing::DefaultAddress) => Self::Nats {
-                    url: "nats://127.0.0.1:4222".into(),
+                    url: nats.servers.join(","),
                     config: nats,
                     _server: None,
                 },
@@ -201,8 +203,12 @@ impl Target {
                     config: kafka,
                     _server: None,
                 },
+                // The settings' brokers (`[kafka] brokers`), else 127.0.0.1:9092.
                 (None, WhenMissing::DefaultAddress) => Self::Kafka {
-                    brokers: "127.0.0.1:9092".into(),
+                    brokers: match kafka.brokers.is_empty() {
+                        true => "127.0.0.1:9092".into(),
+                        false => kafka.brokers.join(","),
+                    },
                     config: kafka,
                     _server: None,
                 },

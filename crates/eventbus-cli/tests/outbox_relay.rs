@@ -243,3 +243,123 @@ async fn sigterm_drains_the_relay_and_it_exits_zero() {
         started.elapsed()
     );
 }
+
+/// `--config` reaches every setting: a relay whose settings file gives the
+/// NATS servers and TLS (`[nats]`, `[nats.tls]`) and its own settings
+/// (`[relay]`) publishes through a server that requires TLS; the same file
+/// without `[nats.tls]` makes the relay fail, publishing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_sets_tls_for_the_relay() {
+    use eventbus_testkit::tls::TestPki;
+    let pki = TestPki::generate().unwrap();
+    let nats = NatsServer::start_with_config(&format!(
+        "tls {{ cert_file: {:?}, key_file: {:?}, ca_file: {:?}, timeout: 2 }}",
+        pki.server_cert(),
+        pki.server_key(),
+        pki.ca()
+    ))
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("outbox.db").display());
+    let store = OutboxStore::connect(&database, 1).await.unwrap();
+    store.migrate().await.unwrap();
+    let OutboxStore::Sqlite(pool) = &store else {
+        unreachable!()
+    };
+    let mut ids = HashSet::new();
+    let mut tx = pool.begin().await.unwrap();
+    for n in 0..50 {
+        let e = Envelope::builder(format!("agg-{}", n % 5), "OrderPlaced", (n / 5 + 1) as i64)
+            .json_payload(&n)
+            .unwrap()
+            .build()
+            .unwrap();
+        append(&mut *tx, OutboxEvent::new("tls-orders", &e, "Order"))
+            .await
+            .unwrap();
+        ids.insert(e.event_id.clone());
+    }
+    tx.commit().await.unwrap();
+
+    let mut consumer_config = NatsConfig::with_servers([nats.url()]);
+    consumer_config.tls = Some(eventbus_nats::NatsTls {
+        ca_file: Some(pki.ca()),
+        ..Default::default()
+    });
+    let consumer = EventBus::new(
+        NatsBackend::connect(consumer_config).await.unwrap(),
+        BusConfig::default(),
+    )
+    .unwrap();
+    let seen = Arc::new(Mutex::new(HashSet::<String>::new()));
+    let sink = seen.clone();
+    let _sub = consumer
+        .subscribe_envelope(
+            "tls-orders",
+            SubscribeOptions::group("billing"),
+            move |e: Envelope| {
+                sink.lock().unwrap().insert(e.event_id);
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .unwrap();
+
+    let plain = format!(
+        "[nats]\nservers = [{:?}]\n\n[relay]\npoll_interval_ms = 20\n",
+        nats.url()
+    );
+    let with_tls = format!(
+        "{plain}\n[nats.tls]\nca_file = {:?}\n",
+        pki.ca().display().to_string()
+    );
+    let run = |settings: &str| {
+        let file = dir.path().join(format!("relay-{}.toml", settings.len()));
+        std::fs::write(&file, settings).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_eventbus"))
+            .args(["outbox", "relay", "--backend", "nats", "--config"])
+            .arg(&file)
+            .args([
+                "--database",
+                &database,
+                "--listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the eventbus binary")
+    };
+
+    // Without the TLS section: refused (the server requires TLS), nothing published.
+    let mut refused = run(&plain);
+    let mut status = None;
+    for _ in 0..300 {
+        status = refused.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if status.is_none() {
+        refused.kill().unwrap();
+        panic!("a relay without the TLS settings kept running against a TLS-only server");
+    }
+    assert!(!status.unwrap().success());
+    assert_eq!(published(&store).await, 0);
+
+    let mut relay = run(&with_tls);
+    let mut done = false;
+    for _ in 0..300 {
+        if seen.lock().unwrap().len() == ids.len() {
+            done = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    assert!(done, "received {} of {}", seen.lock().unwrap().len(), ids.len());
+    assert_eq!(*seen.lock().unwrap(), ids);
+}

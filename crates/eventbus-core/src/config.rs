@@ -300,10 +300,15 @@ mod tests {
             "[consumer]\nconcurrency = 8\n[consumer.retry]\nmax_attempts = 5\n",
         )
         .unwrap();
-        let c = BusConfig::from_file(&toml).unwrap();
-        assert_eq!(c.consumer.concurrency, 8);
-        assert_eq!(c.consumer.retry.max_attempts, 5);
-        assert_eq!(c.publish.max_in_flight, 4_096);
+        // In a jail too: jails run one at a time, so another test's
+        // variables are not set meanwhile.
+        figment::Jail::expect_with(|_| {
+            let c = BusConfig::from_file(&toml).unwrap();
+            assert_eq!(c.consumer.concurrency, 8);
+            assert_eq!(c.consumer.retry.max_attempts, 5);
+            assert_eq!(c.publish.max_in_flight, 4_096);
+            Ok(())
+        });
 
         let yaml = dir.path().join("bus.yaml");
         std::fs::write(&yaml, "publish:\n  max_in_flight: 7\n").unwrap();
@@ -338,13 +343,18 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closure must return figment::Error
     fn unknown_keys_and_zero_limits_are_config_errors() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("bad.toml");
-        std::fs::write(&p, "[consumer]\nconcurency = 8\n").unwrap();
-        assert_eq!(BusConfig::from_file(&p).unwrap_err().kind(), ErrorKind::Config);
-        std::fs::write(&p, "[consumer]\nconcurrency = 0\n").unwrap();
-        let e = BusConfig::from_file(&p).unwrap_err();
-        assert!(e.to_string().contains("consumer.concurrency"), "{e}");
+        // In a jail: no other test's EVENTBUS_* variables meanwhile.
+        figment::Jail::expect_with(|_| {
+            std::fs::write(&p, "[consumer]\nconcurency = 8\n").unwrap();
+            assert_eq!(BusConfig::from_file(&p).unwrap_err().kind(), ErrorKind::Config);
+            std::fs::write(&p, "[consumer]\nconcurrency = 0\n").unwrap();
+            let e = BusConfig::from_file(&p).unwrap_err();
+            assert!(e.to_string().contains("consumer.concurrency"), "{e}");
+            Ok(())
+        });
     }
 }

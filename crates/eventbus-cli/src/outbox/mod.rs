@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::{Args, Subcommand};
-use eventbus::{BusConfig, Result, RetryPolicy, Secret};
+use eventbus::{Result, RetryPolicy, Secret};
 use eventbus_outbox::{OutboxStore, Relay, RelayConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -40,20 +40,21 @@ pub(crate) struct RelayArgs {
     /// Address of the `/metrics` and `/health` endpoints.
     #[arg(long, default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
-    /// Rows claimed per round.
-    #[arg(long, default_value_t = RelayConfig::default().batch_size)]
-    batch_size: i64,
-    /// Idle poll interval, in ms.
-    #[arg(long, default_value_t = RelayConfig::default().poll_interval_ms)]
-    poll_interval_ms: u64,
-    /// Publish attempts before a row is dead-lettered.
-    #[arg(long, default_value_t = RelayConfig::default().backoff.max_attempts)]
-    max_attempts: u32,
+    /// Rows claimed per round (default 100). Overrides `[relay] batch_size`.
+    #[arg(long)]
+    batch_size: Option<i64>,
+    /// Idle poll interval, in ms (default 1,000). Overrides `[relay] poll_interval_ms`.
+    #[arg(long)]
+    poll_interval_ms: Option<u64>,
+    /// Publish attempts before a row is dead-lettered (default 10).
+    /// Overrides `[relay] backoff.max_attempts`.
+    #[arg(long)]
+    max_attempts: Option<u32>,
     /// How long a claim lasts without renewal, in ms (database clock): a
     /// killed relay's rows are taken over after it. Keep it well above the
-    /// publish ACK timeout (30,000 ms by default).
-    #[arg(long, default_value_t = RelayConfig::default().lease_ms)]
-    lease_ms: u64,
+    /// publish ACK timeout (30,000 ms by default). Overrides `[relay] lease_ms`.
+    #[arg(long)]
+    lease_ms: Option<u64>,
 }
 
 /// Options of `eventbus outbox status`.
@@ -81,17 +82,24 @@ async fn relay(args: RelayArgs) -> Result<()> {
     let store = OutboxStore::connect(args.database.expose(), 8).await?;
     store.migrate().await?;
     let target = Target::connect(args.backend, &args.brokers, WhenMissing::DefaultAddress).await?;
-    let bus = target.bus(BusConfig::default()).await?;
-    let config = RelayConfig {
-        batch_size: args.batch_size,
-        poll_interval_ms: args.poll_interval_ms,
-        lease_ms: args.lease_ms,
-        backoff: RetryPolicy {
-            max_attempts: args.max_attempts,
-            ..RelayConfig::default().backoff
-        },
-        ..RelayConfig::default()
-    };
+    let bus = target.bus(args.brokers.bus_config()?).await?;
+    // `[relay]` of --config, then the flags.
+    let mut config: RelayConfig = crate::backends::settings(args.brokers.config.as_deref(), "relay", None)?;
+    if let Some(n) = args.batch_size {
+        config.batch_size = n;
+    }
+    if let Some(ms) = args.poll_interval_ms {
+        config.poll_interval_ms = ms;
+    }
+    if let Some(ms) = args.lease_ms {
+        config.lease_ms = ms;
+    }
+    if let Some(n) = args.max_attempts {
+        config.backoff = RetryPolicy {
+            max_attempts: n,
+            ..config.backoff
+        };
+    }
     let relay = Arc::new(Relay::new(store.clone(), bus.clone(), config));
     let shutdown = CancellationToken::new();
     let state = http::State {
