@@ -51,6 +51,33 @@ pub(crate) struct SoakArgs {
     /// Also write the report and every sample as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Serve the bus's metrics (Prometheus text) on `http://ADDR/metrics`
+    /// while the soak runs: the consumer's handled, lag, in-flight and
+    /// latency figures, scraped as a service's would be.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<std::net::SocketAddr>,
+}
+
+/// Serves `handle`'s exposition on `http://addr/metrics` until the process ends.
+async fn serve_metrics(
+    addr: std::net::SocketAddr,
+    handle: eventbus::prometheus::PrometheusHandle,
+) -> eventbus::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let handle = handle.clone();
+            async move { handle.render() }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| eventbus::Error::config(format!("cannot listen on {addr}")).with_source(e))?;
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    eprintln!("metrics on http://{addr}/metrics");
+    Ok(())
 }
 
 /// One sample, taken every second.
@@ -158,6 +185,9 @@ fn slope(points: &[(f64, f64)]) -> f64 {
 /// What connecting or subscribing returns, and `Backend` when an event was
 /// lost or order broke.
 pub(crate) async fn run(args: SoakArgs) -> eventbus::Result<()> {
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(addr, eventbus::prometheus::install()?).await?;
+    }
     let mut reports = Vec::new();
     for kind in args.backend.each() {
         let target = Target::connect(kind, &args.brokers, WhenMissing::StartLocal).await?;
@@ -253,7 +283,11 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
     let mut owed = 0.0;
     let mut interval = tokio::time::interval(tick);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-    while Instant::now() < end {
+    // SIGTERM or SIGINT ends the steady run early; what was published is
+    // still awaited, handled and checked.
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::signals::drain_on_signal(stop.clone())?;
+    while Instant::now() < end && !stop.is_cancelled() {
         interval.tick().await;
         owed += per_tick;
         while owed >= 1.0 {

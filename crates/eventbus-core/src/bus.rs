@@ -412,6 +412,7 @@ impl EventBus {
             assignment: source.assignment(),
             lag: source.lag_probe(),
             lag_alert_messages: consumer.lag_alert_messages,
+            lag_alert_age_ms: consumer.lag_alert_age_ms,
         });
         let subscription = Subscription::start(
             shared,

@@ -13,6 +13,8 @@
 //! | `consumer.handler_timeout_ms` | none | longest handler attempt; then it counts as failed (and is retried) |
 //! | `consumer.retry` | 3 attempts, 100 ms × 2 up to 10 s, 20 % jitter | see [`RetryPolicy`] |
 //! | `consumer.dedup_window` | 10,000 | event ids an envelope subscription remembers settling; a repeat is acked without a handler call |
+//! | `consumer.lag_alert_messages` | 1,000 | lag (count) that raises `lag_alert` |
+//! | `consumer.lag_alert_age_ms` | 300,000 | age of the oldest fetched-and-unsettled event that raises `lag_alert` |
 //! | `consumer.dead_letter` | `{ suffix = ".dlq" }` | where exhausted messages go: `{ suffix = S }` (topic + S), `{ topic = T }`, or `"disabled"` (the aggregate parks) |
 //! | `close_timeout_ms` | 10,000 | longest wait in `close()` for handlers and publishes |
 //! | `memory.max_messages_per_topic` | 100,000 | memory backend: retained messages per topic |
@@ -108,6 +110,11 @@ pub struct ConsumerConfig {
     /// [`lag_alert`](crate::SubscriptionHealth::lag_alert); 0 turns it off.
     /// Default 1,000, the original SDK's backlog threshold.
     pub lag_alert_messages: u64,
+    /// Age (ms) of the oldest fetched-and-unsettled event, by its envelope
+    /// timestamp, at which a subscription's health raises
+    /// [`lag_alert`](crate::SubscriptionHealth::lag_alert); 0 turns it off.
+    /// Default 300,000 (5 minutes), the original SDK's lag-time threshold.
+    pub lag_alert_age_ms: u64,
 }
 
 /// Memory backend settings.
@@ -178,6 +185,7 @@ impl Default for ConsumerConfig {
             dead_letter: crate::dead_letter::DeadLetterPolicy::default(),
             dedup_window: 10_000,
             lag_alert_messages: 1_000,
+            lag_alert_age_ms: 300_000,
         }
     }
 }

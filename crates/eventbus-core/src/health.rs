@@ -108,7 +108,15 @@ pub struct SubscriptionHealth {
     /// queued, redelivered and in-flight messages of owned partitions.
     /// NATS and Kafka measure it every second.
     pub lag: Option<u64>,
+    /// Age of the oldest fetched-and-unsettled event, from its envelope
+    /// timestamp (raw messages: from their fetch), in ms; `None` when
+    /// nothing is in flight. A parked aggregate's head event keeps growing
+    /// it.
+    pub oldest_unsettled_age_ms: Option<u64>,
     /// Whether [`lag`](SubscriptionHealth::lag) reached
-    /// `consumer.lag_alert_messages` (the original SDK's backlog alert).
+    /// `consumer.lag_alert_messages`, or
+    /// [`oldest_unsettled_age_ms`](SubscriptionHealth::oldest_unsettled_age_ms)
+    /// reached `consumer.lag_alert_age_ms` (the original SDK's backlog
+    /// alert: 1,000 messages or 5 minutes).
     pub lag_alert: bool,
 }

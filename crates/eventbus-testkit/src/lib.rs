@@ -12,6 +12,7 @@
 //! - [`envelope`], [`eventually`], [`unique`]: small helpers.
 
 pub mod conformance;
+pub mod metrics_capture;
 mod order;
 pub mod otel;
 pub mod outbox;

@@ -88,9 +88,16 @@ pub(crate) async fn run(args: BenchArgs) -> eventbus::Result<()> {
     };
     let levels = args.sustained.map_or_else(|| args.levels.clone(), |n| vec![n]);
     let mut reports = Vec::new();
-    for target in targets(&args).await? {
+    // SIGTERM or SIGINT: the running level finishes, no other starts, and
+    // the levels done are reported.
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::signals::drain_on_signal(stop.clone())?;
+    'targets: for target in targets(&args).await? {
         for &events in &levels {
             for &members in &args.members {
+                if stop.is_cancelled() {
+                    break 'targets;
+                }
                 let label = match members {
                     0 | 1 => target.name().to_owned(),
                     n => format!("{} ×{n}", target.name()),
@@ -101,7 +108,7 @@ pub(crate) async fn run(args: BenchArgs) -> eventbus::Result<()> {
                     reports.last().map(LevelReport::one_line).unwrap_or_default()
                 );
             }
-            if !args.no_raw {
+            if !args.no_raw && !stop.is_cancelled() {
                 let label = format!("{}-raw", target.name());
                 reports.push(raw::level(&target, &scenario, events, bar(&label, events)).await?);
                 eprintln!(

@@ -109,10 +109,17 @@ pub(crate) async fn run(args: PublishArgs) -> Result<()> {
     let envelopes = parse(&text)?;
     let target = Target::connect(args.backend, &args.brokers, WhenMissing::DefaultAddress).await?;
     let bus = target.bus(args.brokers.bus_config()?).await?;
+    // SIGTERM or SIGINT stops sending; what was sent still gets its result.
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::signals::drain_on_signal(stop.clone())?;
     let mut handles = Vec::with_capacity(envelopes.len());
     for e in &envelopes {
+        if stop.is_cancelled() {
+            break;
+        }
         handles.push(bus.publish_envelope(&args.topic, e).await);
     }
+    let unsent = envelopes.len() - handles.len();
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::NOTHING);
     table.set_header(["EVENT ID", "AGGREGATE", "VERSION", "RESULT"]);
@@ -164,6 +171,12 @@ pub(crate) async fn run(args: PublishArgs) -> Result<()> {
         println!("{table}");
     }
     bus.close().await?;
+    if unsent > 0 {
+        return Err(Error::new(
+            ErrorKind::Closed,
+            format!("interrupted: {unsent} of {} envelopes not sent", envelopes.len()),
+        ));
+    }
     match failed {
         0 => Ok(()),
         n => Err(Error::new(

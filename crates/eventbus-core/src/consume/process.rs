@@ -49,6 +49,9 @@ pub(crate) struct Work {
     input: Input,
     /// The delivery's `receive` span, from fetch to settlement.
     span: tracing::Span,
+    /// Its entry in the subscription's unsettled set: (event time in ms
+    /// since the epoch, sequence).
+    unsettled_key: (i64, u64),
 }
 
 enum Input {
@@ -85,6 +88,15 @@ pub(crate) struct Job {
     first_error: Option<String>,
     subscription: Arc<SubscriptionShared>,
     _slot: OwnedSemaphorePermit,
+}
+
+impl Drop for Job {
+    /// Settled, or dropped unsettled (closing): no longer counts for the
+    /// oldest unsettled age.
+    fn drop(&mut self) {
+        let key = self.work.unsettled_key;
+        self.subscription.unsettled.lock().unwrap().remove(&key);
+    }
 }
 
 impl Task for Job {
@@ -150,6 +162,11 @@ pub(crate) struct SubscriptionShared {
     /// The backend's lag measurement.
     lag: Option<crate::LagProbe>,
     lag_alert_messages: u64,
+    lag_alert_age_ms: u64,
+    /// Fetched and unsettled deliveries by (event time, sequence): the
+    /// oldest gives the age the health reports.
+    unsettled: Mutex<std::collections::BTreeSet<(i64, u64)>>,
+    unsettled_seq: AtomicU64,
 }
 
 /// What [`SubscriptionShared::new`] needs.
@@ -168,6 +185,7 @@ pub(crate) struct SubscriptionParams {
     pub(crate) assignment: Option<Arc<Mutex<crate::GroupAssignment>>>,
     pub(crate) lag: Option<crate::LagProbe>,
     pub(crate) lag_alert_messages: u64,
+    pub(crate) lag_alert_age_ms: u64,
 }
 
 impl SubscriptionShared {
@@ -200,6 +218,9 @@ impl SubscriptionShared {
             metrics,
             lag: p.lag,
             lag_alert_messages: p.lag_alert_messages,
+            lag_alert_age_ms: p.lag_alert_age_ms,
+            unsettled: Mutex::new(std::collections::BTreeSet::new()),
+            unsettled_seq: AtomicU64::new(0),
             assignment: p.assignment,
         })
     }
@@ -236,12 +257,20 @@ impl SubscriptionShared {
             _ => delivery.message.headers.get(crate::headers::EVENT_ID),
         };
         let span = crate::trace::receive_span(self.backend.name(), &self.group, &delivery.message, id);
+        // Its age counts from the envelope's timestamp, else from now.
+        let at = match &input {
+            Input::Envelope(e) => e.timestamp.timestamp_millis(),
+            _ => chrono::Utc::now().timestamp_millis(),
+        };
+        let unsettled_key = (at, self.unsettled_seq.fetch_add(1, Ordering::Relaxed));
+        self.unsettled.lock().unwrap().insert(unsettled_key);
         (
             key,
             Work {
                 delivery,
                 input,
                 span,
+                unsettled_key,
             },
         )
     }
@@ -518,6 +547,9 @@ impl SubscriptionShared {
 
     pub(crate) fn health(&self) -> SubscriptionHealth {
         let lag = self.lag();
+        let oldest = self.unsettled.lock().unwrap().first().map(|(at, _)| *at);
+        let oldest_unsettled_age_ms =
+            oldest.map(|at| (chrono::Utc::now().timestamp_millis() - at).max(0) as u64);
         SubscriptionHealth {
             topic: self.topic.clone(),
             group: self.group.clone(),
@@ -532,7 +564,10 @@ impl SubscriptionShared {
             last_error: self.last_error.lock().unwrap().clone(),
             assignment: self.assignment.as_ref().map(|a| a.lock().unwrap().clone()),
             lag,
-            lag_alert: lag.is_some_and(|l| self.lag_alert_messages > 0 && l >= self.lag_alert_messages),
+            oldest_unsettled_age_ms,
+            lag_alert: lag.is_some_and(|l| self.lag_alert_messages > 0 && l >= self.lag_alert_messages)
+                || oldest_unsettled_age_ms
+                    .is_some_and(|a| self.lag_alert_age_ms > 0 && a >= self.lag_alert_age_ms),
         }
     }
 

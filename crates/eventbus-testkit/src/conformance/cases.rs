@@ -1784,3 +1784,115 @@ fn one_trace_spans_publish_and_handle<'a>(
         bus.close().await.unwrap();
     })
 }
+
+/// The metrics of a known workload, exactly, through the `metrics` facade:
+/// 10 events, v3 failing both attempts and dead-lettered: published 10
+/// (and 1 to the dead-letter topic), handled 9, handler errors 2, retries 1,
+/// dead-lettered 1, histograms with a sample per attempt and per handled
+/// event, in-flight back to 0; labels backend, topic, group only.
+fn metrics_count_a_known_workload_exactly<'a>(
+    f: &'a dyn BusFactory,
+    caps: &'a Capabilities,
+) -> BoxFuture<'a, ()> {
+    use crate::metrics_capture::MetricsCapture;
+    use eventbus_core::telemetry::{
+        DEAD_LETTERED, END_TO_END_LATENCY, HANDLED, HANDLER_DURATION, HANDLER_ERRORS, IN_FLIGHT, PUBLISHED,
+        RETRIES,
+    };
+    use metrics_util::MetricKind;
+    use metrics_util::debugging::DebugValue;
+    Box::pin(async move {
+        let capture = MetricsCapture::global();
+        let bus = f.bus(config_with_retry(2, 10)).await;
+        let topic = unique("metered");
+        let sub = bus
+            .subscribe_envelope(
+                &topic,
+                SubscribeOptions::group("billing"),
+                |e: Envelope| async move {
+                    match e.event_version {
+                        3 => Err(std::io::Error::other("always fails")),
+                        _ => Ok(()),
+                    }
+                },
+            )
+            .await
+            .expect("subscribe");
+        let events: Vec<Envelope> = (1..=10).map(|v| envelope("metered-1", v)).collect();
+        publish_all(&bus, &topic, &events).await;
+        assert!(
+            eventually(caps.timeout, || {
+                let h = sub.health();
+                h.handled == 9 && h.dead_lettered == 1
+            })
+            .await,
+            "{:?}",
+            sub.health()
+        );
+        sub.close().await.unwrap();
+        let series = capture.series();
+        let of = |kind: MetricKind, name: &str, topic: &str| {
+            series
+                .iter()
+                .filter(|(k, n, labels, _)| {
+                    *k == kind && n == name && labels.iter().any(|(l, v)| l == "topic" && v == topic)
+                })
+                .collect::<Vec<_>>()
+        };
+        let counter = |name: &str, topic: &str| -> u64 {
+            of(MetricKind::Counter, name, topic)
+                .iter()
+                .map(|(_, _, _, v)| match v {
+                    DebugValue::Counter(n) => *n,
+                    _ => 0,
+                })
+                .sum()
+        };
+        let mine: Vec<String> = series
+            .iter()
+            .filter(|(_, _, labels, _)| labels.iter().any(|(_, v)| v.starts_with(&topic)))
+            .map(|(k, n, l, _)| format!("{k:?} {n} {l:?}"))
+            .collect();
+        assert_eq!(counter(PUBLISHED, &topic), 10, "{mine:#?}");
+        assert_eq!(counter(PUBLISHED, &format!("{topic}.dlq")), 1, "the dead letter");
+        assert_eq!(counter(HANDLED, &topic), 9);
+        assert_eq!(counter(HANDLER_ERRORS, &topic), 2, "both attempts of v3");
+        assert_eq!(counter(RETRIES, &topic), 1);
+        assert_eq!(counter(DEAD_LETTERED, &topic), 1);
+        let samples = |name: &str| -> usize {
+            of(MetricKind::Histogram, name, &topic)
+                .iter()
+                .map(|(_, _, _, v)| match v {
+                    DebugValue::Histogram(s) => s.len(),
+                    _ => 0,
+                })
+                .sum()
+        };
+        assert!(
+            samples(HANDLER_DURATION) >= 11,
+            "one per attempt: {}",
+            samples(HANDLER_DURATION)
+        );
+        assert_eq!(samples(END_TO_END_LATENCY), 9, "one per handled event");
+        let in_flight: f64 = of(MetricKind::Gauge, IN_FLIGHT, &topic)
+            .iter()
+            .map(|(_, _, _, v)| match v {
+                DebugValue::Gauge(g) => g.into_inner(),
+                _ => 0.0,
+            })
+            .sum();
+        assert_eq!(in_flight, 0.0);
+        let (_, _, labels, _) = of(MetricKind::Counter, HANDLED, &topic)[0];
+        let mut names: Vec<String> = labels.iter().map(|(l, v)| format!("{l}={v}")).collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                format!("backend={}", bus.backend_name()),
+                "group=billing".to_owned(),
+                format!("topic={topic}")
+            ]
+        );
+        bus.close().await.unwrap();
+    })
+}

@@ -162,6 +162,7 @@ macro_rules! conformance_tests {
             browse_reads_without_moving_any_group,
             group_lag_is_measured_without_joining,
             one_trace_spans_publish_and_handle,
+            metrics_count_a_known_workload_exactly,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
