@@ -45,12 +45,17 @@ impl Health {
     /// Readiness (e.g. a Kubernetes readiness probe: send this instance
     /// traffic, count it in service): connected, every subscription's
     /// fetch loop running, and no subscription over its lag threshold
-    /// (`consumer.lag_alert_messages`), and no heartbeat alert. False while
-    /// (re)connecting.
+    /// (`consumer.lag_alert_messages`, `consumer.lag_alert_age_ms`), no
+    /// subscription waiting for the partitions a rebalance owes it
+    /// ([`SubscriptionHealth::awaiting_partitions`]), and no heartbeat
+    /// alert. False while (re)connecting.
     pub fn is_ready(&self) -> bool {
         self.connection == ConnectionState::Connected
             && !self.heartbeat_alert()
-            && self.subscriptions.iter().all(|s| s.fetching && !s.lag_alert)
+            && self
+                .subscriptions
+                .iter()
+                .all(|s| s.fetching && !s.lag_alert && !s.awaiting_partitions())
     }
 
     /// The heartbeat is started and none of its beats came back in time.
@@ -119,4 +124,74 @@ pub struct SubscriptionHealth {
     /// reached `consumer.lag_alert_age_ms` (the original SDK's backlog
     /// alert: 1,000 messages or 5 minutes).
     pub lag_alert: bool,
+}
+
+impl SubscriptionHealth {
+    /// This member owns no partition although the group has no more
+    /// members than partitions, so its fair share is at least one: a
+    /// rebalance has not given it its share yet (or took it away). A
+    /// standby member of a group with more members than partitions owns
+    /// nothing legitimately and is not awaiting. False where the backend
+    /// reports no assignment.
+    pub fn awaiting_partitions(&self) -> bool {
+        self.assignment.as_ref().is_some_and(|a| {
+            a.owned.is_empty() && a.members > 0 && a.members as u64 <= a.partition_count as u64
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::GroupAssignment;
+
+    fn subscription(assignment: Option<GroupAssignment>) -> SubscriptionHealth {
+        SubscriptionHealth {
+            topic: "orders".into(),
+            group: "billing".into(),
+            ordered: true,
+            fetching: true,
+            in_flight: 0,
+            stalled_aggregates: 0,
+            handled: 0,
+            failed_attempts: 0,
+            dead_lettered: 0,
+            duplicates_skipped: 0,
+            last_error: None,
+            assignment,
+            lag: Some(0),
+            oldest_unsettled_age_ms: None,
+            lag_alert: false,
+        }
+    }
+
+    fn health(s: SubscriptionHealth) -> Health {
+        Health {
+            backend: "memory",
+            connection: ConnectionState::Connected,
+            publishes_in_flight: 0,
+            subscriptions: vec![s],
+            heartbeat: None,
+        }
+    }
+
+    #[test]
+    fn a_member_owed_partitions_is_not_ready_and_a_standby_is() {
+        let share = |owned: Vec<u32>, members: usize| GroupAssignment {
+            partition_count: 4,
+            owned,
+            members,
+            rebalances: 1,
+        };
+        assert!(health(subscription(Some(share(vec![0, 1], 2)))).is_ready());
+        // Two members, four partitions, none owned: a rebalance owes it some.
+        let waiting = subscription(Some(share(vec![], 2)));
+        assert!(waiting.awaiting_partitions());
+        assert!(!health(waiting).is_ready());
+        assert!(health(subscription(Some(share(vec![], 2)))).is_live());
+        // Five members, four partitions: one stands by, ready.
+        assert!(health(subscription(Some(share(vec![], 5)))).is_ready());
+        // No assignment reported (the broker assigns): no opinion.
+        assert!(health(subscription(None)).is_ready());
+    }
 }

@@ -264,6 +264,21 @@ struct Row {
 
 /// Runs the harness on each chosen backend and prints the table.
 pub(crate) async fn run(args: FaultArgs) -> Result<()> {
+    // SIGTERM or SIGINT stops the harness: the run is dropped, and with it
+    // every worker and server process it started (killed on drop), so
+    // nothing is left running.
+    let stop = tokio_util::sync::CancellationToken::new();
+    crate::signals::drain_on_signal(stop.clone())?;
+    tokio::select! {
+        outcome = run_all(args) => outcome,
+        _ = stop.cancelled() => Err(Error::new(
+            eventbus::ErrorKind::Closed,
+            "interrupted: the fault run was stopped and its processes killed",
+        )),
+    }
+}
+
+async fn run_all(args: FaultArgs) -> Result<()> {
     let kinds: Vec<BackendKind> = args
         .backend
         .each()
