@@ -341,6 +341,21 @@ fn cleanup_removes_only_published_rows_past_retention(f: &dyn StoreFactory) -> B
     })
 }
 
+/// Rows of `inbox_events` and of `orders` (counts).
+async fn inbox_and_orders(store: &OutboxStore) -> (i64, i64) {
+    let (inbox, orders): ((i64,), (i64,)) = on_pool!(store, |pool| (
+        sqlx::query_as("SELECT COUNT(*) FROM inbox_events")
+            .fetch_one(pool)
+            .await
+            .unwrap(),
+        sqlx::query_as("SELECT COUNT(*) FROM orders")
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    ));
+    (inbox.0, orders.0)
+}
+
 fn the_inbox_runs_a_redelivered_event_once(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
     Box::pin(async move {
         let store = store(f).await;
@@ -389,17 +404,8 @@ fn the_inbox_runs_a_redelivered_event_once(f: &dyn StoreFactory) -> BoxFuture<'_
             }
         };
         assert_eq!(failing.unwrap_err().kind(), ErrorKind::Handler);
-        let (inbox, orders): ((i64,), (i64,)) = on_pool!(&store, |pool| (
-            sqlx::query_as("SELECT COUNT(*) FROM inbox_events")
-                .fetch_one(pool)
-                .await
-                .unwrap(),
-            sqlx::query_as("SELECT COUNT(*) FROM orders")
-                .fetch_one(pool)
-                .await
-                .unwrap()
-        ));
-        assert_eq!((inbox.0, orders.0), (1, 1), "one effect, one inbox row");
+        let (inbox, orders) = inbox_and_orders(&store).await;
+        assert_eq!((inbox, orders), (1, 1), "one effect, one inbox row");
     })
 }
 
@@ -655,19 +661,10 @@ fn the_inbox_layer_gives_one_effect_per_event_and_handler(f: &dyn StoreFactory) 
             subs.iter().map(|s| s.health().handled).collect::<Vec<_>>()
         );
         assert!(!fail_once.load(Ordering::SeqCst), "the failing attempt ran");
-        let (inbox, orders): ((i64,), (i64,)) = on_pool!(&store, |pool| (
-            sqlx::query_as("SELECT COUNT(*) FROM inbox_events")
-                .fetch_one(pool)
-                .await
-                .unwrap(),
-            sqlx::query_as("SELECT COUNT(*) FROM orders")
-                .fetch_one(pool)
-                .await
-                .unwrap()
-        ));
-        assert_eq!(inbox.0, 6, "two events, three handler names");
+        let (inbox, orders) = inbox_and_orders(&store).await;
+        assert_eq!(inbox, 6, "two events, three handler names");
         assert_eq!(
-            orders.0, 6,
+            orders, 6,
             "one effect per event and handler; the failed attempt's and the foreign transaction's rolled back"
         );
         assert!(
