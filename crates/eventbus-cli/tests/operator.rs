@@ -457,3 +457,73 @@ async fn a_filtered_replay_holds_back_what_would_overtake() {
     sub.close().await.unwrap();
     bus.close().await.unwrap();
 }
+
+/// `tail --follow` prints what is stored, then what arrives later, and
+/// exits 0 on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_follow_prints_new_events_and_stops_on_sigterm() {
+    use std::io::BufRead as _;
+    let server = NatsServer::start().await.unwrap();
+    let url = server.url();
+    let topic = format!("follow-{}", uuid::Uuid::now_v7().simple());
+    let broker = ["--backend", "nats", "--nats-url", url.as_str()];
+    let publish = |version: i64| {
+        let line = serde_json::json!({"aggregate_id": "acct-1", "event_type": "Charged",
+            "event_version": version, "payload": {}})
+        .to_string();
+        let mut args = vec!["publish", topic.as_str()];
+        args.extend_from_slice(&broker);
+        let (ok, _, err) = eventbus(&args, Some(&line));
+        assert!(ok, "{err}");
+    };
+    publish(1);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eventbus"))
+        .args(["tail", &topic, "--follow", "--json", "--idle-ms", "500"])
+        .args(broker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let stdout = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let version = |line: String| -> i64 {
+        serde_json::from_str::<serde_json::Value>(&line).unwrap()["envelope"]["event_version"]
+            .as_i64()
+            .unwrap()
+    };
+    let first = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stored event");
+    assert_eq!(version(first), 1);
+    publish(2);
+    let second = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the event published later");
+    assert_eq!(version(second), 2);
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let mut status = None;
+    for _ in 0..100 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = status.unwrap_or_else(|| {
+        let _ = child.kill();
+        panic!("tail --follow did not stop on SIGTERM")
+    });
+    assert!(status.success(), "{status}");
+}

@@ -199,6 +199,22 @@ impl Worker {
         })
     }
 
+    /// Waits (at most 2 s) until the kernel reports the process stopped
+    /// (state `T` in `/proc/<pid>/stat`) after a SIGSTOP.
+    async fn wait_stopped(&self) {
+        let stat = format!("/proc/{}/stat", self.child.id());
+        for _ in 0..200 {
+            let stopped = std::fs::read_to_string(&stat)
+                .ok()
+                .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with(['T', 't'])))
+                .unwrap_or(true);
+            if stopped {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Sends `signal` (`STOP`, `CONT`, `TERM`) by PID.
     fn signal(&self, signal: &str) -> Result<()> {
         let status = Command::new("kill")
@@ -512,7 +528,11 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
                 let pause = Duration::from_millis(2 * args.lease_ms + 1_000);
                 let id = members[index].member;
                 members[index].signal("STOP")?;
-                // Stopped once `kill -STOP` returned: attempts it started before are cut here.
+                // A signal lands asynchronously: the member may still start an
+                // attempt after `kill -STOP` returned. The freeze is marked once
+                // the kernel reports it stopped, so every attempt it started
+                // before is cut here (a later success is a fence breach).
+                members[index].wait_stopped().await;
                 members[index].frozen_at.push(now_ns());
                 eprintln!("fault[{kind:?}]: member {id} frozen for {pause:?}");
                 tokio::time::sleep(pause).await;
