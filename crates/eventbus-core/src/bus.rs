@@ -170,10 +170,17 @@ impl EventBus {
     ///   full, or the backend did not accept, for `publish.timeout_ms`;
     /// - [`Closed`](crate::ErrorKind::Closed) after [`close`](EventBus::close);
     /// - the backend's error when it refused the message.
-    pub async fn publish_message(&self, mut message: Message) -> Result<PublishHandle> {
+    pub async fn publish_message(&self, message: Message) -> Result<PublishHandle> {
         self.ensure_open()?;
         validate_topic(&message.topic)?;
         let meta = codec::message_result_meta(&message);
+        self.send(meta, message).await
+    }
+
+    /// Hands `message` to the publisher inside its `publish` span, whose
+    /// trace context the message's headers carry (feature `otel`). The
+    /// span's message id is `X-Event-ID`, else the dedup id.
+    async fn send(&self, meta: crate::publish::ResultMeta, mut message: Message) -> Result<PublishHandle> {
         let id = message
             .headers
             .get(crate::headers::EVENT_ID)
@@ -198,15 +205,9 @@ impl EventBus {
     pub async fn publish_envelope(&self, topic: &str, envelope: &Envelope) -> Result<PublishHandle> {
         self.ensure_open()?;
         validate_topic(topic)?;
-        let mut message = envelope_message(topic, envelope, self.inner.config.publish.tenant_id_format)?;
+        let message = envelope_message(topic, envelope, self.inner.config.publish.tenant_id_format)?;
         let meta = codec::envelope_result_meta(topic, envelope, true);
-        let span = crate::trace::publish_span(self.backend_name(), topic, Some(&envelope.event_id));
-        crate::trace::inject(&span, &mut message.headers);
-        self.inner
-            .publisher
-            .publish(meta, self.inner.backend.publish(message))
-            .instrument(span)
-            .await
+        self.send(meta, message).await
     }
 
     /// Publishes an envelope and waits for the broker's ACK.

@@ -185,6 +185,20 @@ impl KafkaBackend {
         }
     }
 
+    /// Client properties of a consumer that reads without being a group
+    /// member (browse, lag): `group_id` for offset lookups only, nothing
+    /// committed or stored. The user's `extra` properties come first, so
+    /// these win.
+    fn outside_group_properties(&self, group_id: &str) -> rdkafka::ClientConfig {
+        let mut props = self.inner.config.client_properties();
+        self.inner.config.apply_extra(&mut props);
+        props
+            .set("group.id", group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false");
+        props
+    }
+
     fn member(&self, spec: &SubscribeSpec) -> Result<KafkaSubscription> {
         let c = &self.inner.config.consumer;
         let group_id = self.group_id(&spec.group, &spec.topic);
@@ -349,17 +363,9 @@ impl Backend for KafkaBackend {
                 format!("Kafka topic {topic} does not exist"),
             ));
         };
-        let mut props = self.inner.config.client_properties();
-        // The user's extra properties first: what keeps a browse out of
-        // every group (no commit, no offset store) wins.
-        self.inner.config.apply_extra(&mut props);
+        let mut props =
+            self.outside_group_properties(&format!("eventbus-browse-{}", uuid::Uuid::now_v7().simple()));
         props
-            .set(
-                "group.id",
-                format!("eventbus-browse-{}", uuid::Uuid::now_v7().simple()),
-            )
-            .set("enable.auto.commit", "false")
-            .set("enable.auto.offset.store", "false")
             .set("enable.partition.eof", "false")
             .set("auto.offset.reset", "earliest")
             .set(
@@ -407,12 +413,8 @@ impl Backend for KafkaBackend {
             ));
         };
         let group_id = self.group_id(group, topic);
-        let mut props = self.inner.config.client_properties();
-        self.inner.config.apply_extra(&mut props);
-        props
-            .set("group.id", &group_id)
-            .set("enable.auto.commit", "false");
-        let consumer: rdkafka::consumer::BaseConsumer = props
+        let consumer: rdkafka::consumer::BaseConsumer = self
+            .outside_group_properties(&group_id)
             .create()
             .map_err(|e| crate::config::creation_error("cannot create the Kafka lag consumer", e))?;
         let topic = topic.to_owned();

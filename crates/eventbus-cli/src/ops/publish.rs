@@ -129,27 +129,24 @@ pub(crate) async fn run(args: PublishArgs) -> Result<()> {
             Ok(handle) => handle.await.into_result(),
             Err(e) => Err(e),
         };
-        let outcome = match result {
-            Ok(r) => Outcome {
-                event_id: e.event_id.clone(),
-                aggregate_id: e.aggregate_id.clone(),
-                event_version: e.event_version,
-                position: r.position.as_ref().map(view::position),
-                duplicate: r.duplicate,
-                error: None,
-            },
+        let mut outcome = Outcome {
+            event_id: e.event_id.clone(),
+            aggregate_id: e.aggregate_id.clone(),
+            event_version: e.event_version,
+            position: None,
+            duplicate: false,
+            error: None,
+        };
+        match result {
+            Ok(r) => {
+                outcome.position = r.position.as_ref().map(view::position);
+                outcome.duplicate = r.duplicate;
+            }
             Err(err) => {
                 failed += 1;
-                Outcome {
-                    event_id: e.event_id.clone(),
-                    aggregate_id: e.aggregate_id.clone(),
-                    event_version: e.event_version,
-                    position: None,
-                    duplicate: false,
-                    error: Some(err.to_string()),
-                }
+                outcome.error = Some(err.to_string());
             }
-        };
+        }
         if args.json {
             println!("{}", serde_json::to_string(&outcome).unwrap_or_default());
         } else {

@@ -63,7 +63,9 @@ pub(crate) async fn run(args: TailArgs) -> Result<()> {
         None => true,
         Some(a) => view::envelope_of(m).is_ok_and(|e| &e.aggregate_id == a),
     };
-    let print = |m: &eventbus::BrowsedMessage| {
+    let mut printed = 0u64;
+    let mut print = |m: &eventbus::BrowsedMessage| {
+        printed += 1;
         if args.json {
             let shown = view::shown(m, args.headers, args.raw);
             println!("{}", serde_json::to_string(&shown).unwrap_or_default());
@@ -73,7 +75,6 @@ pub(crate) async fn run(args: TailArgs) -> Result<()> {
     };
     let mut held: VecDeque<eventbus::BrowsedMessage> = VecDeque::new();
     let mut at_end = false;
-    let mut printed = 0u64;
     loop {
         match reader.next().await? {
             Next::Message(m) if matches(&m) => match args.last {
@@ -85,7 +86,6 @@ pub(crate) async fn run(args: TailArgs) -> Result<()> {
                 }
                 _ => {
                     print(&m);
-                    printed += 1;
                 }
             },
             Next::Message(_) => {}
@@ -94,7 +94,6 @@ pub(crate) async fn run(args: TailArgs) -> Result<()> {
                     at_end = true;
                     for m in held.drain(..) {
                         print(&m);
-                        printed += 1;
                     }
                 }
                 if !args.follow {
@@ -106,7 +105,6 @@ pub(crate) async fn run(args: TailArgs) -> Result<()> {
     }
     for m in held.drain(..) {
         print(&m);
-        printed += 1;
     }
     eprintln!("{printed} message(s) from {}", args.topic);
     drop(reader);
