@@ -51,6 +51,11 @@ pub(crate) struct SoakArgs {
     /// Also write the report and every sample as JSON to this file.
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Run the raw broker client (rdkafka, async-nats, a channel) instead of
+    /// the bus, with the same publishing, consuming, checker and sampling:
+    /// the baseline a slope is compared with.
+    #[arg(long)]
+    raw: bool,
     /// Serve the bus's metrics (Prometheus text) on `http://ADDR/metrics`
     /// while the soak runs: the consumer's handled, lag, in-flight and
     /// latency figures, scraped as a service's would be.
@@ -101,7 +106,7 @@ struct Sample {
 /// What one soak run measured.
 #[derive(Debug, Serialize)]
 struct SoakReport {
-    backend: &'static str,
+    backend: String,
     minutes: f64,
     rate: u64,
     published: u64,
@@ -240,29 +245,144 @@ pub(crate) async fn run(args: SoakArgs) -> eventbus::Result<()> {
     }
 }
 
+/// Where a soak's deliveries were judged.
+enum Checked {
+    Bus(Arc<eventbus_testkit::OrderChecker>),
+    Raw(Arc<crate::bench::measure::Recorder>),
+}
+
+/// What a soak publishes through and consumes with: the bus, or the raw client.
+enum Client {
+    Bus {
+        bus: eventbus::EventBus,
+        subs: Vec<eventbus::Subscription>,
+        pending: FuturesUnordered<eventbus::PublishHandle>,
+        handled: Arc<std::sync::atomic::AtomicU64>,
+    },
+    Raw {
+        sink: Box<dyn crate::bench::raw::RawSink>,
+        recorder: Arc<crate::bench::measure::Recorder>,
+    },
+}
+
+impl Client {
+    async fn publish(&mut self, topics: &[String], topic: usize, e: &Envelope) -> eventbus::Result<()> {
+        match self {
+            Client::Bus { bus, pending, .. } => pending.push(bus.publish_envelope(&topics[topic], e).await?),
+            Client::Raw { sink, .. } => sink.publish(topic, e).await?,
+        }
+        Ok(())
+    }
+
+    /// (acked, failed) since the last call, without waiting.
+    fn settled_now(&mut self) -> (u64, u64) {
+        match self {
+            Client::Bus { pending, .. } => {
+                let (mut acked, mut failed) = (0, 0);
+                while let Some(Some(result)) = futures::FutureExt::now_or_never(pending.next()) {
+                    match result.error {
+                        None => acked += 1,
+                        Some(_) => failed += 1,
+                    }
+                }
+                (acked, failed)
+            }
+            Client::Raw { sink, .. } => {
+                let (acked, failed) = sink.settled_now();
+                (acked as u64, failed as u64)
+            }
+        }
+    }
+
+    /// (acked, failed) of everything outstanding, waiting at most 60 s per ACK.
+    async fn settle_all(&mut self) -> (u64, u64) {
+        match self {
+            Client::Bus { pending, .. } => {
+                let (mut acked, mut failed) = (0, 0);
+                while let Ok(Some(result)) =
+                    tokio::time::timeout(Duration::from_secs(60), pending.next()).await
+                {
+                    match result.error {
+                        None => acked += 1,
+                        Some(_) => failed += 1,
+                    }
+                }
+                (acked, failed)
+            }
+            Client::Raw { sink, .. } => {
+                let before = sink.settled_now();
+                (before.0 as u64 + sink.acked().await as u64, before.1 as u64)
+            }
+        }
+    }
+
+    fn handled(&self) -> u64 {
+        match self {
+            Client::Bus { handled, .. } => handled.load(std::sync::atomic::Ordering::Relaxed),
+            Client::Raw { recorder, .. } => recorder.received(),
+        }
+    }
+
+    async fn close(self) {
+        match self {
+            Client::Bus { bus, subs, .. } => {
+                for sub in subs {
+                    let _ = sub.close().await;
+                }
+                let _ = bus.close().await;
+            }
+            Client::Raw { mut sink, .. } => sink.stop(),
+        }
+    }
+}
+
 async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> {
-    let bus = target.bus(BusConfig::default()).await?;
-    let id = crate::bench::run_id("soak", 0);
+    let id = crate::bench::run_id(if args.raw { "soakraw" } else { "soak" }, 0);
     let topics: Vec<String> = (0..args.topics.max(1)).map(|t| format!("{id}-t{t}")).collect();
     // A bounded checker: its own memory must not grow with the events.
-    let checker = Arc::new(eventbus_testkit::OrderChecker::with_replay_window(64));
-    let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let mut subs = Vec::new();
-    for topic in &topics {
-        let (checker, handled, name) = (checker.clone(), handled.clone(), topic.clone());
-        subs.push(
-            bus.subscribe_envelope(
-                topic,
-                SubscribeOptions::group(format!("{id}-g")),
-                move |e: Envelope| {
-                    checker.record(&name, &e);
-                    handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    async { Ok::<_, std::io::Error>(()) }
-                },
-            )
-            .await?,
-        );
-    }
+    let checker = || eventbus_testkit::OrderChecker::with_replay_window(64);
+    let (mut client, checked) = if args.raw {
+        let recorder =
+            crate::bench::measure::Recorder::with_checker(indicatif::ProgressBar::hidden(), checker());
+        let sink = crate::bench::raw::start(target, &topics, &recorder).await?;
+        (
+            Client::Raw {
+                sink,
+                recorder: recorder.clone(),
+            },
+            Checked::Raw(recorder),
+        )
+    } else {
+        let bus = target.bus(BusConfig::default()).await?;
+        let checker = Arc::new(checker());
+        let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut subs = Vec::new();
+        for topic in &topics {
+            let (checker, handled, name) = (checker.clone(), handled.clone(), topic.clone());
+            subs.push(
+                bus.subscribe_envelope(
+                    topic,
+                    SubscribeOptions::group(format!("{id}-g")),
+                    move |e: Envelope| {
+                        checker.record(&name, &e);
+                        handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        async { Ok::<_, std::io::Error>(()) }
+                    },
+                )
+                .await?,
+            );
+        }
+        let pending = FuturesUnordered::new();
+        (
+            Client::Bus {
+                bus,
+                subs,
+                pending,
+                handled,
+            },
+            Checked::Bus(checker),
+        )
+    };
     let payload = serde_json::json!({ "pad": "x".repeat(args.payload_bytes.saturating_sub(12)) });
     let aggregates = args.aggregates.max(1);
     let mut versions: HashMap<usize, i64> = HashMap::new();
@@ -276,7 +396,6 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
         handled: 0,
     }];
     let mut next_sample = started + Duration::from_secs(1);
-    let mut pending = FuturesUnordered::new();
     let (mut published, mut acked, mut failures) = (0u64, 0u64, 0u64);
     let tick = Duration::from_millis(10);
     let per_tick = (args.rate as f64 * tick.as_secs_f64()).max(1.0);
@@ -298,17 +417,13 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
             let e = Envelope::builder(format!("soak-{a}"), "Soaked", *v)
                 .json_payload(&payload)?
                 .build()?;
-            let topic = &topics[a % topics.len()];
-            pending.push(bus.publish_envelope(topic, &e).await?);
+            client.publish(&topics, a % topics.len(), &e).await?;
             published += 1;
         }
         // Collect the ACKs that are in, without waiting.
-        while let Some(Some(result)) = futures::FutureExt::now_or_never(pending.next()) {
-            match result.error {
-                None => acked += 1,
-                Some(_) => failures += 1,
-            }
-        }
+        let (ok, failed) = client.settled_now();
+        acked += ok;
+        failures += failed;
         if Instant::now() >= next_sample {
             next_sample += Duration::from_secs(1);
             samples.push(Sample {
@@ -316,27 +431,25 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
                 rss_kib: rss_kib(),
                 heap_kib: heap_kib(),
                 acked,
-                handled: handled.load(std::sync::atomic::Ordering::Relaxed),
+                handled: client.handled(),
             });
         }
     }
-    while let Ok(Some(result)) = tokio::time::timeout(Duration::from_secs(60), pending.next()).await {
-        match result.error {
-            None => acked += 1,
-            Some(_) => failures += 1,
-        }
-    }
+    let (ok, failed) = client.settle_all().await;
+    acked += ok;
+    failures += failed;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while handled.load(std::sync::atomic::Ordering::Relaxed) < acked && Instant::now() < deadline {
+    while client.handled() < acked && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    for sub in subs {
-        let _ = sub.close().await;
-    }
-    let _ = bus.close().await;
+    let handled = client.handled();
+    client.close().await;
     trim_heap();
     let rss_after_trim = rss_kib();
-    let report = checker.report();
+    let report = match &checked {
+        Checked::Bus(checker) => checker.report(),
+        Checked::Raw(recorder) => recorder.report(),
+    };
     let mib = |kib: u64| kib as f64 / 1024.0;
     let warm: Vec<(f64, f64)> = samples
         .iter()
@@ -348,9 +461,12 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
         .filter(|s| s.secs >= args.warmup_secs as f64)
         .map(|s| (s.secs / 60.0, mib(s.heap_kib)))
         .collect();
-    let handled = handled.load(std::sync::atomic::Ordering::Relaxed);
     Ok(SoakReport {
-        backend: target.name(),
+        backend: if args.raw {
+            format!("{}-raw", target.name())
+        } else {
+            target.name().to_owned()
+        },
         minutes: args.minutes,
         rate: args.rate,
         published,

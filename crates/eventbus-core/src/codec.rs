@@ -38,7 +38,7 @@ pub(crate) fn envelope_message(
 /// `X-Event-Type`, `X-Event-Version`, `X-Timestamp`, and when set
 /// `X-Trace-ID`, `X-Correlation-ID`, `X-Tenant-ID`.
 pub fn envelope_headers(envelope: &Envelope) -> Headers {
-    let mut h: Vec<(String, String)> = Vec::with_capacity(8);
+    let mut h: Vec<(std::borrow::Cow<'static, str>, String)> = Vec::with_capacity(8);
     h.push((headers::EVENT_ID.into(), envelope.event_id.clone()));
     h.push((headers::AGGREGATE_ID.into(), envelope.aggregate_id.clone()));
     h.push((headers::EVENT_TYPE.into(), envelope.event_type.clone()));

@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use chrono::{DateTime, FixedOffset, Timelike, Utc};
+use chrono::{DateTime, Datelike, FixedOffset, Timelike, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::value::RawValue;
 
@@ -261,17 +261,57 @@ pub fn new_event_id() -> String {
 /// zero offset, else `+hh:mm` / `-hh:mm`.
 pub(crate) fn format_timestamp(t: &DateTime<FixedOffset>) -> String {
     use std::fmt::Write as _;
-    let mut out = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+    let mut out = String::with_capacity(36);
+    let (date, time) = (t.date_naive(), t.time());
+    if !(0..=9999).contains(&date.year()) {
+        // chrono's own layout for a year of five digits or a sign.
+        let _ = write!(out, "{}", t.format("%Y-%m-%dT%H:%M:%S"));
+    } else {
+        // The common case, written digit by digit: chrono's `format` parses
+        // its pattern on every call, and this runs on every publish.
+        let fields = [
+            (date.year() as u32, 4, '-'),
+            (date.month(), 2, '-'),
+            (date.day(), 2, 'T'),
+            (time.hour(), 2, ':'),
+            (time.minute(), 2, ':'),
+            (time.second(), 2, ' '),
+        ];
+        for (value, width, separator) in fields {
+            push_digits(&mut out, value, width);
+            if separator != ' ' {
+                out.push(separator);
+            }
+        }
+    }
     let nanos = t.nanosecond() % 1_000_000_000; // a leap second's extra second is not written
     if nanos > 0 {
-        let fraction = format!("{nanos:09}");
-        let _ = write!(out, ".{}", fraction.trim_end_matches('0'));
+        let mut digits = 9;
+        let mut fraction = nanos;
+        while fraction % 10 == 0 {
+            fraction /= 10;
+            digits -= 1;
+        }
+        out.push('.');
+        push_digits(&mut out, fraction, digits);
     }
     match t.offset().local_minus_utc() {
         0 => out.push('Z'),
-        _ => out.push_str(&t.format("%:z").to_string()),
+        secs => {
+            let (sign, secs) = if secs < 0 { ('-', -secs) } else { ('+', secs) };
+            // Whole minutes, rounded as chrono's `%:z` rounds an offset with seconds.
+            let minutes = (secs + 30) / 60;
+            let _ = write!(out, "{sign}{:02}:{:02}", minutes / 60, minutes % 60);
+        }
     }
     out
+}
+
+/// Appends the `width` lowest decimal digits of `value`, zero-padded.
+fn push_digits(out: &mut String, value: u32, width: u32) {
+    for i in (0..width).rev() {
+        out.push(char::from(b'0' + ((value / 10u32.pow(i)) % 10) as u8));
+    }
 }
 
 mod rfc3339 {
@@ -476,6 +516,55 @@ impl EnvelopeBuilder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The layout through chrono's own formatting (the former implementation).
+    fn reference_layout(t: &DateTime<FixedOffset>) -> String {
+        let mut out = t.format("%Y-%m-%dT%H:%M:%S").to_string();
+        let nanos = t.nanosecond() % 1_000_000_000;
+        if nanos > 0 {
+            out.push('.');
+            out.push_str(format!("{nanos:09}").trim_end_matches('0'));
+        }
+        match t.offset().local_minus_utc() {
+            0 => out.push('Z'),
+            _ => out.push_str(&t.format("%:z").to_string()),
+        }
+        out
+    }
+
+    #[test]
+    fn the_digit_by_digit_layout_matches_chronos() {
+        let offsets = [0, 3600, -3600, 19_800, -34_200, 45_900, -1];
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for i in 0..20_000 {
+            let secs = (next() % 400_000_000_000) as i64 - 100_000_000_000;
+            let nanos = match i % 4 {
+                0 => 0,
+                1 => (next() % 1_000) as u32 * 1_000_000,
+                2 => (next() % 1_000_000) as u32 * 1_000,
+                _ => (next() % 1_000_000_000) as u32,
+            };
+            let offset = offsets[i % offsets.len()];
+            let offset = match offset {
+                -1 => -((next() % 86_000) as i32),
+                fixed => fixed,
+            };
+            let offset = FixedOffset::east_opt(offset).unwrap();
+            let Some(t) = DateTime::from_timestamp(secs, nanos) else {
+                continue;
+            };
+            let t = t.with_timezone(&offset);
+            assert_eq!(format_timestamp(&t), reference_layout(&t), "{t:?}");
+        }
+        let t = DateTime::parse_from_rfc3339("2024-01-15T10:30:00.1234+05:30").unwrap();
+        assert_eq!(format_timestamp(&t), "2024-01-15T10:30:00.1234+05:30");
+    }
 
     fn sample() -> EnvelopeBuilder {
         Envelope::builder("order-1", "OrderCreated", 1).payload(Payload::from_raw(r#"{"x":1}"#).unwrap())

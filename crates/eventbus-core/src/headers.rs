@@ -35,12 +35,31 @@ pub const REPLAYED_FROM: &str = "X-Replayed-From";
 /// Cloning is a reference-count increment; the first change after a clone
 /// copies the pairs (copy on write).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(std::sync::Arc<Vec<(String, String)>>);
+pub struct Headers(std::sync::Arc<Vec<(Name, String)>>);
+
+/// A header name: the envelope's own names are static, so building the
+/// headers of an envelope allocates only their values.
+type Name = std::borrow::Cow<'static, str>;
+
+/// The names [`Headers::insert`] keeps without copying.
+const KNOWN: [&str; 11] = [
+    EVENT_ID,
+    AGGREGATE_ID,
+    EVENT_TYPE,
+    EVENT_VERSION,
+    TIMESTAMP,
+    TRACE_ID,
+    CORRELATION_ID,
+    TENANT_ID,
+    ORIGINAL_TOPIC,
+    ERROR_MESSAGE,
+    REPLAYED_FROM,
+];
 
 impl Headers {
     /// Headers from pairs whose names are already distinct (no
     /// case-insensitive merge): the codec's fast path.
-    pub(crate) fn from_distinct(pairs: Vec<(String, String)>) -> Self {
+    pub(crate) fn from_distinct(pairs: Vec<(Name, String)>) -> Self {
         Self(std::sync::Arc::new(pairs))
     }
 
@@ -50,12 +69,21 @@ impl Headers {
     }
 
     /// Sets `name` to `value`, replacing an existing value of that name.
-    pub fn insert(&mut self, name: impl Into<String>, value: impl Into<String>) {
-        let (name, value) = (name.into(), value.into());
+    /// The envelope's own header names (this module's constants, spelled
+    /// exactly so) are not copied: a received message's headers allocate
+    /// only their values.
+    pub fn insert(&mut self, name: impl AsRef<str>, value: impl Into<String>) {
+        let (name, value) = (name.as_ref(), value.into());
         let pairs = std::sync::Arc::make_mut(&mut self.0);
-        match pairs.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+        match pairs.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
             Some(slot) => slot.1 = value,
-            None => pairs.push((name, value)),
+            None => {
+                let name = match KNOWN.iter().find(|known| **known == name) {
+                    Some(known) => Name::Borrowed(known),
+                    None => Name::Owned(name.to_owned()),
+                };
+                pairs.push((name, value));
+            }
         }
     }
 
@@ -75,7 +103,7 @@ impl Headers {
 
     /// The pairs in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+        self.0.iter().map(|(n, v)| (n.as_ref(), v.as_str()))
     }
 
     /// Number of headers.
@@ -93,7 +121,7 @@ impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut h = Headers::new();
         for (k, v) in iter {
-            h.insert(k, v);
+            h.insert(k.into(), v);
         }
         h
     }

@@ -50,7 +50,7 @@ impl Message {
     /// Adds a header.
     #[must_use]
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(name, value);
+        self.headers.insert(name.into(), value);
         self
     }
 

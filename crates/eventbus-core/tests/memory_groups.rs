@@ -125,3 +125,90 @@ async fn a_parked_aggregate_holds_back_only_its_partition() {
     let _ = sub.close().await;
     let _ = bus.close().await;
 }
+
+/// The log keeps a message until every group settled it, and frees it once
+/// they have, even when later messages settle first (a slow aggregate's v1
+/// acked after other aggregates' events): each trim is triggered by the
+/// settlement of the log's first message, so an out-of-order finish must
+/// still empty the log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_is_freed_once_every_group_settled_even_out_of_order() {
+    let broker = MemoryBackend::default();
+    let bus = EventBus::new(broker.connect(), BusConfig::default()).unwrap();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let fast_handled = Arc::new(AtomicUsize::new(0));
+    let (r, f) = (release.clone(), fast_handled.clone());
+    // Group "fast": the first message (slow-1 v1) settles last.
+    let fast = bus
+        .subscribe_envelope("log", SubscribeOptions::group("fast"), move |e: Envelope| {
+            let (r, f) = (r.clone(), f.clone());
+            async move {
+                if e.aggregate_id == "slow-1" {
+                    r.notified().await;
+                }
+                f.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    bus.publish_envelope_sync("log", &envelope("slow-1", 1))
+        .await
+        .unwrap();
+    for a in 0..50 {
+        bus.publish_envelope_sync("log", &envelope(&format!("agg-{a}"), 1))
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || fast_handled.load(Ordering::SeqCst)
+            == 50)
+        .await
+    );
+    assert_eq!(broker.retained("log"), 51, "the first message is still unsettled");
+    release.notify_one();
+    assert!(
+        eventually(Duration::from_secs(5), || broker.retained("log") == 0).await,
+        "every message settled by the only group, yet {} retained",
+        broker.retained("log")
+    );
+    // A second group joins at the log's end; a new message waits for both.
+    let slow_handled = Arc::new(AtomicUsize::new(0));
+    let s = slow_handled.clone();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let slow = bus
+        .subscribe_envelope("log", SubscribeOptions::group("slow"), move |_e: Envelope| {
+            let (s, g) = (s.clone(), g.clone());
+            async move {
+                g.acquire().await.unwrap().forget();
+                s.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    for v in 2..=11 {
+        bus.publish_envelope_sync("log", &envelope("agg-0", v))
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || fast_handled.load(Ordering::SeqCst)
+            == 61)
+        .await
+    );
+    assert_eq!(broker.retained("log"), 10, "group slow has settled none");
+    gate.add_permits(4);
+    assert!(eventually(Duration::from_secs(5), || broker.retained("log") == 6).await);
+    gate.add_permits(6);
+    assert!(
+        eventually(Duration::from_secs(5), || broker.retained("log") == 0).await,
+        "both groups settled everything, yet {} retained",
+        broker.retained("log")
+    );
+    assert_eq!(slow_handled.load(Ordering::SeqCst), 10);
+    fast.close().await.unwrap();
+    slow.close().await.unwrap();
+    bus.close().await.unwrap();
+}

@@ -289,19 +289,20 @@ impl Backend for KafkaBackend {
 
     async fn publish(&self, message: Message) -> Result<AckFuture> {
         self.inner.topics.ensure(&message.topic).await?;
-        let headers = kafka_headers(&message);
         let (generation, producer) = self.inner.producer()?;
+        // A refused record comes back with its headers: they are built once.
+        let mut headers = Some(kafka_headers(&message));
         let delivery = loop {
-            let mut record = FutureRecord::to(&message.topic)
-                .payload(&message.payload[..])
-                .headers(headers.clone());
+            let mut record = FutureRecord::to(&message.topic).payload(&message.payload[..]);
+            record.headers = headers.take();
             if let Some(key) = &message.key {
                 record = record.key(&key[..]);
             }
             match producer.send_result(record) {
                 Ok(delivery) => break delivery,
                 // Backpressure: the bus bounds this wait with publish.timeout_ms.
-                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), refused)) => {
+                    headers = refused.headers;
                     tokio::time::sleep(QUEUE_FULL_RETRY).await;
                 }
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {

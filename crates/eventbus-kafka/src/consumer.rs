@@ -181,6 +181,7 @@ impl KafkaSubscription {
         let poll = Poller {
             lag: lag.clone(),
             lag_measured: None,
+            lag_task: None,
             consumer: consumer.clone(),
             tracker: tracker.clone(),
             rebalances,
@@ -210,6 +211,8 @@ const LAG_EVERY: Duration = Duration::from_secs(1);
 struct Poller {
     lag: Arc<eventbus_core::MeasuredLag>,
     lag_measured: Option<std::time::Instant>,
+    /// The measurement running, if any.
+    lag_task: Option<tokio::task::JoinHandle<Option<u64>>>,
     consumer: Arc<StreamConsumer<MemberContext>>,
     tracker: Arc<OffsetTracker>,
     rebalances: Arc<AtomicU64>,
@@ -223,21 +226,31 @@ struct Poller {
 impl Poller {
     /// Log end minus the group's committed offset (or the log start when
     /// nothing is committed) of every assigned partition, at most every
-    /// [`LAG_EVERY`], on this task (`block_in_place`: the requests block);
-    /// left as it was when a request fails.
+    /// [`LAG_EVERY`], on a blocking thread (the requests block, up to 500 ms
+    /// each): the poll loop only starts a measurement and later picks up
+    /// its result, so a slow broker never holds up fetching. Left as it
+    /// was when a request fails.
     fn measure_lag(&mut self) {
+        if let Some(task) = &self.lag_task {
+            if !task.is_finished() {
+                return;
+            }
+            let done = self.lag_task.take().and_then(futures::FutureExt::now_or_never);
+            if let Some(Ok(Some(total))) = done {
+                self.lag.set(total);
+                // The brokers answered: connected.
+                self.consumer
+                    .context()
+                    .state
+                    .store(crate::backend::CONNECTED, Ordering::Relaxed);
+            }
+        }
         if self.lag_measured.is_some_and(|t| t.elapsed() < LAG_EVERY) {
             return;
         }
         self.lag_measured = Some(std::time::Instant::now());
-        let Ok(h) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        if h.runtime_flavor() != tokio::runtime::RuntimeFlavor::MultiThread {
-            return;
-        }
-        let consumer = &self.consumer;
-        let measured = tokio::task::block_in_place(|| -> Option<u64> {
+        let consumer = self.consumer.clone();
+        self.lag_task = Some(tokio::task::spawn_blocking(move || {
             let timeout = Duration::from_millis(500);
             let committed = consumer.committed(timeout).ok()?;
             let mut total = 0u64;
@@ -252,15 +265,7 @@ impl Poller {
                 total += (high - from).max(0) as u64;
             }
             Some(total)
-        });
-        if let Some(total) = measured {
-            self.lag.set(total);
-            // The brokers answered: connected.
-            self.consumer
-                .context()
-                .state
-                .store(crate::backend::CONNECTED, Ordering::Relaxed);
-        }
+        }));
     }
 
     async fn run(mut self, stop: Arc<tokio::sync::Notify>) {

@@ -30,8 +30,13 @@ pub(crate) struct Recorder {
 
 impl Recorder {
     pub(crate) fn new(progress: ProgressBar) -> Arc<Self> {
+        Self::with_checker(progress, OrderChecker::new())
+    }
+
+    /// A recorder judging deliveries with `checker` (a soak's bounded one).
+    pub(crate) fn with_checker(progress: ProgressBar, checker: OrderChecker) -> Arc<Self> {
         Arc::new(Self {
-            checker: OrderChecker::new(),
+            checker,
             end_to_end_us: Mutex::new(histogram()),
             received: AtomicU64::new(0),
             probes: AtomicUsize::new(0),
@@ -76,6 +81,11 @@ impl Recorder {
         wait(timeout, || self.received.load(Ordering::Acquire) >= events).await
     }
 
+    /// Deliveries recorded so far (probes not counted).
+    pub(crate) fn received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
     pub(crate) fn report(&self) -> eventbus_testkit::OrderReport {
         self.checker.report()
     }
@@ -105,6 +115,7 @@ impl Published {
         let last = recorder.last_receive().unwrap_or(self.first_send);
         super::LevelReport {
             label: self.label,
+            run: 0,
             events: self.events,
             aggregates: self.aggregates,
             acked: self.acked,

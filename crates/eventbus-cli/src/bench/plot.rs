@@ -16,7 +16,11 @@ struct Panel<'a> {
 }
 
 /// The SVG document for `reports`.
+/// The short levels and the sustained level's first run are drawn (the
+/// sustained level's spread is in the tables).
 pub(crate) fn svg(reports: &[LevelReport]) -> String {
+    let drawn: Vec<LevelReport> = reports.iter().filter(|r| r.run <= 1).cloned().collect();
+    let reports = &drawn[..];
     let panels = [
         Panel {
             title: "throughput (events/s, first send to last receive)",

@@ -38,11 +38,7 @@ pub(crate) async fn level(
     let sampler = Sampler::start();
     let topics = scenario.topic_names(&super::run_id("raw", events));
     let recorder = Recorder::new(progress);
-    let mut sink: Box<dyn RawSink> = match target {
-        Target::Memory => Box::new(MemoryRaw::start(&topics, &recorder)),
-        Target::Nats { url, .. } => Box::new(NatsRaw::start(url, &topics, &recorder).await?),
-        Target::Kafka { brokers, .. } => Box::new(KafkaRaw::start(brokers, &topics, &recorder).await?),
-    };
+    let mut sink = start(target, &topics, &recorder).await?;
     for (t, _) in topics.iter().enumerate() {
         let probe = Envelope::builder(PROBE_AGGREGATE, "Probe", 1)
             .json_payload(&0)?
@@ -75,16 +71,46 @@ pub(crate) async fn level(
     Ok(published.report(&recorder, sampler).await)
 }
 
+/// The raw client of `target`: its consumers (one per topic, recording
+/// into `recorder`) are running when this returns.
+pub(crate) async fn start(
+    target: &Target,
+    topics: &[String],
+    recorder: &Arc<Recorder>,
+) -> Result<Box<dyn RawSink>> {
+    Ok(match target {
+        Target::Memory => Box::new(MemoryRaw::start(topics, recorder)),
+        Target::Nats { url, .. } => Box::new(NatsRaw::start(url, topics, recorder).await?),
+        Target::Kafka { brokers, .. } => Box::new(KafkaRaw::start(brokers, topics, recorder).await?),
+    })
+}
+
 /// A raw client: publish (stage one), then await every outstanding ACK.
 #[async_trait::async_trait]
-trait RawSink: Send {
+pub(crate) trait RawSink: Send {
+    /// Sends `envelope` to topic number `topic` (stage one).
     async fn publish(&mut self, topic: usize, envelope: &Envelope) -> Result<()>;
     /// Awaits the outstanding ACKs; returns how many publishes were confirmed since the last call.
     async fn acked(&mut self) -> usize;
+    /// The ACKs already in, without waiting: (confirmed, failed) since the last call.
+    fn settled_now(&mut self) -> (usize, usize);
+    /// Stops the consumers.
     fn stop(&mut self);
 }
 
 type Pending = futures::stream::FuturesUnordered<futures::future::BoxFuture<'static, bool>>;
+
+/// The ACKs of `pending` already in, without waiting: (confirmed plus `already`, failed).
+fn settled_now(pending: &mut Pending, already: &mut usize) -> (usize, usize) {
+    let mut failed = 0;
+    while let Some(Some(ok)) = futures::FutureExt::now_or_never(pending.next()) {
+        match ok {
+            true => *already += 1,
+            false => failed += 1,
+        }
+    }
+    (std::mem::take(already), failed)
+}
 
 /// Awaits every pending ACK; returns the confirmed ones plus `already`.
 async fn drain(pending: &mut Pending, already: &mut usize) -> usize {
@@ -133,6 +159,10 @@ impl RawSink for MemoryRaw {
 
     async fn acked(&mut self) -> usize {
         std::mem::take(&mut self.sent)
+    }
+
+    fn settled_now(&mut self) -> (usize, usize) {
+        (std::mem::take(&mut self.sent), 0)
     }
 
     fn stop(&mut self) {
@@ -221,6 +251,10 @@ impl RawSink for NatsRaw {
 
     async fn acked(&mut self) -> usize {
         drain(&mut self.pending, &mut self.confirmed).await
+    }
+
+    fn settled_now(&mut self) -> (usize, usize) {
+        settled_now(&mut self.pending, &mut self.confirmed)
     }
 
     fn stop(&mut self) {
@@ -330,6 +364,10 @@ impl RawSink for KafkaRaw {
 
     async fn acked(&mut self) -> usize {
         drain(&mut self.pending, &mut self.confirmed).await
+    }
+
+    fn settled_now(&mut self) -> (usize, usize) {
+        settled_now(&mut self.pending, &mut self.confirmed)
     }
 
     fn stop(&mut self) {

@@ -13,6 +13,8 @@ use super::measure::Resources;
 pub(crate) struct LevelReport {
     /// `memory`, `nats`, `kafka`; raw baselines add `-raw`.
     pub(crate) label: String,
+    /// The sustained level's run number (1, 2, ...); 0 for a short level.
+    pub(crate) run: usize,
     pub(crate) events: usize,
     pub(crate) aggregates: usize,
     /// Publishes the broker confirmed.
@@ -56,6 +58,8 @@ impl Percentiles {
 #[derive(Debug, Serialize)]
 pub(crate) struct Row {
     label: String,
+    /// The sustained level's run number; 0 for a short level.
+    run: usize,
     events: usize,
     aggregates: usize,
     sent_acked: usize,
@@ -103,6 +107,7 @@ impl LevelReport {
     fn row(&self, all: &[LevelReport]) -> Row {
         Row {
             label: self.label.clone(),
+            run: self.run,
             events: self.events,
             aggregates: self.aggregates,
             sent_acked: self.acked,
@@ -130,7 +135,7 @@ fn ratio_to_raw(ours: &LevelReport, all: &[LevelReport]) -> Option<f64> {
     let raw_label = format!("{backend}-raw");
     let raw = all
         .iter()
-        .find(|r| r.label == raw_label && r.events == ours.events)?;
+        .find(|r| r.label == raw_label && r.events == ours.events && r.run == ours.run)?;
     Some(ours.throughput() / raw.throughput().max(1e-9))
 }
 
@@ -161,7 +166,10 @@ const HEADERS: [&str; 17] = [
 
 fn cells(r: &Row) -> Vec<String> {
     vec![
-        r.label.clone(),
+        match r.run {
+            0 => r.label.clone(),
+            n => format!("{} #{n}", r.label),
+        },
         r.events.to_string(),
         r.aggregates.to_string(),
         r.sent_acked.to_string(),
@@ -207,6 +215,11 @@ pub(crate) fn table(reports: &[LevelReport]) -> String {
         out.push_str(&line(r));
     }
     out.push_str(&resources_table(reports));
+    let sustained = summaries(reports);
+    if !sustained.is_empty() {
+        out.push_str("\nsustained level: median [min–max] over the runs\n");
+        out.push_str(&summary_markdown(&sustained));
+    }
     out
 }
 
@@ -231,7 +244,13 @@ fn resources_table(reports: &[LevelReport]) -> String {
 
 /// A GitHub markdown table (latencies in ms).
 pub(crate) fn markdown(reports: &[LevelReport]) -> String {
-    let mut out = format!("| {} | peak RSS MiB | tasks after |\n", HEADERS.join(" | "));
+    let sustained = summaries(reports);
+    let mut out = String::new();
+    if !sustained.is_empty() {
+        out.push_str(&summary_markdown(&sustained));
+        out.push('\n');
+    }
+    out += &format!("| {} | peak RSS MiB | tasks after |\n", HEADERS.join(" | "));
     out.push_str(&format!("|{}\n", "---|".repeat(HEADERS.len() + 2)));
     for (row, r) in rows(reports).iter().zip(reports) {
         out.push_str(&format!(
@@ -242,4 +261,246 @@ pub(crate) fn markdown(reports: &[LevelReport]) -> String {
         ));
     }
     out
+}
+
+/// Median and range of one figure over a sustained level's runs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub(crate) struct Spread {
+    pub(crate) median: f64,
+    pub(crate) min: f64,
+    pub(crate) max: f64,
+}
+
+impl Spread {
+    fn of(mut values: Vec<f64>) -> Option<Self> {
+        if values.is_empty() {
+            return None;
+        }
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        let median = match n % 2 {
+            1 => values[n / 2],
+            _ => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+        };
+        Some(Self {
+            median,
+            min: values[0],
+            max: values[n - 1],
+        })
+    }
+
+    fn show(&self, scale: f64, digits: usize) -> String {
+        format!(
+            "{:.digits$} [{:.digits$}–{:.digits$}]",
+            self.median * scale,
+            self.min * scale,
+            self.max * scale
+        )
+    }
+}
+
+/// One backend's sustained level over its runs, ours beside the raw client's.
+#[derive(Debug, Serialize)]
+pub(crate) struct Summary {
+    label: String,
+    events: usize,
+    runs: usize,
+    /// Events/s.
+    throughput: Spread,
+    raw_throughput: Option<Spread>,
+    /// Ours over the raw client's, per run (the runs alternate).
+    ratio_to_raw: Option<Spread>,
+    /// End-to-end p99, ms.
+    end_to_end_p99_ms: Spread,
+    raw_end_to_end_p99_ms: Option<Spread>,
+    /// Publish-call p99 (stage one), µs.
+    publish_p99_us: Spread,
+    order_violations: u64,
+    overlaps: u64,
+    duplicates: u64,
+    /// Peak RSS of each run, MiB, in run order (a fresh bus each run).
+    rss_peak_mb: Vec<f64>,
+    /// Largest peak RSS of a later run over the first run's, percent.
+    rss_growth_pct: f64,
+}
+
+/// The sustained level's summaries, one per label of ours (not `-raw`).
+pub(crate) fn summaries(reports: &[LevelReport]) -> Vec<Summary> {
+    let mut labels: Vec<&str> = Vec::new();
+    for r in reports.iter().filter(|r| r.run > 0 && !r.label.ends_with("-raw")) {
+        if !labels.contains(&r.label.as_str()) {
+            labels.push(&r.label);
+        }
+    }
+    labels
+        .into_iter()
+        .filter_map(|label| {
+            let ours: Vec<&LevelReport> = reports.iter().filter(|r| r.run > 0 && r.label == label).collect();
+            let backend = label.split(' ').next().unwrap_or(label);
+            let raw_label = format!("{backend}-raw");
+            let raw: Vec<&LevelReport> = reports
+                .iter()
+                .filter(|r| r.run > 0 && r.label == raw_label)
+                .collect();
+            let p99 = |r: &&LevelReport| r.end_to_end_us.value_at_quantile(0.99) as f64 / 1000.0;
+            let rss: Vec<f64> = ours.iter().map(|r| r.resources.rss_peak_mb).collect();
+            let first = rss.first().copied().unwrap_or(0.0).max(1e-9);
+            let later = rss.iter().skip(1).copied().fold(first, f64::max);
+            Some(Summary {
+                label: label.to_owned(),
+                events: ours.first()?.events,
+                runs: ours.len(),
+                throughput: Spread::of(ours.iter().map(|r| r.throughput()).collect())?,
+                raw_throughput: Spread::of(raw.iter().map(|r| r.throughput()).collect()),
+                ratio_to_raw: Spread::of(ours.iter().filter_map(|r| ratio_to_raw(r, reports)).collect()),
+                end_to_end_p99_ms: Spread::of(ours.iter().map(p99).collect())?,
+                raw_end_to_end_p99_ms: Spread::of(raw.iter().map(p99).collect()),
+                publish_p99_us: Spread::of(
+                    ours.iter()
+                        .map(|r| r.publish_us.value_at_quantile(0.99) as f64)
+                        .collect(),
+                )?,
+                order_violations: ours.iter().map(|r| r.order.violations()).sum(),
+                overlaps: ours.iter().map(|r| r.order.overlaps).sum(),
+                duplicates: ours.iter().map(|r| r.order.duplicates).sum(),
+                rss_growth_pct: 100.0 * (later - first) / first,
+                rss_peak_mb: rss,
+            })
+        })
+        .collect()
+}
+
+/// The sustained summaries as a GitHub markdown table.
+pub(crate) fn summary_markdown(summaries: &[Summary]) -> String {
+    let mut out = String::from(
+        "| backend | events | runs | events/s | raw events/s | vs raw | e2e p99 ms | raw e2e p99 ms | pub p99 µs | viol. / overlaps / dups | peak RSS MiB per run |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let or_dash =
+        |s: Option<Spread>, scale: f64, digits: usize| s.map_or("-".into(), |s| s.show(scale, digits));
+    for s in summaries {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |\n",
+            s.label,
+            s.events,
+            s.runs,
+            s.throughput.show(1.0, 0),
+            or_dash(s.raw_throughput, 1.0, 0),
+            s.ratio_to_raw.map_or("-".into(), |r| format!(
+                "{:.0} % [{:.0}–{:.0}]",
+                r.median * 100.0,
+                r.min * 100.0,
+                r.max * 100.0
+            )),
+            s.end_to_end_p99_ms.show(1.0, 1),
+            or_dash(s.raw_end_to_end_p99_ms, 1.0, 1),
+            s.publish_p99_us.show(1.0, 0),
+            s.order_violations,
+            s.overlaps,
+            s.duplicates,
+            s.rss_peak_mb
+                .iter()
+                .map(|m| format!("{m:.0}"))
+                .collect::<Vec<_>>()
+                .join(" / "),
+        ));
+    }
+    out
+}
+
+/// The JSON document of `--json`: when and where, every row, and the
+/// sustained summaries.
+pub(crate) fn document(reports: &[LevelReport]) -> serde_json::Value {
+    serde_json::json!({
+        "date": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        "machine": machine(),
+        "rows": rows(reports),
+        "sustained": summaries(reports),
+    })
+}
+
+/// Cores, memory and kernel of this machine, as the report's context.
+pub(crate) fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mem_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemTotal:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_default();
+    format!("{cores} cores ({cpu}), {mem_gib:.0} GiB")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(label: &str, run: usize, received: u64, secs: f64, rss: f64) -> LevelReport {
+        LevelReport {
+            label: label.into(),
+            run,
+            events: received as usize,
+            aggregates: 10,
+            acked: received as usize,
+            order: OrderReport {
+                received,
+                ..OrderReport::default()
+            },
+            publish_us: super::super::measure::histogram(),
+            end_to_end_us: super::super::measure::histogram(),
+            elapsed: Duration::from_secs_f64(secs),
+            resources: Resources {
+                rss_peak_mb: rss,
+                ..Resources::default()
+            },
+        }
+    }
+
+    #[test]
+    fn the_sustained_summary_pairs_each_run_with_its_own_raw_run() {
+        let reports = [
+            report("nats", 0, 500, 1.0, 10.0),
+            report("nats-raw", 0, 500, 0.5, 10.0),
+            report("nats", 1, 1_000, 1.0, 100.0),
+            report("nats-raw", 1, 1_000, 0.5, 100.0),
+            report("nats", 2, 1_000, 2.0, 105.0),
+            report("nats-raw", 2, 1_000, 1.0, 100.0),
+            report("nats", 3, 1_000, 0.8, 120.0),
+            report("nats-raw", 3, 1_000, 1.0, 100.0),
+        ];
+        let s = summaries(&reports);
+        assert_eq!(s.len(), 1, "one summary for ours, none for the raw client");
+        let s = &s[0];
+        assert_eq!((s.label.as_str(), s.runs, s.events), ("nats", 3, 1_000));
+        // Throughputs 1,000, 500 and 1,250: median 1,000.
+        assert_eq!(
+            (s.throughput.median, s.throughput.min, s.throughput.max),
+            (1_000.0, 500.0, 1_250.0)
+        );
+        // Per-run ratios 0.5, 0.5 and 1.25 (never ours of one run over raw of another).
+        let ratio = s.ratio_to_raw.unwrap();
+        assert_eq!((ratio.median, ratio.min, ratio.max), (0.5, 0.5, 1.25));
+        assert_eq!(s.rss_peak_mb, vec![100.0, 105.0, 120.0]);
+        assert!((s.rss_growth_pct - 20.0).abs() < 1e-9);
+        assert!(summary_markdown(&[]).lines().count() == 2);
+    }
+
+    #[test]
+    fn an_even_count_has_the_mean_of_the_middle_two_as_median() {
+        let s = Spread::of(vec![4.0, 1.0, 3.0, 2.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max), (2.5, 1.0, 4.0));
+        assert!(Spread::of(Vec::new()).is_none());
+    }
 }

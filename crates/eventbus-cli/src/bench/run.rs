@@ -21,7 +21,11 @@ pub(crate) async fn level(
     progress: ProgressBar,
 ) -> eventbus::Result<LevelReport> {
     let sampler = Sampler::start();
-    let buses = target.group_buses(members.max(1), BusConfig::default()).await?;
+    let mut config = BusConfig::default();
+    if let Some(concurrency) = scenario.concurrency {
+        config.consumer.concurrency = concurrency.max(1);
+    }
+    let buses = target.group_buses(members.max(1), config).await?;
     let bus = buses[0].clone();
     let topics = scenario.topic_names(&super::run_id("bus", events));
     let recorder = Recorder::new(progress);

@@ -13,6 +13,8 @@ pub(crate) struct Scenario {
     pub(crate) payload_bytes: usize,
     /// Longest wait for a level's deliveries.
     pub(crate) timeout: Duration,
+    /// `consumer.concurrency` of our bus; `None`: its default.
+    pub(crate) concurrency: Option<usize>,
 }
 
 impl Scenario {
@@ -74,6 +76,7 @@ mod tests {
             aggregates: None,
             payload_bytes: 256,
             timeout: Duration::from_secs(1),
+            concurrency: None,
         }
     }
 

@@ -53,7 +53,7 @@ pub(crate) struct OrderedExecutor<T> {
     max_workers: usize,
     /// Active keys and their queued jobs; a key is present while a worker or
     /// a retry task owns it, or while it waits in `ready`.
-    queues: Mutex<HashMap<Key, VecDeque<T>>>,
+    queues: Mutex<HashMap<Key, VecDeque<T>, foldhash::fast::RandomState>>,
     ready: Mutex<VecDeque<Key>>,
     /// One permit per key in `ready`; closed on shutdown to stop the workers.
     ready_count: Semaphore,
@@ -67,7 +67,7 @@ impl<T: Task> OrderedExecutor<T> {
         Arc::new(Self {
             concurrency: Semaphore::new(concurrency),
             max_workers: concurrency,
-            queues: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::default()),
             ready: Mutex::new(VecDeque::new()),
             ready_count: Semaphore::new(0),
             workers: AtomicUsize::new(0),

@@ -584,7 +584,7 @@ impl SubscriptionShared {
 /// The last `capacity` distinct event ids inserted (oldest forgotten first).
 struct RecentIds {
     /// The same allocation as in `order`: one per remembered id.
-    ids: std::collections::HashSet<Arc<str>>,
+    ids: std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>,
     order: std::collections::VecDeque<Arc<str>>,
     capacity: usize,
 }
@@ -592,7 +592,7 @@ struct RecentIds {
 impl RecentIds {
     fn new(capacity: usize) -> Self {
         Self {
-            ids: std::collections::HashSet::new(),
+            ids: std::collections::HashSet::default(),
             order: std::collections::VecDeque::new(),
             capacity,
         }

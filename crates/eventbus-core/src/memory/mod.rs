@@ -88,7 +88,7 @@ struct Group {
     /// Delivered and unsettled: sequence to (member, partition).
     pending: BTreeMap<u64, (u64, u32)>,
     /// Deliveries so far of messages delivered more than once.
-    counts: HashMap<u64, u64>,
+    counts: HashMap<u64, u64, foldhash::fast::RandomState>,
     /// Live members, by id.
     members: BTreeMap<u64, Arc<Mutex<GroupAssignment>>>,
 }
@@ -122,7 +122,7 @@ impl Group {
             next,
             partitions: (0..partitions).map(|_| PartitionState::default()).collect(),
             pending: BTreeMap::new(),
-            counts: HashMap::new(),
+            counts: HashMap::default(),
             members: BTreeMap::new(),
         }
     }
@@ -735,7 +735,9 @@ impl Acker for MemoryAcker {
             }
             group.counts.remove(&self.seq);
         }
-        let trimmed = state.trim();
+        // The log's first message is unsettled by some group (each ack of it
+        // trims), so only an ack of that very message can free a prefix.
+        let trimmed = self.seq == state.base && state.trim();
         drop(state);
         if trimmed {
             self.topic.notify_space();
