@@ -275,7 +275,8 @@ pub(crate) fn format_timestamp(t: &DateTime<FixedOffset>) -> String {
             (date.day(), 2, 'T'),
             (time.hour(), 2, ':'),
             (time.minute(), 2, ':'),
-            (time.second(), 2, ' '),
+            // A leap second's nanoseconds run past 10^9: written as second 60.
+            (time.second() + t.nanosecond() / 1_000_000_000, 2, ' '),
         ];
         for (value, width, separator) in fields {
             push_digits(&mut out, value, width);
@@ -564,6 +565,10 @@ mod tests {
         }
         let t = DateTime::parse_from_rfc3339("2024-01-15T10:30:00.1234+05:30").unwrap();
         assert_eq!(format_timestamp(&t), "2024-01-15T10:30:00.1234+05:30");
+        // A leap second keeps its 60 (from_timestamp never makes one).
+        let t = DateTime::parse_from_rfc3339("2016-12-31T23:59:60.5Z").unwrap();
+        assert_eq!(format_timestamp(&t), reference_layout(&t));
+        assert_eq!(format_timestamp(&t), "2016-12-31T23:59:60.5Z");
     }
 
     fn sample() -> EnvelopeBuilder {

@@ -212,7 +212,7 @@ struct Poller {
     lag: Arc<eventbus_core::MeasuredLag>,
     lag_measured: Option<std::time::Instant>,
     /// The measurement running, if any.
-    lag_task: Option<tokio::task::JoinHandle<Option<u64>>>,
+    lag_task: Option<tokio::task::JoinHandle<Option<()>>>,
     consumer: Arc<StreamConsumer<MemberContext>>,
     tracker: Arc<OffsetTracker>,
     rebalances: Arc<AtomicU64>,
@@ -227,30 +227,24 @@ impl Poller {
     /// Log end minus the group's committed offset (or the log start when
     /// nothing is committed) of every assigned partition, at most every
     /// [`LAG_EVERY`], on a blocking thread (the requests block, up to 500 ms
-    /// each): the poll loop only starts a measurement and later picks up
-    /// its result, so a slow broker never holds up fetching. Left as it
-    /// was when a request fails.
+    /// each): the poll loop only starts a measurement, so a slow broker
+    /// never holds up fetching. The thread sets the lag, and the state to
+    /// connected, the moment the brokers answered (an answer older than a
+    /// later broker failure never overrides it); left as it was when a
+    /// request fails. It holds the consumer only while measuring (a weak
+    /// reference otherwise), and the poll task waits for it before ending,
+    /// so `close` still drops the consumer last.
     fn measure_lag(&mut self) {
-        if let Some(task) = &self.lag_task {
-            if !task.is_finished() {
-                return;
-            }
-            let done = self.lag_task.take().and_then(futures::FutureExt::now_or_never);
-            if let Some(Ok(Some(total))) = done {
-                self.lag.set(total);
-                // The brokers answered: connected.
-                self.consumer
-                    .context()
-                    .state
-                    .store(crate::backend::CONNECTED, Ordering::Relaxed);
-            }
+        if self.lag_task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
         }
         if self.lag_measured.is_some_and(|t| t.elapsed() < LAG_EVERY) {
             return;
         }
         self.lag_measured = Some(std::time::Instant::now());
-        let consumer = self.consumer.clone();
+        let (consumer, lag) = (Arc::downgrade(&self.consumer), self.lag.clone());
         self.lag_task = Some(tokio::task::spawn_blocking(move || {
+            let consumer = consumer.upgrade()?;
             let timeout = Duration::from_millis(500);
             let committed = consumer.committed(timeout).ok()?;
             let mut total = 0u64;
@@ -264,11 +258,27 @@ impl Poller {
                 };
                 total += (high - from).max(0) as u64;
             }
-            Some(total)
+            lag.set(total);
+            // The brokers answered: connected.
+            consumer
+                .context()
+                .state
+                .store(crate::backend::CONNECTED, Ordering::Relaxed);
+            Some(())
         }));
     }
 
+    /// The poll loop, then a wait for a running lag measurement (bounded
+    /// by its request timeouts), so no thread holds the consumer once this
+    /// task ended.
     async fn run(mut self, stop: Arc<tokio::sync::Notify>) {
+        self.poll(stop).await;
+        if let Some(task) = self.lag_task.take() {
+            let _ = task.await;
+        }
+    }
+
+    async fn poll(&mut self, stop: Arc<tokio::sync::Notify>) {
         let consumer = self.consumer.clone();
         let tx = self.tx.clone();
         let stopped = stop.notified();
