@@ -210,7 +210,13 @@ impl NatsRaw {
             let mut messages = consumer.messages().await.map_err(|e| Error::backend("pull", e))?;
             let (topic, recorder) = (topic.clone(), recorder.clone());
             consumers.push(tokio::spawn(async move {
-                while let Some(Ok(m)) = messages.next().await {
+                // A raw user keeps consuming through a transient error
+                // (a missed heartbeat, a reconnect): so does the baseline.
+                while let Some(next) = messages.next().await {
+                    let Ok(m) = next else {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    };
                     if let Ok(e) = Envelope::decode(&m.payload) {
                         recorder.record(&topic, &e);
                     }
@@ -308,7 +314,16 @@ impl KafkaRaw {
                 .map_err(|e| Error::backend("subscribe", e))?;
             let (topic, recorder) = (topic.clone(), recorder.clone());
             consumers.push(tokio::spawn(async move {
-                while let Ok(m) = consumer.recv().await {
+                // librdkafka reports broker errors through recv and retries
+                // by itself: the baseline keeps consuming (it is aborted at the end).
+                loop {
+                    let m = match consumer.recv().await {
+                        Ok(m) => m,
+                        Err(_) => {
+                            tokio::time::sleep(Duration::from_millis(10)).await;
+                            continue;
+                        }
+                    };
                     if let Some(Ok(e)) = m.payload().map(Envelope::decode) {
                         recorder.record(&topic, &e);
                     }
