@@ -11,7 +11,6 @@
 //! event is lost or order breaks.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
@@ -245,24 +244,24 @@ pub(crate) async fn run(args: SoakArgs) -> eventbus::Result<()> {
     }
 }
 
-/// Where a soak's deliveries were judged.
-enum Checked {
-    Bus(Arc<eventbus_testkit::OrderChecker>),
-    Raw(Arc<crate::bench::measure::Recorder>),
-}
-
 /// What a soak publishes through and consumes with: the bus, or the raw client.
 enum Client {
     Bus {
         bus: eventbus::EventBus,
         subs: Vec<eventbus::Subscription>,
         pending: FuturesUnordered<eventbus::PublishHandle>,
-        handled: Arc<std::sync::atomic::AtomicU64>,
     },
     Raw {
         sink: Box<dyn crate::bench::raw::RawSink>,
-        recorder: Arc<crate::bench::measure::Recorder>,
     },
+}
+
+/// Counts one publish result into (acked, failed).
+fn tally(result: &eventbus::PublishResult, counts: &mut (u64, u64)) {
+    match result.error {
+        None => counts.0 += 1,
+        Some(_) => counts.1 += 1,
+    }
 }
 
 impl Client {
@@ -278,14 +277,11 @@ impl Client {
     fn settled_now(&mut self) -> (u64, u64) {
         match self {
             Client::Bus { pending, .. } => {
-                let (mut acked, mut failed) = (0, 0);
+                let mut counts = (0, 0);
                 while let Some(Some(result)) = futures::FutureExt::now_or_never(pending.next()) {
-                    match result.error {
-                        None => acked += 1,
-                        Some(_) => failed += 1,
-                    }
+                    tally(&result, &mut counts);
                 }
-                (acked, failed)
+                counts
             }
             Client::Raw { sink, .. } => {
                 let (acked, failed) = sink.settled_now();
@@ -298,28 +294,18 @@ impl Client {
     async fn settle_all(&mut self) -> (u64, u64) {
         match self {
             Client::Bus { pending, .. } => {
-                let (mut acked, mut failed) = (0, 0);
+                let mut counts = (0, 0);
                 while let Ok(Some(result)) =
                     tokio::time::timeout(Duration::from_secs(60), pending.next()).await
                 {
-                    match result.error {
-                        None => acked += 1,
-                        Some(_) => failed += 1,
-                    }
+                    tally(&result, &mut counts);
                 }
-                (acked, failed)
+                counts
             }
             Client::Raw { sink, .. } => {
                 let before = sink.settled_now();
                 (before.0 as u64 + sink.acked().await as u64, before.1 as u64)
             }
-        }
-    }
-
-    fn handled(&self) -> u64 {
-        match self {
-            Client::Bus { handled, .. } => handled.load(std::sync::atomic::Ordering::Relaxed),
-            Client::Raw { recorder, .. } => recorder.received(),
         }
     }
 
@@ -331,7 +317,7 @@ impl Client {
                 }
                 let _ = bus.close().await;
             }
-            Client::Raw { mut sink, .. } => sink.stop(),
+            Client::Raw { mut sink } => sink.stop(),
         }
     }
 }
@@ -339,33 +325,27 @@ impl Client {
 async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> {
     let id = crate::bench::run_id(if args.raw { "soakraw" } else { "soak" }, 0);
     let topics: Vec<String> = (0..args.topics.max(1)).map(|t| format!("{id}-t{t}")).collect();
-    // A bounded checker: its own memory must not grow with the events.
-    let checker = || eventbus_testkit::OrderChecker::with_replay_window(64);
-    let (mut client, checked) = if args.raw {
-        let recorder =
-            crate::bench::measure::Recorder::with_checker(indicatif::ProgressBar::hidden(), checker());
-        let sink = crate::bench::raw::start(target, &topics, &recorder).await?;
-        (
-            Client::Raw {
-                sink,
-                recorder: recorder.clone(),
-            },
-            Checked::Raw(recorder),
-        )
+    // One recorder for both clients, so each handling does the same work;
+    // its checker is bounded: its own memory must not grow with the events.
+    let recorder = crate::bench::measure::Recorder::with_checker(
+        indicatif::ProgressBar::hidden(),
+        eventbus_testkit::OrderChecker::with_replay_window(64),
+    );
+    let mut client = if args.raw {
+        Client::Raw {
+            sink: crate::bench::raw::start(target, &topics, &recorder).await?,
+        }
     } else {
         let bus = target.bus(BusConfig::default()).await?;
-        let checker = Arc::new(checker());
-        let handled = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let mut subs = Vec::new();
         for topic in &topics {
-            let (checker, handled, name) = (checker.clone(), handled.clone(), topic.clone());
+            let (recorder, name) = (recorder.clone(), topic.clone());
             subs.push(
                 bus.subscribe_envelope(
                     topic,
                     SubscribeOptions::group(format!("{id}-g")),
                     move |e: Envelope| {
-                        checker.record(&name, &e);
-                        handled.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        recorder.record(&name, &e);
                         async { Ok::<_, std::io::Error>(()) }
                     },
                 )
@@ -373,15 +353,7 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
             );
         }
         let pending = FuturesUnordered::new();
-        (
-            Client::Bus {
-                bus,
-                subs,
-                pending,
-                handled,
-            },
-            Checked::Bus(checker),
-        )
+        Client::Bus { bus, subs, pending }
     };
     let payload = serde_json::json!({ "pad": "x".repeat(args.payload_bytes.saturating_sub(12)) });
     let aggregates = args.aggregates.max(1);
@@ -431,7 +403,7 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
                 rss_kib: rss_kib(),
                 heap_kib: heap_kib(),
                 acked,
-                handled: client.handled(),
+                handled: recorder.received(),
             });
         }
     }
@@ -439,17 +411,14 @@ async fn soak(target: &Target, args: &SoakArgs) -> eventbus::Result<SoakReport> 
     acked += ok;
     failures += failed;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while client.handled() < acked && Instant::now() < deadline {
+    while recorder.received() < acked && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let handled = client.handled();
+    let handled = recorder.received();
     client.close().await;
     trim_heap();
     let rss_after_trim = rss_kib();
-    let report = match &checked {
-        Checked::Bus(checker) => checker.report(),
-        Checked::Raw(recorder) => recorder.report(),
-    };
+    let report = recorder.report();
     let mib = |kib: u64| kib as f64 / 1024.0;
     let warm: Vec<(f64, f64)> = samples
         .iter()
