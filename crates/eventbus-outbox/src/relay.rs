@@ -138,19 +138,41 @@ impl Relay {
     /// Runs rounds until `shutdown` is cancelled; sleeps `poll_interval_ms`
     /// when idle (PostgreSQL: or until a NOTIFY on insert).
     ///
+    /// Rounds are pipelined two deep: the next round's claim runs while
+    /// the current round publishes, waits for its ACKs and marks its rows,
+    /// so the database and the broker work at once. Order is unaffected: a
+    /// claim takes only heads, and an aggregate whose head the current
+    /// round holds has no head to give until that round marks it, so two
+    /// rounds never hold rows of one aggregate; and a round publishes only
+    /// after the one before it has finished.
+    ///
     /// # Errors
     /// Database errors are logged and retried; only a failed LISTEN setup returns.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let mut wakeups = self.store.database().wakeups().await?;
         let mut last_cleanup = tokio::time::Instant::now();
         let cleanup_every = Duration::from_millis(self.config.cleanup_interval_ms);
+        let mut next = self.claim_logged().await;
         while !shutdown.is_cancelled() {
-            let busy = match self.run_once().await {
-                Ok(n) => n > 0,
-                Err(e) => {
-                    tracing::warn!(error = %e, "relay round failed");
-                    false
+            let busy = match next.take() {
+                Some(round) if round.claimed_at.elapsed() > self.stale_after() => {
+                    // Claimed ahead but held past a renewal interval while
+                    // the round before it finished (ACKs slow or failing,
+                    // or the process stopped): its lease may be gone and its
+                    // rows taken by another relay, so it is not published.
+                    self.release(&round).await;
+                    true
                 }
+                Some(round) => {
+                    // Finish this round while claiming the next one.
+                    let (finished, claimed) = tokio::join!(self.finish(round), self.claim_logged());
+                    if let Err(e) = finished {
+                        tracing::warn!(error = %e, "relay round failed");
+                    }
+                    next = claimed;
+                    true
+                }
+                None => false,
             };
             if last_cleanup.elapsed() >= cleanup_every {
                 last_cleanup = tokio::time::Instant::now();
@@ -172,8 +194,32 @@ impl Relay {
                     _ = notified(&mut wakeups) => {}
                 }
             }
+            if next.is_none() && !shutdown.is_cancelled() {
+                next = self.claim_logged().await;
+            }
+        }
+        if let Some(round) = next {
+            // Claimed but not published: give the rows back at once rather
+            // than leave them to wait out their lease.
+            self.release(&round).await;
         }
         Ok(())
+    }
+
+    /// How old a claim may be when its round starts publishing: one
+    /// renewal interval (`lease_ms / 3`), measured on this process's
+    /// monotonic clock (which a stopped process's also advances).
+    fn stale_after(&self) -> Duration {
+        Duration::from_millis(self.config.lease_ms / 3)
+    }
+
+    /// Gives a round's rows back (compare-and-set on its claim: rows taken
+    /// over meanwhile are left alone); a failure is logged, and the rows
+    /// are claimable again after their lease.
+    async fn release(&self, round: &Round) {
+        if let Err(e) = self.store.release(&round.claim).await {
+            tracing::warn!(error = %e, "releasing outbox claims failed");
+        }
     }
 
     /// One round; returns the rows it claimed.
@@ -187,19 +233,45 @@ impl Relay {
     /// # Errors
     /// `Backend` when the database fails (claimed rows are claimable again after their lease).
     pub async fn run_once(&self) -> Result<usize> {
+        match self.claim().await? {
+            Some(round) => self.finish(round).await,
+            None => Ok(0),
+        }
+    }
+
+    /// [`claim`](Self::claim), with a failure logged (and taken as nothing claimed).
+    async fn claim_logged(&self) -> Option<Round> {
+        self.claim().await.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "relay claim failed");
+            None
+        })
+    }
+
+    /// Claims the next round's rows (none: `None`).
+    async fn claim(&self) -> Result<Option<Round>> {
         self.stats
             .last_round_started_ms
             .store(now_ms(), Ordering::Relaxed);
         let lease = Duration::from_millis(self.config.lease_ms);
         if !self.store.database().may_run(&self.id, lease).await? {
-            return Ok(0);
+            return Ok(None);
         }
         let claim = format!("{}/{}", self.id, eventbus_core::new_event_id());
         let rows = self.store.claim(&claim, self.config.batch_size, lease).await?;
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        if rows.is_empty() {
-            return Ok(0);
-        }
+        Ok((!rows.is_empty()).then(|| Round {
+            claim,
+            rows,
+            claimed_at: std::time::Instant::now(),
+        }))
+    }
+
+    /// Publishes a claimed round, waits for every ACK (renewing the claim),
+    /// marks the confirmed rows and reschedules or dead-letters the failed
+    /// ones; returns the rows it held.
+    async fn finish(&self, round: Round) -> Result<usize> {
+        let Round { claim, rows, .. } = round;
+        let lease = Duration::from_millis(self.config.lease_ms);
         let results = self.renewing(&claim, lease, self.publish_all(&rows)).await;
         let mut published = Vec::with_capacity(rows.len());
         for (row, outcome) in rows.iter().zip(results) {
@@ -300,6 +372,13 @@ impl Relay {
             Err(_) => false,
         }
     }
+}
+
+/// The rows one round claimed, under its claim token, and when.
+struct Round {
+    claim: String,
+    rows: Vec<OutboxRow>,
+    claimed_at: std::time::Instant,
 }
 
 fn confirmed(result: PublishResult) -> Result<(), String> {

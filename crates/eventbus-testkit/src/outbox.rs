@@ -56,6 +56,8 @@ macro_rules! outbox_store_tests {
             the_inbox_runs_a_redelivered_event_once,
             an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers,
             a_relay_whose_claim_expired_never_undoes_another_relays_work,
+            a_round_claimed_ahead_is_not_published_past_its_lease,
+            a_round_claims_at_most_batch_size_rows,
             the_inbox_layer_gives_one_effect_per_event_and_handler,
         );
     };
@@ -458,25 +460,29 @@ fn an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers(
     })
 }
 
-/// A backend whose first publish's ACK is lost after freezing the whole
-/// (current-thread) runtime for `freeze`, as a relay stopped by SIGSTOP or a
-/// long pause would be: its claim renewals cannot run meanwhile.
-struct FreezeOnFirstAck {
+/// A backend whose first publish's ACK is held for `stall`: with `freeze`,
+/// by freezing the whole (current-thread) runtime and then losing the ACK,
+/// as a relay stopped by SIGSTOP or a long pause would be (its claim
+/// renewals cannot run meanwhile); without, by a slow broker that confirms
+/// late while the runtime runs on.
+struct StallFirstAck {
     inner: MemoryBackend,
-    freeze: Duration,
+    stall: Duration,
+    freeze: bool,
     armed: AtomicBool,
 }
 
-impl std::fmt::Debug for FreezeOnFirstAck {
+impl std::fmt::Debug for StallFirstAck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("FreezeOnFirstAck")
+        f.debug_struct("StallFirstAck")
+            .field("stall", &self.stall)
             .field("freeze", &self.freeze)
             .finish()
     }
 }
 
 #[async_trait]
-impl Backend for FreezeOnFirstAck {
+impl Backend for StallFirstAck {
     fn name(&self) -> &'static str {
         "memory"
     }
@@ -486,11 +492,15 @@ impl Backend for FreezeOnFirstAck {
         if !self.armed.swap(false, Ordering::SeqCst) {
             return Ok(ack);
         }
-        let freeze = self.freeze;
+        let (stall, freeze) = (self.stall, self.freeze);
         Ok(async move {
-            let _ = ack.await; // stored and delivered; only the ACK is lost
-            std::thread::sleep(freeze);
-            Err(eventbus_core::Error::timeout("ACK lost"))
+            let confirmed = ack.await; // stored and delivered either way
+            if freeze {
+                std::thread::sleep(stall);
+                return Err(eventbus_core::Error::timeout("ACK lost"));
+            }
+            tokio::time::sleep(stall).await;
+            confirmed
         }
         .boxed())
     }
@@ -537,9 +547,10 @@ fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFac
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let frozen = FreezeOnFirstAck {
+                let frozen = StallFirstAck {
                     inner: backend_a,
-                    freeze: Duration::from_millis(800),
+                    stall: Duration::from_millis(800),
+                    freeze: true,
                     armed: true.into(),
                 };
                 let bus = EventBus::new(frozen, BusConfig::default()).unwrap();
@@ -577,6 +588,118 @@ fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFac
             "A discards its result"
         );
         sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+/// A relay claims its next round while the current one waits for ACKs. If
+/// that wait outlasts the lease (a slow broker), the round claimed ahead
+/// may have been taken over: relay B publishes `ahead-b` v1 and v2 while A
+/// still waits on `ahead-a` v1. A must then give its stale round back, not
+/// publish v1 again after v2 (the consumer would see 1, 2, 1).
+fn a_round_claimed_ahead_is_not_published_past_its_lease(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let backend = MemoryBackend::default();
+        // The consumer's event id memory is off, so a re-sent row shows.
+        let mut consumer = BusConfig::default();
+        consumer.consumer.dedup_window = 0;
+        let bus = EventBus::new(backend.clone(), consumer).unwrap();
+        let (sub, checker, _) = recorder(&bus, "orders").await;
+        business_write(&store, "ahead-1", &[envelope("ahead-a", 1)], true).await;
+        business_write(
+            &store,
+            "ahead-2",
+            &[envelope("ahead-b", 1), envelope("ahead-b", 2)],
+            true,
+        )
+        .await;
+        let config = RelayConfig {
+            lease_ms: 300,
+            batch_size: 1,
+            ..fast()
+        };
+        let slow = StallFirstAck {
+            inner: backend.clone(),
+            stall: Duration::from_millis(900),
+            freeze: false,
+            armed: true.into(),
+        };
+        let relay_a = Relay::new(
+            store.clone(),
+            EventBus::new(slow, BusConfig::default()).unwrap(),
+            config.clone(),
+        );
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let stop = shutdown.clone();
+        let running_a = tokio::spawn(async move { relay_a.run(stop).await });
+        // A holds ahead-a v1 (waiting for its ACK) and ahead-b v1 (claimed ahead).
+        let held = sql(
+            &store,
+            "SELECT COUNT(*) FROM outbox_events WHERE claimed_by IS NOT NULL AND event_version = 1",
+        );
+        let mut claimed = 0_i64;
+        for _ in 0..100 {
+            claimed = on_pool!(&store, |pool| sqlx::query_scalar(&held)
+                .fetch_one(pool)
+                .await
+                .expect("claimed rows"));
+            if claimed == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(claimed, 2, "relay A claims ahead while it waits");
+        let relay_b = Relay::new(store.clone(), bus.clone(), config);
+        let stop = shutdown.clone();
+        let running_b = tokio::spawn(async move { relay_b.run(stop).await });
+        assert!(
+            eventually(Duration::from_secs(10), || checker.report().received >= 3).await,
+            "{}",
+            checker.report()
+        );
+        // A's slow ACK arrives; whatever A does then, it must not re-send.
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        shutdown.cancel();
+        running_a.await.unwrap().unwrap();
+        running_b.await.unwrap().unwrap();
+        let report = checker.report();
+        assert!(report.is_strictly_ordered(), "{report}");
+        assert_eq!(report.received, 3, "{report}");
+        assert_eq!(report.duplicates, 0, "A re-sent a taken-over row: {report}");
+        let want: Vec<(i64, String)> = vec![
+            (1, "published".into()),
+            (1, "published".into()),
+            (2, "published".into()),
+        ];
+        assert_eq!(statuses(&store).await, want);
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+/// A round claims at most `batch_size` rows, however the database plans the
+/// claim (on PostgreSQL a re-run locking subquery once claimed 2 of 1).
+fn a_round_claims_at_most_batch_size_rows(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let bus = EventBus::memory();
+        for n in 0..4 {
+            let aggregate = format!("limit-{n}");
+            business_write(&store, &aggregate, &[envelope(&aggregate, 1)], true).await;
+        }
+        let relay = Relay::new(
+            store.clone(),
+            bus.clone(),
+            RelayConfig {
+                batch_size: 1,
+                ..fast()
+            },
+        );
+        for round in 0..4 {
+            assert_eq!(relay.run_once().await.unwrap(), 1, "round {round}");
+        }
+        assert_eq!(relay.run_once().await.unwrap(), 0);
         bus.close().await.unwrap();
     })
 }

@@ -1,15 +1,29 @@
-//! `eventbus outbox bench`: relay throughput and commit-to-ACK latency.
+//! `eventbus outbox bench`: relay throughput at saturation and
+//! commit-to-ACK latency at a steady insert rate.
 //!
-//! Appends `events` envelopes (20 per aggregate) in transactions of 100
-//! while one relay runs; throughput is events over first commit to last
-//! ACK; latency is each row's `published_at - created_at` (µs, from the
-//! database), as percentiles.
+//! **Saturation**, once per relay count in `--relays`: `--events`
+//! envelopes (`--per-aggregate` versions per aggregate, interleaved as a
+//! service's would be) are appended first, in transactions of 100, with no
+//! relay running; then the relays start (each with its own bus connection
+//! and database pool, as separate processes would) and the figure is events
+//! over relay start to the last row marked published.
+//!
+//! **Latency**: one relay runs while a writer appends `--rate` events/s
+//! (a transaction every 10 ms) for `--rate-secs`; the figures are each
+//! row's `published_at - created_at` (µs on the database row: append time
+//! to the relay's mark after the broker's ACK), as percentiles.
+//!
+//! Every phase publishes to its own topic, consumed by a group whose
+//! handler feeds the strict [`OrderChecker`]; the command fails when an
+//! event is lost, order breaks, or a phase exceeds its bound.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use eventbus::{Envelope, Result};
+use eventbus::{Envelope, EventBus, Result, SubscribeOptions};
 use eventbus_outbox::{OutboxEvent, OutboxStore, Relay, RelayConfig, append};
+use eventbus_testkit::OrderChecker;
 use eventbus_testkit::server::PostgresServer;
 use tokio_util::sync::CancellationToken;
 
@@ -27,13 +41,30 @@ pub(crate) struct BenchArgs {
     backend: BackendKind,
     #[command(flatten)]
     brokers: BrokerArgs,
-    /// Events to relay.
-    #[arg(long, default_value_t = 10_000)]
+    /// Events appended before the relays start, per saturation run (count).
+    #[arg(long, default_value_t = 50_000)]
     events: usize,
+    /// Versions per aggregate (count); aggregates = events / this.
+    #[arg(long, default_value_t = 20)]
+    per_aggregate: usize,
+    /// Relay counts measured at saturation, comma-separated (SQLite runs
+    /// one relay at a time whatever the count: its relays share one lease).
+    #[arg(long, value_delimiter = ',', default_value = "1,3")]
+    relays: Vec<usize>,
+    /// Steady insert rate of the latency run, in events/s (0 skips it).
+    #[arg(long, default_value_t = 5_000)]
+    rate: u64,
+    /// Length of the latency run, in seconds.
+    #[arg(long, default_value_t = 10)]
+    rate_secs: u64,
+    /// Rows a relay claims per round (count); default `RelayConfig`'s.
+    #[arg(long)]
+    batch_size: Option<i64>,
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
-    let tmp = tempfile_dir()?;
+    let tmp = tempfile::tempdir()
+        .map_err(|e| eventbus::Error::config("cannot create a temp dir").with_source(e))?;
     let (_pg, url) = match args.database.as_str() {
         "sqlite" => (
             None,
@@ -46,57 +77,206 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         }
         url => (None, url.to_owned()),
     };
+    let database = if url.starts_with("sqlite") {
+        "sqlite"
+    } else {
+        "postgres"
+    };
     let target = Target::connect(args.backend, &args.brokers, WhenMissing::StartLocal).await?;
-    let bus = target.bus(eventbus::BusConfig::default()).await?;
-    let store = OutboxStore::connect(&url, 8).await?;
-    store.migrate().await?;
-    let relay = Relay::new(
-        store.clone(),
-        bus.clone(),
-        RelayConfig {
-            poll_interval_ms: 5,
-            ..RelayConfig::default()
-        },
-    );
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    let running = tokio::spawn(async move { relay.run(stop).await });
-    let started = Instant::now();
-    insert(&store, args.events).await?;
-    let inserted = started.elapsed();
-    while published(&store).await? < args.events as i64 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let writer = OutboxStore::connect(&url, 4).await?;
+    writer.migrate().await?;
+    let mut relay_config = RelayConfig {
+        poll_interval_ms: 5,
+        ..RelayConfig::default()
+    };
+    if let Some(n) = args.batch_size {
+        relay_config.batch_size = n;
     }
-    let elapsed = started.elapsed();
-    shutdown.cancel();
-    let _ = running.await;
-    let (p50, p99, max) = latency_ms(&store).await?;
-    println!(
-        "outbox relay: {} events, database {}, backend {:?}: {:.0} events/s (first commit to last ACK {:.2}s; inserts took {:.2}s); commit->ACK p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms",
-        args.events,
-        if url.starts_with("sqlite") {
-            "sqlite"
-        } else {
-            "postgres"
-        },
-        args.backend,
-        args.events as f64 / elapsed.as_secs_f64(),
-        elapsed.as_secs_f64(),
-        inserted.as_secs_f64(),
-    );
-    bus.close().await
+    let mut failed = Vec::new();
+    for &relays in &args.relays {
+        let phase = Phase::start(&target, &url, relays.max(1), false).await?;
+        insert(&writer, &phase.topic, args.events, args.per_aggregate, None).await?;
+        let started = Instant::now();
+        phase.relay(&relay_config);
+        let bound = Duration::from_secs(60) + Duration::from_millis(args.events as u64);
+        phase.wait_published(args.events, started + bound).await?;
+        let elapsed = started.elapsed();
+        let report = phase.finish(args.events).await?;
+        println!(
+            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s): {:.0} events/s ({:.2}s from relay start to last mark); order: {report}",
+            args.events,
+            (args.events / args.per_aggregate.max(1)).max(1),
+            args.backend,
+            args.events as f64 / elapsed.as_secs_f64(),
+            elapsed.as_secs_f64(),
+        );
+        if !report.is_strictly_ordered() || report.received < args.events as u64 {
+            failed.push(format!("saturation with {relays} relay(s): {report}"));
+        }
+        reset(&writer).await?;
+    }
+    if args.rate > 0 {
+        let events = (args.rate * args.rate_secs) as usize;
+        let phase = Phase::start(&target, &url, 1, true).await?;
+        phase.relay(&relay_config);
+        let started = Instant::now();
+        insert(&writer, &phase.topic, events, args.per_aggregate, Some(args.rate)).await?;
+        let inserted = started.elapsed();
+        phase
+            .wait_published(events, Instant::now() + Duration::from_secs(60))
+            .await?;
+        let report = phase.finish(events).await?;
+        let (p50, p99, max) = latency_ms(&writer).await?;
+        println!(
+            "outbox latency: {events} events at {:.0} events/s for {:.1}s, {database}, {:?}, 1 relay: commit->ACK p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; order: {report}",
+            events as f64 / inserted.as_secs_f64(),
+            inserted.as_secs_f64(),
+            args.backend,
+        );
+        if !report.is_strictly_ordered() || report.received < events as u64 {
+            failed.push(format!("latency run: {report}"));
+        }
+        reset(&writer).await?;
+    }
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(eventbus::Error::config(format!(
+            "outbox bench: events lost or order broken: {}",
+            failed.join("; ")
+        )))
+    }
 }
 
-fn tempfile_dir() -> Result<tempfile::TempDir> {
-    tempfile::tempdir().map_err(|e| eventbus::Error::config("cannot create a temp dir").with_source(e))
+/// One measured run: its topic, the checking consumer, the relays' buses.
+struct Phase {
+    topic: String,
+    checker: Arc<OrderChecker>,
+    checking: EventBus,
+    relays: Vec<(EventBus, OutboxStore)>,
+    shutdown: CancellationToken,
+    running: std::sync::Mutex<Vec<tokio::task::JoinHandle<Result<()>>>>,
+    stats: std::sync::Mutex<Vec<Arc<eventbus_outbox::RelayStats>>>,
 }
 
-async fn insert(store: &OutboxStore, events: usize) -> Result<()> {
-    let aggregates = (events / 20).max(1);
+impl Phase {
+    /// Subscribes the checker to a fresh topic and connects `relays` buses and pools.
+    async fn start(target: &Target, url: &str, relays: usize, latency: bool) -> Result<Self> {
+        let topic = crate::bench::run_id(if latency { "outbox-lat" } else { "outbox" }, relays);
+        let mut buses = target
+            .group_buses(relays + 1, eventbus::BusConfig::default())
+            .await?;
+        let checking = buses.remove(0);
+        let checker = Arc::new(OrderChecker::new());
+        let c = checker.clone();
+        let name = topic.clone();
+        checking
+            .subscribe_envelope(
+                &topic,
+                SubscribeOptions::group(format!("{topic}-check")),
+                move |e: Envelope| {
+                    c.begin(&name, &e).succeeded();
+                    async { Ok::<_, std::io::Error>(()) }
+                },
+            )
+            .await?;
+        let mut with_pools = Vec::with_capacity(relays);
+        for bus in buses {
+            with_pools.push((bus, OutboxStore::connect(url, 4).await?));
+        }
+        Ok(Self {
+            topic,
+            checker,
+            checking,
+            relays: with_pools,
+            shutdown: CancellationToken::new(),
+            running: std::sync::Mutex::new(Vec::new()),
+            stats: std::sync::Mutex::new(Vec::new()),
+        })
+    }
+
+    /// Starts the relays.
+    fn relay(&self, config: &RelayConfig) {
+        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+        for (bus, store) in &self.relays {
+            let relay = Relay::new(store.clone(), bus.clone(), config.clone());
+            self.stats
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(relay.stats());
+            let stop = self.shutdown.clone();
+            running.push(tokio::spawn(async move { relay.run(stop).await }));
+        }
+    }
+
+    /// Waits until the relays marked `events` rows published (their
+    /// counters: polling the table would load the database being measured).
+    ///
+    /// # Errors
+    /// `Timeout` past `deadline`, with the count reached.
+    async fn wait_published(&self, events: usize, deadline: Instant) -> Result<()> {
+        loop {
+            let published: u64 = self
+                .stats
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|s| s.published.load(std::sync::atomic::Ordering::Relaxed))
+                .sum();
+            if published >= events as u64 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(eventbus::Error::timeout(format!(
+                    "outbox bench: {published} of {events} rows published before the deadline"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Stops the relays, waits (at most 60 s) for the checker to see
+    /// `events`, closes every bus and returns the checker's report.
+    async fn finish(self, events: usize) -> Result<eventbus_testkit::OrderReport> {
+        self.shutdown.cancel();
+        let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|p| p.into_inner()));
+        for task in running {
+            let _ = task.await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.checker.report().received < events as u64 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let report = self.checker.report();
+        for (bus, _) in &self.relays {
+            bus.close().await?;
+        }
+        self.checking.close().await?;
+        Ok(report)
+    }
+}
+
+/// Appends `events` envelopes for `topic` in transactions of 100 (at
+/// `rate` events/s: one transaction of `rate / 100` every 10 ms, late
+/// ones caught up at once so the average holds), aggregate
+/// `n % aggregates` at version `n / aggregates + 1`.
+async fn insert(
+    store: &OutboxStore,
+    topic: &str,
+    events: usize,
+    per_aggregate: usize,
+    rate: Option<u64>,
+) -> Result<()> {
+    let aggregates = (events / per_aggregate.max(1)).max(1);
+    let chunk = rate.map_or(100, |r| (r as usize / 100).max(1));
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let db = |e: sqlx::Error| eventbus::Error::backend("insert failed", e);
-    for chunk in 0..events.div_ceil(100) {
-        let range = chunk * 100..((chunk + 1) * 100).min(events);
-        let envelopes: Vec<Envelope> = range
+    for start in (0..events).step_by(chunk) {
+        if rate.is_some() {
+            tick.tick().await;
+        }
+        let envelopes: Vec<Envelope> = (start..(start + chunk).min(events))
             .map(|n| {
                 Envelope::builder(
                     format!("agg-{}", n % aggregates),
@@ -111,14 +291,14 @@ async fn insert(store: &OutboxStore, events: usize) -> Result<()> {
             OutboxStore::Sqlite(pool) => {
                 let mut tx = pool.begin().await.map_err(db)?;
                 for e in &envelopes {
-                    append(&mut *tx, OutboxEvent::new("bench", e, "Bench")).await?;
+                    append(&mut *tx, OutboxEvent::new(topic, e, "Bench")).await?;
                 }
                 tx.commit().await.map_err(db)?;
             }
             OutboxStore::Postgres(pool) => {
                 let mut tx = pool.begin().await.map_err(db)?;
                 for e in &envelopes {
-                    append(&mut *tx, OutboxEvent::new("bench", e, "Bench")).await?;
+                    append(&mut *tx, OutboxEvent::new(topic, e, "Bench")).await?;
                 }
                 tx.commit().await.map_err(db)?;
             }
@@ -127,14 +307,19 @@ async fn insert(store: &OutboxStore, events: usize) -> Result<()> {
     Ok(())
 }
 
-async fn published(store: &OutboxStore) -> Result<i64> {
-    Ok(store
-        .status()
-        .await?
-        .counts
-        .get("published")
-        .copied()
-        .unwrap_or(0))
+/// Deletes every row, so the next phase starts from an empty table.
+async fn reset(store: &OutboxStore) -> Result<()> {
+    let sql = "DELETE FROM outbox_events";
+    let db = |e: sqlx::Error| eventbus::Error::backend("reset failed", e);
+    match store {
+        OutboxStore::Sqlite(pool) => {
+            sqlx::query(sql).execute(pool).await.map_err(db)?;
+        }
+        OutboxStore::Postgres(pool) => {
+            sqlx::query(sql).execute(pool).await.map_err(db)?;
+        }
+    }
+    Ok(())
 }
 
 /// (p50, p99, max) of `published_at - created_at`, in ms.

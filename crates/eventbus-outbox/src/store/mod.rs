@@ -78,7 +78,9 @@ macro_rules! with_pool {
 }
 
 /// A pending row is a head when no pending row of its aggregate comes
-/// before it; due heads not held by a live lease (`now` is the database's
+/// before it (the row comparison is one range of the partial index
+/// `outbox_events_pending_heads`, where an `OR` scanned every pending row
+/// of the aggregate); due heads not held by a live lease (`now` is the database's
 /// clock as SQL), oldest first, at most `?` of them after the `?` due time.
 fn heads_sql(now: &str) -> String {
     format!(
@@ -87,8 +89,7 @@ fn heads_sql(now: &str) -> String {
           AND (o.lease_until IS NULL OR o.lease_until < {now})
           AND NOT EXISTS (SELECT 1 FROM outbox_events p
               WHERE p.aggregate_id = o.aggregate_id AND p.status = 'pending'
-                AND (p.event_version < o.event_version
-                     OR (p.event_version = o.event_version AND p.seq < o.seq)))
+                AND (p.event_version, p.seq) < (o.event_version, o.seq))
         ORDER BY o.seq LIMIT ?"
     )
 }
@@ -201,27 +202,53 @@ impl OutboxStore {
         }))
     }
 
+    /// Gives back every row still pending under `claim` (compare-and-set
+    /// on the claim: rows another relay took over are left alone); returns
+    /// how many.
+    pub(crate) async fn release(&self, claim: &str) -> Result<u64> {
+        let sql = "UPDATE outbox_events SET claimed_by = NULL, lease_until = NULL WHERE claimed_by = ? AND status = 'pending'";
+        Ok(with_pool!(self, |pool, d| {
+            sqlx::query(&d.sql(sql))
+                .bind(claim)
+                .execute(pool)
+                .await
+                .map_err(db("release claim"))?
+                .rows_affected()
+        }))
+    }
+
     /// Marks rows published, in one statement: only rows still pending and
     /// held under `claim` (compare-and-set); returns how many it marked.
     pub(crate) async fn mark_published(&self, claim: &str, ids: &[String]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
         }
-        let marks = vec!["?"; ids.len()].join(",");
-        let sql = format!(
-            "UPDATE outbox_events SET status = 'published', published_at = ?, claimed_by = NULL, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id IN ({marks})"
-        );
-        Ok(with_pool!(self, |pool, d| {
-            let sql = d.sql(&sql);
-            let mut q = sqlx::query(&sql).bind(now_us()).bind(claim);
-            for id in ids {
-                q = q.bind(id);
-            }
-            q.execute(pool)
+        // One statement text whatever the count, so it is prepared once per
+        // connection (a list of `?` was a new statement per batch size): a
+        // PostgreSQL array, a JSON array on SQLite.
+        const SET: &str = "UPDATE outbox_events SET status = 'published', published_at = ?, claimed_by = NULL, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id";
+        Ok(match self {
+            Self::Postgres(pool) => sqlx::query(&Dialect::Postgres.sql(&format!("{SET} = ANY(?)")))
+                .bind(now_us())
+                .bind(claim)
+                .bind(ids)
+                .execute(pool)
                 .await
                 .map_err(db("mark published"))?
-                .rows_affected()
-        }))
+                .rows_affected(),
+            Self::Sqlite(pool) => {
+                let ids = serde_json::to_string(ids)
+                    .map_err(|e| Error::backend("mark published: encoding ids", e))?;
+                sqlx::query(&format!("{SET} IN (SELECT value FROM json_each(?))"))
+                    .bind(now_us())
+                    .bind(claim)
+                    .bind(ids)
+                    .execute(pool)
+                    .await
+                    .map_err(db("mark published"))?
+                    .rows_affected()
+            }
+        })
     }
 
     /// Records a failed attempt of a row held under `claim` (compare-and-set

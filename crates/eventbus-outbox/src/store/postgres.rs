@@ -32,21 +32,49 @@ impl Database for PgPool {
     }
 
     async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>> {
+        // The lock is taken inside the limited scan: rows another relay is
+        // claiming are skipped and the LIMIT fills with later heads, so
+        // concurrent relays take disjoint sets instead of colliding on the
+        // same oldest heads. A row claimed and committed meanwhile fails the
+        // re-check of status and lease on its newest version. The scan is a
+        // materialized CTE, run once: as a `seq IN (...)` subquery the
+        // planner may run it again per outer row, and each run locks and
+        // returns more rows (a claim of 1 took 2).
         let sql = format!(
-            "UPDATE outbox_events SET claimed_by = ?, lease_until = {NOW_US} + ?
-             WHERE seq IN (SELECT seq FROM outbox_events WHERE seq IN ({}) FOR UPDATE SKIP LOCKED)
-               AND status = 'pending' AND (lease_until IS NULL OR lease_until < {NOW_US}) {}",
+            "WITH picked AS MATERIALIZED ({} FOR UPDATE OF o SKIP LOCKED)
+             UPDATE outbox_events t SET claimed_by = ?, lease_until = {NOW_US} + ?
+             FROM picked
+             WHERE t.seq = picked.seq AND t.status = 'pending'
+               AND (t.lease_until IS NULL OR t.lease_until < {NOW_US}) {}",
             super::heads_sql(NOW_US),
             super::RETURNING
         );
-        sqlx::query_as::<_, OutboxRow>(&Dialect::Postgres.sql(&sql))
-            .bind(claim)
-            .bind(lease.as_micros() as i64)
+        // The plan is pinned to the one that stops early: walk the pending
+        // rows by seq (partial index), probe each for an earlier pending row
+        // of its aggregate, stop at the limit. On stale statistics (the
+        // table analyzed while few rows were pending: a relay catching up
+        // after an outage) the planner otherwise probes every pending row
+        // and sorts them: a claim of 500 rows took 131 ms instead of 6 on
+        // 50,000 pending rows. The settings are local to this transaction.
+        let mut tx = self.begin().await.map_err(db("claim"))?;
+        sqlx::query(
+            "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true),
+                    set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
+                    set_config('enable_mergejoin', 'off', true)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db("claim"))?;
+        let rows = sqlx::query_as::<_, OutboxRow>(&Dialect::Postgres.sql(&sql))
             .bind(super::now_us())
             .bind(limit)
-            .fetch_all(self)
+            .bind(claim)
+            .bind(lease.as_micros() as i64)
+            .fetch_all(&mut *tx)
             .await
-            .map_err(db("claim"))
+            .map_err(db("claim"))?;
+        tx.commit().await.map_err(db("claim"))?;
+        Ok(rows)
     }
 
     async fn may_run(&self, _relay: &str, _lease: Duration) -> Result<bool> {
