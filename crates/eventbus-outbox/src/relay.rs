@@ -19,6 +19,11 @@ use crate::store::{OutboxRow, OutboxStore, Wakeups, now_us};
 pub struct RelayConfig {
     /// Rows claimed per round (count). Default 500.
     pub batch_size: i64,
+    /// Rounds one relay runs at once (count, at least 1): while one waits
+    /// for ACKs or marks its rows, another claims and publishes other
+    /// aggregates' heads. Default 2 (measured on PostgreSQL, 2 cores: 1
+    /// lane 12,000 events/s, 2 lanes 24,000; see the README).
+    pub rounds_in_flight: usize,
     /// Wait between polls when idle, in ms (PostgreSQL also wakes on NOTIFY). Default 500.
     pub poll_interval_ms: u64,
     /// How long a claim (or the SQLite relay lease) lasts without renewal, in
@@ -45,6 +50,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: 500,
+            rounds_in_flight: 2,
             poll_interval_ms: 500,
             lease_ms: 120_000,
             backoff: RetryPolicy {
@@ -111,6 +117,9 @@ pub struct Relay {
     config: RelayConfig,
     id: String,
     stats: Arc<RelayStats>,
+    /// Held while a lane claims: a relay's lanes overlap their publishing,
+    /// never their claims (concurrent claims scan past each other's rows).
+    claiming: tokio::sync::Mutex<()>,
 }
 
 impl Relay {
@@ -122,6 +131,7 @@ impl Relay {
             config,
             id: format!("relay-{}", eventbus_core::new_event_id()),
             stats: Arc::new(RelayStats::default()),
+            claiming: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -138,43 +148,51 @@ impl Relay {
     /// Runs rounds until `shutdown` is cancelled; sleeps `poll_interval_ms`
     /// when idle (PostgreSQL: or until a NOTIFY on insert).
     ///
-    /// Rounds are pipelined two deep: the next round's claim runs while
-    /// the current round publishes, waits for its ACKs and marks its rows,
-    /// so the database and the broker work at once. Order is unaffected: a
-    /// claim takes only heads, and an aggregate whose head the current
-    /// round holds has no head to give until that round marks it, so two
-    /// rounds never hold rows of one aggregate; and a round publishes only
-    /// after the one before it has finished.
+    /// `rounds_in_flight` lanes each run claim → publish → ACKs → mark in a
+    /// loop, so one lane claims while another waits for ACKs or marks, and
+    /// a slow ACK holds only its own round. Order is unaffected: a claim
+    /// takes only heads, and a head exists only once every earlier version
+    /// of its aggregate is settled (published after its ACK, or
+    /// dead-lettered); a row waiting in another lane's round, or failed and
+    /// backing off, is still pending, so its successors are not heads.
+    /// Two rounds therefore never hold one aggregate, and nothing is
+    /// published before its predecessor's ACK.
+    ///
+    /// On shutdown every running round finishes, then the relay gives up
+    /// its hold on the database (SQLite's relay lease), so a relay started
+    /// next takes over at once rather than after `lease_ms`.
     ///
     /// # Errors
     /// Database errors are logged and retried; only a failed LISTEN setup returns.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
-        let mut wakeups = self.store.database().wakeups().await?;
+        let wakeups = self.store.database().wakeups().await?;
+        let mut lanes = vec![self.lane(&shutdown, wakeups, true)];
+        for _ in 1..self.config.rounds_in_flight.max(1) {
+            lanes.push(self.lane(&shutdown, None, false));
+        }
+        futures::future::join_all(lanes).await;
+        // Every round has finished: hand the database over at once.
+        if let Err(e) = self.store.database().resign(&self.id).await {
+            tracing::warn!(error = %e, "giving up the relay lease failed");
+        }
+        Ok(())
+    }
+
+    /// One lane of [`run`](Self::run): rounds back to back while there is
+    /// work, else a nap (woken by `wakeups` when it has them); `cleans`:
+    /// this lane also deletes old published rows.
+    async fn lane(&self, shutdown: &CancellationToken, mut wakeups: Option<Wakeups>, cleans: bool) {
         let mut last_cleanup = tokio::time::Instant::now();
         let cleanup_every = Duration::from_millis(self.config.cleanup_interval_ms);
-        let mut next = self.claim_logged().await;
         while !shutdown.is_cancelled() {
-            let busy = match next.take() {
-                Some(round) if round.claimed_at.elapsed() > self.stale_after() => {
-                    // Claimed ahead but held past a renewal interval while
-                    // the round before it finished (ACKs slow or failing,
-                    // or the process stopped): its lease may be gone and its
-                    // rows taken by another relay, so it is not published.
-                    self.release(&round).await;
-                    true
+            let busy = match self.run_once().await {
+                Ok(n) => n > 0,
+                Err(e) => {
+                    tracing::warn!(error = %e, "relay round failed");
+                    false
                 }
-                Some(round) => {
-                    // Finish this round while claiming the next one.
-                    let (finished, claimed) = tokio::join!(self.finish(round), self.claim_logged());
-                    if let Err(e) = finished {
-                        tracing::warn!(error = %e, "relay round failed");
-                    }
-                    next = claimed;
-                    true
-                }
-                None => false,
             };
-            if last_cleanup.elapsed() >= cleanup_every {
+            if cleans && last_cleanup.elapsed() >= cleanup_every {
                 last_cleanup = tokio::time::Instant::now();
                 match self
                     .store
@@ -194,31 +212,6 @@ impl Relay {
                     _ = notified(&mut wakeups) => {}
                 }
             }
-            if next.is_none() && !shutdown.is_cancelled() {
-                next = self.claim_logged().await;
-            }
-        }
-        if let Some(round) = next {
-            // Claimed but not published: give the rows back at once rather
-            // than leave them to wait out their lease.
-            self.release(&round).await;
-        }
-        Ok(())
-    }
-
-    /// How old a claim may be when its round starts publishing: one
-    /// renewal interval (`lease_ms / 3`), measured on this process's
-    /// monotonic clock (which a stopped process's also advances).
-    fn stale_after(&self) -> Duration {
-        Duration::from_millis(self.config.lease_ms / 3)
-    }
-
-    /// Gives a round's rows back (compare-and-set on its claim: rows taken
-    /// over meanwhile are left alone); a failure is logged, and the rows
-    /// are claimable again after their lease.
-    async fn release(&self, round: &Round) {
-        if let Err(e) = self.store.release(&round.claim).await {
-            tracing::warn!(error = %e, "releasing outbox claims failed");
         }
     }
 
@@ -239,16 +232,9 @@ impl Relay {
         }
     }
 
-    /// [`claim`](Self::claim), with a failure logged (and taken as nothing claimed).
-    async fn claim_logged(&self) -> Option<Round> {
-        self.claim().await.unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "relay claim failed");
-            None
-        })
-    }
-
     /// Claims the next round's rows (none: `None`).
     async fn claim(&self) -> Result<Option<Round>> {
+        let _claiming = self.claiming.lock().await;
         self.stats
             .last_round_started_ms
             .store(now_ms(), Ordering::Relaxed);
@@ -259,18 +245,14 @@ impl Relay {
         let claim = format!("{}/{}", self.id, eventbus_core::new_event_id());
         let rows = self.store.claim(&claim, self.config.batch_size, lease).await?;
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        Ok((!rows.is_empty()).then(|| Round {
-            claim,
-            rows,
-            claimed_at: std::time::Instant::now(),
-        }))
+        Ok((!rows.is_empty()).then_some(Round { claim, rows }))
     }
 
     /// Publishes a claimed round, waits for every ACK (renewing the claim),
     /// marks the confirmed rows and reschedules or dead-letters the failed
     /// ones; returns the rows it held.
     async fn finish(&self, round: Round) -> Result<usize> {
-        let Round { claim, rows, .. } = round;
+        let Round { claim, rows } = round;
         let lease = Duration::from_millis(self.config.lease_ms);
         let results = self.renewing(&claim, lease, self.publish_all(&rows)).await;
         let mut published = Vec::with_capacity(rows.len());
@@ -374,11 +356,10 @@ impl Relay {
     }
 }
 
-/// The rows one round claimed, under its claim token, and when.
+/// The rows one round claimed, under its claim token.
 struct Round {
     claim: String,
     rows: Vec<OutboxRow>,
-    claimed_at: std::time::Instant,
 }
 
 fn confirmed(result: PublishResult) -> Result<(), String> {

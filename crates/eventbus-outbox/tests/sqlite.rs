@@ -75,3 +75,35 @@ async fn only_one_relay_holds_the_sqlite_lease() {
     );
     assert_eq!(first.run_once().await.unwrap(), 1);
 }
+
+/// A relay that shuts down gives the SQLite relay lease up, so the relay
+/// started next (a restart, a deploy) publishes at once instead of waiting
+/// out `lease_ms` (120 s by default; it waited before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_relay_hands_the_sqlite_lease_over_at_once() {
+    let sqlite = Sqlite {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let store = sqlite.store().await;
+    let OutboxStore::Sqlite(pool) = &store else {
+        unreachable!()
+    };
+    let first = Relay::new(store.clone(), EventBus::memory(), fast());
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    let running = tokio::spawn(async move { first.run(stop).await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    append(&mut *tx, OutboxEvent::new("orders", &envelope("h", 1), "Order"))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let second = Relay::new(store.clone(), EventBus::memory(), fast());
+    assert_eq!(
+        second.run_once().await.unwrap(),
+        1,
+        "the next relay waited for a stopped relay's lease"
+    );
+}

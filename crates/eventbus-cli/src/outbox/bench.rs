@@ -60,6 +60,9 @@ pub(crate) struct BenchArgs {
     /// Rows a relay claims per round (count); default `RelayConfig`'s.
     #[arg(long)]
     batch_size: Option<i64>,
+    /// Rounds each relay runs at once (count); default `RelayConfig`'s.
+    #[arg(long)]
+    rounds_in_flight: Option<usize>,
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
@@ -92,6 +95,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if let Some(n) = args.batch_size {
         relay_config.batch_size = n;
     }
+    if let Some(n) = args.rounds_in_flight {
+        relay_config.rounds_in_flight = n;
+    }
     let mut failed = Vec::new();
     for &relays in &args.relays {
         let phase = Phase::start(&target, &url, relays.max(1), false).await?;
@@ -103,10 +109,11 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         let elapsed = started.elapsed();
         let report = phase.finish(args.events).await?;
         println!(
-            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s): {:.0} events/s ({:.2}s from relay start to last mark); order: {report}",
+            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight: {:.0} events/s ({:.2}s from relay start to last mark); order: {report}",
             args.events,
             (args.events / args.per_aggregate.max(1)).max(1),
             args.backend,
+            relay_config.rounds_in_flight,
             args.events as f64 / elapsed.as_secs_f64(),
             elapsed.as_secs_f64(),
         );

@@ -202,21 +202,6 @@ impl OutboxStore {
         }))
     }
 
-    /// Gives back every row still pending under `claim` (compare-and-set
-    /// on the claim: rows another relay took over are left alone); returns
-    /// how many.
-    pub(crate) async fn release(&self, claim: &str) -> Result<u64> {
-        let sql = "UPDATE outbox_events SET claimed_by = NULL, lease_until = NULL WHERE claimed_by = ? AND status = 'pending'";
-        Ok(with_pool!(self, |pool, d| {
-            sqlx::query(&d.sql(sql))
-                .bind(claim)
-                .execute(pool)
-                .await
-                .map_err(db("release claim"))?
-                .rows_affected()
-        }))
-    }
-
     /// Marks rows published, in one statement: only rows still pending and
     /// held under `claim` (compare-and-set); returns how many it marked.
     pub(crate) async fn mark_published(&self, claim: &str, ids: &[String]) -> Result<u64> {
@@ -335,6 +320,11 @@ pub(crate) trait Database: Send + Sync {
     /// the database's relay lease (taken or renewed for `lease`); PostgreSQL:
     /// always (claims keep relays apart).
     async fn may_run(&self, relay: &str, lease: Duration) -> Result<bool>;
+
+    /// Gives up relay `relay`'s hold on the database, when it has one
+    /// (SQLite's relay lease), so a relay started next takes over at once
+    /// instead of after the lease. PostgreSQL: nothing to give up.
+    async fn resign(&self, relay: &str) -> Result<()>;
 
     /// Wake-ups when rows are inserted (PostgreSQL `LISTEN`); `None` where
     /// the relay only polls.

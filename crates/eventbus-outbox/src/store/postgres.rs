@@ -81,6 +81,10 @@ impl Database for PgPool {
         Ok(true)
     }
 
+    async fn resign(&self, _relay: &str) -> Result<()> {
+        Ok(())
+    }
+
     async fn wakeups(&self) -> Result<Option<Wakeups>> {
         let mut listener = PgListener::connect_with(self).await.map_err(db("listen"))?;
         listener.listen("outbox_events").await.map_err(db("listen"))?;

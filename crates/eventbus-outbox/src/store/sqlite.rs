@@ -72,6 +72,16 @@ impl Database for SqlitePool {
         Ok(affected == 1)
     }
 
+    async fn resign(&self, relay: &str) -> Result<()> {
+        sqlx::query("DELETE FROM outbox_relay_lease WHERE name = ? AND holder = ?")
+            .bind(RELAY_LEASE)
+            .bind(relay)
+            .execute(self)
+            .await
+            .map_err(db("resign lease"))
+            .map(drop)
+    }
+
     async fn wakeups(&self) -> Result<Option<Wakeups>> {
         Ok(None)
     }
