@@ -120,11 +120,14 @@ pub struct Relay {
     /// Held while a lane claims: a relay's lanes overlap their publishing,
     /// never their claims (concurrent claims scan past each other's rows).
     claiming: tokio::sync::Mutex<()>,
+    /// When each lane last started a round, in ms since the Unix epoch (0: not yet).
+    lanes_started: Vec<AtomicU64>,
 }
 
 impl Relay {
     /// A relay over `store` publishing through `bus`.
     pub fn new(store: OutboxStore, bus: EventBus, config: RelayConfig) -> Self {
+        let lanes = config.rounds_in_flight.max(1);
         Self {
             store,
             bus,
@@ -132,6 +135,7 @@ impl Relay {
             id: format!("relay-{}", eventbus_core::new_event_id()),
             stats: Arc::new(RelayStats::default()),
             claiming: tokio::sync::Mutex::new(()),
+            lanes_started: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
         }
     }
 
@@ -166,9 +170,9 @@ impl Relay {
     /// Database errors are logged and retried; only a failed LISTEN setup returns.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let wakeups = self.store.database().wakeups().await?;
-        let mut lanes = vec![self.lane(&shutdown, wakeups, true)];
-        for _ in 1..self.config.rounds_in_flight.max(1) {
-            lanes.push(self.lane(&shutdown, None, false));
+        let mut lanes = vec![self.lane(0, &shutdown, wakeups)];
+        for lane in 1..self.lanes_started.len() {
+            lanes.push(self.lane(lane, &shutdown, None));
         }
         futures::future::join_all(lanes).await;
         // Every round has finished: hand the database over at once.
@@ -178,21 +182,22 @@ impl Relay {
         Ok(())
     }
 
-    /// One lane of [`run`](Self::run): rounds back to back while there is
-    /// work, else a nap (woken by `wakeups` when it has them); `cleans`:
-    /// this lane also deletes old published rows.
-    async fn lane(&self, shutdown: &CancellationToken, mut wakeups: Option<Wakeups>, cleans: bool) {
+    /// Lane `lane` of [`run`](Self::run): rounds back to back while there
+    /// is work, else a nap (woken by `wakeups` when it has them); lane 0
+    /// also deletes old published rows.
+    async fn lane(&self, lane: usize, shutdown: &CancellationToken, mut wakeups: Option<Wakeups>) {
         let mut last_cleanup = tokio::time::Instant::now();
         let cleanup_every = Duration::from_millis(self.config.cleanup_interval_ms);
         while !shutdown.is_cancelled() {
-            let busy = match self.run_once().await {
+            self.round_started(lane);
+            let busy = match self.round().await {
                 Ok(n) => n > 0,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay round failed");
                     false
                 }
             };
-            if cleans && last_cleanup.elapsed() >= cleanup_every {
+            if lane == 0 && last_cleanup.elapsed() >= cleanup_every {
                 last_cleanup = tokio::time::Instant::now();
                 match self
                     .store
@@ -226,18 +231,38 @@ impl Relay {
     /// # Errors
     /// `Backend` when the database fails (claimed rows are claimable again after their lease).
     pub async fn run_once(&self) -> Result<usize> {
+        self.round_started(0);
+        self.round().await
+    }
+
+    /// Claims and finishes one round.
+    async fn round(&self) -> Result<usize> {
         match self.claim().await? {
             Some(round) => self.finish(round).await,
             None => Ok(0),
         }
     }
 
+    /// Records that lane `lane` starts a round. The relay's
+    /// `last_round_started_ms` is its stalest lane's, so one lane stuck on
+    /// a publish shows as a stuck relay even while the others run.
+    fn round_started(&self, lane: usize) {
+        if let Some(at) = self.lanes_started.get(lane) {
+            at.store(now_ms(), Ordering::Relaxed);
+        }
+        let stalest = self
+            .lanes_started
+            .iter()
+            .map(|at| at.load(Ordering::Relaxed))
+            .filter(|&at| at > 0)
+            .min()
+            .unwrap_or(0);
+        self.stats.last_round_started_ms.store(stalest, Ordering::Relaxed);
+    }
+
     /// Claims the next round's rows (none: `None`).
     async fn claim(&self) -> Result<Option<Round>> {
         let _claiming = self.claiming.lock().await;
-        self.stats
-            .last_round_started_ms
-            .store(now_ms(), Ordering::Relaxed);
         let lease = Duration::from_millis(self.config.lease_ms);
         if !self.store.database().may_run(&self.id, lease).await? {
             return Ok(None);
@@ -248,20 +273,28 @@ impl Relay {
         Ok((!rows.is_empty()).then_some(Round { claim, rows }))
     }
 
-    /// Publishes a claimed round, waits for every ACK (renewing the claim),
-    /// marks the confirmed rows and reschedules or dead-letters the failed
-    /// ones; returns the rows it held.
+    /// Publishes a claimed round, waits for every ACK, reschedules or
+    /// dead-letters the failed rows (all renewing the claim), then marks the
+    /// confirmed ones; returns the rows it held.
     async fn finish(&self, round: Round) -> Result<usize> {
         let Round { claim, rows } = round;
         let lease = Duration::from_millis(self.config.lease_ms);
-        let results = self.renewing(&claim, lease, self.publish_all(&rows)).await;
-        let mut published = Vec::with_capacity(rows.len());
-        for (row, outcome) in rows.iter().zip(results) {
-            match outcome {
-                Ok(()) => published.push(row.id.clone()),
-                Err(error) => self.failed(&claim, row, &error).await?,
-            }
-        }
+        // Failures (each may wait for a dead-letter ACK) run under the
+        // renewal too, so the confirmed rows of a round with many failures
+        // keep their claim until they are marked.
+        let published = self
+            .renewing(&claim, lease, async {
+                let results = self.publish_all(&rows).await;
+                let mut published = Vec::with_capacity(rows.len());
+                for (row, outcome) in rows.iter().zip(results) {
+                    match outcome {
+                        Ok(()) => published.push(row.id.clone()),
+                        Err(error) => self.failed(&claim, row, &error).await?,
+                    }
+                }
+                Ok::<_, eventbus_core::Error>(published)
+            })
+            .await?;
         let marked = self.store.mark_published(&claim, &published).await?;
         let lost = published.len() as u64 - marked;
         if lost > 0 {

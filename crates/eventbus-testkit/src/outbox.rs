@@ -58,6 +58,7 @@ macro_rules! outbox_store_tests {
             a_relay_whose_claim_expired_never_undoes_another_relays_work,
             a_slow_ack_holds_only_its_own_aggregate,
             a_round_claims_at_most_batch_size_rows,
+            a_stuck_lane_shows_in_the_relay_liveness,
             the_inbox_layer_gives_one_effect_per_event_and_handler,
         );
     };
@@ -639,6 +640,8 @@ fn a_slow_ack_holds_only_its_own_aggregate(f: &dyn StoreFactory) -> BoxFuture<'_
             "the other aggregate waited for the slow ACK: {}",
             checker.report()
         );
+        // Give a wrongly early slow v2 time to show (v1's ACK is still 0.5 s or more away).
+        tokio::time::sleep(Duration::from_millis(300)).await;
         assert_eq!(checker.report().received, 3, "slow v2 went before v1's ACK");
         assert!(eventually(Duration::from_secs(10), || checker.report().received >= 4).await);
         shutdown.cancel();
@@ -649,6 +652,48 @@ fn a_slow_ack_holds_only_its_own_aggregate(f: &dyn StoreFactory) -> BoxFuture<'_
         assert!(statuses(&store).await.iter().all(|(_, s)| s == "published"));
         sub.close().await.unwrap();
         bus.close().await.unwrap();
+    })
+}
+
+/// One lane stuck on a publish that does not complete makes the relay
+/// look stuck (`seconds_since_last_round`, the `/health` check), although
+/// its other lane keeps running rounds.
+fn a_stuck_lane_shows_in_the_relay_liveness(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        business_write(&store, "stuck-1", &[envelope("stuck", 1)], true).await;
+        let stalled = StallFirstAck {
+            inner: MemoryBackend::default(),
+            stall: Duration::from_secs(600),
+            freeze: false,
+            armed: true.into(),
+        };
+        let mut config = BusConfig::default();
+        config.publish.ack_timeout_ms = 3_500; // the stuck lane ends in a bounded time
+        let relay = Arc::new(Relay::new(
+            store.clone(),
+            EventBus::new(stalled, config).unwrap(),
+            RelayConfig {
+                rounds_in_flight: 2,
+                ..fast()
+            },
+        ));
+        let stats = relay.stats();
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let (stop, r) = (shutdown.clone(), relay.clone());
+        let running = tokio::spawn(async move { r.run(stop).await });
+        tokio::time::sleep(Duration::from_millis(2_600)).await;
+        let stale = stats.seconds_since_last_round();
+        shutdown.cancel();
+        running.await.unwrap().unwrap();
+        assert!(
+            stale >= 2,
+            "one lane waited 2.6 s on a publish, the relay reported {stale} s"
+        );
+        assert!(
+            stats.rounds.load(Ordering::SeqCst) > 10,
+            "the other lane kept running"
+        );
     })
 }
 

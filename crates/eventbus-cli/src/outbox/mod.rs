@@ -40,13 +40,17 @@ pub(crate) struct RelayArgs {
     /// Address of the `/metrics` and `/health` endpoints.
     #[arg(long, default_value = "127.0.0.1:9464")]
     listen: SocketAddr,
-    /// Rows claimed per round (default 100). Overrides `[relay] batch_size`.
+    /// Rows claimed per round (default 500). Overrides `[relay] batch_size`.
     #[arg(long)]
     batch_size: Option<i64>,
-    /// Idle poll interval, in ms (default 1,000). Overrides `[relay] poll_interval_ms`.
+    /// Rounds run at once (default 2): one claims while another waits for
+    /// ACKs. Overrides `[relay] rounds_in_flight`.
+    #[arg(long)]
+    rounds_in_flight: Option<usize>,
+    /// Idle poll interval, in ms (default 500). Overrides `[relay] poll_interval_ms`.
     #[arg(long)]
     poll_interval_ms: Option<u64>,
-    /// Publish attempts before a row is dead-lettered (default 10).
+    /// Publish attempts before a row is dead-lettered (default 5).
     /// Overrides `[relay] backoff.max_attempts`.
     #[arg(long)]
     max_attempts: Option<u32>,
@@ -87,6 +91,9 @@ async fn relay(args: RelayArgs) -> Result<()> {
     let mut config: RelayConfig = crate::backends::settings(args.brokers.config.as_deref(), "relay", None)?;
     if let Some(n) = args.batch_size {
         config.batch_size = n;
+    }
+    if let Some(n) = args.rounds_in_flight {
+        config.rounds_in_flight = n;
     }
     if let Some(ms) = args.poll_interval_ms {
         config.poll_interval_ms = ms;
