@@ -38,6 +38,19 @@ async fn setup() -> impl eventbus_testkit::outbox::StoreFactory {
 
 eventbus_testkit::outbox_store_tests!(setup);
 
+/// A store on a new SQLite file (kept while the first value lives) and its pool.
+async fn fresh() -> (Sqlite, OutboxStore, sqlx::SqlitePool) {
+    let sqlite = Sqlite {
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let store = sqlite.store().await;
+    let OutboxStore::Sqlite(pool) = &store else {
+        unreachable!()
+    };
+    let pool = pool.clone();
+    (sqlite, store, pool)
+}
+
 fn fast() -> RelayConfig {
     RelayConfig {
         poll_interval_ms: 20,
@@ -48,13 +61,7 @@ fn fast() -> RelayConfig {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_one_relay_holds_the_sqlite_lease() {
-    let sqlite = Sqlite {
-        dir: tempfile::tempdir().unwrap(),
-    };
-    let store = sqlite.store().await;
-    let OutboxStore::Sqlite(pool) = &store else {
-        unreachable!()
-    };
+    let (_sqlite, store, pool) = fresh().await;
     let mut tx = pool.begin().await.unwrap();
     append(&mut *tx, OutboxEvent::new("orders", &envelope("l", 1), "Order"))
         .await
@@ -81,13 +88,7 @@ async fn only_one_relay_holds_the_sqlite_lease() {
 /// out `lease_ms` (120 s by default; it waited before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_relay_hands_the_sqlite_lease_over_at_once() {
-    let sqlite = Sqlite {
-        dir: tempfile::tempdir().unwrap(),
-    };
-    let store = sqlite.store().await;
-    let OutboxStore::Sqlite(pool) = &store else {
-        unreachable!()
-    };
+    let (_sqlite, store, pool) = fresh().await;
     let first = Relay::new(store.clone(), EventBus::memory(), fast());
     let shutdown = tokio_util::sync::CancellationToken::new();
     let stop = shutdown.clone();

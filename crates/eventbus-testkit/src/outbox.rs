@@ -240,6 +240,25 @@ async fn recorder(bus: &EventBus, topic: &str) -> (Subscription, Arc<OrderChecke
     (sub, checker, poisoned)
 }
 
+/// A fresh store, a memory broker, a bus on it (with `consumer`'s
+/// settings) and a recorder subscribed to `orders`.
+async fn relayed(
+    f: &dyn StoreFactory,
+    consumer: BusConfig,
+) -> (
+    OutboxStore,
+    MemoryBackend,
+    EventBus,
+    Subscription,
+    Arc<OrderChecker>,
+) {
+    let store = store(f).await;
+    let backend = MemoryBackend::default();
+    let bus = EventBus::new(backend.clone(), consumer).unwrap();
+    let (sub, checker, _) = recorder(&bus, "orders").await;
+    (store, backend, bus, sub, checker)
+}
+
 fn a_rolled_back_transaction_publishes_nothing_and_a_committed_one_everything(
     f: &dyn StoreFactory,
 ) -> BoxFuture<'_, ()> {
@@ -525,10 +544,7 @@ impl Backend for StallFirstAck {
 /// v2: the consumer saw 1, 1, 2, 1).
 fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
     Box::pin(async move {
-        let store = store(f).await;
-        let backend = MemoryBackend::default();
-        let bus = EventBus::new(backend.clone(), BusConfig::default()).unwrap();
-        let (sub, checker, _) = recorder(&bus, "orders").await;
+        let (store, backend, bus, sub, checker) = relayed(f, BusConfig::default()).await;
         business_write(
             &store,
             "lease",
@@ -598,10 +614,7 @@ fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFac
 /// v2 waits for v1's ACK (its head is still pending), then follows in order.
 fn a_slow_ack_holds_only_its_own_aggregate(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
     Box::pin(async move {
-        let store = store(f).await;
-        let backend = MemoryBackend::default();
-        let bus = EventBus::new(backend.clone(), BusConfig::default()).unwrap();
-        let (sub, checker, _) = recorder(&bus, "orders").await;
+        let (store, backend, bus, sub, checker) = relayed(f, BusConfig::default()).await;
         business_write(
             &store,
             "lanes-1",

@@ -209,31 +209,27 @@ impl OutboxStore {
             return Ok(0);
         }
         // One statement text whatever the count, so it is prepared once per
-        // connection (a list of `?` was a new statement per batch size): a
-        // PostgreSQL array, a JSON array on SQLite.
-        const SET: &str = "UPDATE outbox_events SET status = 'published', published_at = ?, claimed_by = NULL, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id";
-        Ok(match self {
-            Self::Postgres(pool) => sqlx::query(&Dialect::Postgres.sql(&format!("{SET} = ANY(?)")))
+        // connection (a list of `?` was a new statement per batch size): the
+        // ids as one JSON array.
+        let ids =
+            serde_json::to_string(ids).map_err(|e| Error::backend("mark published: encoding ids", e))?;
+        Ok(with_pool!(self, |pool, d| {
+            let each = match d {
+                Dialect::Sqlite => "SELECT value FROM json_each(?)",
+                Dialect::Postgres => "SELECT jsonb_array_elements_text(?::jsonb)",
+            };
+            let sql = format!(
+                "UPDATE outbox_events SET status = 'published', published_at = ?, claimed_by = NULL, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id IN ({each})"
+            );
+            sqlx::query(&d.sql(&sql))
                 .bind(now_us())
                 .bind(claim)
-                .bind(ids)
+                .bind(&ids)
                 .execute(pool)
                 .await
                 .map_err(db("mark published"))?
-                .rows_affected(),
-            Self::Sqlite(pool) => {
-                let ids = serde_json::to_string(ids)
-                    .map_err(|e| Error::backend("mark published: encoding ids", e))?;
-                sqlx::query(&format!("{SET} IN (SELECT value FROM json_each(?))"))
-                    .bind(now_us())
-                    .bind(claim)
-                    .bind(ids)
-                    .execute(pool)
-                    .await
-                    .map_err(db("mark published"))?
-                    .rows_affected()
-            }
-        })
+                .rows_affected()
+        }))
     }
 
     /// Records a failed attempt of a row held under `claim` (compare-and-set
