@@ -11,7 +11,6 @@ mod postgres;
 mod s3;
 mod tansu;
 
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -157,11 +156,7 @@ impl LocalProcess {
         let err = log
             .try_clone()
             .map_err(|e| Error::config("cannot open the log").with_source(e))?;
-        // Its own process group, signalled as a whole: through `runuser`
-        // the PID is the wrapper's, and signalling only it orphaned the
-        // server under it (left running with its directory deleted).
         let child = Command::new(&self.program)
-            .process_group(0)
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -197,20 +192,15 @@ impl LocalProcess {
         &self.log
     }
 
-    /// Kills it (its whole process group) with SIGKILL, as a crash would,
-    /// and reaps it.
+    /// Kills it with SIGKILL, as a crash would, and reaps it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-KILL", "--", &format!("-{}", child.id())])
-                .status();
             let _ = child.kill();
             let _ = child.wait();
         }
     }
 
-    /// Sends `signal` (e.g. `"STOP"`, `"CONT"`, `"TERM"`) to it by PID:
-    /// to its process group, so a server started through `runuser` gets it too.
+    /// Sends `signal` (e.g. `"STOP"`, `"CONT"`, `"TERM"`) to it by PID.
     ///
     /// # Errors
     /// [`Config`](ErrorKind::Config) when it is not running or `kill` fails.
@@ -220,8 +210,7 @@ impl LocalProcess {
             .ok_or_else(|| Error::config(format!("{} is not running", self.name)))?;
         let status = Command::new("kill")
             .arg(format!("-{signal}"))
-            .arg("--")
-            .arg(format!("-{pid}"))
+            .arg(pid.to_string())
             .status()
             .map_err(|e| Error::config("cannot run kill").with_source(e))?;
         if status.success() {
