@@ -609,6 +609,18 @@ fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFac
     })
 }
 
+/// Runs `relay` in a task until the returned token is cancelled.
+fn run_relay(
+    relay: Relay,
+) -> (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<eventbus_core::Result<()>>,
+) {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let stop = shutdown.clone();
+    (shutdown, tokio::spawn(async move { relay.run(stop).await }))
+}
+
 /// A relay runs `rounds_in_flight` rounds at once: while one round waits
 /// for a slow ACK of `slow` v1, another publishes `quick` v1 and v2; `slow`
 /// v2 waits for v1's ACK (its head is still pending), then follows in order.
@@ -644,9 +656,7 @@ fn a_slow_ack_holds_only_its_own_aggregate(f: &dyn StoreFactory) -> BoxFuture<'_
                 ..fast()
             },
         );
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let stop = shutdown.clone();
-        let running = tokio::spawn(async move { relay.run(stop).await });
+        let (shutdown, running) = run_relay(relay);
         // slow v1 (sent, ACK pending), then quick v1 and v2 from the other lane.
         assert!(
             eventually(Duration::from_millis(1_500), || checker.report().received >= 3).await,
@@ -683,18 +693,16 @@ fn a_stuck_lane_shows_in_the_relay_liveness(f: &dyn StoreFactory) -> BoxFuture<'
         };
         let mut config = BusConfig::default();
         config.publish.ack_timeout_ms = 3_500; // the stuck lane ends in a bounded time
-        let relay = Arc::new(Relay::new(
+        let relay = Relay::new(
             store.clone(),
             EventBus::new(stalled, config).unwrap(),
             RelayConfig {
                 rounds_in_flight: 2,
                 ..fast()
             },
-        ));
+        );
         let stats = relay.stats();
-        let shutdown = tokio_util::sync::CancellationToken::new();
-        let (stop, r) = (shutdown.clone(), relay.clone());
-        let running = tokio::spawn(async move { r.run(stop).await });
+        let (shutdown, running) = run_relay(relay);
         tokio::time::sleep(Duration::from_millis(2_600)).await;
         let stale = stats.seconds_since_last_round();
         shutdown.cancel();
@@ -711,7 +719,7 @@ fn a_stuck_lane_shows_in_the_relay_liveness(f: &dyn StoreFactory) -> BoxFuture<'
 }
 
 /// A round claims at most `batch_size` rows, however the database plans the
-/// claim (on PostgreSQL a re-run locking subquery once claimed 2 of 1).
+/// claim (on PostgreSQL a re-run locking subquery once claimed 4 of 1).
 fn a_round_claims_at_most_batch_size_rows(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
     Box::pin(async move {
         let store = store(f).await;

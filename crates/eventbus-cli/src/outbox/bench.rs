@@ -100,7 +100,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     }
     let mut failed = Vec::new();
     for &relays in &args.relays {
-        let phase = Phase::start(&target, &url, relays.max(1), false).await?;
+        let mut phase = Phase::start(&target, &url, relays.max(1), false).await?;
         insert(&writer, &phase.topic, args.events, args.per_aggregate, None).await?;
         let started = Instant::now();
         phase.relay(&relay_config);
@@ -124,7 +124,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     }
     if args.rate > 0 {
         let events = (args.rate * args.rate_secs) as usize;
-        let phase = Phase::start(&target, &url, 1, true).await?;
+        let mut phase = Phase::start(&target, &url, 1, true).await?;
         phase.relay(&relay_config);
         let started = Instant::now();
         insert(&writer, &phase.topic, events, args.per_aggregate, Some(args.rate)).await?;
@@ -162,8 +162,8 @@ struct Phase {
     checking: EventBus,
     relays: Vec<(EventBus, OutboxStore)>,
     shutdown: CancellationToken,
-    running: std::sync::Mutex<Vec<tokio::task::JoinHandle<Result<()>>>>,
-    stats: std::sync::Mutex<Vec<Arc<eventbus_outbox::RelayStats>>>,
+    running: Vec<tokio::task::JoinHandle<Result<()>>>,
+    stats: Vec<Arc<eventbus_outbox::RelayStats>>,
 }
 
 impl Phase {
@@ -197,22 +197,19 @@ impl Phase {
             checking,
             relays: with_pools,
             shutdown: CancellationToken::new(),
-            running: std::sync::Mutex::new(Vec::new()),
-            stats: std::sync::Mutex::new(Vec::new()),
+            running: Vec::new(),
+            stats: Vec::new(),
         })
     }
 
     /// Starts the relays.
-    fn relay(&self, config: &RelayConfig) {
-        let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
+    fn relay(&mut self, config: &RelayConfig) {
         for (bus, store) in &self.relays {
             let relay = Relay::new(store.clone(), bus.clone(), config.clone());
-            self.stats
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(relay.stats());
+            self.stats.push(relay.stats());
             let stop = self.shutdown.clone();
-            running.push(tokio::spawn(async move { relay.run(stop).await }));
+            self.running
+                .push(tokio::spawn(async move { relay.run(stop).await }));
         }
     }
 
@@ -225,8 +222,6 @@ impl Phase {
         loop {
             let published: u64 = self
                 .stats
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
                 .iter()
                 .map(|s| s.published.load(std::sync::atomic::Ordering::Relaxed))
                 .sum();
@@ -244,10 +239,9 @@ impl Phase {
 
     /// Stops the relays, waits (at most 60 s) for the checker to see
     /// `events`, closes every bus and returns the checker's report.
-    async fn finish(self, events: usize) -> Result<eventbus_testkit::OrderReport> {
+    async fn finish(mut self, events: usize) -> Result<eventbus_testkit::OrderReport> {
         self.shutdown.cancel();
-        let running = std::mem::take(&mut *self.running.lock().unwrap_or_else(|p| p.into_inner()));
-        for task in running {
+        for task in std::mem::take(&mut self.running) {
             let _ = task.await;
         }
         let deadline = Instant::now() + Duration::from_secs(60);

@@ -39,7 +39,7 @@ impl Database for PgPool {
         // re-check of status and lease on its newest version. The scan is a
         // materialized CTE, run once: as a `seq IN (...)` subquery the
         // planner may run it again per outer row, and each run locks and
-        // returns more rows (a claim of 1 took 2).
+        // returns more rows (a claim of 1 took 4).
         let sql = format!(
             "WITH picked AS MATERIALIZED ({} FOR UPDATE OF o SKIP LOCKED)
              UPDATE outbox_events t SET claimed_by = ?, lease_until = {NOW_US} + ?
