@@ -94,7 +94,9 @@ struct Sample {
     /// Bytes the C allocator has handed out and not had back, in KiB
     /// (glibc `mallinfo2`: `uordblks + hblkhd`, every arena; Rust and
     /// librdkafka both allocate there). RSS minus this is memory the
-    /// allocator keeps for reuse. 0 where glibc is not the allocator.
+    /// allocator keeps for reuse. 0 where glibc is not the allocator (the
+    /// CLI's default `mimalloc` feature: build with `--no-default-features`
+    /// to measure it).
     heap_kib: u64,
     /// Envelopes acked by the broker so far (count).
     acked: u64,
@@ -129,7 +131,7 @@ struct SoakReport {
     /// a leak shows here; growth of RSS alone is the allocator's retention.
     heap_slope_mib_per_min: f64,
     /// RSS after the run, once the subscriptions are closed and
-    /// `malloc_trim(0)` has returned free pages to the system, in MiB.
+    /// `malloc_trim(0)` (and `mi_collect` under mimalloc) has returned free pages to the system, in MiB.
     rss_after_trim_mib: f64,
     samples: Vec<Sample>,
 }
@@ -147,14 +149,16 @@ fn rss_kib() -> u64 {
 }
 
 /// Live heap bytes of the C allocator, in KiB (see [`Sample::heap_kib`]).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
+/// Only where glibc's malloc is the Rust allocator too (the `mimalloc`
+/// feature off): under mimalloc, `mallinfo2` would count librdkafka alone.
+#[cfg(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc")))]
 fn heap_kib() -> u64 {
     // SAFETY: mallinfo2 only reads the allocator's counters (glibc >= 2.33).
     let info = unsafe { libc::mallinfo2() };
     ((info.uordblks + info.hblkhd) / 1024) as u64
 }
 
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+#[cfg(not(all(target_os = "linux", target_env = "gnu", not(feature = "mimalloc"))))]
 fn heap_kib() -> u64 {
     0
 }
@@ -162,6 +166,11 @@ fn heap_kib() -> u64 {
 /// Returns free heap pages to the system, so the RSS that follows is what
 /// is really in use.
 fn trim_heap() {
+    #[cfg(feature = "mimalloc")]
+    // SAFETY: mi_collect only frees mimalloc's own unused pages; it has no preconditions.
+    unsafe {
+        libmimalloc_sys::mi_collect(true);
+    }
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only releases free memory; it has no preconditions.
     unsafe {
