@@ -274,9 +274,62 @@ impl Relay {
             return Ok(None);
         }
         let claim = format!("{}/{}", self.id, eventbus_core::new_event_id());
-        let rows = self.store.claim(&claim, self.config.batch_size, lease).await?;
+        let claimed = self.store.claim(&claim, self.config.batch_size, lease).await;
+        drop(_claiming);
+        let rows = match claimed {
+            Ok(rows) => rows,
+            Err(e) => {
+                // The claim may have committed with its answer lost (the
+                // database went away): give its rows back rather than let
+                // them wait out their lease.
+                if let Err(release) = self.persist("release claim", || self.store.release(&claim)).await {
+                    tracing::warn!(error = %release, "releasing a failed claim failed: its rows wait for their lease");
+                }
+                return Err(e);
+            }
+        };
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         Ok((!rows.is_empty()).then_some(Round { claim, rows }))
+    }
+
+    /// Runs a database write of a round (a mark, a failure record, a claim
+    /// release) until it succeeds, retrying every 50 ms doubling up to 1 s
+    /// for at most `lease_ms`. Its rows are published (or failed) already:
+    /// giving up on the first error would leave them claimed for the whole
+    /// lease, their aggregates waiting, and then publish them again, beyond
+    /// a broker's dedup window (JetStream's is 2 min). Every write is a
+    /// compare-and-set on the claim token, so a late one cannot undo
+    /// another relay's work.
+    ///
+    /// # Errors
+    /// The last error, once `lease_ms` has passed.
+    async fn persist<T, F>(&self, what: &'static str, mut write: impl FnMut() -> F) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.lease();
+        let retry = RetryPolicy {
+            max_attempts: u32::MAX,
+            initial_backoff_ms: 50,
+            max_backoff_ms: 1_000,
+            multiplier: 2.0,
+            jitter: 0.2,
+        };
+        let mut attempt = 1;
+        loop {
+            match write().await {
+                Ok(done) => return Ok(done),
+                Err(e) => {
+                    let wait = retry.backoff(attempt);
+                    if tokio::time::Instant::now() + wait >= deadline {
+                        return Err(e);
+                    }
+                    tracing::warn!(error = %e, attempt, "outbox {what} failed: retrying");
+                    tokio::time::sleep(wait).await;
+                    attempt = attempt.saturating_add(1);
+                }
+            }
+        }
     }
 
     /// Publishes a claimed round, waits for every ACK, reschedules or
@@ -301,7 +354,9 @@ impl Relay {
                 Ok::<_, eventbus_core::Error>(published)
             })
             .await?;
-        let marked = self.store.mark_published(&claim, &published).await?;
+        let marked = self
+            .persist("mark published", || self.store.mark_published(&claim, &published))
+            .await?;
         let lost = published.len() as u64 - marked;
         if lost > 0 {
             self.lost_claims(lost);
@@ -366,7 +421,12 @@ impl Relay {
         let next = now_us() + self.config.backoff.backoff(attempt as u32).as_micros() as i64;
         // The dead-letter topic is unreachable too: keep the row, try later.
         let dead = exhausted && self.publish_dead_letter(row, error).await;
-        if !self.store.fail(claim, &row.id, error, next, dead).await? {
+        let recorded = self
+            .persist("record failure", || {
+                self.store.fail(claim, &row.id, error, next, dead)
+            })
+            .await?;
+        if !recorded {
             self.lost_claims(1);
             return Ok(());
         }

@@ -202,6 +202,22 @@ impl OutboxStore {
         }))
     }
 
+    /// Gives up every row still held under `claim` (back to claimable at
+    /// once, attempts unchanged); returns how many. For a claim whose
+    /// outcome the relay never learned (the connection failed around the
+    /// claim): if it did commit, its rows would otherwise wait out their lease.
+    pub(crate) async fn release(&self, claim: &str) -> Result<u64> {
+        let sql = "UPDATE outbox_events SET claimed_by = NULL, lease_until = NULL WHERE claimed_by = ? AND status = 'pending'";
+        Ok(with_pool!(self, |pool, d| {
+            sqlx::query(&d.sql(sql))
+                .bind(claim)
+                .execute(pool)
+                .await
+                .map_err(db("release claim"))?
+                .rows_affected()
+        }))
+    }
+
     /// Marks rows published, in one statement: only rows still pending and
     /// held under `claim` (compare-and-set); returns how many it marked.
     pub(crate) async fn mark_published(&self, claim: &str, ids: &[String]) -> Result<u64> {

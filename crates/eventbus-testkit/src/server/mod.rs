@@ -75,6 +75,8 @@ pub struct LocalProcess {
     log: PathBuf,
     port: u16,
     stop_with: StopWith,
+    /// Runs as this user (name) instead of ours; see [`LocalProcess::as_user`].
+    user: Option<String>,
     child: Option<Child>,
 }
 
@@ -100,6 +102,7 @@ impl LocalProcess {
             log: log.into(),
             port,
             stop_with: StopWith::Kill,
+            user: None,
             child: None,
         }
     }
@@ -129,13 +132,13 @@ impl LocalProcess {
         self
     }
 
-    /// Runs the program through `runuser -u <user> --` (PostgreSQL refuses root).
+    /// Runs the program as `user` (PostgreSQL refuses root): the child
+    /// switches to the user's uid and gid itself before `exec`, so the PID
+    /// signalled and waited for is the server's own. (Through `runuser`, the
+    /// PID was `runuser`'s: a stop that killed it orphaned the server.)
     #[must_use]
     pub fn as_user(mut self, user: &str) -> Self {
-        let program = std::mem::replace(&mut self.program, PathBuf::from("runuser"));
-        let mut args: Vec<std::ffi::OsString> = vec!["-u".into(), user.into(), "--".into(), program.into()];
-        args.append(&mut self.args);
-        self.args = args;
+        self.user = Some(user.to_owned());
         self
     }
 
@@ -156,7 +159,15 @@ impl LocalProcess {
         let err = log
             .try_clone()
             .map_err(|e| Error::config("cannot open the log").with_source(e))?;
-        let child = Command::new(&self.program)
+        let mut command = Command::new(&self.program);
+        if let Some(user) = &self.user {
+            let (uid, gid) = user_ids(user)?;
+            std::os::unix::process::CommandExt::uid(&mut command, uid);
+            std::os::unix::process::CommandExt::gid(&mut command, gid);
+            // Our working directory may be closed to that user.
+            command.current_dir("/");
+        }
+        let child = command
             .args(&self.args)
             .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -261,6 +272,21 @@ impl Drop for LocalProcess {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The uid and gid of `user`, from `/etc/passwd`.
+///
+/// # Errors
+/// [`Config`](ErrorKind::Config) when the file cannot be read or has no such user.
+pub(crate) fn user_ids(user: &str) -> Result<(u32, u32)> {
+    let passwd = std::fs::read_to_string("/etc/passwd")
+        .map_err(|e| Error::config("cannot read /etc/passwd").with_source(e))?;
+    passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .find(|f| f.first() == Some(&user))
+        .and_then(|f| Some((f.get(2)?.parse().ok()?, f.get(3)?.parse().ok()?)))
+        .ok_or_else(|| Error::config(format!("no user {user:?} in /etc/passwd")))
 }
 
 /// A new temporary directory.

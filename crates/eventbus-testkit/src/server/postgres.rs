@@ -49,14 +49,16 @@ fn is_root() -> bool {
 }
 
 /// `program`, as the `postgres` user when we are root.
-fn command(program: &Path, root: bool) -> Command {
+fn command(program: &Path, root: bool) -> Result<Command> {
+    let mut c = Command::new(program);
     if root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
+        let (uid, gid) = super::user_ids("postgres")?;
+        std::os::unix::process::CommandExt::uid(&mut c, uid);
+        std::os::unix::process::CommandExt::gid(&mut c, gid);
+        // initdb changes into no directory of its own: start it where postgres may read.
+        c.current_dir("/");
     }
+    Ok(c)
 }
 
 impl PostgresServer {
@@ -79,7 +81,7 @@ impl PostgresServer {
                 return Err(Error::config("cannot chown the cluster directory to postgres"));
             }
         }
-        let init = command(&bin.join("initdb"), root)
+        let init = command(&bin.join("initdb"), root)?
             .args(["-A", "trust", "-U", "postgres", "-E", "UTF8", "--no-sync", "-D"])
             .arg(&data)
             .stdout(Stdio::null())
