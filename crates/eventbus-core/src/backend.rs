@@ -155,6 +155,14 @@ pub trait BackendSubscription: Send + 'static {
     /// Must be cancel-safe: dropping the future loses no message.
     async fn next(&mut self) -> Option<Result<Delivery>>;
 
+    /// A delivery that is ready now, without waiting: `None` when none is
+    /// (the caller then awaits [`next`](BackendSubscription::next)). The
+    /// fetch loop takes every ready delivery through it, so a backlog costs
+    /// no future per message. The default has none ready.
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        None
+    }
+
     /// Leaves the group. Messages delivered and not settled go back to the
     /// group (at once, or when the broker's redelivery deadline passes).
     async fn close(self: Box<Self>) -> Result<()>;

@@ -472,6 +472,10 @@ impl BackendSubscription for KafkaSubscription {
         self.deliveries.recv().await
     }
 
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        self.deliveries.try_recv().ok()
+    }
+
     fn assignment(&self) -> Option<Arc<std::sync::Mutex<GroupAssignment>>> {
         Some(self.view.clone())
     }

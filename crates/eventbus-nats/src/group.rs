@@ -1116,6 +1116,10 @@ impl BackendSubscription for GroupSubscription {
         self.rx.recv().await
     }
 
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        self.rx.try_recv().ok()
+    }
+
     async fn close(mut self: Box<Self>) -> Result<()> {
         self.keep_alive.abort();
         self.stop.cancel();

@@ -235,6 +235,11 @@ impl SubscriptionShared {
             .expect("a subscription never closes its slot semaphore")
     }
 
+    /// Room for one more message if there is some now, without waiting.
+    pub(crate) fn try_reserve(&self) -> Option<OwnedSemaphorePermit> {
+        self.slots.clone().try_acquire_owned().ok()
+    }
+
     /// Turns a delivery into a job under its ordering key.
     pub(crate) fn job(self: &Arc<Self>, delivery: Delivery, slot: OwnedSemaphorePermit) -> (Key, Job) {
         let (key, work) = self.classify(delivery);

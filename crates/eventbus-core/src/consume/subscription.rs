@@ -181,13 +181,25 @@ async fn fetch_loop(
     mut source: Box<dyn BackendSubscription>,
 ) -> Box<dyn BackendSubscription> {
     loop {
-        let slot = tokio::select! {
-            _ = shared.stop_fetch.cancelled() => break,
-            slot = shared.reserve() => slot,
+        if shared.stop_fetch.is_cancelled() {
+            break;
+        }
+        // The non-waiting paths below never yield: let others run now and then.
+        tokio::task::coop::consume_budget().await;
+        // A backlog goes through the non-waiting paths: no futures per message.
+        let slot = match shared.try_reserve() {
+            Some(slot) => slot,
+            None => tokio::select! {
+                _ = shared.stop_fetch.cancelled() => break,
+                slot = shared.reserve() => slot,
+            },
         };
-        let next = tokio::select! {
-            _ = shared.stop_fetch.cancelled() => break,
-            next = source.next() => next,
+        let next = match source.try_next() {
+            Some(next) => Some(next),
+            None => tokio::select! {
+                _ = shared.stop_fetch.cancelled() => break,
+                next = source.next() => next,
+            },
         };
         match next {
             None => break,

@@ -675,6 +675,16 @@ impl BackendSubscription for MemorySubscription {
         }
     }
 
+    fn try_next(&mut self) -> Option<Result<Delivery>> {
+        if self.buffer.is_empty() {
+            if self.backend.ensure_open().is_err() {
+                return None;
+            }
+            self.take_batch();
+        }
+        self.buffer.pop_front().map(Ok)
+    }
+
     async fn close(mut self: Box<Self>) -> Result<()> {
         self.leave();
         Ok(())
