@@ -82,7 +82,9 @@ pub struct RelayStats {
     /// Results discarded because the row's claim was lost (its lease expired
     /// and another relay took it) before the result was recorded.
     pub lost_claims: AtomicU64,
-    /// When the last round started, in ms since the Unix epoch (0: never).
+    /// When the stalest lane last started a round or retried a database
+    /// write of one (a sign of life through a database outage), in ms since
+    /// the Unix epoch (0: never).
     pub last_round_started_ms: AtomicU64,
 }
 
@@ -191,7 +193,13 @@ impl Relay {
         let cleanup_every = Duration::from_millis(self.config.cleanup_interval_ms);
         while !shutdown.is_cancelled() {
             self.round_started(lane);
-            let busy = match self.round().await {
+            let busy = match self
+                .round(&Lane {
+                    index: lane,
+                    shutdown,
+                })
+                .await
+            {
                 Ok(n) => n > 0,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay round failed");
@@ -233,13 +241,18 @@ impl Relay {
     /// `Backend` when the database fails (claimed rows are claimable again after their lease).
     pub async fn run_once(&self) -> Result<usize> {
         self.round_started(0);
-        self.round().await
+        let never = CancellationToken::new();
+        self.round(&Lane {
+            index: 0,
+            shutdown: &never,
+        })
+        .await
     }
 
     /// Claims and finishes one round.
-    async fn round(&self) -> Result<usize> {
-        match self.claim().await? {
-            Some(round) => self.finish(round).await,
+    async fn round(&self, lane: &Lane<'_>) -> Result<usize> {
+        match self.claim(lane).await? {
+            Some(round) => self.finish(lane, round).await,
             None => Ok(0),
         }
     }
@@ -267,7 +280,7 @@ impl Relay {
     }
 
     /// Claims the next round's rows (none: `None`).
-    async fn claim(&self) -> Result<Option<Round>> {
+    async fn claim(&self, lane: &Lane<'_>) -> Result<Option<Round>> {
         let _claiming = self.claiming.lock().await;
         let lease = self.lease();
         if !self.store.database().may_run(&self.id, lease).await? {
@@ -282,7 +295,10 @@ impl Relay {
                 // The claim may have committed with its answer lost (the
                 // database went away): give its rows back rather than let
                 // them wait out their lease.
-                if let Err(release) = self.persist("release claim", || self.store.release(&claim)).await {
+                if let Err(release) = self
+                    .persist(lane, "release claim", || self.store.release(&claim))
+                    .await
+                {
                     tracing::warn!(error = %release, "releasing a failed claim failed: its rows wait for their lease");
                 }
                 return Err(e);
@@ -294,16 +310,25 @@ impl Relay {
 
     /// Runs a database write of a round (a mark, a failure record, a claim
     /// release) until it succeeds, retrying every 50 ms doubling up to 1 s
-    /// for at most `lease_ms`. Its rows are published (or failed) already:
-    /// giving up on the first error would leave them claimed for the whole
-    /// lease, their aggregates waiting, and then publish them again, beyond
-    /// a broker's dedup window (JetStream's is 2 min). Every write is a
-    /// compare-and-set on the claim token, so a late one cannot undo
-    /// another relay's work.
+    /// for at most `lease_ms` in all, each attempt included (an attempt on
+    /// a connection that hangs is cut off at that deadline). Its rows are
+    /// published (or failed) already: giving up on the first error would
+    /// leave them claimed for the whole lease, their aggregates waiting,
+    /// and then publish them again, beyond a broker's dedup window
+    /// (JetStream's is 2 min). Every write is a compare-and-set on the
+    /// claim token, so a late one cannot undo another relay's work, and an
+    /// attempt cut off midway is safe to repeat. Each retry stamps the
+    /// lane's liveness (a database outage is no reason to restart the
+    /// relay); shutdown stops the retries (the rows then wait for their lease).
     ///
     /// # Errors
-    /// The last error, once `lease_ms` has passed.
-    async fn persist<T, F>(&self, what: &'static str, mut write: impl FnMut() -> F) -> Result<T>
+    /// The last error, once `lease_ms` has passed or on shutdown.
+    async fn persist<T, F>(
+        &self,
+        lane: &Lane<'_>,
+        what: &'static str,
+        mut write: impl FnMut() -> F,
+    ) -> Result<T>
     where
         F: Future<Output = Result<T>>,
     {
@@ -317,53 +342,81 @@ impl Relay {
         };
         let mut attempt = 1;
         loop {
-            match write().await {
-                Ok(done) => return Ok(done),
-                Err(e) => {
-                    let wait = retry.backoff(attempt);
-                    if tokio::time::Instant::now() + wait >= deadline {
-                        return Err(e);
-                    }
-                    tracing::warn!(error = %e, attempt, "outbox {what} failed: retrying");
-                    tokio::time::sleep(wait).await;
-                    attempt = attempt.saturating_add(1);
-                }
+            let error = match tokio::time::timeout_at(deadline, write()).await {
+                Ok(Ok(done)) => return Ok(done),
+                Ok(Err(e)) => e,
+                Err(_) => eventbus_core::Error::timeout(format!(
+                    "outbox {what} did not complete within lease_ms ({} ms)",
+                    self.config.lease_ms
+                )),
+            };
+            let wait = retry.backoff(attempt);
+            if lane.shutdown.is_cancelled() || tokio::time::Instant::now() + wait >= deadline {
+                return Err(error);
             }
+            tracing::warn!(error = %error, attempt, "outbox {what} failed: retrying");
+            tokio::select! {
+                _ = lane.shutdown.cancelled() => return Err(error),
+                _ = tokio::time::sleep(wait) => {}
+            }
+            self.round_started(lane.index);
+            attempt = attempt.saturating_add(1);
         }
     }
 
     /// Publishes a claimed round, waits for every ACK, reschedules or
     /// dead-letters the failed rows (all renewing the claim), then marks the
     /// confirmed ones; returns the rows it held.
-    async fn finish(&self, round: Round) -> Result<usize> {
+    async fn finish(&self, lane: &Lane<'_>, round: Round) -> Result<usize> {
         let Round { claim, rows } = round;
         let lease = self.lease();
-        // Failures (each may wait for a dead-letter ACK) run under the
-        // renewal too, so the confirmed rows of a round with many failures
-        // keep their claim until they are marked.
-        let published = self
-            .renewing(&claim, lease, async {
-                let results = self.publish_all(&rows).await;
-                let mut published = Vec::with_capacity(rows.len());
-                for (row, outcome) in rows.iter().zip(results) {
-                    match outcome {
-                        Ok(()) => published.push(row.id.clone()),
-                        Err(error) => self.failed(&claim, row, &error).await?,
+        // Failures (each may wait for a dead-letter ACK) and the mark run
+        // under the renewal too, so the confirmed rows of a round with many
+        // failures, or a mark retried through a database outage, keep their
+        // claim until they are marked.
+        self.renewing(&claim, lease, async {
+            let results = self.publish_all(&rows).await;
+            let mut published = Vec::with_capacity(rows.len());
+            let mut failure = Ok(());
+            for (row, outcome) in rows.iter().zip(results) {
+                match outcome {
+                    Ok(()) => published.push(row.id.clone()),
+                    // A failure record that could not be written still
+                    // lets the confirmed rows be marked.
+                    Err(error) => {
+                        if let Err(e) = self.failed(lane, &claim, row, &error).await {
+                            failure = Err(e);
+                        }
                     }
                 }
-                Ok::<_, eventbus_core::Error>(published)
-            })
-            .await?;
-        let marked = self
-            .persist("mark published", || self.store.mark_published(&claim, &published))
-            .await?;
-        let lost = published.len() as u64 - marked;
-        if lost > 0 {
-            self.lost_claims(lost);
-        }
-        self.stats.published.fetch_add(marked, Ordering::Relaxed);
-        metrics::counter!(eventbus_core::telemetry::OUTBOX_PUBLISHED).increment(marked);
+            }
+            let marked = self
+                .persist(lane, "mark published", || {
+                    self.store.mark_published(&claim, &published)
+                })
+                .await?;
+            let mut lost = published.len() as u64 - marked;
+            if lost > 0 {
+                // A retried mark finds rows an earlier attempt marked
+                // before its answer was lost: ours, not another relay's.
+                let ours = self.store.count_published(&claim, &published).await?;
+                lost = published.len() as u64 - ours;
+                self.count_published(ours);
+            } else {
+                self.count_published(marked);
+            }
+            if lost > 0 {
+                self.lost_claims(lost);
+            }
+            failure
+        })
+        .await?;
         Ok(rows.len())
+    }
+
+    fn count_published(&self, n: u64) {
+        self.stats.published.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(eventbus_core::telemetry::OUTBOX_PUBLISHED).increment(n);
     }
 
     /// Runs `work` while renewing `claim` every third of `lease`.
@@ -413,7 +466,7 @@ impl Relay {
         outcomes
     }
 
-    async fn failed(&self, claim: &str, row: &OutboxRow, error: &str) -> Result<()> {
+    async fn failed(&self, lane: &Lane<'_>, claim: &str, row: &OutboxRow, error: &str) -> Result<()> {
         let attempt = row.attempts + 1;
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(eventbus_core::telemetry::OUTBOX_FAILED_ATTEMPTS).increment(1);
@@ -422,7 +475,7 @@ impl Relay {
         // The dead-letter topic is unreachable too: keep the row, try later.
         let dead = exhausted && self.publish_dead_letter(row, error).await;
         let recorded = self
-            .persist("record failure", || {
+            .persist(lane, "record failure", || {
                 self.store.fail(claim, &row.id, error, next, dead)
             })
             .await?;
@@ -453,6 +506,12 @@ impl Relay {
             Err(_) => false,
         }
     }
+}
+
+/// The lane a round runs in: its index (liveness) and the relay's shutdown.
+struct Lane<'a> {
+    index: usize,
+    shutdown: &'a CancellationToken,
 }
 
 /// The rows one round claimed, under its claim token.

@@ -59,6 +59,7 @@ macro_rules! outbox_store_tests {
             a_slow_ack_holds_only_its_own_aggregate,
             a_round_claims_at_most_batch_size_rows,
             a_stuck_lane_shows_in_the_relay_liveness,
+            a_mark_refused_by_the_database_is_retried_not_left_for_the_lease,
             the_inbox_layer_gives_one_effect_per_event_and_handler,
         );
     };
@@ -715,6 +716,99 @@ fn a_stuck_lane_shows_in_the_relay_liveness(f: &dyn StoreFactory) -> BoxFuture<'
             stats.rounds.load(Ordering::SeqCst) > 10,
             "the other lane kept running"
         );
+    })
+}
+
+/// Runs each statement on the store's pool.
+async fn execute(store: &OutboxStore, statements: &[&str]) {
+    for statement in statements {
+        on_pool!(store, |pool| {
+            sqlx::query(statement)
+                .execute(pool)
+                .await
+                .map(drop)
+                .unwrap_or_else(|e| panic!("{statement}: {e}"))
+        });
+    }
+}
+
+/// The database refuses to mark rows published (a trigger stands in for an
+/// outage between the ACK and the mark) while `outbox_fault.on_mark` is 1.
+async fn refuse_marks(store: &OutboxStore) {
+    let table = [
+        "CREATE TABLE outbox_fault (on_mark INTEGER NOT NULL)",
+        "INSERT INTO outbox_fault (on_mark) VALUES (1)",
+    ];
+    execute(store, &table).await;
+    match store {
+        OutboxStore::Sqlite(_) => {
+            execute(
+                store,
+                &[
+                    "CREATE TRIGGER outbox_fault_mark BEFORE UPDATE OF status ON outbox_events \
+                   WHEN NEW.status = 'published' AND (SELECT on_mark FROM outbox_fault) = 1 \
+                   BEGIN SELECT RAISE(ABORT, 'injected: mark refused'); END",
+                ],
+            )
+            .await;
+        }
+        OutboxStore::Postgres(_) => {
+            execute(
+                store,
+                &[
+                    "CREATE FUNCTION outbox_fault_mark() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                     BEGIN IF NEW.status = 'published' AND (SELECT on_mark FROM outbox_fault) = 1 \
+                     THEN RAISE EXCEPTION 'injected: mark refused'; END IF; RETURN NEW; END $$",
+                    "CREATE TRIGGER outbox_fault_mark BEFORE UPDATE ON outbox_events \
+                     FOR EACH ROW EXECUTE FUNCTION outbox_fault_mark()",
+                ],
+            )
+            .await;
+        }
+    }
+}
+
+/// A mark that fails after the broker confirmed (the database went away
+/// between the two) is retried until the database takes it: the event is
+/// published once, its successor follows within seconds, and nothing waits
+/// for the claim's lease. (Before, the round gave up on the first error:
+/// its rows stayed claimed for `lease_ms`, their aggregates waited, and
+/// then they were published again, past a broker's dedup window.)
+fn a_mark_refused_by_the_database_is_retried_not_left_for_the_lease(
+    f: &dyn StoreFactory,
+) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let (store, _backend, bus, _sub, checker) = relayed(f, BusConfig::default()).await;
+        refuse_marks(&store).await;
+        business_write(&store, "mark", &[envelope("mark", 1), envelope("mark", 2)], true).await;
+        let relay = Relay::new(
+            store.clone(),
+            bus.clone(),
+            RelayConfig {
+                lease_ms: 60_000,
+                ..fast()
+            },
+        );
+        let stats = relay.stats();
+        let (shutdown, running) = run_relay(relay);
+        assert!(
+            eventually(Duration::from_secs(10), || checker.report().received >= 1).await,
+            "v1 was never published"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await; // marks refused meanwhile
+        assert_eq!(checker.report().received, 1, "v2 went out before v1 was marked");
+        execute(&store, &["UPDATE outbox_fault SET on_mark = 0"]).await;
+        let both = eventually(Duration::from_secs(10), || checker.report().received >= 2).await;
+        let report = checker.report();
+        shutdown.cancel();
+        running.await.unwrap().unwrap();
+        assert!(both, "v2 waited for v1's lease: {report:?}");
+        assert!(report.is_strictly_ordered(), "{report}");
+        assert_eq!(report.duplicates, 0, "v1 was published again: {report:?}");
+        assert_eq!(stats.published.load(Ordering::SeqCst), 2);
+        assert_eq!(stats.lost_claims.load(Ordering::SeqCst), 0);
+        let published = store.status().await.unwrap().counts.get("published").copied();
+        assert_eq!(published, Some(2));
     })
 }
 

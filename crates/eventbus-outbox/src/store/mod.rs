@@ -220,6 +220,8 @@ impl OutboxStore {
 
     /// Marks rows published, in one statement: only rows still pending and
     /// held under `claim` (compare-and-set); returns how many it marked.
+    /// A published row keeps its round's token in `claimed_by` (see
+    /// [`count_published`](Self::count_published)).
     pub(crate) async fn mark_published(&self, claim: &str, ids: &[String]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
@@ -235,7 +237,7 @@ impl OutboxStore {
                 Dialect::Postgres => "SELECT jsonb_array_elements_text(?::jsonb)",
             };
             let sql = format!(
-                "UPDATE outbox_events SET status = 'published', published_at = ?, claimed_by = NULL, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id IN ({each})"
+                "UPDATE outbox_events SET status = 'published', published_at = ?, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id IN ({each})"
             );
             sqlx::query(&d.sql(&sql))
                 .bind(now_us())
@@ -245,6 +247,34 @@ impl OutboxStore {
                 .await
                 .map_err(db("mark published"))?
                 .rows_affected()
+        }))
+    }
+
+    /// How many of `ids` are published under `claim` (a published row keeps
+    /// the token of the round that marked it): tells a retried mark's rows
+    /// that an earlier attempt marked before its answer was lost from rows
+    /// another relay took over.
+    pub(crate) async fn count_published(&self, claim: &str, ids: &[String]) -> Result<u64> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids =
+            serde_json::to_string(ids).map_err(|e| Error::backend("count published: encoding ids", e))?;
+        Ok(with_pool!(self, |pool, d| {
+            let each = match d {
+                Dialect::Sqlite => "SELECT value FROM json_each(?)",
+                Dialect::Postgres => "SELECT jsonb_array_elements_text(?::jsonb)",
+            };
+            let sql = format!(
+                "SELECT COUNT(*) FROM outbox_events WHERE claimed_by = ? AND status = 'published' AND id IN ({each})"
+            );
+            let (n,): (i64,) = sqlx::query_as(&d.sql(&sql))
+                .bind(claim)
+                .bind(&ids)
+                .fetch_one(pool)
+                .await
+                .map_err(db("count published"))?;
+            n as u64
         }))
     }
 
