@@ -37,6 +37,15 @@ pub trait Backend: Send + Sync + 'static {
     /// Short name for health and metrics: `memory`, `nats`, `kafka`.
     fn name(&self) -> &'static str;
 
+    /// The publish window this backend works best with: publishes accepted
+    /// and not yet acknowledged (count), used when `publish.max_in_flight`
+    /// is not set. The default, 4,096, suits brokers that acknowledge
+    /// within milliseconds; a larger one trades memory and end-to-end
+    /// latency for throughput where acknowledgements are slow.
+    fn publish_window(&self) -> usize {
+        4_096
+    }
+
     /// Hands `message` to the broker client.
     ///
     /// # Errors

@@ -99,7 +99,11 @@ impl EventBus {
         config.validate()?;
         crate::telemetry::describe();
         let executor = OrderedExecutor::new(config.consumer.concurrency);
-        let publisher = Arc::new(Publisher::new(&config, backend.name()));
+        let window = config
+            .publish
+            .max_in_flight
+            .unwrap_or_else(|| backend.publish_window());
+        let publisher = Arc::new(Publisher::new(&config, window, backend.name()));
         Ok(Self {
             inner: Arc::new(BusInner {
                 backend,
@@ -605,7 +609,7 @@ impl EventBusBuilder {
 
     /// Sets `publish.max_in_flight` (publishes awaiting their ACK).
     pub fn publish_max_in_flight(mut self, messages: usize) -> Self {
-        self.config.publish.max_in_flight = messages;
+        self.config.publish.max_in_flight = Some(messages);
         self
     }
 

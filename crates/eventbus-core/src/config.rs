@@ -3,7 +3,7 @@
 //!
 //! | key | default | meaning |
 //! |---|---|---|
-//! | `publish.max_in_flight` | 4,096 | publishes accepted but not yet acknowledged |
+//! | `publish.max_in_flight` | the backend's: 4,096; Kafka 20,000 | publishes accepted but not yet acknowledged |
 //! | `publish.timeout_ms` | 5,000 | longest wait for room in the in-flight window or for the backend to accept |
 //! | `publish.ack_timeout_ms` | 30,000 | longest wait for a broker ACK; then the result is a `Timeout` error |
 //! | `results.enabled` | false | keep a lossless stream of publish results |
@@ -56,7 +56,9 @@ pub struct BusConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct PublishConfig {
     /// Publishes accepted but not yet acknowledged, per bus (count).
-    pub max_in_flight: usize,
+    /// `None` (default): the backend's [`publish_window`](crate::Backend::publish_window),
+    /// 4,096 on memory and NATS, 20,000 on Kafka.
+    pub max_in_flight: Option<usize>,
     /// Longest wait for room in the window and for the backend to accept, in ms.
     pub timeout_ms: u64,
     /// Longest wait for the broker's ACK, in ms.
@@ -158,7 +160,7 @@ impl Default for BusConfig {
 impl Default for PublishConfig {
     fn default() -> Self {
         Self {
-            max_in_flight: 4_096,
+            max_in_flight: None,
             timeout_ms: 5_000,
             ack_timeout_ms: 30_000,
             tenant_id_format: crate::TenantIdFormat::Integer,
@@ -263,7 +265,7 @@ impl BusConfig {
     /// [`Config`](ErrorKind::Config) naming the zero limit.
     pub fn validate(&self) -> Result<()> {
         let zero = [
-            ("publish.max_in_flight", self.publish.max_in_flight),
+            ("publish.max_in_flight", self.publish.max_in_flight.unwrap_or(1)),
             ("results.capacity", self.results.capacity),
             ("consumer.concurrency", self.consumer.concurrency),
             ("consumer.max_in_flight", self.consumer.max_in_flight),
@@ -314,7 +316,7 @@ mod tests {
             let c = BusConfig::from_file(&toml).unwrap();
             assert_eq!(c.consumer.concurrency, 8);
             assert_eq!(c.consumer.retry.max_attempts, 5);
-            assert_eq!(c.publish.max_in_flight, 4_096);
+            assert_eq!(c.publish.max_in_flight, None);
             Ok(())
         });
 
@@ -323,7 +325,7 @@ mod tests {
         figment::Jail::expect_with(|jail| {
             jail.set_env("EVENTBUS_PUBLISH__TIMEOUT_MS", "42");
             let c = BusConfig::from_file(&yaml).unwrap();
-            assert_eq!(c.publish.max_in_flight, 7);
+            assert_eq!(c.publish.max_in_flight, Some(7));
             assert_eq!(c.publish.timeout_ms, 42);
             Ok(())
         });

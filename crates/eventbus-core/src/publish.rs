@@ -163,7 +163,8 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
-    pub(crate) fn new(config: &crate::BusConfig, backend: &'static str) -> Self {
+    /// A publisher with a window of `window` publishes awaiting their ACK.
+    pub(crate) fn new(config: &crate::BusConfig, window: usize, backend: &'static str) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let routes = Arc::new(Mutex::new(ResultRoutes::default()));
         let mut global_results = None;
@@ -175,8 +176,8 @@ impl Publisher {
         tokio::spawn(collect(rx, routes.clone(), backend));
         Self {
             // The unbounded channel holds at most `max_in_flight` items: each carries a permit.
-            window: Arc::new(Semaphore::new(config.publish.max_in_flight)),
-            max_in_flight: config.publish.max_in_flight,
+            window: Arc::new(Semaphore::new(window)),
+            max_in_flight: window,
             pending: tx,
             routes,
             results_capacity: config.results.capacity,

@@ -30,7 +30,7 @@ async fn an_unread_results_stream_makes_publishers_wait_then_time_out_without_dr
     let mut config = BusConfig::default();
     config.results.enabled = true;
     config.results.capacity = 1;
-    config.publish.max_in_flight = 2;
+    config.publish.max_in_flight = Some(2);
     config.publish.timeout_ms = 100;
     let bus = EventBus::memory_with(config).unwrap();
     let results = bus.results().unwrap();
@@ -158,7 +158,7 @@ async fn dead_letters_take_the_publish_window() {
     let mut config = BusConfig::default();
     config.results.enabled = true;
     config.results.capacity = 1;
-    config.publish.max_in_flight = 1;
+    config.publish.max_in_flight = Some(1);
     config.publish.timeout_ms = 100;
     config.consumer.retry = eventbus_core::RetryPolicy::fixed(1, 50);
     let bus = EventBus::memory_with(config).unwrap();
@@ -249,4 +249,75 @@ async fn readiness_follows_lag_and_liveness_only_a_closed_bus() {
     sub.close().await.unwrap();
     bus.close().await.unwrap();
     assert!(!bus.health().is_live());
+}
+
+/// The memory backend with a publish window of 2 (as Kafka has its own).
+struct NarrowWindow(eventbus_core::MemoryBackend);
+
+#[async_trait::async_trait]
+impl eventbus_core::Backend for NarrowWindow {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    fn publish_window(&self) -> usize {
+        2
+    }
+
+    async fn publish(
+        &self,
+        message: eventbus_core::Message,
+    ) -> eventbus_core::Result<eventbus_core::AckFuture> {
+        self.0.publish(message).await
+    }
+
+    async fn subscribe(
+        &self,
+        spec: &eventbus_core::SubscribeSpec,
+    ) -> eventbus_core::Result<Box<dyn eventbus_core::BackendSubscription>> {
+        self.0.subscribe(spec).await
+    }
+
+    fn connection_state(&self) -> eventbus_core::ConnectionState {
+        self.0.connection_state()
+    }
+
+    async fn close(&self) -> eventbus_core::Result<()> {
+        self.0.close().await
+    }
+}
+
+/// Publishes until one times out for want of room in the window (at most
+/// 10): how many went through. An unread results stream of 1 holds the
+/// window's slots, as in the first case.
+async fn publishes_before_the_window_is_full(bus: &EventBus) -> usize {
+    let _results = bus.results().unwrap();
+    let mut handles = Vec::new();
+    for v in 1..=10 {
+        match bus.publish_envelope("t", &envelope("w", v)).await {
+            Ok(handle) => handles.push(handle),
+            Err(e) => {
+                assert_eq!(e.kind(), ErrorKind::Timeout);
+                return handles.len();
+            }
+        }
+    }
+    handles.len()
+}
+
+#[tokio::test]
+async fn an_unset_publish_window_is_the_backends_and_a_set_one_wins() {
+    let mut config = BusConfig::default();
+    config.results.enabled = true;
+    config.results.capacity = 1;
+    config.publish.timeout_ms = 100;
+    let backend = NarrowWindow(eventbus_core::MemoryBackend::default());
+    let bus = EventBus::new(backend, config.clone()).unwrap();
+    // 1 result in the stream, 1 waiting to enter it, 2 in the window.
+    assert_eq!(publishes_before_the_window_is_full(&bus).await, 3);
+
+    config.publish.max_in_flight = Some(4);
+    let backend = NarrowWindow(eventbus_core::MemoryBackend::default());
+    let bus = EventBus::new(backend, config).unwrap();
+    assert_eq!(publishes_before_the_window_is_full(&bus).await, 5);
 }

@@ -113,6 +113,7 @@ pub(crate) async fn run(args: BenchArgs) -> eventbus::Result<()> {
         payload_bytes: args.payload_bytes,
         timeout: Duration::from_secs(args.timeout_secs),
         concurrency: args.concurrency,
+        bus: args.brokers.bus_config()?,
     };
     let levels = if args.no_levels {
         Vec::new()

@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use eventbus::{BusConfig, Envelope, SubscribeOptions};
+use eventbus::{Envelope, SubscribeOptions};
 use futures::{FutureExt, StreamExt};
 use indicatif::ProgressBar;
 
@@ -21,7 +21,7 @@ pub(crate) async fn level(
     progress: ProgressBar,
 ) -> eventbus::Result<LevelReport> {
     let sampler = Sampler::start();
-    let mut config = BusConfig::default();
+    let mut config = scenario.bus.clone();
     if let Some(concurrency) = scenario.concurrency {
         config.consumer.concurrency = concurrency.max(1);
     }

@@ -15,6 +15,9 @@ pub(crate) struct Scenario {
     pub(crate) timeout: Duration,
     /// `consumer.concurrency` of our bus; `None`: its default.
     pub(crate) concurrency: Option<usize>,
+    /// Our bus's settings: defaults, `[bus]` of `--config`, `EVENTBUS_*`
+    /// variables (`--concurrency` overrides `consumer.concurrency`).
+    pub(crate) bus: eventbus::BusConfig,
 }
 
 impl Scenario {
@@ -77,6 +80,7 @@ mod tests {
             payload_bytes: 256,
             timeout: Duration::from_secs(1),
             concurrency: None,
+            bus: eventbus::BusConfig::default(),
         }
     }
 
