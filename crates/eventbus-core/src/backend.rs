@@ -41,7 +41,10 @@ pub trait Backend: Send + Sync + 'static {
     /// and not yet acknowledged (count), used when `publish.max_in_flight`
     /// is not set. The default, 4,096, suits brokers that acknowledge
     /// within milliseconds; a larger one trades memory and end-to-end
-    /// latency for throughput where acknowledgements are slow.
+    /// latency for throughput where acknowledgements are slow. A publish
+    /// can wait about window ÷ throughput for its ACK, so
+    /// `publish.ack_timeout_ms` (default 30,000) should exceed that on a
+    /// slow broker. 0 counts as 1.
     fn publish_window(&self) -> usize {
         4_096
     }
@@ -165,9 +168,11 @@ pub trait BackendSubscription: Send + 'static {
     async fn next(&mut self) -> Option<Result<Delivery>>;
 
     /// A delivery that is ready now, without waiting: `None` when none is
-    /// (the caller then awaits [`next`](BackendSubscription::next)). The
-    /// fetch loop takes every ready delivery through it, so a backlog costs
-    /// no future per message. The default has none ready.
+    /// (the caller then awaits [`next`](BackendSubscription::next)), and
+    /// always `None` where `next` would end (closed). It hands out the same
+    /// deliveries in the same order as `next`. The fetch loop takes every
+    /// ready delivery through it, so a backlog costs no future per message.
+    /// The default has none ready.
     fn try_next(&mut self) -> Option<Result<Delivery>> {
         None
     }

@@ -102,7 +102,8 @@ impl EventBus {
         let window = config
             .publish
             .max_in_flight
-            .unwrap_or_else(|| backend.publish_window());
+            .unwrap_or_else(|| backend.publish_window())
+            .max(1);
         let publisher = Arc::new(Publisher::new(&config, window, backend.name()));
         Ok(Self {
             inner: Arc::new(BusInner {

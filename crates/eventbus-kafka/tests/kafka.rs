@@ -220,6 +220,36 @@ async fn each_provisioning_strategy_does_what_it_says() {
     }
 }
 
+/// Kafka's publish window (20,000 unless `publish.max_in_flight` is set)
+/// never exceeds the producer's own queue, so a publish beyond it waits in
+/// the window rather than spinning on `QueueFull`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_publish_window_is_capped_by_the_producer_queue() {
+    let mut kafka = KafkaConfig::with_brokers(["127.0.0.1:1"]);
+    kafka.connect_timeout_ms = 0; // connect with no broker up
+    kafka.auto_create_topics = false;
+    kafka
+        .extra
+        .insert("queue.buffering.max.messages".into(), "3".into());
+    let mut config = BusConfig::default();
+    config.publish.timeout_ms = 300;
+    let backend = KafkaBackend::connect(kafka).await.unwrap();
+    assert_eq!(eventbus_core::Backend::publish_window(&backend), 3);
+    let bus = EventBus::new(backend, config).unwrap();
+    let mut handles = Vec::new();
+    for v in 1..=3 {
+        handles.push(bus.publish_envelope("nowhere", &envelope("w", v)).await.unwrap());
+    }
+    let err = bus
+        .publish_envelope("nowhere", &envelope("w", 4))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Timeout, "{err}");
+    assert!(format!("{err}").contains("publish window of 3"), "{err}");
+    drop(handles);
+    bus.close().await.ok();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_producer_queue_times_out_and_undeliverable_messages_fail_typed() {
     let mut kafka = KafkaConfig::with_brokers(["127.0.0.1:1"]);

@@ -22,6 +22,8 @@ pub(crate) async fn level(
 ) -> eventbus::Result<LevelReport> {
     let sampler = Sampler::start();
     let mut config = scenario.bus.clone();
+    // Nobody reads a results stream here: a full one would stall publishing.
+    config.results.enabled = false;
     if let Some(concurrency) = scenario.concurrency {
         config.consumer.concurrency = concurrency.max(1);
     }

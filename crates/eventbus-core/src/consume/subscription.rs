@@ -190,13 +190,19 @@ async fn fetch_loop(
         let slot = match shared.try_reserve() {
             Some(slot) => slot,
             None => tokio::select! {
+                biased;
                 _ = shared.stop_fetch.cancelled() => break,
                 slot = shared.reserve() => slot,
             },
         };
+        // Close may have begun while this loop yielded or waited for room.
+        if shared.stop_fetch.is_cancelled() {
+            break;
+        }
         let next = match source.try_next() {
             Some(next) => Some(next),
             None => tokio::select! {
+                biased;
                 _ = shared.stop_fetch.cancelled() => break,
                 next = source.next() => next,
             },

@@ -676,10 +676,9 @@ impl BackendSubscription for MemorySubscription {
     }
 
     fn try_next(&mut self) -> Option<Result<Delivery>> {
+        // As `next`: nothing more once the backend is closed.
+        self.backend.ensure_open().ok()?;
         if self.buffer.is_empty() {
-            if self.backend.ensure_open().is_err() {
-                return None;
-            }
             self.take_batch();
         }
         self.buffer.pop_front().map(Ok)
