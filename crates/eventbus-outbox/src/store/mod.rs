@@ -39,6 +39,14 @@ impl Dialect {
         }
     }
 
+    /// A subquery of the ids in one JSON array parameter (see [`json_ids`]).
+    pub(crate) fn each_id(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "SELECT value FROM json_each(?)",
+            Dialect::Postgres => "SELECT jsonb_array_elements_text(?::jsonb)",
+        }
+    }
+
     /// `sql` with `?` placeholders, rewritten to `$1, $2, ...` for PostgreSQL.
     pub(crate) fn sql(self, sql: &str) -> String {
         match self {
@@ -82,6 +90,13 @@ macro_rules! with_pool {
 /// `outbox_events_pending_heads`, where an `OR` scanned every pending row
 /// of the aggregate); due heads not held by a live lease (`now` is the database's
 /// clock as SQL), oldest first, at most `?` of them after the `?` due time.
+/// Row ids as one JSON array parameter, read by [`Dialect::each_id`]: one
+/// statement text whatever the count, so it is prepared once per connection
+/// (a list of `?` was a new statement per batch size).
+fn json_ids(ids: &[String]) -> Result<String> {
+    serde_json::to_string(ids).map_err(|e| Error::backend("encoding row ids", e))
+}
+
 fn heads_sql(now: &str) -> String {
     format!(
         "SELECT o.seq FROM outbox_events o
@@ -226,18 +241,11 @@ impl OutboxStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        // One statement text whatever the count, so it is prepared once per
-        // connection (a list of `?` was a new statement per batch size): the
-        // ids as one JSON array.
-        let ids =
-            serde_json::to_string(ids).map_err(|e| Error::backend("mark published: encoding ids", e))?;
+        let ids = json_ids(ids)?;
         Ok(with_pool!(self, |pool, d| {
-            let each = match d {
-                Dialect::Sqlite => "SELECT value FROM json_each(?)",
-                Dialect::Postgres => "SELECT jsonb_array_elements_text(?::jsonb)",
-            };
             let sql = format!(
-                "UPDATE outbox_events SET status = 'published', published_at = ?, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id IN ({each})"
+                "UPDATE outbox_events SET status = 'published', published_at = ?, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id IN ({})",
+                d.each_id()
             );
             sqlx::query(&d.sql(&sql))
                 .bind(now_us())
@@ -258,15 +266,11 @@ impl OutboxStore {
         if ids.is_empty() {
             return Ok(0);
         }
-        let ids =
-            serde_json::to_string(ids).map_err(|e| Error::backend("count published: encoding ids", e))?;
+        let ids = json_ids(ids)?;
         Ok(with_pool!(self, |pool, d| {
-            let each = match d {
-                Dialect::Sqlite => "SELECT value FROM json_each(?)",
-                Dialect::Postgres => "SELECT jsonb_array_elements_text(?::jsonb)",
-            };
             let sql = format!(
-                "SELECT COUNT(*) FROM outbox_events WHERE claimed_by = ? AND status = 'published' AND id IN ({each})"
+                "SELECT COUNT(*) FROM outbox_events WHERE claimed_by = ? AND status = 'published' AND id IN ({})",
+                d.each_id()
             );
             let (n,): (i64,) = sqlx::query_as(&d.sql(&sql))
                 .bind(claim)
