@@ -332,14 +332,14 @@ impl Relay {
     where
         F: Future<Output = Result<T>>,
     {
-        let deadline = tokio::time::Instant::now() + self.lease();
-        let retry = RetryPolicy {
+        const RETRY: RetryPolicy = RetryPolicy {
             max_attempts: u32::MAX,
             initial_backoff_ms: 50,
             max_backoff_ms: 1_000,
             multiplier: 2.0,
             jitter: 0.2,
         };
+        let deadline = tokio::time::Instant::now() + self.lease();
         let mut attempt = 1;
         loop {
             let error = match tokio::time::timeout_at(deadline, write()).await {
@@ -350,7 +350,7 @@ impl Relay {
                     self.config.lease_ms
                 )),
             };
-            let wait = retry.backoff(attempt);
+            let wait = RETRY.backoff(attempt);
             if lane.shutdown.is_cancelled() || tokio::time::Instant::now() + wait >= deadline {
                 return Err(error);
             }
@@ -395,16 +395,14 @@ impl Relay {
                     self.store.mark_published(&claim, &published)
                 })
                 .await?;
-            let mut lost = published.len() as u64 - marked;
-            if lost > 0 {
+            let mut ours = marked;
+            if ours < published.len() as u64 {
                 // A retried mark finds rows an earlier attempt marked
                 // before its answer was lost: ours, not another relay's.
-                let ours = self.store.count_published(&claim, &published).await?;
-                lost = published.len() as u64 - ours;
-                self.count_published(ours);
-            } else {
-                self.count_published(marked);
+                ours = self.store.count_published(&claim, &published).await?;
             }
+            self.count_published(ours);
+            let lost = published.len() as u64 - ours;
             if lost > 0 {
                 self.lost_claims(lost);
             }

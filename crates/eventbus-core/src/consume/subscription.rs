@@ -181,9 +181,6 @@ async fn fetch_loop(
     mut source: Box<dyn BackendSubscription>,
 ) -> Box<dyn BackendSubscription> {
     loop {
-        if shared.stop_fetch.is_cancelled() {
-            break;
-        }
         // The non-waiting paths below never yield: let others run now and then.
         tokio::task::coop::consume_budget().await;
         // A backlog goes through the non-waiting paths: no futures per message.
@@ -195,7 +192,7 @@ async fn fetch_loop(
                 slot = shared.reserve() => slot,
             },
         };
-        // Close may have begun while this loop yielded or waited for room.
+        // Stop once close has begun (also while this loop yielded or waited for room).
         if shared.stop_fetch.is_cancelled() {
             break;
         }

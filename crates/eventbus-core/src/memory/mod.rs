@@ -659,15 +659,11 @@ impl Drop for MemorySubscription {
 impl BackendSubscription for MemorySubscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
         loop {
+            // Seen before looking, so a change after the look wakes the wait.
             self.changed.borrow_and_update();
-            if self.backend.ensure_open().is_err() {
-                return None;
-            }
-            if self.buffer.is_empty() {
-                self.take_batch();
-            }
-            if let Some(delivery) = self.buffer.pop_front() {
-                return Some(Ok(delivery));
+            self.backend.ensure_open().ok()?;
+            if let Some(delivery) = self.try_next() {
+                return Some(delivery);
             }
             if self.changed.changed().await.is_err() {
                 return None;

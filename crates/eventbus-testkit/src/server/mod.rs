@@ -161,11 +161,7 @@ impl LocalProcess {
             .map_err(|e| Error::config("cannot open the log").with_source(e))?;
         let mut command = Command::new(&self.program);
         if let Some(user) = &self.user {
-            let (uid, gid) = user_ids(user)?;
-            std::os::unix::process::CommandExt::uid(&mut command, uid);
-            std::os::unix::process::CommandExt::gid(&mut command, gid);
-            // Our working directory may be closed to that user.
-            command.current_dir("/");
+            run_as(&mut command, user)?;
         }
         let child = command
             .args(&self.args)
@@ -274,11 +270,25 @@ impl Drop for LocalProcess {
     }
 }
 
+/// Makes `command` run as `user`: the child takes the user's uid and gid
+/// before `exec` (dropping root's supplementary groups), in `/`, as our
+/// working directory may be closed to that user.
+///
+/// # Errors
+/// As [`user_ids`].
+pub(crate) fn run_as(command: &mut Command, user: &str) -> Result<()> {
+    let (uid, gid) = user_ids(user)?;
+    std::os::unix::process::CommandExt::uid(command, uid);
+    std::os::unix::process::CommandExt::gid(command, gid);
+    command.current_dir("/");
+    Ok(())
+}
+
 /// The uid and gid of `user`, from `/etc/passwd`.
 ///
 /// # Errors
 /// [`Config`](ErrorKind::Config) when the file cannot be read or has no such user.
-pub(crate) fn user_ids(user: &str) -> Result<(u32, u32)> {
+fn user_ids(user: &str) -> Result<(u32, u32)> {
     let passwd = std::fs::read_to_string("/etc/passwd")
         .map_err(|e| Error::config("cannot read /etc/passwd").with_source(e))?;
     passwd

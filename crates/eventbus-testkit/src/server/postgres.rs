@@ -52,11 +52,7 @@ fn is_root() -> bool {
 fn command(program: &Path, root: bool) -> Result<Command> {
     let mut c = Command::new(program);
     if root {
-        let (uid, gid) = super::user_ids("postgres")?;
-        std::os::unix::process::CommandExt::uid(&mut c, uid);
-        std::os::unix::process::CommandExt::gid(&mut c, gid);
-        // initdb changes into no directory of its own: start it where postgres may read.
-        c.current_dir("/");
+        super::run_as(&mut c, "postgres")?;
     }
     Ok(c)
 }
