@@ -25,11 +25,13 @@ pub(crate) fn envelope_message(
     envelope: &Envelope,
     tenant_format: crate::TenantIdFormat,
 ) -> Result<Message> {
+    let timestamp = crate::envelope::format_timestamp(&envelope.timestamp);
+    let payload = envelope.encode_at(tenant_format, &timestamp)?;
     Ok(Message {
         topic: topic.to_owned(),
         key: Some(Bytes::copy_from_slice(envelope.aggregate_id.as_bytes())),
-        headers: envelope_headers(envelope),
-        payload: envelope.encode_with(tenant_format)?,
+        headers: headers_with_timestamp(envelope, timestamp),
+        payload,
         dedup_id: Some(envelope.event_id.clone()),
     })
 }
@@ -38,15 +40,17 @@ pub(crate) fn envelope_message(
 /// `X-Event-Type`, `X-Event-Version`, `X-Timestamp`, and when set
 /// `X-Trace-ID`, `X-Correlation-ID`, `X-Tenant-ID`.
 pub fn envelope_headers(envelope: &Envelope) -> Headers {
+    headers_with_timestamp(envelope, crate::envelope::format_timestamp(&envelope.timestamp))
+}
+
+/// [`envelope_headers`] with the timestamp already formatted.
+fn headers_with_timestamp(envelope: &Envelope, timestamp: String) -> Headers {
     let mut h: Vec<(std::borrow::Cow<'static, str>, String)> = Vec::with_capacity(8);
     h.push((headers::EVENT_ID.into(), envelope.event_id.clone()));
     h.push((headers::AGGREGATE_ID.into(), envelope.aggregate_id.clone()));
     h.push((headers::EVENT_TYPE.into(), envelope.event_type.clone()));
     h.push((headers::EVENT_VERSION.into(), envelope.event_version.to_string()));
-    h.push((
-        headers::TIMESTAMP.into(),
-        crate::envelope::format_timestamp(&envelope.timestamp),
-    ));
+    h.push((headers::TIMESTAMP.into(), timestamp));
     if let Some(v) = &envelope.trace_id {
         h.push((headers::TRACE_ID.into(), v.clone()));
     }

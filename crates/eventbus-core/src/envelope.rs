@@ -138,24 +138,39 @@ impl Envelope {
     /// # Errors
     /// [`Validation`](crate::ErrorKind::Validation) when a rule is broken.
     pub fn encode_with(&self, format: TenantIdFormat) -> Result<Bytes> {
+        self.encode_at(format, &format_timestamp(&self.timestamp))
+    }
+
+    /// [`encode_with`](Envelope::encode_with) with the timestamp already
+    /// formatted (`format_timestamp`): a publish formats it once for the
+    /// body and the `X-Timestamp` header. The buffer is sized for the
+    /// payload up front, so the payload is copied once.
+    pub(crate) fn encode_at(&self, format: TenantIdFormat, timestamp: &str) -> Result<Bytes> {
         self.validate()?;
-        match (format, self.tenant_id) {
-            (TenantIdFormat::String, Some(tenant)) => {
-                let wire = StringTenant {
-                    event_id: &self.event_id,
-                    aggregate_id: &self.aggregate_id,
-                    event_type: &self.event_type,
-                    event_version: self.event_version,
-                    timestamp: format_timestamp(&self.timestamp),
-                    trace_id: self.trace_id.as_deref(),
-                    correlation_id: self.correlation_id.as_deref(),
-                    tenant_id: tenant.to_string(),
-                    payload: &self.payload,
-                };
-                Ok(Bytes::from(serde_json::to_vec(&wire)?))
-            }
-            _ => Ok(Bytes::from(serde_json::to_vec(self)?)),
-        }
+        let tenant_id = self.tenant_id.map(|tenant| match format {
+            TenantIdFormat::Integer => WireTenant::Integer(tenant),
+            TenantIdFormat::String => WireTenant::String(tenant),
+        });
+        let wire = Wire {
+            event_id: &self.event_id,
+            aggregate_id: &self.aggregate_id,
+            event_type: &self.event_type,
+            event_version: self.event_version,
+            timestamp,
+            trace_id: self.trace_id.as_deref(),
+            correlation_id: self.correlation_id.as_deref(),
+            tenant_id,
+            payload: &self.payload,
+        };
+        let fields: usize = [&self.event_id, &self.aggregate_id, &self.event_type]
+            .iter()
+            .map(|f| f.len())
+            .sum::<usize>()
+            + self.trace_id.as_ref().map_or(0, String::len)
+            + self.correlation_id.as_ref().map_or(0, String::len);
+        let mut out = Vec::with_capacity(WIRE_OVERHEAD + fields + timestamp.len() + self.payload.get().len());
+        serde_json::to_writer(&mut out, &wire)?;
+        Ok(Bytes::from(out))
     }
 
     /// Parses and validates JSON bytes. Never panics, whatever the input.
@@ -211,21 +226,43 @@ pub enum TenantIdFormat {
     String,
 }
 
-/// The envelope's JSON with `tenant_id` as a string, field for field and in
-/// the same order as [`Envelope`]'s own serialization.
+/// Bytes of an encoded envelope besides its fields' text: names, quotes,
+/// separators, the version and tenant digits (an estimate; the buffer
+/// grows past it if needed).
+const WIRE_OVERHEAD: usize = 192;
+
+/// The envelope's JSON as written: field for field and in the same order
+/// as [`Envelope`]'s own serialization, with the timestamp already
+/// formatted and `tenant_id` in the chosen [`TenantIdFormat`].
 #[derive(Serialize)]
-struct StringTenant<'a> {
+struct Wire<'a> {
     event_id: &'a str,
     aggregate_id: &'a str,
     event_type: &'a str,
     event_version: i64,
-    timestamp: String,
+    timestamp: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     trace_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     correlation_id: Option<&'a str>,
-    tenant_id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_id: Option<WireTenant>,
     payload: &'a Payload,
+}
+
+/// `tenant_id` on the wire: `7` or `"7"`.
+enum WireTenant {
+    Integer(i64),
+    String(i64),
+}
+
+impl Serialize for WireTenant {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            WireTenant::Integer(n) => s.serialize_i64(n),
+            WireTenant::String(n) => s.collect_str(&n),
+        }
+    }
 }
 
 /// Checks an aggregate id: 1..=256 characters of `A-Z a-z 0-9 : _ - . /`.
@@ -573,6 +610,33 @@ mod tests {
 
     fn sample() -> EnvelopeBuilder {
         Envelope::builder("order-1", "OrderCreated", 1).payload(Payload::from_raw(r#"{"x":1}"#).unwrap())
+    }
+
+    #[test]
+    fn the_wire_form_is_the_derived_serialization_byte_for_byte() {
+        for (trace, correlation, tenant) in [
+            (None, None, None),
+            (Some("t-1"), None, None),
+            (None, Some("c\"1"), Some(-7)),
+            (Some("t"), Some("c"), Some(i64::MAX)),
+        ] {
+            let mut e = sample().build().unwrap();
+            e.trace_id = trace.map(str::to_owned);
+            e.correlation_id = correlation.map(str::to_owned);
+            e.tenant_id = tenant;
+            let derived = serde_json::to_vec(&e).unwrap();
+            assert_eq!(e.encode().unwrap(), derived, "{e:?}");
+            let as_string = e.encode_with(TenantIdFormat::String).unwrap();
+            let mut value: serde_json::Value = serde_json::from_slice(&derived).unwrap();
+            if let Some(t) = tenant {
+                value["tenant_id"] = serde_json::Value::String(t.to_string());
+            }
+            assert_eq!(
+                serde_json::from_slice::<serde_json::Value>(&as_string).unwrap(),
+                value
+            );
+            assert_eq!(Envelope::decode(&as_string).unwrap(), e);
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Raw messages as they cross a broker, deliveries and their acknowledgement.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -160,9 +160,17 @@ pub struct Ownership {
     inner: Arc<OwnershipInner>,
 }
 
+/// Attempts start and end with atomics only (no lock per delivery): an
+/// attempt counts itself in `running`, then checks `revoked`; `revoke` sets
+/// `revoked`, then reads `running`. Both sequentially consistent, so either
+/// the attempt sees the revoke and backs out, or the revoker sees the
+/// attempt and waits for it. `idle` (with the empty `wait` lock) wakes a
+/// revoker when the last attempt ends.
 #[derive(Default)]
 struct OwnershipInner {
-    state: Mutex<OwnershipState>,
+    revoked_flag: AtomicBool,
+    running: AtomicUsize,
+    wait: Mutex<()>,
     idle: Condvar,
     revoked: CancellationToken,
     aborted: CancellationToken,
@@ -176,18 +184,11 @@ fn clock_base() -> Instant {
     *BASE.get_or_init(Instant::now)
 }
 
-#[derive(Default)]
-struct OwnershipState {
-    revoked: bool,
-    running: usize,
-}
-
 impl std::fmt::Debug for Ownership {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let s = self.inner.state.lock().unwrap();
         f.debug_struct("Ownership")
-            .field("revoked", &s.revoked)
-            .field("running", &s.running)
+            .field("revoked", &self.is_revoked())
+            .field("running", &self.running_attempts())
             .field("expired", &self.is_expired())
             .finish()
     }
@@ -199,10 +200,13 @@ pub(crate) struct AttemptGuard(Ownership);
 
 impl Drop for AttemptGuard {
     fn drop(&mut self) {
-        let mut s = self.0.inner.state.lock().unwrap();
-        s.running -= 1;
-        if s.running == 0 {
-            self.0.inner.idle.notify_all();
+        let inner = &self.0.inner;
+        // Only a revoker waits for zero, and it set `revoked_flag` first.
+        if inner.running.fetch_sub(1, Ordering::SeqCst) == 1 && inner.revoked_flag.load(Ordering::SeqCst) {
+            // Under the lock: a revoker between its check and its wait
+            // holds it, so this wakeup cannot fall between the two.
+            let _wait = inner.wait.lock().unwrap();
+            inner.idle.notify_all();
         }
     }
 }
@@ -215,7 +219,7 @@ impl Ownership {
 
     /// Whether the deliveries were taken back.
     pub fn is_revoked(&self) -> bool {
-        self.inner.state.lock().unwrap().revoked
+        self.inner.revoked_flag.load(Ordering::SeqCst)
     }
 
     /// Resolves once revoked.
@@ -258,23 +262,25 @@ impl Ownership {
 
     /// Attempts running now (count).
     pub fn running_attempts(&self) -> usize {
-        self.inner.state.lock().unwrap().running
+        self.inner.running.load(Ordering::SeqCst)
     }
 
     /// Registers a running attempt; `None` when already revoked or expired.
     pub(crate) fn begin_attempt(&self) -> Option<AttemptGuard> {
-        let mut s = self.inner.state.lock().unwrap();
-        if s.revoked || self.is_expired() {
+        self.inner.running.fetch_add(1, Ordering::SeqCst);
+        // Counted first, then checked (see `OwnershipInner`); backing out
+        // drops the guard, which wakes a revoker waiting for zero.
+        let guard = AttemptGuard(self.clone());
+        if self.is_revoked() || self.is_expired() {
             return None;
         }
-        s.running += 1;
-        Some(AttemptGuard(self.clone()))
+        Some(guard)
     }
 
     /// Takes the deliveries back: no attempt starts from now on, retry
     /// backoffs end. Does not wait; see [`stop_running`](Ownership::stop_running).
     pub fn revoke(&self) {
-        self.inner.state.lock().unwrap().revoked = true;
+        self.inner.revoked_flag.store(true, Ordering::SeqCst);
         self.inner.revoked.cancel();
     }
 
@@ -284,28 +290,28 @@ impl Ownership {
     /// (a rebalance callback is synchronous); returns `true` when no attempt
     /// runs any more.
     pub fn stop_running(&self, deadline: Instant, abort_wait: Duration) -> bool {
-        let mut s = self.inner.state.lock().unwrap();
-        debug_assert!(s.revoked, "revoke first");
-        while s.running > 0 {
+        debug_assert!(self.is_revoked(), "revoke first");
+        let mut wait = self.inner.wait.lock().unwrap();
+        while self.running_attempts() > 0 {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            s = self.inner.idle.wait_timeout(s, deadline - now).unwrap().0;
+            wait = self.inner.idle.wait_timeout(wait, deadline - now).unwrap().0;
         }
-        if s.running == 0 {
+        if self.running_attempts() == 0 {
             return true;
         }
         self.inner.aborted.cancel();
         let deadline = Instant::now() + abort_wait;
-        while s.running > 0 {
+        while self.running_attempts() > 0 {
             let now = Instant::now();
             if now >= deadline {
                 break;
             }
-            s = self.inner.idle.wait_timeout(s, deadline - now).unwrap().0;
+            wait = self.inner.idle.wait_timeout(wait, deadline - now).unwrap().0;
         }
-        s.running == 0
+        self.running_attempts() == 0
     }
 
     /// [`revoke`](Ownership::revoke), then [`stop_running`](Ownership::stop_running)
@@ -359,6 +365,43 @@ mod tests {
         assert!(!waiter.is_finished(), "waits for the running attempt");
         drop(running);
         assert!(waiter.join().unwrap());
+    }
+
+    #[test]
+    fn no_attempt_runs_after_a_revoke_returned_under_racing_starts() {
+        use std::sync::atomic::AtomicBool;
+        for _ in 0..200 {
+            let o = Ownership::new();
+            let revoked = Arc::new(AtomicBool::new(false));
+            let attempts: Vec<_> = (0..3)
+                .map(|_| {
+                    let (o, revoked) = (o.clone(), revoked.clone());
+                    std::thread::spawn(move || {
+                        for _ in 0..200 {
+                            if let Some(guard) = o.begin_attempt() {
+                                assert!(
+                                    !revoked.load(Ordering::SeqCst),
+                                    "an attempt ran after revoke returned"
+                                );
+                                std::hint::spin_loop();
+                                assert!(
+                                    !revoked.load(Ordering::SeqCst),
+                                    "an attempt ran after revoke returned"
+                                );
+                                drop(guard);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            assert!(o.revoke_blocking(Duration::from_secs(5), Duration::ZERO));
+            revoked.store(true, Ordering::SeqCst);
+            assert_eq!(o.running_attempts(), 0);
+            for a in attempts {
+                a.join().unwrap();
+            }
+            assert_eq!(o.running_attempts(), 0, "backed-out attempts leave no count");
+        }
     }
 
     #[test]

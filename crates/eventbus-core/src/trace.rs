@@ -108,11 +108,17 @@ mod otel {
     }
 
     pub(super) fn inject(span: &Span, headers: &mut Headers) {
+        if span.is_disabled() {
+            return; // no subscriber records it: no context to carry
+        }
         let cx = span.context();
         TraceContextPropagator::new().inject_context(&cx, &mut Write(headers));
     }
 
     pub(super) fn extract_parent(span: &Span, headers: &Headers) {
+        if span.is_disabled() {
+            return;
+        }
         if headers.get(super::TRACEPARENT).is_none() {
             return;
         }

@@ -49,14 +49,20 @@ pub(crate) struct Work {
     input: Input,
     /// The delivery's `receive` span, from fetch to settlement.
     span: tracing::Span,
-    /// Its entry in the subscription's unsettled set: (event time in ms
-    /// since the epoch, sequence).
-    unsettled_key: (i64, u64),
+    /// Its entry in the subscription's unsettled event times.
+    unsettled_key: usize,
 }
 
 enum Input {
     Raw,
-    Envelope(Envelope),
+    /// An envelope's event id (as the recent ids keep it) and time, and the
+    /// envelope itself until the first attempt moves it into the handler
+    /// (no copy per delivery; a retry decodes the message again).
+    Envelope {
+        envelope: Option<Envelope>,
+        id: RecentId,
+        timestamp: crate::Timestamp,
+    },
     /// Not an envelope: dead-lettered without calling the handler.
     Invalid(String),
 }
@@ -95,7 +101,7 @@ impl Drop for Job {
     /// oldest unsettled age.
     fn drop(&mut self) {
         let key = self.work.unsettled_key;
-        self.subscription.unsettled.lock().unwrap().remove(&key);
+        self.subscription.unsettled.lock().unwrap().try_remove(key);
     }
 }
 
@@ -106,7 +112,7 @@ impl Task for Job {
             sub.finish(&self.work, Settle::AckDuplicate).await;
             return None;
         }
-        let settle = match sub.attempt(&self.work, concurrency).await {
+        let settle = match sub.attempt(&mut self.work, concurrency).await {
             Attempted::Ok => Settle::Ack,
             Attempted::Stopped => sub.stopped(&self.work.delivery),
             Attempted::Failed(error) => {
@@ -118,10 +124,10 @@ impl Task for Job {
         None
     }
 
-    async fn retry(self, concurrency: &Semaphore) {
+    async fn retry(mut self, concurrency: &Semaphore) {
         let sub = self.subscription.clone();
-        let error = self.first_error.clone().unwrap_or_default();
-        let settle = sub.settle_after_failure(&self.work, concurrency, error).await;
+        let error = self.first_error.take().unwrap_or_default();
+        let settle = sub.settle_after_failure(&mut self.work, concurrency, error).await;
         sub.finish(&self.work, settle).await;
     }
 }
@@ -163,10 +169,11 @@ pub(crate) struct SubscriptionShared {
     lag: Option<crate::LagProbe>,
     lag_alert_messages: u64,
     lag_alert_age_ms: u64,
-    /// Fetched and unsettled deliveries by (event time, sequence): the
-    /// oldest gives the age the health reports.
-    unsettled: Mutex<std::collections::BTreeSet<(i64, u64)>>,
-    unsettled_seq: AtomicU64,
+    /// Event times (ms since the epoch) of fetched and unsettled
+    /// deliveries: the oldest gives the age the health reports. A slab: O(1)
+    /// per delivery, at most `max_in_flight` entries, scanned only by
+    /// [`health`](SubscriptionShared::health).
+    unsettled: Mutex<slab::Slab<i64>>,
 }
 
 /// What [`SubscriptionShared::new`] needs.
@@ -219,8 +226,7 @@ impl SubscriptionShared {
             lag: p.lag,
             lag_alert_messages: p.lag_alert_messages,
             lag_alert_age_ms: p.lag_alert_age_ms,
-            unsettled: Mutex::new(std::collections::BTreeSet::new()),
-            unsettled_seq: AtomicU64::new(0),
+            unsettled: Mutex::new(slab::Slab::new()),
             assignment: p.assignment,
         })
     }
@@ -258,17 +264,18 @@ impl SubscriptionShared {
     fn classify(&self, delivery: Delivery) -> (Key, Work) {
         let (key, input) = self.key_and_input(&delivery);
         let id = match &input {
-            Input::Envelope(e) => Some(e.event_id.as_str()),
+            Input::Envelope {
+                envelope: Some(e), ..
+            } => Some(e.event_id.as_str()),
             _ => delivery.message.headers.get(crate::headers::EVENT_ID),
         };
         let span = crate::trace::receive_span(self.backend.name(), &self.group, &delivery.message, id);
         // Its age counts from the envelope's timestamp, else from now.
         let at = match &input {
-            Input::Envelope(e) => e.timestamp.timestamp_millis(),
+            Input::Envelope { timestamp, .. } => timestamp.timestamp_millis(),
             _ => chrono::Utc::now().timestamp_millis(),
         };
-        let unsettled_key = (at, self.unsettled_seq.fetch_add(1, Ordering::Relaxed));
-        self.unsettled.lock().unwrap().insert(unsettled_key);
+        let unsettled_key = self.unsettled.lock().unwrap().insert(at);
         (
             key,
             Work {
@@ -286,9 +293,16 @@ impl SubscriptionShared {
             return (key, Input::Raw);
         }
         let (aggregate, input) = match decode_envelope(&delivery.message) {
-            Ok(envelope) => (Some(envelope.aggregate_id.clone()), Input::Envelope(envelope)),
+            Ok(envelope) => (
+                Some(Arc::<str>::from(envelope.aggregate_id.as_str())),
+                Input::Envelope {
+                    id: RecentId::of(&envelope.event_id),
+                    timestamp: envelope.timestamp,
+                    envelope: Some(envelope),
+                },
+            ),
             Err(e) => (
-                fallback_aggregate_id(&delivery.message),
+                fallback_aggregate_id(&delivery.message).map(Arc::<str>::from),
                 Input::Invalid(e.to_string()),
             ),
         };
@@ -296,7 +310,7 @@ impl SubscriptionShared {
             Some(aggregate) => (
                 Key::Aggregate {
                     subscription: self.id,
-                    aggregate: aggregate.into(),
+                    aggregate,
                 },
                 input,
             ),
@@ -326,7 +340,7 @@ impl SubscriptionShared {
     /// Whether `work` is an envelope this subscription settled recently.
     fn settled_before(&self, work: &Work) -> bool {
         match &work.input {
-            Input::Envelope(e) => self.recent.lock().unwrap().contains(&e.event_id),
+            Input::Envelope { id, .. } => self.recent.lock().unwrap().contains(id),
             _ => false,
         }
     }
@@ -335,8 +349,8 @@ impl SubscriptionShared {
     async fn finish(&self, work: &Work, settle: Settle) {
         let delivery = &work.delivery;
         // Handled ones only: a dead letter sent back to its topic (redriven) is handled again.
-        if let (Settle::Ack, Input::Envelope(e)) = (&settle, &work.input) {
-            self.recent.lock().unwrap().insert(&e.event_id);
+        if let (Settle::Ack, Input::Envelope { id, .. }) = (&settle, &work.input) {
+            self.recent.lock().unwrap().insert(id);
         }
         let settled = match settle {
             Settle::Ack => delivery.acker.ack().await.map(|()| Some(&self.handled)),
@@ -355,8 +369,8 @@ impl SubscriptionShared {
                 match settle {
                     Settle::Ack => {
                         self.metrics.handled.increment(1);
-                        if let Input::Envelope(e) = &work.input {
-                            self.metrics.end_to_end(&e.timestamp);
+                        if let Input::Envelope { timestamp, .. } = &work.input {
+                            self.metrics.end_to_end(timestamp);
                         }
                     }
                     Settle::AckDuplicate => self.metrics.duplicates_skipped.increment(1),
@@ -379,11 +393,10 @@ impl SubscriptionShared {
     /// or parks the aggregate (retrying the handler with capped backoff).
     async fn settle_after_failure(
         &self,
-        work: &Work,
+        work: &mut Work,
         concurrency: &Semaphore,
         first_error: String,
     ) -> Settle {
-        let delivery = &work.delivery;
         let mut attempt = 1;
         let mut error = first_error;
         let mut stalled = false;
@@ -396,12 +409,12 @@ impl SubscriptionShared {
             }
             let exhausted = attempt >= self.retry.max_attempts || matches!(work.input, Input::Invalid(_));
             if exhausted && let Some(dlq) = &self.dead_letter_topic {
-                match self.publish_dead_letter(delivery, dlq, &error).await {
+                match self.publish_dead_letter(&work.delivery, dlq, &error).await {
                     Attempted::Ok => {
                         tracing::warn!(topic = %self.topic, %dlq, reason = %error, "message dead-lettered");
                         break Settle::DeadLettered;
                     }
-                    Attempted::Stopped => break self.stopped(delivery),
+                    Attempted::Stopped => break self.stopped(&work.delivery),
                     Attempted::Failed(e) => {
                         // A failed dead-letter publish is a failed attempt:
                         // the aggregate is stalled until it goes through.
@@ -417,8 +430,8 @@ impl SubscriptionShared {
                 self.metrics.stalled.increment(1.0);
                 tracing::warn!(topic = %self.topic, group = %self.group, %error, "aggregate stalled");
             }
-            if !self.sleep(self.retry.backoff(attempt), delivery).await {
-                break self.stopped(delivery);
+            if !self.sleep(self.retry.backoff(attempt), &work.delivery).await {
+                break self.stopped(&work.delivery);
             }
             attempt = attempt.saturating_add(1);
             if exhausted && self.dead_letter_topic.is_some() {
@@ -427,7 +440,7 @@ impl SubscriptionShared {
             }
             self.metrics.retries.increment(1);
             error = match self.attempt(work, concurrency).await {
-                Attempted::Stopped => break self.stopped(delivery),
+                Attempted::Stopped => break self.stopped(&work.delivery),
                 Attempted::Ok => break Settle::Ack,
                 Attempted::Failed(e) => e,
             };
@@ -440,23 +453,38 @@ impl SubscriptionShared {
     }
 
     /// One handler call, unless closed or revoked first.
-    async fn attempt(&self, work: &Work, concurrency: &Semaphore) -> Attempted {
+    ///
+    /// The common case registers no waiter and no timer: a free permit is
+    /// taken without waiting, and a handler that finishes on its first poll
+    /// is done before the stop signals are polled.
+    async fn attempt(&self, work: &mut Work, concurrency: &Semaphore) -> Attempted {
         let delivery = &work.delivery;
         let ownership = delivery.ownership.as_ref();
-        let _permit = tokio::select! {
-            p = concurrency.acquire() => p.expect("the concurrency semaphore never closes"),
-            _ = self.abort.cancelled() => return Attempted::Stopped,
-            _ = revoked(ownership) => return Attempted::Stopped,
+        let _permit = match concurrency.try_acquire() {
+            Ok(permit) if !self.abort.is_cancelled() => permit,
+            _ => tokio::select! {
+                biased;
+                _ = self.abort.cancelled() => return Attempted::Stopped,
+                _ = revoked(ownership) => return Attempted::Stopped,
+                p = concurrency.acquire() => p.expect("the concurrency semaphore never closes"),
+            },
         };
         let _running = match ownership.map(Ownership::begin_attempt) {
             Some(None) => return Attempted::Stopped,
             Some(guard) => guard,
             None => None,
         };
-        let call = match (&self.handler, &work.input) {
+        let call = match (&self.handler, &mut work.input) {
             (_, Input::Invalid(reason)) => return Attempted::Failed(reason.clone()),
             (Handler::Raw(h), _) => h(delivery.message.clone()),
-            (Handler::Envelope(h), Input::Envelope(e)) => h(e.clone()),
+            (Handler::Envelope(h), Input::Envelope { envelope, .. }) => match envelope.take() {
+                Some(envelope) => h(envelope),
+                // A retry: the first attempt took the decoded one.
+                None => match decode_envelope(&delivery.message) {
+                    Ok(envelope) => h(envelope),
+                    Err(e) => return Attempted::Failed(e.to_string()),
+                },
+            },
             (Handler::Envelope(_), Input::Raw) => {
                 unreachable!("envelope subscriptions classify every delivery")
             }
@@ -483,6 +511,7 @@ impl SubscriptionShared {
             outcome
         };
         tokio::select! {
+            biased;
             outcome = run => match outcome {
                 Some(None) => Attempted::Stopped,
                 Some(Some(Ok(Ok(())))) => Attempted::Ok,
@@ -552,7 +581,7 @@ impl SubscriptionShared {
 
     pub(crate) fn health(&self) -> SubscriptionHealth {
         let lag = self.lag();
-        let oldest = self.unsettled.lock().unwrap().first().map(|(at, _)| *at);
+        let oldest = self.unsettled.lock().unwrap().iter().map(|(_, at)| *at).min();
         let oldest_unsettled_age_ms =
             oldest.map(|at| (chrono::Utc::now().timestamp_millis() - at).max(0) as u64);
         SubscriptionHealth {
@@ -586,40 +615,102 @@ impl SubscriptionShared {
     }
 }
 
-/// The last `capacity` distinct event ids inserted (oldest forgotten first).
+/// The last `capacity` settled event ids, oldest first out.
 struct RecentIds {
-    /// The same allocation as in `order`: one per remembered id.
-    ids: std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>,
-    order: std::collections::VecDeque<Arc<str>>,
+    uuids: std::collections::HashSet<u128, foldhash::fast::RandomState>,
+    /// The same allocations as in `order`.
+    texts: std::collections::HashSet<Arc<str>, foldhash::fast::RandomState>,
+    order: std::collections::VecDeque<RecentId>,
     capacity: usize,
+}
+
+/// An event id as [`RecentIds`] keep it: a UUID in the canonical lowercase
+/// form (ours are UUIDv7, the Go SDK's UUIDv4) as its 128 bits, exactly
+/// and with no allocation; any other id as its text.
+#[derive(Clone)]
+enum RecentId {
+    Uuid(u128),
+    Text(Arc<str>),
+}
+
+impl RecentId {
+    fn of(id: &str) -> Self {
+        match uuid_bits(id) {
+            Some(bits) => RecentId::Uuid(bits),
+            None => RecentId::Text(Arc::from(id)),
+        }
+    }
 }
 
 impl RecentIds {
     fn new(capacity: usize) -> Self {
         Self {
-            ids: std::collections::HashSet::default(),
+            uuids: std::collections::HashSet::default(),
+            texts: std::collections::HashSet::default(),
             order: std::collections::VecDeque::new(),
             capacity,
         }
     }
 
-    fn contains(&self, id: &str) -> bool {
-        self.ids.contains(id)
+    fn contains(&self, id: &RecentId) -> bool {
+        match id {
+            RecentId::Uuid(bits) => self.uuids.contains(bits),
+            RecentId::Text(text) => self.texts.contains(text),
+        }
     }
 
-    fn insert(&mut self, id: &str) {
-        if self.capacity == 0 || self.ids.contains(id) {
+    fn insert(&mut self, id: &RecentId) {
+        if self.capacity == 0 || self.contains(id) {
             return;
         }
-        if self.order.len() == self.capacity
-            && let Some(old) = self.order.pop_front()
-        {
-            self.ids.remove(&old);
+        if self.order.len() == self.capacity {
+            match self.order.pop_front() {
+                Some(RecentId::Uuid(bits)) => {
+                    self.uuids.remove(&bits);
+                }
+                Some(RecentId::Text(old)) => {
+                    self.texts.remove(&old);
+                }
+                None => {}
+            }
         }
-        let id: Arc<str> = Arc::from(id);
-        self.ids.insert(id.clone());
-        self.order.push_back(id);
+        match id {
+            RecentId::Uuid(bits) => {
+                self.uuids.insert(*bits);
+            }
+            RecentId::Text(text) => {
+                self.texts.insert(text.clone());
+            }
+        }
+        self.order.push_back(id.clone());
     }
+}
+
+/// The 128 bits of `id` when it is a UUID written as
+/// `xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx` in lowercase hex (RFC 9562's
+/// canonical form, as both SDKs write it); `None` for any other text, so
+/// two distinct ids never share bits (`ABC…` and `abc…` stay apart).
+fn uuid_bits(id: &str) -> Option<u128> {
+    let bytes = id.as_bytes();
+    if bytes.len() != 36 {
+        return None;
+    }
+    let mut bits = 0u128;
+    for (i, &b) in bytes.iter().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            if b != b'-' {
+                return None;
+            }
+            continue;
+        }
+        let nibble = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => return None,
+        };
+        bits = (bits << 4) | u128::from(nibble);
+    }
+    Some(bits)
 }
 
 /// Resolves when `ownership` is revoked or its lease deadline passed
@@ -672,6 +763,7 @@ async fn with_progress<F: Future>(call: F, delivery: &Delivery) -> F::Output {
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
         tokio::select! {
+            biased;
             out = &mut call => return out,
             _ = tick.tick() => {
                 if let Err(e) = delivery.acker.in_progress().await {
@@ -688,4 +780,52 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .map(|s| (*s).to_owned())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{RecentId, RecentIds, uuid_bits};
+
+    #[test]
+    fn only_canonical_lowercase_uuids_become_bits() {
+        let id = "0192f0e4-7c1a-7b3e-9f00-0123456789ab";
+        assert_eq!(uuid_bits(id), Some(0x0192f0e4_7c1a_7b3e_9f00_0123456789ab));
+        for other in [
+            "0192F0E4-7C1A-7B3E-9F00-0123456789AB", // uppercase: a different id
+            "0192f0e47c1a7b3e9f000123456789ab",     // no dashes
+            "0192f0e4-7c1a-7b3e-9f00-0123456789ag", // not hex
+            "0192f0e4_7c1a-7b3e-9f00-0123456789ab", // wrong separator
+            "order-1",
+            "",
+        ] {
+            assert_eq!(uuid_bits(other), None, "{other}");
+        }
+    }
+
+    #[test]
+    fn recent_ids_remember_the_last_capacity_of_either_form_exactly() {
+        let [upper, lower, one, two] = [
+            "0192F0E4-7C1A-7B3E-9F00-0123456789AB",
+            "0192f0e4-7c1a-7b3e-9f00-0123456789ab",
+            "order-1",
+            "order-2",
+        ]
+        .map(RecentId::of);
+        let mut recent = RecentIds::new(2);
+        recent.insert(&upper);
+        assert!(recent.contains(&upper));
+        assert!(!recent.contains(&lower), "case matters: distinct event ids");
+        recent.insert(&lower);
+        recent.insert(&lower);
+        assert!(recent.contains(&upper) && recent.contains(&lower));
+        recent.insert(&one);
+        assert!(!recent.contains(&upper), "the oldest is forgotten first");
+        assert!(recent.contains(&lower) && recent.contains(&one));
+        recent.insert(&two);
+        assert!(!recent.contains(&lower));
+        assert!(recent.contains(&one) && recent.contains(&RecentId::of("order-2")));
+        let mut none = RecentIds::new(0);
+        none.insert(&lower);
+        assert!(!none.contains(&lower));
+    }
 }
