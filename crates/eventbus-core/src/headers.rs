@@ -68,6 +68,12 @@ impl Headers {
         Self::default()
     }
 
+    /// No headers, with room for `n` (count) without growing: a backend
+    /// converting a received message's headers knows how many come.
+    pub fn with_capacity(n: usize) -> Self {
+        Self(std::sync::Arc::new(Vec::with_capacity(n)))
+    }
+
     /// Sets `name` to `value`, replacing an existing value of that name.
     /// The envelope's own header names (this module's constants, spelled
     /// exactly so) are not copied: a received message's headers allocate

@@ -424,7 +424,7 @@ impl Poller {
 /// kept lossily (the envelope decoder then rejects what it needs), a
 /// missing payload is empty.
 pub(crate) fn message_of<M: rdkafka::Message>(m: &M) -> Message {
-    let mut headers = Headers::new();
+    let mut headers = Headers::with_capacity(m.headers().map_or(0, |h| h.count()));
     if let Some(h) = m.headers() {
         for header in h.iter() {
             let value = header.value.map(String::from_utf8_lossy).unwrap_or_default();

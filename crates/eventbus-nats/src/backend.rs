@@ -180,7 +180,7 @@ impl NatsBackend {
 /// The bus headers of a received NATS message: the last value of each
 /// header, without the server's own `Nats-*` headers (dedup id, ...).
 pub(crate) fn headers_of(h: Option<&HeaderMap>) -> eventbus_core::Headers {
-    let mut headers = eventbus_core::Headers::new();
+    let mut headers = eventbus_core::Headers::with_capacity(h.map_or(0, |h| h.len()));
     if let Some(h) = h {
         for (name, values) in h.iter() {
             let name: &str = name.as_ref();

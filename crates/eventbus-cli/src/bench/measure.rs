@@ -126,7 +126,7 @@ impl Published {
             publish_us: self.publish_us,
             end_to_end_us: recorder.end_to_end(),
             elapsed: last.duration_since(self.first_send),
-            resources: sampler.finish().await,
+            resources: sampler.finish(self.first_send, last).await,
         }
     }
 }
@@ -147,9 +147,19 @@ async fn wait(timeout: Duration, done: impl Fn() -> bool) -> bool {
     true
 }
 
-/// Resident memory and live tasks: before, peak while running, after.
+/// Resident memory and live tasks: before, peak while running, after;
+/// CPU spent while running.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub(crate) struct Resources {
+    /// This process's CPU time (user and system, all threads) from the
+    /// first publish to the last delivery, ms (sampled every 10 ms): the
+    /// client's whole cost, its library's threads included. Runs alternate
+    /// in one process, so each run's figure is its own client's.
+    pub(crate) cpu_ms: f64,
+    /// Share of the machine's cores busy over the same time, percent of
+    /// all cores (Linux `/proc/stat`): near 100, the run was bound by CPU,
+    /// the broker's included.
+    pub(crate) machine_busy_pct: f64,
     pub(crate) rss_before_mb: f64,
     pub(crate) rss_peak_mb: f64,
     pub(crate) rss_after_mb: f64,
@@ -158,11 +168,30 @@ pub(crate) struct Resources {
     pub(crate) tasks_after: usize,
 }
 
-/// Samples RSS and live tokio tasks every 10 ms until stopped.
+/// Samples RSS, live tokio tasks and CPU every 10 ms until stopped.
 pub(crate) struct Sampler {
     stop: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<(f64, usize)>,
+    task: tokio::task::JoinHandle<(f64, usize, Vec<CpuSample>)>,
     before: (f64, usize),
+}
+
+/// CPU counters at one instant: this process's ms, the machine's
+/// (busy, total) ticks.
+#[derive(Clone, Copy)]
+struct CpuSample {
+    at: Instant,
+    process_ms: f64,
+    machine: Option<(u64, u64)>,
+}
+
+impl CpuSample {
+    fn now() -> Self {
+        Self {
+            at: Instant::now(),
+            process_ms: process_cpu_ms(),
+            machine: machine_ticks(),
+        }
+    }
 }
 
 impl Sampler {
@@ -171,26 +200,42 @@ impl Sampler {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
-            let (mut rss, mut tasks) = (0.0_f64, 0);
+            let (mut rss, mut tasks, mut cpu) = (0.0_f64, 0, Vec::new());
             while !flag.load(Ordering::Relaxed) {
                 rss = rss.max(rss_mb());
                 tasks = tasks.max(live_tasks());
+                cpu.push(CpuSample::now());
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            (rss, tasks)
+            (rss, tasks, cpu)
         });
         Self { stop, task, before }
     }
 
-    /// Stops sampling; `after` is read now (call it once the bus is closed).
-    pub(crate) async fn finish(self) -> Resources {
+    /// Stops sampling; `after` is read now (call it once the bus is
+    /// closed). CPU counts from the last sample at or before `from` to the
+    /// first at or after `to` (the first publish and the last delivery).
+    pub(crate) async fn finish(self, from: Instant, to: Instant) -> Resources {
+        let end = CpuSample::now();
         self.stop.store(true, Ordering::Relaxed);
-        let (peak_rss, peak_tasks) = self.task.await.unwrap_or_default();
+        let (peak_rss, peak_tasks, mut cpu) = self.task.await.unwrap_or_default();
+        cpu.push(end);
+        let start = cpu.iter().rev().find(|c| c.at <= from).unwrap_or(&cpu[0]);
+        let stop = cpu.iter().find(|c| c.at >= to).unwrap_or(&end);
+        let cpu_ms = stop.process_ms - start.process_ms;
+        let machine_busy_pct = match (start.machine, stop.machine) {
+            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+                100.0 * busy1.saturating_sub(busy0) as f64 / (total1 - total0) as f64
+            }
+            _ => 0.0,
+        };
         // Let closed tasks finish unwinding before counting what is left.
         for _ in 0..10 {
             tokio::task::yield_now().await;
         }
         Resources {
+            cpu_ms,
+            machine_busy_pct,
             rss_before_mb: self.before.0,
             rss_peak_mb: peak_rss.max(self.before.0),
             rss_after_mb: rss_mb(),
@@ -208,6 +253,36 @@ fn rss_mb() -> f64 {
         .and_then(|s| s.split_whitespace().nth(1).and_then(|p| p.parse::<f64>().ok()))
         .unwrap_or(0.0);
     pages * 4096.0 / (1024.0 * 1024.0)
+}
+
+/// CPU time of this process so far (user plus system, every thread), ms.
+fn process_cpu_ms() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
+    }
+    let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
+    ms(usage.ru_utime) + ms(usage.ru_stime)
+}
+
+/// The machine's (busy, total) CPU ticks over all cores so far, from the
+/// first line of Linux `/proc/stat`; idle and iowait are not busy.
+fn machine_ticks() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = stat
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8) // user nice system idle iowait irq softirq steal (guest is in user)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    if ticks.len() < 5 {
+        return None;
+    }
+    let total: u64 = ticks.iter().sum();
+    Some((total - ticks[3] - ticks[4], total))
 }
 
 fn live_tasks() -> usize {

@@ -315,6 +315,13 @@ pub(crate) struct Summary {
     raw_end_to_end_p99_ms: Option<Spread>,
     /// Publish-call p99 (stage one), µs.
     publish_p99_us: Spread,
+    /// This process's CPU per event (publish and consume, the client
+    /// library's threads included), µs.
+    cpu_us_per_event: Spread,
+    raw_cpu_us_per_event: Option<Spread>,
+    /// The machine's cores busy while running, percent of all cores.
+    machine_busy_pct: Spread,
+    raw_machine_busy_pct: Option<Spread>,
     order_violations: u64,
     overlaps: u64,
     duplicates: u64,
@@ -343,6 +350,8 @@ pub(crate) fn summaries(reports: &[LevelReport]) -> Vec<Summary> {
                 .filter(|r| r.run > 0 && r.label == raw_label)
                 .collect();
             let p99 = |r: &&LevelReport| r.end_to_end_us.value_at_quantile(0.99) as f64 / 1000.0;
+            let cpu = |r: &&LevelReport| 1000.0 * r.resources.cpu_ms / r.events.max(1) as f64;
+            let busy = |r: &&LevelReport| r.resources.machine_busy_pct;
             let rss: Vec<f64> = ours.iter().map(|r| r.resources.rss_peak_mb).collect();
             let first = rss.first().copied().unwrap_or(0.0).max(1e-9);
             let later = rss.iter().skip(1).copied().fold(first, f64::max);
@@ -360,6 +369,10 @@ pub(crate) fn summaries(reports: &[LevelReport]) -> Vec<Summary> {
                         .map(|r| r.publish_us.value_at_quantile(0.99) as f64)
                         .collect(),
                 )?,
+                cpu_us_per_event: Spread::of(ours.iter().map(cpu).collect())?,
+                raw_cpu_us_per_event: Spread::of(raw.iter().map(cpu).collect()),
+                machine_busy_pct: Spread::of(ours.iter().map(busy).collect())?,
+                raw_machine_busy_pct: Spread::of(raw.iter().map(busy).collect()),
                 order_violations: ours.iter().map(|r| r.order.violations()).sum(),
                 overlaps: ours.iter().map(|r| r.order.overlaps).sum(),
                 duplicates: ours.iter().map(|r| r.order.duplicates).sum(),
@@ -373,14 +386,14 @@ pub(crate) fn summaries(reports: &[LevelReport]) -> Vec<Summary> {
 /// The sustained summaries as a GitHub markdown table.
 pub(crate) fn summary_markdown(summaries: &[Summary]) -> String {
     let mut out = String::from(
-        "| backend | events | runs | events/s | raw events/s | vs raw | e2e p99 ms | raw e2e p99 ms | pub p99 µs | viol. / overlaps / dups | peak RSS MiB per run |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| backend | events | runs | events/s | raw events/s | vs raw | e2e p99 ms | raw e2e p99 ms | pub p99 µs | CPU µs/event | raw CPU µs/event | cores busy % | raw cores busy % | viol. / overlaps / dups | peak RSS MiB per run |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let or_dash =
         |s: Option<Spread>, scale: f64, digits: usize| s.map_or("-".into(), |s| s.show(scale, digits));
     for s in summaries {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |\n",
             s.label,
             s.events,
             s.runs,
@@ -395,6 +408,10 @@ pub(crate) fn summary_markdown(summaries: &[Summary]) -> String {
             s.end_to_end_p99_ms.show(1.0, 1),
             or_dash(s.raw_end_to_end_p99_ms, 1.0, 1),
             s.publish_p99_us.show(1.0, 0),
+            s.cpu_us_per_event.show(1.0, 1),
+            or_dash(s.raw_cpu_us_per_event, 1.0, 1),
+            s.machine_busy_pct.show(1.0, 0),
+            or_dash(s.raw_machine_busy_pct, 1.0, 0),
             s.order_violations,
             s.overlaps,
             s.duplicates,
@@ -470,7 +487,7 @@ mod tests {
 
     #[test]
     fn the_sustained_summary_pairs_each_run_with_its_own_raw_run() {
-        let reports = [
+        let mut reports = [
             report("nats", 0, 500, 1.0, 10.0),
             report("nats-raw", 0, 500, 0.5, 10.0),
             report("nats", 1, 1_000, 1.0, 100.0),
@@ -480,6 +497,14 @@ mod tests {
             report("nats", 3, 1_000, 0.8, 120.0),
             report("nats-raw", 3, 1_000, 1.0, 100.0),
         ];
+        for (r, cpu_ms) in reports
+            .iter_mut()
+            .skip(2)
+            .zip([2_000.0, 1_000.0, 4_000.0, 1_000.0, 3_000.0, 1_000.0])
+        {
+            r.resources.cpu_ms = cpu_ms;
+            r.resources.machine_busy_pct = cpu_ms / 40.0;
+        }
         let s = summaries(&reports);
         assert_eq!(s.len(), 1, "one summary for ours, none for the raw client");
         let s = &s[0];
@@ -493,6 +518,18 @@ mod tests {
         let ratio = s.ratio_to_raw.unwrap();
         assert_eq!((ratio.median, ratio.min, ratio.max), (0.5, 0.5, 1.25));
         assert_eq!(s.rss_peak_mb, vec![100.0, 105.0, 120.0]);
+        // CPU per event: 2, 4 and 3 ms over 1,000 events each; raw 1 ms each.
+        assert_eq!(
+            (
+                s.cpu_us_per_event.median,
+                s.cpu_us_per_event.min,
+                s.cpu_us_per_event.max
+            ),
+            (3_000.0, 2_000.0, 4_000.0)
+        );
+        assert_eq!(s.raw_cpu_us_per_event.unwrap().median, 1_000.0);
+        assert_eq!(s.machine_busy_pct.median, 75.0);
+        assert_eq!(s.raw_machine_busy_pct.unwrap().max, 25.0);
         assert!((s.rss_growth_pct - 20.0).abs() < 1e-9);
         assert!(summary_markdown(&[]).lines().count() == 2);
     }
