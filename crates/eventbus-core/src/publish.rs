@@ -137,6 +137,9 @@ impl Stream for PublishResults {
 
 struct Pending {
     ack: AckFuture,
+    /// When the ACK wait ends (`publish.ack_timeout_ms` after stage one).
+    deadline: tokio::time::Instant,
+    ack_timeout: Duration,
     meta: ResultMeta,
     reply: oneshot::Sender<PublishResult>,
     permit: OwnedSemaphorePermit,
@@ -230,16 +233,11 @@ impl Publisher {
             )
             .increment(1);
         })?;
-        let ack_timeout = self.ack_timeout;
-        let ack = async move {
-            tokio::time::timeout(ack_timeout, ack)
-                .await
-                .unwrap_or_else(|_| Err(Error::timeout(format!("no ACK within {ack_timeout:?}"))))
-        }
-        .boxed();
         let (reply, rx) = oneshot::channel();
         let pending = Pending {
             ack,
+            deadline: tokio::time::Instant::now() + self.ack_timeout,
+            ack_timeout: self.ack_timeout,
             meta,
             reply,
             permit,
@@ -327,9 +325,12 @@ async fn collect(
             }
             next = rx.recv() => match next {
                 Some(p) => in_flight.push(async move {
-                    let Pending { ack, meta, reply, permit } = p;
+                    let Pending { ack, deadline, ack_timeout, meta, reply, permit } = p;
                     let report = meta.report;
-                    let result = PublishResult::new(meta, ack.await);
+                    let outcome = tokio::time::timeout_at(deadline, ack)
+                        .await
+                        .unwrap_or_else(|_| Err(Error::timeout(format!("no ACK within {ack_timeout:?}"))));
+                    let result = PublishResult::new(meta, outcome);
                     (result, (report, reply, permit))
                 }),
                 None => break,
