@@ -424,8 +424,9 @@ impl Poller {
 /// kept lossily (the envelope decoder then rejects what it needs), a
 /// missing payload is empty.
 pub(crate) fn message_of<M: rdkafka::Message>(m: &M) -> Message {
-    let mut headers = Headers::with_capacity(m.headers().map_or(0, |h| h.count()));
-    if let Some(h) = m.headers() {
+    let received = m.headers();
+    let mut headers = Headers::with_capacity(received.map_or(0, |h| h.count()));
+    if let Some(h) = received {
         for header in h.iter() {
             let value = header.value.map(String::from_utf8_lossy).unwrap_or_default();
             headers.insert(header.key, value);

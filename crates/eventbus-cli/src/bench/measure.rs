@@ -223,12 +223,7 @@ impl Sampler {
         let start = cpu.iter().rev().find(|c| c.at <= from).unwrap_or(&cpu[0]);
         let stop = cpu.iter().find(|c| c.at >= to).unwrap_or(&end);
         let cpu_ms = stop.process_ms - start.process_ms;
-        let machine_busy_pct = match (start.machine, stop.machine) {
-            (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
-                100.0 * busy1.saturating_sub(busy0) as f64 / (total1 - total0) as f64
-            }
-            _ => 0.0,
-        };
+        let machine_busy_pct = busy_pct(start.machine, stop.machine);
         // Let closed tasks finish unwinding before counting what is left.
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -264,6 +259,33 @@ fn process_cpu_ms() -> f64 {
     }
     let ms = |t: libc::timeval| t.tv_sec as f64 * 1000.0 + t.tv_usec as f64 / 1000.0;
     ms(usage.ru_utime) + ms(usage.ru_stime)
+}
+
+/// The machine's cores busy between two [`machine_ticks`] readings,
+/// percent of all cores; 0 when either is missing.
+fn busy_pct(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f64 {
+    match (before, after) {
+        (Some((busy0, total0)), Some((busy1, total1))) if total1 > total0 => {
+            100.0 * busy1.saturating_sub(busy0) as f64 / (total1 - total0) as f64
+        }
+        _ => 0.0,
+    }
+}
+
+/// How busy the machine's cores are from [`start`](CoresBusy::start) to
+/// [`pct`](CoresBusy::pct): whether a measurement was bound by CPU.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct CoresBusy(Option<(u64, u64)>);
+
+impl CoresBusy {
+    pub(crate) fn start() -> Self {
+        Self(machine_ticks())
+    }
+
+    /// Percent of all cores busy since `start` (Linux `/proc/stat`; 0 elsewhere).
+    pub(crate) fn pct(&self) -> f64 {
+        busy_pct(self.0, machine_ticks())
+    }
 }
 
 /// The machine's (busy, total) CPU ticks over all cores so far, from the

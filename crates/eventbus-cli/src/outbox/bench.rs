@@ -103,13 +103,15 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         let mut phase = Phase::start(&target, &url, relays.max(1), false).await?;
         insert(&writer, &phase.topic, args.events, args.per_aggregate, None).await?;
         let started = Instant::now();
+        let busy = crate::bench::measure::CoresBusy::start();
         phase.relay(&relay_config);
         let bound = Duration::from_secs(60) + Duration::from_millis(args.events as u64);
         phase.wait_published(args.events, started + bound).await?;
         let elapsed = started.elapsed();
+        let busy = busy.pct();
         let report = phase.finish(args.events).await?;
         println!(
-            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight: {:.0} events/s ({:.2}s from relay start to last mark); order: {report}",
+            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy); order: {report}",
             args.events,
             (args.events / args.per_aggregate.max(1)).max(1),
             args.backend,
