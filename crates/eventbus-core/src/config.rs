@@ -61,7 +61,9 @@ pub struct PublishConfig {
     pub max_in_flight: Option<usize>,
     /// Longest wait for room in the window and for the backend to accept, in ms.
     pub timeout_ms: u64,
-    /// Longest wait for the broker's ACK, in ms.
+    /// Longest wait for the broker's ACK, in ms, counted from the moment
+    /// the backend accepted the message (stage one returned). An ACK that
+    /// has arrived is never turned into a timeout, however late it is read.
     pub ack_timeout_ms: u64,
     /// How envelopes write `tenant_id`: `integer` (default, as the Go SDK
     /// does) or `string` for consumers on Go SDK releases from late October
