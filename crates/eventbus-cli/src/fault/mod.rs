@@ -357,6 +357,54 @@ async fn run_all(args: FaultArgs) -> Result<()> {
     }
 }
 
+/// Which `lost` events the broker still has, with their position: read
+/// back from each affected topic's beginning until nothing arrives for 3 s
+/// (60 s at most per topic). An event there was skipped by the consumers;
+/// one missing was dropped by the broker after it acknowledged it.
+async fn locate(
+    broker: &Broker,
+    kind: BackendKind,
+    lost: &[check::Event],
+) -> Result<Vec<(check::Event, eventbus::Position)>> {
+    use futures::StreamExt;
+    let (nats_url, kafka_brokers) = match broker {
+        Broker::Nats(s) => (Some(s.url()), None),
+        Broker::Kafka(t, _) => (None, Some(t.bootstrap())),
+    };
+    let brokers = crate::backends::BrokerArgs {
+        nats_url,
+        kafka_brokers,
+        config: None,
+        nats_config: None,
+        kafka_config: None,
+    };
+    let target =
+        crate::backends::Target::connect(kind, &brokers, crate::backends::WhenMissing::DefaultAddress)
+            .await?;
+    let bus = target.bus(eventbus::BusConfig::default()).await?;
+    let wanted: std::collections::HashSet<&check::Event> = lost.iter().collect();
+    let topics: std::collections::BTreeSet<&str> = lost.iter().map(|e| e.0.as_str()).collect();
+    let mut found = Vec::new();
+    for topic in topics {
+        let mut log = bus.browse(topic).await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(3), log.next()).await else {
+                break;
+            };
+            let Ok(m) = next else { continue };
+            if let Ok(e) = eventbus::Envelope::decode(&m.message.payload) {
+                let event = (topic.to_owned(), e.aggregate_id, e.event_version);
+                if wanted.contains(&event) {
+                    found.push((event, m.position));
+                }
+            }
+        }
+    }
+    bus.close().await?;
+    Ok(found)
+}
+
 impl Row {
     /// The row of the markdown table.
     fn markdown(&self, members: u8) -> String {
@@ -600,6 +648,18 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
             "fault[{kind:?}]: lost (first 10): {:?}",
             &verdict.lost[..verdict.lost.len().min(10)]
         );
+    }
+    if !verdict.lost.is_empty() {
+        match locate(&broker, kind, &verdict.lost).await {
+            Ok(found) => eprintln!(
+                "fault[{kind:?}]: of {} lost, {} are in the broker's log (never handled: the bus skipped them; first: {:?}), {} are not (the broker dropped writes it had acknowledged)",
+                verdict.lost.len(),
+                found.len(),
+                found.first(),
+                verdict.lost.len() - found.len()
+            ),
+            Err(e) => eprintln!("fault[{kind:?}]: could not read the broker's log back: {e}"),
+        }
     }
     let recoveries = faults
         .iter()
