@@ -357,15 +357,16 @@ async fn run_all(args: FaultArgs) -> Result<()> {
     }
 }
 
-/// Which `lost` events the broker still has, with their position: read
-/// back from each affected topic's beginning until nothing arrives for 3 s
-/// (60 s at most per topic). An event there was skipped by the consumers;
-/// one missing was dropped by the broker after it acknowledged it.
+/// Which `lost` events the broker still has, with their position, and how
+/// many distinct events of each affected topic it read back: from the
+/// topic's beginning until nothing arrives for 10 s (120 s at most per
+/// topic). An event there was skipped by the consumers; one missing was
+/// dropped by the broker after it acknowledged it.
 async fn locate(
     broker: &Broker,
     kind: BackendKind,
     lost: &[check::Event],
-) -> Result<Vec<(check::Event, eventbus::Position)>> {
+) -> Result<(Vec<(check::Event, eventbus::Position)>, Vec<(String, usize)>)> {
     use futures::StreamExt;
     let (nats_url, kafka_brokers) = match broker {
         Broker::Nats(s) => (Some(s.url()), None),
@@ -384,25 +385,28 @@ async fn locate(
     let bus = target.bus(eventbus::BusConfig::default()).await?;
     let wanted: std::collections::HashSet<&check::Event> = lost.iter().collect();
     let topics: std::collections::BTreeSet<&str> = lost.iter().map(|e| e.0.as_str()).collect();
-    let mut found = Vec::new();
+    let (mut found, mut read) = (Vec::new(), Vec::new());
     for topic in topics {
         let mut log = bus.browse(topic).await?;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut seen = std::collections::HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
         while Instant::now() < deadline {
-            let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(3), log.next()).await else {
+            let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(10), log.next()).await else {
                 break;
             };
             let Ok(m) = next else { continue };
             if let Ok(e) = eventbus::Envelope::decode(&m.message.payload) {
                 let event = (topic.to_owned(), e.aggregate_id, e.event_version);
-                if wanted.contains(&event) {
-                    found.push((event, m.position));
+                if wanted.contains(&event) && !seen.contains(&event) {
+                    found.push((event.clone(), m.position));
                 }
+                seen.insert(event);
             }
         }
+        read.push((topic.to_owned(), seen.len()));
     }
     bus.close().await?;
-    Ok(found)
+    Ok((found, read))
 }
 
 impl Row {
@@ -651,13 +655,24 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
     }
     if !verdict.lost.is_empty() {
         match locate(&broker, kind, &verdict.lost).await {
-            Ok(found) => eprintln!(
-                "fault[{kind:?}]: of {} lost, {} are in the broker's log (never handled: the bus skipped them; first: {:?}), {} are not (the broker dropped writes it had acknowledged)",
-                verdict.lost.len(),
-                found.len(),
-                found.first(),
-                verdict.lost.len() - found.len()
-            ),
+            Ok((found, read)) => {
+                // The read-back is complete when it saw every acked event of
+                // the topic that it did not report lost.
+                let acked = check::acked(&producer.log);
+                for (topic, events) in &read {
+                    let expected = acked.iter().filter(|e| &e.0 == topic).count();
+                    eprintln!(
+                        "fault[{kind:?}]: read back {events} distinct events of {topic}; {expected} were acked"
+                    );
+                }
+                eprintln!(
+                    "fault[{kind:?}]: of {} lost, {} are in the broker's log (never handled: the bus skipped them; first: {:?}), {} are not (the broker dropped writes it had acknowledged)",
+                    verdict.lost.len(),
+                    found.len(),
+                    found.first(),
+                    verdict.lost.len() - found.len()
+                );
+            }
             Err(e) => eprintln!("fault[{kind:?}]: could not read the broker's log back: {e}"),
         }
     }
