@@ -691,26 +691,11 @@ impl RecentIds {
 /// canonical form, as both SDKs write it); `None` for any other text, so
 /// two distinct ids never share bits (`ABC…` and `abc…` stay apart).
 fn uuid_bits(id: &str) -> Option<u128> {
-    let bytes = id.as_bytes();
-    if bytes.len() != 36 {
-        return None;
-    }
-    let mut bits = 0u128;
-    for (i, &b) in bytes.iter().enumerate() {
-        if matches!(i, 8 | 13 | 18 | 23) {
-            if b != b'-' {
-                return None;
-            }
-            continue;
-        }
-        let nibble = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            _ => return None,
-        };
-        bits = (bits << 4) | u128::from(nibble);
-    }
-    Some(bits)
+    // `uuid` also parses uppercase, braced and undashed forms: keep only
+    // ids that are exactly its lowercase hyphenated text.
+    let uuid = uuid::Uuid::try_parse(id).ok()?;
+    let mut text = uuid::Uuid::encode_buffer();
+    (uuid.hyphenated().encode_lower(&mut text) == id).then(|| uuid.as_u128())
 }
 
 /// Resolves when `ownership` is revoked or its lease deadline passed
