@@ -109,15 +109,17 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         phase.wait_published(args.events, started + bound).await?;
         let elapsed = started.elapsed();
         let busy = busy.pct();
+        let topic = phase.topic.clone();
         let report = phase.finish(args.events).await?;
         println!(
-            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy); order: {report}",
+            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy, topic {}); order: {report}",
             args.events,
             (args.events / args.per_aggregate.max(1)).max(1),
             args.backend,
             relay_config.rounds_in_flight,
             args.events as f64 / elapsed.as_secs_f64(),
             elapsed.as_secs_f64(),
+            topic,
         );
         if !report.is_strictly_ordered() || report.received < args.events as u64 {
             failed.push(format!("saturation with {relays} relay(s): {report}"));
