@@ -110,7 +110,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         let elapsed = started.elapsed();
         let busy = busy.pct();
         let topic = phase.topic.clone();
-        let report = phase.finish(args.events).await?;
+        let report = phase.finish(args.events, args.backend).await?;
         println!(
             "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy, topic {}); order: {report}",
             args.events,
@@ -136,7 +136,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         phase
             .wait_published(events, Instant::now() + Duration::from_secs(60))
             .await?;
-        let report = phase.finish(events).await?;
+        let report = phase.finish(events, args.backend).await?;
         let (p50, p99, max) = latency_ms(&writer).await?;
         println!(
             "outbox latency: {events} events at {:.0} events/s for {:.1}s, {database}, {:?}, 1 relay: commit->ACK p50 {p50:.1} ms, p99 {p99:.1} ms, max {max:.1} ms; order: {report}",
@@ -242,8 +242,11 @@ impl Phase {
     }
 
     /// Stops the relays, waits (at most 60 s) for the checker to see
-    /// `events`, closes every bus and returns the checker's report.
-    async fn finish(mut self, events: usize) -> Result<eventbus_testkit::OrderReport> {
+    /// `events`, closes every bus and returns the checker's report. When
+    /// events are missing or out of order on a broker that keeps its log
+    /// (not memory, which trims what every group settled), prints how many
+    /// the broker holds.
+    async fn finish(mut self, events: usize, backend: BackendKind) -> Result<eventbus_testkit::OrderReport> {
         self.shutdown.cancel();
         for task in std::mem::take(&mut self.running) {
             let _ = task.await;
@@ -253,12 +256,54 @@ impl Phase {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let report = self.checker.report();
+        let incomplete = report.received < events as u64 || !report.is_strictly_ordered();
+        if incomplete && backend != BackendKind::Memory {
+            // Every row was marked published only after the broker's ACK:
+            // tell a write the broker dropped from one the consumer skipped.
+            match read_back(&self.checking, &self.topic).await {
+                Ok((distinct, read)) => println!(
+                    "outbox bench: {} read back: the broker holds {distinct} distinct events of the {events} the relays published after an ACK ({read} messages read){}",
+                    self.topic,
+                    if distinct < events {
+                        ": it dropped writes it had acknowledged"
+                    } else {
+                        ": the consumer skipped some it holds"
+                    }
+                ),
+                Err(e) => println!("outbox bench: reading {} back failed: {e}", self.topic),
+            }
+        }
         for (bus, _) in &self.relays {
             bus.close().await?;
         }
         self.checking.close().await?;
         Ok(report)
     }
+}
+
+/// Reads `topic` from its oldest stored message (no consumer group) until
+/// 10 s pass without one, 120 s at most; returns the distinct events
+/// (aggregate id, event version) and the messages read.
+///
+/// # Errors
+/// What the backend's `browse` returns.
+async fn read_back(bus: &EventBus, topic: &str) -> Result<(usize, usize)> {
+    use futures::StreamExt;
+    let mut log = bus.browse(topic).await?;
+    let mut seen = std::collections::HashSet::new();
+    let mut read = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(10), log.next()).await else {
+            break;
+        };
+        let Ok(m) = next else { continue };
+        read += 1;
+        if let Ok(e) = Envelope::decode(&m.message.payload) {
+            seen.insert((e.aggregate_id, e.event_version));
+        }
+    }
+    Ok((seen.len(), read))
 }
 
 /// Appends `events` envelopes for `topic` in transactions of 100 (at
