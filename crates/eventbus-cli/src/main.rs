@@ -5,6 +5,7 @@ mod bench;
 mod fault;
 mod ops;
 mod outbox;
+mod read_back;
 mod signals;
 mod soak;
 

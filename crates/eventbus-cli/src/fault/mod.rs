@@ -366,8 +366,10 @@ async fn locate(
     broker: &Broker,
     kind: BackendKind,
     lost: &[check::Event],
-) -> Result<(Vec<(check::Event, eventbus::Position)>, Vec<(String, usize)>)> {
-    use futures::StreamExt;
+) -> Result<(
+    Vec<(check::Event, eventbus::Position)>,
+    Vec<(String, usize, crate::read_back::ReadBack)>,
+)> {
     let (nats_url, kafka_brokers) = match broker {
         Broker::Nats(s) => (Some(s.url()), None),
         Broker::Kafka(t, _) => (None, Some(t.bootstrap())),
@@ -387,23 +389,16 @@ async fn locate(
     let topics: std::collections::BTreeSet<&str> = lost.iter().map(|e| e.0.as_str()).collect();
     let (mut found, mut read) = (Vec::new(), Vec::new());
     for topic in topics {
-        let mut log = bus.browse(topic).await?;
         let mut seen = std::collections::HashSet::new();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while Instant::now() < deadline {
-            let Ok(Some(next)) = tokio::time::timeout(Duration::from_secs(10), log.next()).await else {
-                break;
-            };
-            let Ok(m) = next else { continue };
-            if let Ok(e) = eventbus::Envelope::decode(&m.message.payload) {
-                let event = (topic.to_owned(), e.aggregate_id, e.event_version);
-                if wanted.contains(&event) && !seen.contains(&event) {
-                    found.push((event.clone(), m.position));
-                }
-                seen.insert(event);
+        let log = crate::read_back::read_back(&bus, topic, |e, position| {
+            let event = (topic.to_owned(), e.aggregate_id, e.event_version);
+            if wanted.contains(&event) && !seen.contains(&event) {
+                found.push((event.clone(), position));
             }
-        }
-        read.push((topic.to_owned(), seen.len()));
+            seen.insert(event);
+        })
+        .await?;
+        read.push((topic.to_owned(), seen.len(), log));
     }
     bus.close().await?;
     Ok((found, read))
@@ -659,18 +654,24 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
                 // The read-back is complete when it saw every acked event of
                 // the topic that it did not report lost.
                 let acked = check::acked(&producer.log);
-                for (topic, events) in &read {
+                for (topic, events, log) in &read {
                     let expected = acked.iter().filter(|e| &e.0 == topic).count();
                     eprintln!(
-                        "fault[{kind:?}]: read back {events} distinct events of {topic}; {expected} were acked"
+                        "fault[{kind:?}]: read back {events} distinct events of {topic}; {expected} were acked ({log})"
                     );
                 }
+                let whole = read.iter().all(|(_, _, log)| log.is_whole());
                 eprintln!(
-                    "fault[{kind:?}]: of {} lost, {} are in the broker's log (never handled: the bus skipped them; first: {:?}), {} are not (the broker dropped writes it had acknowledged)",
+                    "fault[{kind:?}]: of {} lost, {} are in the broker's log (never handled: the bus skipped them; first: {:?}), {} are not ({})",
                     verdict.lost.len(),
                     found.len(),
                     found.first(),
-                    verdict.lost.len() - found.len()
+                    verdict.lost.len() - found.len(),
+                    if whole {
+                        "the broker dropped writes it had acknowledged"
+                    } else {
+                        "or the read-back missed them: it was not whole"
+                    }
                 );
             }
             Err(e) => eprintln!("fault[{kind:?}]: could not read the broker's log back: {e}"),

@@ -1,0 +1,97 @@
+//! Reading a topic's stored log back, without a consumer group: how the
+//! fault harness and the outbox bench tell a write the broker dropped from
+//! one the consumers skipped.
+
+use std::time::{Duration, Instant};
+
+use eventbus::{Envelope, EventBus, Position, Result};
+use futures::StreamExt;
+
+/// How long the log may stay silent before the read counts as complete.
+const IDLE: Duration = Duration::from_secs(10);
+/// The bound on one read.
+const MAX: Duration = Duration::from_secs(120);
+
+/// What one read of a topic's log saw.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadBack {
+    /// Messages read (envelopes or not).
+    pub(crate) messages: usize,
+    /// Messages that did not decode as envelopes.
+    pub(crate) undecodable: usize,
+    /// Errors the log's stream returned (the read went on past each).
+    pub(crate) errors: usize,
+    /// Whether the read ended on 10 s of silence (the log read to its end,
+    /// as far as a reader can tell) rather than at its 120 s bound.
+    pub(crate) complete: bool,
+}
+
+impl ReadBack {
+    /// Whether the read can be trusted to have seen the whole log: it ended
+    /// on silence, and no message was lost to an error or a decode failure.
+    pub(crate) fn is_whole(&self) -> bool {
+        self.complete && self.errors == 0 && self.undecodable == 0
+    }
+}
+
+impl std::fmt::Display for ReadBack {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} messages read, {} undecodable, {} stream errors, {}",
+            self.messages,
+            self.undecodable,
+            self.errors,
+            if self.complete {
+                "ended after 10 s without a message"
+            } else {
+                "cut off at 120 s"
+            }
+        )
+    }
+}
+
+/// Reads `topic` through `bus` from its oldest stored message (the
+/// backend's `browse`: no consumer group), handing each envelope and its
+/// position to `each`, until 10 s pass without a message or 120 s in all.
+///
+/// # Errors
+/// What the backend's `browse` returns when the read cannot start.
+pub(crate) async fn read_back(
+    bus: &EventBus,
+    topic: &str,
+    mut each: impl FnMut(Envelope, Position),
+) -> Result<ReadBack> {
+    let mut log = bus.browse(topic).await?;
+    let mut read = ReadBack {
+        messages: 0,
+        undecodable: 0,
+        errors: 0,
+        complete: false,
+    };
+    let deadline = Instant::now() + MAX;
+    while Instant::now() < deadline {
+        let next = match tokio::time::timeout(IDLE, log.next()).await {
+            Ok(Some(next)) => next,
+            Ok(None) | Err(_) => {
+                read.complete = true;
+                break;
+            }
+        };
+        match next {
+            Ok(m) => {
+                read.messages += 1;
+                match Envelope::decode(&m.message.payload) {
+                    Ok(e) => each(e, m.position),
+                    Err(_) => read.undecodable += 1,
+                }
+            }
+            Err(_) => {
+                read.errors += 1;
+                // An error stream must not spin the read.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    Ok(read)
+}
