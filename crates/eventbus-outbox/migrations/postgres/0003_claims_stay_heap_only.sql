@@ -2,12 +2,14 @@
 -- column), so it can be a heap-only (HOT) update, writing no index entry,
 -- but only when the row's page has room for the new version. At fillfactor
 -- 70 (migration 0002) a 500-row claim covers whole pages, each filled to 70 %
--- by the inserts, and only about a fifth of the updates found room: the rest
--- went to other pages with an entry in each of the six indexes. At 40 % a
+-- by the inserts, and only about a third of the updates found room (190 of
+-- 500 in the test a_claim_of_freshly_written_rows_is_a_heap_only_update):
+-- the rest went to other pages with an entry in each of the six indexes. At 40 % a
 -- page keeps room for a new version of each of its rows (measured with
 -- ~400-byte rows: every claim update heap-only; one relay on PostgreSQL with
--- the memory backend 26,000-29,000 events/s instead of 19,000-22,000). The
--- cost is space: the table takes about 1.75 times the pages for the rows it
--- holds (published rows are deleted after the retention). Applies to pages
--- written from now on.
+-- the memory backend 26,000-29,000 events/s instead of 19,000-22,000, in
+-- alternating runs on one cluster). The cost is space: the table takes about
+-- 1.75 times the pages it took at 70 for the rows it holds, and pages once
+-- allocated are not given back to the file system. Applies to rows inserted
+-- from now on; rows already stored keep their pages.
 ALTER TABLE outbox_events SET (fillfactor = 40);
