@@ -21,6 +21,11 @@ pub(crate) struct ReadBack {
     pub(crate) undecodable: usize,
     /// Errors the log's stream returned (the read went on past each).
     pub(crate) errors: usize,
+    /// Messages read at a position an earlier message of the read already
+    /// had (a Kafka partition and offset given twice): a broker that stores
+    /// two writes at one offset, whose second a group consumer fetching
+    /// past that offset never gets.
+    pub(crate) repeated_positions: usize,
     /// Whether the read ended on 10 s of silence (the log read to its end,
     /// as far as a reader can tell) rather than at its 120 s bound.
     pub(crate) complete: bool,
@@ -38,10 +43,11 @@ impl std::fmt::Display for ReadBack {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} messages read, {} undecodable, {} stream errors, {}",
+            "{} messages read, {} undecodable, {} stream errors, {} at a position read before, {}",
             self.messages,
             self.undecodable,
             self.errors,
+            self.repeated_positions,
             if self.complete {
                 "ended after 10 s without a message"
             } else {
@@ -67,8 +73,10 @@ pub(crate) async fn read_back(
         messages: 0,
         undecodable: 0,
         errors: 0,
+        repeated_positions: 0,
         complete: false,
     };
+    let mut positions = std::collections::HashSet::new();
     let deadline = Instant::now() + MAX;
     while Instant::now() < deadline {
         let next = match tokio::time::timeout(IDLE, log.next()).await {
@@ -81,6 +89,9 @@ pub(crate) async fn read_back(
         match next {
             Ok(m) => {
                 read.messages += 1;
+                if !positions.insert(m.position) {
+                    read.repeated_positions += 1;
+                }
                 match Envelope::decode(&m.message.payload) {
                     Ok(e) => each(e, m.position),
                     Err(_) => read.undecodable += 1,
