@@ -13,7 +13,7 @@ const IDLE: Duration = Duration::from_secs(10);
 const MAX: Duration = Duration::from_secs(120);
 
 /// What one read of a topic's log saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct ReadBack {
     /// Messages read (envelopes or not).
     pub(crate) messages: usize,
@@ -69,13 +69,7 @@ pub(crate) async fn read_back(
     mut each: impl FnMut(Envelope, Position),
 ) -> Result<ReadBack> {
     let mut log = bus.browse(topic).await?;
-    let mut read = ReadBack {
-        messages: 0,
-        undecodable: 0,
-        errors: 0,
-        repeated_positions: 0,
-        complete: false,
-    };
+    let mut read = ReadBack::default();
     let mut positions = std::collections::HashSet::new();
     let deadline = Instant::now() + MAX;
     while Instant::now() < deadline {
