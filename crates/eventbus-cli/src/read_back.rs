@@ -100,3 +100,47 @@ pub(crate) async fn read_back(
     }
     Ok(read)
 }
+
+/// `positions` as at most `limit` ranges, in order: `partition 3: 120-179`
+/// for Kafka offsets, `seq 40-52` for stream sequences, joined by `, `,
+/// with a count of the ranges left out.
+pub(crate) fn position_ranges(positions: &[Position], limit: usize) -> String {
+    let mut keyed: Vec<(i64, i64)> = positions
+        .iter()
+        .filter_map(|p| match p {
+            Position::Offset { partition, offset } => Some((i64::from(*partition), *offset)),
+            Position::Sequence(s) => Some((-1, *s as i64)),
+            _ => None,
+        })
+        .collect();
+    keyed.sort_unstable();
+    let mut ranges: Vec<(i64, i64, i64)> = Vec::new();
+    for (part, at) in keyed {
+        match ranges.last_mut() {
+            Some((p, _, end)) if *p == part && *end + 1 == at => *end = at,
+            _ => ranges.push((part, at, at)),
+        }
+    }
+    let shown: Vec<String> = ranges
+        .iter()
+        .take(limit)
+        .map(|(p, from, to)| {
+            let place = if *p < 0 {
+                "seq".to_owned()
+            } else {
+                format!("partition {p}:")
+            };
+            if from == to {
+                format!("{place} {from}")
+            } else {
+                format!("{place} {from}-{to}")
+            }
+        })
+        .collect();
+    let left = ranges.len().saturating_sub(limit);
+    if left > 0 {
+        format!("{} (and {left} more ranges)", shown.join(", "))
+    } else {
+        shown.join(", ")
+    }
+}

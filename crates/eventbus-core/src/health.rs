@@ -182,6 +182,7 @@ mod tests {
             owned,
             members,
             rebalances: 1,
+            offset_gaps: 0,
         };
         assert!(health(subscription(Some(share(vec![0, 1], 2)))).is_ready());
         // Two members, four partitions, none owned: a rebalance owes it some.

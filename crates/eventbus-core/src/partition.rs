@@ -44,6 +44,15 @@ pub struct GroupAssignment {
     pub members: usize,
     /// Times this member's set of owned partitions changed (count).
     pub rebalances: u64,
+    /// Times the broker served this member a record past the offset it
+    /// expected next in a partition (count; Kafka only, 0 elsewhere). A
+    /// Kafka log leaves such gaps legitimately at transaction markers,
+    /// aborted transactions (read committed) and compacted records; on a
+    /// topic with none of those, each gap is records this group will never
+    /// see (tansu 0.6 serves a later batch before an earlier one is
+    /// stored: README, Known broker limits). Counted as
+    /// `eventbus_consumer_offset_gaps_total` too.
+    pub offset_gaps: u64,
 }
 
 #[cfg(test)]

@@ -40,6 +40,12 @@ pub const HANDLER_DURATION: &str = "eventbus_consumer_handler_duration_seconds";
 pub const END_TO_END_LATENCY: &str = "eventbus_consumer_end_to_end_latency_seconds";
 /// Changes of a member's partitions (counter; `backend`).
 pub const REBALANCES: &str = "eventbus_rebalances_total";
+/// Records a broker served past the offset a consumer expected next in a
+/// partition (counter; `backend`, `topic`; Kafka): transaction markers and
+/// compacted records leave such gaps, a broker serving a later record
+/// before an earlier one does too. See
+/// [`GroupAssignment::offset_gaps`](crate::GroupAssignment::offset_gaps).
+pub const OFFSET_GAPS: &str = "eventbus_consumer_offset_gaps_total";
 /// Outbox rows the relay published and marked (counter).
 pub const OUTBOX_PUBLISHED: &str = "eventbus_outbox_published_total";
 /// Failed outbox publish attempts (counter).
@@ -111,6 +117,11 @@ fn describe_now() {
         "From the envelope's timestamp to its successful handling"
     );
     describe_counter!(REBALANCES, Unit::Count, "Changes of a member's partitions");
+    describe_counter!(
+        OFFSET_GAPS,
+        Unit::Count,
+        "Records served past the offset expected next (transaction markers, compaction, or a broker serving out of order)"
+    );
     describe_counter!(OUTBOX_PUBLISHED, Unit::Count, "Outbox rows published and marked");
     describe_counter!(
         OUTBOX_FAILED_ATTEMPTS,

@@ -198,6 +198,8 @@ impl KafkaSubscription {
             seen_rebalances: 0,
             per_partition,
             paused: HashSet::new(),
+            next_offset: std::collections::HashMap::new(),
+            view: view.clone(),
             tx,
         };
         let poller = tokio::spawn(poll.run(stop.clone()));
@@ -230,6 +232,11 @@ struct Poller {
     per_partition: usize,
     /// Partitions paused by us, each rewound to its first message not handed over.
     paused: HashSet<PartitionKey>,
+    /// Per partition, the offset expected next: one past the last handed
+    /// over, or the rewind target of a pause (for [`Poller::handed_over`]).
+    next_offset: std::collections::HashMap<PartitionKey, i64>,
+    /// This member's view, for its offset-gap count.
+    view: Arc<std::sync::Mutex<GroupAssignment>>,
     tx: mpsc::Sender<Result<Delivery>>,
 }
 
@@ -290,6 +297,7 @@ impl Poller {
 
     async fn poll(&mut self, stop: Arc<tokio::sync::Notify>) {
         let consumer = self.consumer.clone();
+        let tracker = self.tracker.clone();
         let tx = self.tx.clone();
         let stopped = stop.notified();
         tokio::pin!(stopped);
@@ -300,6 +308,8 @@ impl Poller {
             let next = tokio::select! {
                 _ = &mut stopped => return,
                 _ = self.tx.closed() => return,
+                // A finish may have made room for a paused partition: resume it now.
+                _ = tracker.finishes.notified(), if !self.paused.is_empty() => continue,
                 next = tokio::time::timeout(POLL_TICK, consumer.recv()) => next,
             };
             let delivery = match next {
@@ -321,9 +331,10 @@ impl Poller {
                     if self.tracker.in_flight(&key) >= self.per_partition && self.pause(&key, m.offset()) {
                         continue;
                     }
-                    match self.tx.try_reserve() {
+                    match tx.try_reserve() {
                         Ok(permit) => {
                             permit.send(Ok(delivery(&self.consumer, &self.tracker, &m)));
+                            self.handed_over(&key, m.offset());
                             continue;
                         }
                         Err(mpsc::error::TrySendError::Closed(())) => return,
@@ -337,6 +348,7 @@ impl Poller {
                     let full = match room {
                         Ok(Ok(permit)) => {
                             permit.send(Ok(delivery(&self.consumer, &self.tracker, &owned)));
+                            self.handed_over(&key, owned.offset());
                             false
                         }
                         Ok(Err(_)) => return,
@@ -348,6 +360,7 @@ impl Poller {
                         if tx.send(Ok(d)).await.is_err() {
                             return;
                         }
+                        self.handed_over(&key, owned.offset());
                     }
                     continue;
                 }
@@ -363,6 +376,23 @@ impl Poller {
                 Err(mpsc::error::TrySendError::Full(Ok(_))) => {}
             }
         }
+    }
+
+    /// Records that `offset` of `key` was handed over, and counts a gap when
+    /// it is past the next offset expected (one past the last handed over,
+    /// or the rewind target). Kafka leaves gaps legitimately (transaction
+    /// markers, compacted records); on a topic with neither, a gap means
+    /// the broker served a later record before an earlier one.
+    fn handed_over(&mut self, key: &PartitionKey, offset: i64) {
+        if let Some(expected) = self.next_offset.get(key).copied()
+            && offset > expected
+        {
+            metrics::counter!(eventbus_core::telemetry::OFFSET_GAPS, "backend" => "kafka", "topic" => key.0.clone())
+                .increment(1);
+            self.view.lock().unwrap().offset_gaps += 1;
+            tracing::debug!(topic = %key.0, partition = key.1, expected, offset, "offset gap");
+        }
+        self.next_offset.insert(key.clone(), offset + 1);
     }
 
     /// Pauses `key` and rewinds it to `offset` (the first message not
@@ -385,6 +415,7 @@ impl Poller {
             return false;
         }
         tracing::debug!(topic = %key.0, partition = key.1, offset, "partition paused");
+        self.next_offset.insert(key.clone(), offset);
         self.paused.insert(key.clone());
         true
     }
@@ -418,6 +449,7 @@ impl Poller {
             return;
         }
         self.seen_rebalances = now;
+        self.next_offset.clear();
         refresh_members(&self.consumer);
         // librdkafka keeps an application pause across unassign and assign:
         // resume every partition we paused, assigned now or not, so one that

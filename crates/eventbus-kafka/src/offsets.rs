@@ -36,6 +36,9 @@ impl Partition {
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
     partitions: Mutex<HashMap<PartitionKey, Partition>>,
+    /// Notified on every finish: a poll task waiting to resume a partition
+    /// paused at its in-flight bound re-checks at once, not at its next tick.
+    pub(crate) finishes: tokio::sync::Notify,
 }
 
 /// Longest wait, after a revoke cancelled running handlers, for them to stop.
@@ -73,6 +76,7 @@ impl OffsetTracker {
         let p = parts.get_mut(key).filter(|p| p.generation == generation)?;
         let before = p.committable();
         p.in_flight.remove(&offset);
+        self.finishes.notify_one();
         let after = p.committable();
         (after != before && !p.revoked).then_some(after)
     }

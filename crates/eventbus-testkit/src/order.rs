@@ -289,6 +289,17 @@ impl OrderChecker {
         seen.mark(version);
     }
 
+    /// Whether `version` of `aggregate` on `topic` was attempted (or
+    /// declared [`skipped`](OrderChecker::skipped)): how a read-back of the
+    /// topic tells which stored events never reached a handler.
+    pub fn attempted(&self, topic: &str, aggregate: &str, version: i64) -> bool {
+        let state = self.state.lock().unwrap();
+        state
+            .aggregates
+            .get(&(topic.to_owned(), aggregate.to_owned()))
+            .is_some_and(|seen| version <= seen.contiguous || seen.above.contains(&version))
+    }
+
     /// The counts so far.
     pub fn report(&self) -> OrderReport {
         self.state.lock().unwrap().report

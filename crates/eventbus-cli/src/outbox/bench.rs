@@ -255,10 +255,24 @@ impl Phase {
     /// latter.
     async fn say_where_the_missing_are(&self, events: usize) {
         let mut seen = std::collections::HashSet::new();
-        let read = crate::read_back::read_back(&self.checking, &self.topic, |e, _| {
+        let mut never_handled = Vec::new();
+        let read = crate::read_back::read_back(&self.checking, &self.topic, |e, at| {
+            if !self
+                .checker
+                .attempted(&self.topic, &e.aggregate_id, e.event_version)
+            {
+                never_handled.push(at);
+            }
             seen.insert((e.aggregate_id, e.event_version));
         })
         .await;
+        if !never_handled.is_empty() {
+            println!(
+                "outbox bench: {}: stored, never handled: {}",
+                self.topic,
+                crate::read_back::position_ranges(&never_handled, 20)
+            );
+        }
         // The consumer ran on during the read: was it only late?
         let received = handled(&self.checker.report());
         let verdict = match &read {

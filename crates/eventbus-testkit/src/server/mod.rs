@@ -6,6 +6,7 @@
 //!
 //! `scripts/install-test-deps` installs every binary.
 
+mod hold;
 mod nats;
 mod postgres;
 mod s3;
@@ -17,6 +18,7 @@ use std::time::Duration;
 
 use eventbus_core::{Error, ErrorKind, Result};
 
+pub use hold::RequestHold;
 pub use nats::{NatsCluster, NatsServer};
 pub use postgres::PostgresServer;
 pub use s3::{S3_REGION, S3Server};

@@ -42,6 +42,11 @@ impl S3Server {
         Ok(Self { process, _dir: dir })
     }
 
+    /// The port it listens on, on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.process.port()
+    }
+
     /// `http://127.0.0.1:<port>`.
     pub fn endpoint(&self) -> String {
         format!("http://127.0.0.1:{}", self.process.port())
