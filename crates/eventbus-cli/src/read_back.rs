@@ -107,10 +107,9 @@ pub(crate) async fn read_back(
 pub(crate) fn position_ranges(positions: &[Position], limit: usize) -> String {
     let mut keyed: Vec<(i64, i64)> = positions
         .iter()
-        .filter_map(|p| match p {
-            Position::Offset { partition, offset } => Some((i64::from(*partition), *offset)),
-            Position::Sequence(s) => Some((-1, *s as i64)),
-            _ => None,
+        .map(|p| match p {
+            Position::Offset { partition, offset } => (i64::from(*partition), *offset),
+            Position::Sequence(s) => (-1, *s as i64),
         })
         .collect();
     keyed.sort_unstable();
@@ -142,5 +141,31 @@ pub(crate) fn position_ranges(positions: &[Position], limit: usize) -> String {
         format!("{} (and {left} more ranges)", shown.join(", "))
     } else {
         shown.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_read_as_ranges_per_partition() {
+        let at = |partition, offset| Position::Offset { partition, offset };
+        let positions = [
+            at(2, 11),
+            at(2, 10),
+            at(0, 5),
+            at(2, 12),
+            at(2, 20),
+            Position::Sequence(7),
+        ];
+        assert_eq!(
+            position_ranges(&positions, 10),
+            "seq 7, partition 0: 5, partition 2: 10-12, partition 2: 20"
+        );
+        assert_eq!(
+            position_ranges(&positions, 2),
+            "seq 7, partition 0: 5 (and 2 more ranges)"
+        );
     }
 }

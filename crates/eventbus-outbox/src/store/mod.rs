@@ -90,6 +90,8 @@ macro_rules! with_pool {
 /// `outbox_events_pending_heads`, where an `OR` scanned every pending row
 /// of the aggregate); due heads not held by a live lease (`now` is the database's
 /// clock as SQL), oldest first, at most `?` of them after the `?` due time.
+/// `probe_tail` ends the probe for an earlier pending row (see the
+/// PostgreSQL claim: there it pins the probe to that index).
 /// Row ids as one JSON array parameter, read by [`Dialect::each_id`]: one
 /// statement text whatever the count, so it is prepared once per connection
 /// (a list of `?` was a new statement per batch size).
@@ -97,14 +99,14 @@ fn json_ids(ids: &[String]) -> Result<String> {
     serde_json::to_string(ids).map_err(|e| Error::backend("encoding row ids", e))
 }
 
-fn heads_sql(now: &str) -> String {
+fn heads_sql(now: &str, probe_tail: &str) -> String {
     format!(
         "SELECT o.seq FROM outbox_events o
         WHERE o.status = 'pending' AND o.next_attempt_at <= ?
           AND (o.lease_until IS NULL OR o.lease_until < {now})
           AND NOT EXISTS (SELECT 1 FROM outbox_events p
               WHERE p.aggregate_id = o.aggregate_id AND p.status = 'pending'
-                AND (p.event_version, p.seq) < (o.event_version, o.seq))
+                AND (p.event_version, p.seq) < (o.event_version, o.seq) {probe_tail})
         ORDER BY o.seq LIMIT ?"
     )
 }
@@ -236,7 +238,11 @@ impl OutboxStore {
     /// Marks rows published, in one statement: only rows still pending and
     /// held under `claim` (compare-and-set); returns how many it marked.
     /// A published row keeps its round's token in `claimed_by` (see
-    /// [`count_published`](Self::count_published)).
+    /// [`count_published`](Self::count_published)). The rows are found by
+    /// id: status is re-checked as `(status = 'pending') IS TRUE`, which no
+    /// status index serves, so statistics taken while nothing was pending
+    /// cannot make PostgreSQL scan every pending row instead (197 ms against
+    /// 12 ms for 500 rows among 50,000 pending; see the claim).
     pub(crate) async fn mark_published(&self, claim: &str, ids: &[String]) -> Result<u64> {
         if ids.is_empty() {
             return Ok(0);
@@ -244,7 +250,7 @@ impl OutboxStore {
         let ids = json_ids(ids)?;
         Ok(with_pool!(self, |pool, d| {
             let sql = format!(
-                "UPDATE outbox_events SET status = 'published', published_at = ?, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND status = 'pending' AND id IN ({})",
+                "UPDATE outbox_events SET status = 'published', published_at = ?, lease_until = NULL, last_error = NULL WHERE claimed_by = ? AND (status = 'pending') IS TRUE AND id IN ({})",
                 d.each_id()
             );
             sqlx::query(&d.sql(&sql))

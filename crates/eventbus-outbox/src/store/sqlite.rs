@@ -42,7 +42,7 @@ impl Database for SqlitePool {
     async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>> {
         let sql = format!(
             "UPDATE outbox_events SET claimed_by = ?, lease_until = {NOW_US} + ? WHERE seq IN ({}) {}",
-            super::heads_sql(NOW_US),
+            super::heads_sql(NOW_US, ""),
             super::RETURNING
         );
         sqlx::query_as::<_, OutboxRow>(&sql)
