@@ -378,12 +378,17 @@ impl Poller {
         }
     }
 
-    /// Records that `offset` of `key` was handed over, and counts a gap when
-    /// it is past the next offset expected (one past the last handed over,
-    /// or the rewind target). Kafka leaves gaps legitimately (transaction
-    /// markers, compacted records); on a topic with neither, a gap means
-    /// the broker served a later record before an earlier one.
+    /// Records that `offset` of `key` was handed over (see [`Poller::arrived`]).
     fn handed_over(&mut self, key: &PartitionKey, offset: i64) {
+        self.arrived(key, offset, offset + 1);
+    }
+
+    /// Counts a gap when `offset`, just served for `key`, is past the next
+    /// offset expected (one past the last handed over, or the rewind
+    /// target), then expects `next`. Kafka leaves gaps legitimately
+    /// (transaction markers, compacted records); on a topic with neither, a
+    /// gap means the broker served a later record before an earlier one.
+    fn arrived(&mut self, key: &PartitionKey, offset: i64, next: i64) {
         if let Some(expected) = self.next_offset.get(key).copied()
             && offset > expected
         {
@@ -392,7 +397,7 @@ impl Poller {
             self.view.lock().unwrap().offset_gaps += 1;
             tracing::debug!(topic = %key.0, partition = key.1, expected, offset, "offset gap");
         }
-        self.next_offset.insert(key.clone(), offset + 1);
+        self.next_offset.insert(key.clone(), next);
     }
 
     /// Pauses `key` and rewinds it to `offset` (the first message not
@@ -415,7 +420,8 @@ impl Poller {
             return false;
         }
         tracing::debug!(topic = %key.0, partition = key.1, offset, "partition paused");
-        self.next_offset.insert(key.clone(), offset);
+        // The message that made us pause may itself be past a gap.
+        self.arrived(key, offset, offset);
         self.paused.insert(key.clone());
         true
     }

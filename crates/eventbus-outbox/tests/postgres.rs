@@ -440,6 +440,50 @@ async fn a_claim_of_freshly_written_rows_is_a_heap_only_update() {
     );
 }
 
+/// Makes the statistics of an idle outbox (every row published when the
+/// table was analyzed, autovacuum off so they stay), then a burst of 5,000
+/// pending rows: 1,000 aggregates, 5 versions each.
+async fn burst_after_an_idle_analyze(pool: &sqlx::PgPool) {
+    let run = |sql: &'static str| async move { sqlx::query(sql).execute(pool).await.unwrap() };
+    run("ALTER TABLE outbox_events SET (autovacuum_enabled = false)").await;
+    run(
+        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, event_version, topic,
+             envelope, status, next_attempt_at, created_at, published_at, idempotency_key)
+         SELECT 'old-' || n, 'Order', 'old-' || (n % 1000), 'Placed', n / 1000 + 1, 'orders',
+             '{}', 'published', 0, 0, 1, 'old-' || n FROM generate_series(0, 4999) n",
+    )
+    .await;
+    run("ANALYZE outbox_events").await;
+    run("DELETE FROM outbox_events").await;
+    let mut tx = pool.begin().await.unwrap();
+    for n in 0..5_000 {
+        let e = envelope(&format!("agg-{}", n % 1_000), n / 1_000 + 1);
+        append(&mut *tx, OutboxEvent::new("orders", &e, "Order"))
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// Updates of `outbox_events` and rows fetched from it through indexes,
+/// once at least `updates` updates are reported (PostgreSQL 15 reports a
+/// connection's statistics within about 10 s of it going idle; at most 30 s).
+async fn updates_and_index_fetches(pool: &sqlx::PgPool, updates: i64) -> (i64, i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let (updated, fetched): (i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = 'outbox_events'",
+        )
+        .fetch_one(pool)
+        .await
+        .unwrap();
+        if updated >= updates || tokio::time::Instant::now() >= deadline {
+            return (updated, fetched);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// A table analyzed while nothing was pending (idle, every row published)
 /// has PostgreSQL estimate one pending row. A burst after that was claimed
 /// by scanning every pending row once per candidate head and once per
@@ -454,53 +498,37 @@ async fn a_claim_after_the_table_was_analyzed_with_nothing_pending_probes_each_r
         .await
         .expect("PostgreSQL (scripts/install-test-deps installs it)");
     let (store, pool) = store(&pg).await;
-    let run = |sql: &'static str| {
-        let pool = pool.clone();
-        async move { sqlx::query(sql).execute(&pool).await.unwrap() }
-    };
-    // Statistics stay what this test makes them.
-    run("ALTER TABLE outbox_events SET (autovacuum_enabled = false)").await;
-    // Idle: every row published when the table is analyzed, then cleaned up.
-    run(
-        "INSERT INTO outbox_events (id, aggregate_type, aggregate_id, event_type, event_version, topic,
-             envelope, status, next_attempt_at, created_at, published_at, idempotency_key)
-         SELECT 'old-' || n, 'Order', 'old-' || (n % 1000), 'Placed', n / 1000 + 1, 'orders',
-             '{}', 'published', 0, 0, 1, 'old-' || n FROM generate_series(0, 4999) n",
-    )
-    .await;
-    run("ANALYZE outbox_events").await;
-    run("DELETE FROM outbox_events").await;
-    // The burst: 1,000 aggregates, 5 versions each; the first round claims
-    // version 1 of 500 of them.
-    let mut tx = pool.begin().await.unwrap();
-    for n in 0..5_000 {
-        let e = envelope(&format!("agg-{}", n % 1_000), n / 1_000 + 1);
-        append(&mut *tx, OutboxEvent::new("orders", &e, "Order"))
-            .await
-            .unwrap();
-    }
-    tx.commit().await.unwrap();
+    burst_after_an_idle_analyze(&pool).await;
     let bus = EventBus::new(MemoryBackend::default(), BusConfig::default()).unwrap();
     let relay = Relay::new(store.clone(), bus, fast());
     assert_eq!(relay.run_once().await.unwrap(), 500);
     assert_eq!(relay.stats().published.load(Ordering::Relaxed), 500);
-    // The relay's connections report within about 10 s of going idle.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let (updated, fetched) = loop {
-        let (updated, fetched): (i64, i64) = sqlx::query_as(
-            "SELECT n_tup_upd, coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = 'outbox_events'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if updated >= 1_000 || tokio::time::Instant::now() >= deadline {
-            break (updated, fetched);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let (updated, fetched) = updates_and_index_fetches(&pool, 1_000).await;
     assert_eq!(updated, 1_000, "one claim and one mark per row");
     assert!(
         fetched < 10_000,
         "claiming and marking 500 rows fetched {fetched} rows through indexes"
+    );
+}
+
+/// As above, for a round whose publishes all fail (the bus is closed): each
+/// failure record found its row by scanning every pending row.
+#[tokio::test]
+async fn failures_recorded_after_the_table_was_analyzed_with_nothing_pending_find_their_row_by_id() {
+    let pg = PostgresServer::start()
+        .await
+        .expect("PostgreSQL (scripts/install-test-deps installs it)");
+    let (store, pool) = store(&pg).await;
+    burst_after_an_idle_analyze(&pool).await;
+    let bus = EventBus::new(MemoryBackend::default(), BusConfig::default()).unwrap();
+    bus.close().await.unwrap();
+    let relay = Relay::new(store.clone(), bus, fast());
+    let _ = relay.run_once().await;
+    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 0);
+    let (updated, fetched) = updates_and_index_fetches(&pool, 1_000).await;
+    assert_eq!(updated, 1_000, "one claim and one failure record per row");
+    assert!(
+        fetched < 10_000,
+        "claiming 500 rows and recording their failures fetched {fetched} rows through indexes"
     );
 }

@@ -286,9 +286,10 @@ impl Phase {
             ),
             Ok(log) if seen.len() >= events && gaps > 0 => format!(
                 "the broker holds all {events} ({log}), the consumer has handled {received}, and the broker \
-                 served it a record past the offset it asked for {gaps} time(s): the broker stored those late, \
-                 after a later batch (tansu 0.6 raises the high watermark before it stores a batch: README, \
-                 Known broker limits)"
+                 served it a record past the offset it asked for {gaps} time(s) (each logged with its partition \
+                 and offsets at RUST_LOG=eventbus_kafka=debug): where those gaps cover the positions above, the \
+                 broker stored them late, after a later batch (tansu 0.6 raises the high watermark before it \
+                 stores a batch: README, Known broker limits)"
             ),
             Ok(log) if seen.len() >= events => format!(
                 "the broker holds all {events} ({log}), the consumer has handled {received} and was served \

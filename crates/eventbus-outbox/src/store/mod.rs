@@ -291,7 +291,10 @@ impl OutboxStore {
     /// Records a failed attempt of a row held under `claim` (compare-and-set
     /// on the claim and `pending`): back to pending at `next_attempt_at`, or
     /// `dead_lettered` when `dead` is true. Returns false when the claim was
-    /// lost (another relay took the row): the result is discarded.
+    /// lost (another relay took the row): the result is discarded. The row
+    /// is found by id, status re-checked as in
+    /// [`mark_published`](Self::mark_published) (11.5 ms against 0.05 ms per
+    /// row among 50,000 pending on statistics taken with none pending).
     pub(crate) async fn fail(
         &self,
         claim: &str,
@@ -301,7 +304,7 @@ impl OutboxStore {
         dead: bool,
     ) -> Result<bool> {
         let status = if dead { "dead_lettered" } else { "pending" };
-        let sql = "UPDATE outbox_events SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, claimed_by = NULL, lease_until = NULL WHERE id = ? AND claimed_by = ? AND status = 'pending'";
+        let sql = "UPDATE outbox_events SET status = ?, attempts = attempts + 1, last_error = ?, next_attempt_at = ?, claimed_by = NULL, lease_until = NULL WHERE id = ? AND claimed_by = ? AND (status = 'pending') IS TRUE";
         Ok(with_pool!(self, |pool, d| {
             sqlx::query(&d.sql(sql))
                 .bind(status)
