@@ -2,7 +2,9 @@
 //! ([`NatsServer`]), tansu ([`TansuServer`], Kafka protocol, in memory or on
 //! an S3-compatible store), PostgreSQL ([`PostgresServer`]) and moto
 //! ([`S3Server`]), all behind one helper, [`LocalProcess`]: spawn on
-//! 127.0.0.1 and a free port, wait until it listens, kill on `Drop`.
+//! 127.0.0.1 and a free port, wait until it listens, kill on `Drop`. And
+//! [`RequestHold`], an in-process proxy that holds one HTTP request to such
+//! a server (one storage write of a broker) for a while.
 //!
 //! `scripts/install-test-deps` installs every binary.
 
