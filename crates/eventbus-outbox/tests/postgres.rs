@@ -484,6 +484,27 @@ async fn updates_and_index_fetches(pool: &sqlx::PgPool, updates: i64) -> (i64, i
     }
 }
 
+/// One relay round over the burst of [`burst_after_an_idle_analyze`], on a
+/// fresh cluster, with a bus that is open or closed (every publish fails):
+/// (rows published, updates of `outbox_events`, rows fetched through
+/// indexes).
+async fn one_round_after_an_idle_analyze(bus_closed: bool) -> (u64, i64, i64) {
+    let pg = PostgresServer::start()
+        .await
+        .expect("PostgreSQL (scripts/install-test-deps installs it)");
+    let (store, pool) = store(&pg).await;
+    burst_after_an_idle_analyze(&pool).await;
+    let bus = EventBus::new(MemoryBackend::default(), BusConfig::default()).unwrap();
+    if bus_closed {
+        bus.close().await.unwrap();
+    }
+    let relay = Relay::new(store.clone(), bus, fast());
+    let _ = relay.run_once().await;
+    let published = relay.stats().published.load(Ordering::Relaxed);
+    let (updated, fetched) = updates_and_index_fetches(&pool, 1_000).await;
+    (published, updated, fetched)
+}
+
 /// A table analyzed while nothing was pending (idle, every row published)
 /// has PostgreSQL estimate one pending row. A burst after that was claimed
 /// by scanning every pending row once per candidate head and once per
@@ -494,16 +515,8 @@ async fn updates_and_index_fetches(pool: &sqlx::PgPool, updates: i64) -> (i64, i
 /// claims and marks, not thousands.
 #[tokio::test]
 async fn a_claim_after_the_table_was_analyzed_with_nothing_pending_probes_each_row_once() {
-    let pg = PostgresServer::start()
-        .await
-        .expect("PostgreSQL (scripts/install-test-deps installs it)");
-    let (store, pool) = store(&pg).await;
-    burst_after_an_idle_analyze(&pool).await;
-    let bus = EventBus::new(MemoryBackend::default(), BusConfig::default()).unwrap();
-    let relay = Relay::new(store.clone(), bus, fast());
-    assert_eq!(relay.run_once().await.unwrap(), 500);
-    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 500);
-    let (updated, fetched) = updates_and_index_fetches(&pool, 1_000).await;
+    let (published, updated, fetched) = one_round_after_an_idle_analyze(false).await;
+    assert_eq!(published, 500);
     assert_eq!(updated, 1_000, "one claim and one mark per row");
     assert!(
         fetched < 10_000,
@@ -515,17 +528,8 @@ async fn a_claim_after_the_table_was_analyzed_with_nothing_pending_probes_each_r
 /// failure record found its row by scanning every pending row.
 #[tokio::test]
 async fn failures_recorded_after_the_table_was_analyzed_with_nothing_pending_find_their_row_by_id() {
-    let pg = PostgresServer::start()
-        .await
-        .expect("PostgreSQL (scripts/install-test-deps installs it)");
-    let (store, pool) = store(&pg).await;
-    burst_after_an_idle_analyze(&pool).await;
-    let bus = EventBus::new(MemoryBackend::default(), BusConfig::default()).unwrap();
-    bus.close().await.unwrap();
-    let relay = Relay::new(store.clone(), bus, fast());
-    let _ = relay.run_once().await;
-    assert_eq!(relay.stats().published.load(Ordering::Relaxed), 0);
-    let (updated, fetched) = updates_and_index_fetches(&pool, 1_000).await;
+    let (published, updated, fetched) = one_round_after_an_idle_analyze(true).await;
+    assert_eq!(published, 0);
     assert_eq!(updated, 1_000, "one claim and one failure record per row");
     assert!(
         fetched < 10_000,
