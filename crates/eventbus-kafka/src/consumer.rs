@@ -389,15 +389,19 @@ impl Poller {
     /// (transaction markers, compacted records); on a topic with neither, a
     /// gap means the broker served a later record before an earlier one.
     fn arrived(&mut self, key: &PartitionKey, offset: i64, next: i64) {
-        if let Some(expected) = self.next_offset.get(key).copied()
-            && offset > expected
-        {
+        // Updated in place: no key copied per message once the partition is known.
+        let Some(expected) = self.next_offset.get_mut(key) else {
+            self.next_offset.insert(key.clone(), next);
+            return;
+        };
+        let gap = (offset > *expected).then_some(*expected);
+        *expected = next;
+        if let Some(expected) = gap {
             metrics::counter!(eventbus_core::telemetry::OFFSET_GAPS, "backend" => "kafka", "topic" => key.0.clone())
                 .increment(1);
             self.view.lock().unwrap().offset_gaps += 1;
             tracing::debug!(topic = %key.0, partition = key.1, expected, offset, "offset gap");
         }
-        self.next_offset.insert(key.clone(), next);
     }
 
     /// Pauses `key` and rewinds it to `offset` (the first message not

@@ -929,14 +929,20 @@ async fn headers_that_are_not_utf8_are_survived() {
     bus.close().await.unwrap();
 }
 
-/// A bus on `bootstrap` whose topic `topic` has one partition.
-async fn one_partition_bus(bootstrap: &str, topic: &str) -> EventBus {
+/// Settings for `bootstrap` whose topic `topic` has one partition.
+fn one_partition(bootstrap: &str, topic: &str) -> KafkaConfig {
     let mut kafka = KafkaConfig::with_brokers([bootstrap]);
     kafka.topics = vec![TopicSpec {
         name: topic.into(),
         partitions: 1,
         ..TopicSpec::default()
     }];
+    kafka
+}
+
+/// A bus with [`one_partition`]'s settings.
+async fn one_partition_bus(bootstrap: &str, topic: &str) -> EventBus {
+    let kafka = one_partition(bootstrap, topic);
     EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap()
 }
 
@@ -1073,13 +1079,8 @@ async fn a_batch_tansu_stores_late_is_skipped_at_the_head_and_counted_as_an_offs
 async fn a_partition_paused_and_rewound_again_and_again_loses_nothing() {
     let broker = TansuServer::start().await.unwrap();
     let topic = "rewound";
-    let mut kafka = KafkaConfig::with_brokers([broker.bootstrap()]);
+    let mut kafka = one_partition(&broker.bootstrap(), topic);
     kafka.consumer.max_in_flight_per_partition = 5;
-    kafka.topics = vec![TopicSpec {
-        name: topic.into(),
-        partitions: 1,
-        ..TopicSpec::default()
-    }];
     let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
     let mut acks = Vec::new();
     for n in 0..300 {

@@ -418,21 +418,9 @@ async fn a_claim_of_freshly_written_rows_is_a_heap_only_update() {
     let relay = Relay::new(store.clone(), bus, fast());
     assert_eq!(relay.run_once().await.unwrap(), 500);
     assert_eq!(relay.stats().published.load(Ordering::Relaxed), 500);
-    // The relay's connections report their statistics within about 10 s
-    // of going idle (PostgreSQL 15's cumulative statistics).
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let (updated, heap_only) = loop {
-        let (updated, heap_only): (i64, i64) = sqlx::query_as(
-            "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'outbox_events'",
-        )
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-        if updated >= 1_000 || tokio::time::Instant::now() >= deadline {
-            break (updated, heap_only);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let TableStats {
+        updated, heap_only, ..
+    } = table_stats(&pool, 1_000).await;
     assert_eq!(updated, 1_000, "one claim and one mark per row");
     assert_eq!(
         heap_only, 500,
@@ -465,20 +453,34 @@ async fn burst_after_an_idle_analyze(pool: &sqlx::PgPool) {
     tx.commit().await.unwrap();
 }
 
-/// Updates of `outbox_events` and rows fetched from it through indexes,
-/// once at least `updates` updates are reported (PostgreSQL 15 reports a
-/// connection's statistics within about 10 s of it going idle; at most 30 s).
-async fn updates_and_index_fetches(pool: &sqlx::PgPool, updates: i64) -> (i64, i64) {
+/// `outbox_events`' cumulative statistics (`pg_stat_user_tables`).
+struct TableStats {
+    /// Rows updated.
+    updated: i64,
+    /// Of those, updated in place (heap-only).
+    heap_only: i64,
+    /// Rows fetched through indexes.
+    fetched: i64,
+}
+
+/// [`TableStats`] once at least `updates` updates are reported (PostgreSQL
+/// 15 reports a connection's statistics within about 10 s of it going
+/// idle), or as they stand after 30 s.
+async fn table_stats(pool: &sqlx::PgPool, updates: i64) -> TableStats {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
-        let (updated, fetched): (i64, i64) = sqlx::query_as(
-            "SELECT n_tup_upd, coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = 'outbox_events'",
+        let (updated, heap_only, fetched): (i64, i64, i64) = sqlx::query_as(
+            "SELECT n_tup_upd, n_tup_hot_upd, coalesce(idx_tup_fetch, 0) FROM pg_stat_user_tables WHERE relname = 'outbox_events'",
         )
         .fetch_one(pool)
         .await
         .unwrap();
         if updated >= updates || tokio::time::Instant::now() >= deadline {
-            return (updated, fetched);
+            return TableStats {
+                updated,
+                heap_only,
+                fetched,
+            };
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -501,7 +503,7 @@ async fn one_round_after_an_idle_analyze(bus_closed: bool) -> (u64, i64, i64) {
     let relay = Relay::new(store.clone(), bus, fast());
     let _ = relay.run_once().await;
     let published = relay.stats().published.load(Ordering::Relaxed);
-    let (updated, fetched) = updates_and_index_fetches(&pool, 1_000).await;
+    let TableStats { updated, fetched, .. } = table_stats(&pool, 1_000).await;
     (published, updated, fetched)
 }
 

@@ -85,13 +85,6 @@ macro_rules! with_pool {
     };
 }
 
-/// A pending row is a head when no pending row of its aggregate comes
-/// before it (the row comparison is one range of the partial index
-/// `outbox_events_pending_heads`, where an `OR` scanned every pending row
-/// of the aggregate); due heads not held by a live lease (`now` is the database's
-/// clock as SQL), oldest first, at most `?` of them after the `?` due time.
-/// `probe_tail` ends the probe for an earlier pending row (see the
-/// PostgreSQL claim: there it pins the probe to that index).
 /// Row ids as one JSON array parameter, read by [`Dialect::each_id`]: one
 /// statement text whatever the count, so it is prepared once per connection
 /// (a list of `?` was a new statement per batch size).
@@ -99,6 +92,13 @@ fn json_ids(ids: &[String]) -> Result<String> {
     serde_json::to_string(ids).map_err(|e| Error::backend("encoding row ids", e))
 }
 
+/// A pending row is a head when no pending row of its aggregate comes
+/// before it (the row comparison is one range of the partial index
+/// `outbox_events_pending_heads`, where an `OR` scanned every pending row
+/// of the aggregate); due heads not held by a live lease (`now` is the database's
+/// clock as SQL), oldest first, at most `?` of them after the `?` due time.
+/// `probe_tail` ends the probe for an earlier pending row (see the
+/// PostgreSQL claim: there it pins the probe to that index).
 fn heads_sql(now: &str, probe_tail: &str) -> String {
     format!(
         "SELECT o.seq FROM outbox_events o
