@@ -11,7 +11,7 @@ use eventbus_core::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{OutboxRow, OutboxStore, Wakeups, now_us};
+use crate::store::{Claim, OutboxRow, OutboxStore, Wakeups, now_us};
 
 /// Relay settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -19,6 +19,15 @@ use crate::store::{OutboxRow, OutboxStore, Wakeups, now_us};
 pub struct RelayConfig {
     /// Rows claimed per round (count). Default 500.
     pub batch_size: i64,
+    /// Most rows of one aggregate a round claims (count, at least 1): its
+    /// head, then, while the heads leave room in `batch_size`, up to this
+    /// many minus one versions after it. A round publishes each aggregate's
+    /// rows one after another, each only after its predecessor's ACK, and
+    /// stops at the first that fails. With 1, one version per aggregate per
+    /// round (then an aggregate with many pending events drains at one
+    /// event per round: 21 events/s each for 10 aggregates with 1,000
+    /// pending each, in the outbox bench on PostgreSQL). Default 32.
+    pub versions_per_aggregate: usize,
     /// Rounds one relay runs at once (count, at least 1): while one waits
     /// for ACKs or marks its rows, another claims and publishes other
     /// aggregates' heads. Default 2 (measured on PostgreSQL with the memory
@@ -51,6 +60,7 @@ impl Default for RelayConfig {
     fn default() -> Self {
         Self {
             batch_size: 500,
+            versions_per_aggregate: 32,
             rounds_in_flight: 2,
             poll_interval_ms: 500,
             lease_ms: 120_000,
@@ -107,12 +117,15 @@ fn now_ms() -> u64 {
 
 /// Publishes outbox rows through a bus.
 ///
-/// Each round claims the head row of each aggregate (at most one event per
-/// aggregate in flight, strictly in `event_version` order), publishes them
-/// all, waits for every ACK, marks the confirmed ones published in one
-/// statement, and reschedules failures with backoff; after
-/// `backoff.max_attempts` a row is dead-lettered and its aggregate moves on. A failed row blocks its
-/// aggregate's later rows until then.
+/// Each round claims the head row of each aggregate and, while the heads
+/// leave room in `batch_size`, the versions right after it
+/// (`versions_per_aggregate`); it publishes the aggregates in parallel and
+/// each aggregate's rows one at a time, strictly in `event_version` order,
+/// each after its predecessor's ACK (at most one event per aggregate in
+/// flight), marks the confirmed ones published in one statement, and
+/// reschedules failures with backoff; after `backoff.max_attempts` a row is
+/// dead-lettered and its aggregate moves on. A failed row blocks its
+/// aggregate's later rows until then: the round publishes none after it.
 #[derive(Debug)]
 pub struct Relay {
     store: OutboxStore,
@@ -158,12 +171,14 @@ impl Relay {
     /// `rounds_in_flight` lanes each run claim → publish → ACKs → mark in a
     /// loop, so one lane claims while another waits for ACKs or marks, and
     /// a slow ACK holds only its own round. Order is unaffected: a claim
-    /// takes only heads, and a head exists only once every earlier version
-    /// of its aggregate is settled (published after its ACK, or
-    /// dead-lettered); a row waiting in another lane's round, or failed and
-    /// backing off, is still pending, so its successors are not heads.
-    /// Two rounds therefore never hold one aggregate, and nothing is
-    /// published before its predecessor's ACK.
+    /// starts each aggregate at its head, and a head exists only once every
+    /// earlier version of its aggregate is settled (published after its
+    /// ACK, or dead-lettered); a row waiting in another lane's round, or
+    /// failed and backing off, is still pending, so its successors are not
+    /// heads, and the versions a round claims after a head are ones no
+    /// other round can claim while that head is pending. Two rounds
+    /// therefore never hold one aggregate, and nothing is published before
+    /// its predecessor's ACK.
     ///
     /// On shutdown every running round finishes, then the relay gives up
     /// its hold on the database (SQLite's relay lease), so a relay started
@@ -287,10 +302,21 @@ impl Relay {
             return Ok(None);
         }
         let claim = format!("{}/{}", self.id, eventbus_core::new_event_id());
-        let claimed = self.store.claim(&claim, self.config.batch_size, lease).await;
+        // Taken before the claim is sent: the lease the database gives
+        // starts later, so the fence ends no later than the lease.
+        let fence = Fence::new(lease);
+        let claimed = self
+            .store
+            .claim(
+                &claim,
+                self.config.batch_size,
+                self.config.versions_per_aggregate.max(1),
+                lease,
+            )
+            .await;
         drop(_claiming);
-        let rows = match claimed {
-            Ok(rows) => rows,
+        let Claim { chains, stranded } = match claimed {
+            Ok(claimed) => claimed,
             Err(e) => {
                 // The claim may have committed with its answer lost (the
                 // database went away): give its rows back rather than let
@@ -305,7 +331,12 @@ impl Relay {
             }
         };
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        Ok((!rows.is_empty()).then_some(Round { claim, rows }))
+        Ok((!chains.is_empty()).then_some(Round {
+            claim,
+            chains,
+            stranded,
+            fence,
+        }))
     }
 
     /// Runs a database write of a round (a mark, a failure record, a claim
@@ -364,26 +395,35 @@ impl Relay {
         }
     }
 
-    /// Publishes a claimed round, waits for every ACK, reschedules or
-    /// dead-letters the failed rows (all renewing the claim), then marks the
-    /// confirmed ones; returns the rows it held.
+    /// Publishes a claimed round (each chain in order, each row after its
+    /// predecessor's ACK), reschedules or dead-letters the failed rows (all
+    /// renewing the claim), marks the confirmed ones, then gives back the
+    /// rows it held but did not publish; returns the rows it held.
     async fn finish(&self, lane: &Lane<'_>, round: Round) -> Result<usize> {
-        let Round { claim, rows } = round;
+        let Round {
+            claim,
+            chains,
+            stranded,
+            fence,
+        } = round;
         let lease = self.lease();
+        let held = stranded + chains.iter().map(Vec::len).sum::<usize>();
         // Failures (each may wait for a dead-letter ACK) and the mark run
         // under the renewal too, so the confirmed rows of a round with many
         // failures, or a mark retried through a database outage, keep their
         // claim until they are marked.
-        self.renewing(&claim, lease, async {
-            let results = self.publish_all(&rows).await;
-            let mut published = Vec::with_capacity(rows.len());
+        self.renewing(&claim, lease, &fence, async {
+            let outcomes = self.publish_chains(&chains, &fence).await;
+            let mut published = Vec::with_capacity(held);
+            let mut unpublished = stranded;
             let mut failure = Ok(());
-            for (row, outcome) in rows.iter().zip(results) {
+            for (row, outcome) in chains.iter().flatten().zip(outcomes.into_iter().flatten()) {
                 match outcome {
-                    Ok(()) => published.push(row.id.clone()),
+                    Sent::Confirmed => published.push(row.id.clone()),
+                    Sent::HeldBack => unpublished += 1,
                     // A failure record that could not be written still
                     // lets the confirmed rows be marked.
-                    Err(error) => {
+                    Sent::Failed(error) => {
                         if let Err(e) = self.failed(lane, &claim, row, &error).await {
                             failure = Err(e);
                         }
@@ -406,10 +446,17 @@ impl Relay {
             if lost > 0 {
                 self.lost_claims(lost);
             }
+            // Rows after a failure (or past the fence) go back at once
+            // rather than wait out the lease; after the mark, so no
+            // published row becomes claimable again.
+            if unpublished > 0 {
+                self.persist(lane, "release held-back rows", || self.store.release(&claim))
+                    .await?;
+            }
             failure
         })
         .await?;
-        Ok(rows.len())
+        Ok(held)
     }
 
     fn count_published(&self, n: u64) {
@@ -417,8 +464,15 @@ impl Relay {
         metrics::counter!(eventbus_core::telemetry::OUTBOX_PUBLISHED).increment(n);
     }
 
-    /// Runs `work` while renewing `claim` every third of `lease`.
-    async fn renewing<T>(&self, claim: &str, lease: Duration, work: impl Future<Output = T>) -> T {
+    /// Runs `work` while renewing `claim` every third of `lease`; each
+    /// renewal that still finds rows held moves `fence` on.
+    async fn renewing<T>(
+        &self,
+        claim: &str,
+        lease: Duration,
+        fence: &Fence,
+        work: impl Future<Output = T>,
+    ) -> T {
         tokio::pin!(work);
         let every = lease / 3;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -426,8 +480,11 @@ impl Relay {
             tokio::select! {
                 out = &mut work => return out,
                 _ = tick.tick() => {
-                    if let Err(e) = self.store.renew(claim, lease).await {
-                        tracing::warn!(error = %e, "renewing outbox claims failed");
+                    let sent = std::time::Instant::now();
+                    match self.store.renew(claim, lease).await {
+                        Ok(held) if held > 0 => fence.extend(sent, lease),
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "renewing outbox claims failed"),
                     }
                 }
             }
@@ -440,28 +497,42 @@ impl Relay {
         tracing::warn!(rows = n, "outbox claim lost to another relay: result discarded");
     }
 
-    /// Publishes every row (stage one for all, then every ACK); one outcome per row.
-    async fn publish_all(&self, rows: &[OutboxRow]) -> Vec<Result<(), String>> {
-        let mut pending = Vec::with_capacity(rows.len());
-        for row in rows {
-            let sent = match Envelope::decode(row.envelope.as_bytes()) {
-                Ok(envelope) => self
-                    .bus
-                    .publish_envelope(&row.topic, &envelope)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(format!("stored envelope is invalid: {e}")),
-            };
-            pending.push(sent);
-        }
-        let mut outcomes = Vec::with_capacity(rows.len());
-        for sent in pending {
-            outcomes.push(match sent {
-                Ok(handle) => confirmed(handle.await),
-                Err(e) => Err(e),
-            });
-        }
-        outcomes
+    /// Publishes every chain, all at once; within a chain, each row only
+    /// after its predecessor's ACK, none after a failure, and none once
+    /// `fence` has passed (the claim may have been taken over: a relay
+    /// frozen past its lease must not publish rows another relay now
+    /// holds). One outcome per row, in the chains' shape.
+    async fn publish_chains(&self, chains: &[Vec<OutboxRow>], fence: &Fence) -> Vec<Vec<Sent>> {
+        futures::future::join_all(chains.iter().map(|chain| async move {
+            let mut outcomes = Vec::with_capacity(chain.len());
+            let mut go_on = true;
+            for row in chain {
+                if !go_on || !fence.holds() {
+                    outcomes.push(Sent::HeldBack);
+                    continue;
+                }
+                let outcome = match self.publish_row(row).await {
+                    Ok(()) => Sent::Confirmed,
+                    Err(error) => Sent::Failed(error),
+                };
+                go_on = matches!(outcome, Sent::Confirmed);
+                outcomes.push(outcome);
+            }
+            outcomes
+        }))
+        .await
+    }
+
+    /// Publishes one row and waits for its ACK.
+    async fn publish_row(&self, row: &OutboxRow) -> Result<(), String> {
+        let envelope = Envelope::decode(row.envelope.as_bytes())
+            .map_err(|e| format!("stored envelope is invalid: {e}"))?;
+        let handle = self
+            .bus
+            .publish_envelope(&row.topic, &envelope)
+            .await
+            .map_err(|e| e.to_string())?;
+        confirmed(handle.await)
     }
 
     async fn failed(&self, lane: &Lane<'_>, claim: &str, row: &OutboxRow, error: &str) -> Result<()> {
@@ -515,7 +586,40 @@ struct Lane<'a> {
 /// The rows one round claimed, under its claim token.
 struct Round {
     claim: String,
-    rows: Vec<OutboxRow>,
+    /// One chain per aggregate: its head, then the versions after it.
+    chains: Vec<Vec<OutboxRow>>,
+    /// Rows held in no chain (see `Claim::stranded`).
+    stranded: usize,
+    fence: Fence,
+}
+
+/// How one claimed row fared in its round.
+enum Sent {
+    Confirmed,
+    Failed(String),
+    /// Not published: a version before it failed, or the fence passed.
+    HeldBack,
+}
+
+/// Until when a round's claim surely holds, on this process's monotonic
+/// clock (which runs on while the process is stopped): the time before
+/// the claim (or the last renewal that still found rows held) was sent,
+/// plus the lease. The database's lease starts later, so it ends later.
+struct Fence(std::sync::Mutex<std::time::Instant>);
+
+impl Fence {
+    fn new(lease: Duration) -> Self {
+        Self(std::sync::Mutex::new(std::time::Instant::now() + lease))
+    }
+
+    fn extend(&self, sent: std::time::Instant, lease: Duration) {
+        let mut until = self.0.lock().unwrap();
+        *until = (*until).max(sent + lease);
+    }
+
+    fn holds(&self) -> bool {
+        std::time::Instant::now() < *self.0.lock().unwrap()
+    }
 }
 
 fn confirmed(result: PublishResult) -> Result<(), String> {

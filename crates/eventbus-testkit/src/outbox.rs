@@ -56,8 +56,11 @@ macro_rules! outbox_store_tests {
             the_inbox_runs_a_redelivered_event_once,
             an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers,
             a_relay_whose_claim_expired_never_undoes_another_relays_work,
+            a_relay_frozen_past_its_lease_publishes_no_more_on_waking,
             a_slow_ack_holds_only_its_own_aggregate,
             a_round_claims_at_most_batch_size_rows,
+            a_round_takes_the_versions_after_a_head_and_publishes_them_in_order,
+            a_round_publishes_no_version_after_one_that_failed,
             a_stuck_lane_shows_in_the_relay_liveness,
             a_mark_refused_by_the_database_is_retried_not_left_for_the_lease,
             the_inbox_layer_gives_one_effect_per_event_and_handler,
@@ -346,7 +349,11 @@ fn cleanup_removes_only_published_rows_past_retention(f: &dyn StoreFactory) -> B
         let store = store(f).await;
         let events: Vec<Envelope> = (1..=3).map(|v| envelope("c", v)).collect();
         business_write(&store, "c", &events, true).await;
-        let relay = Relay::new(store.clone(), EventBus::memory(), fast());
+        let one_version = RelayConfig {
+            versions_per_aggregate: 1,
+            ..fast()
+        };
+        let relay = Relay::new(store.clone(), EventBus::memory(), one_version);
         relay.run_once().await.unwrap(); // v1 only: one event per aggregate per round
         assert_eq!(
             store.cleanup(Duration::from_secs(3600)).await.unwrap(),
@@ -481,23 +488,32 @@ fn an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers(
     })
 }
 
-/// A backend whose first publish's ACK is held for `stall`: with `freeze`,
-/// by freezing the whole (current-thread) runtime and then losing the ACK,
-/// as a relay stopped by SIGSTOP or a long pause would be (its claim
-/// renewals cannot run meanwhile); without, by a slow broker that confirms
-/// late while the runtime runs on.
+/// A backend whose first publish's ACK is held for `stall`, as `how` says.
 struct StallFirstAck {
     inner: MemoryBackend,
     stall: Duration,
-    freeze: bool,
+    how: Stall,
     armed: AtomicBool,
+}
+
+/// How [`StallFirstAck`] holds its ACK.
+#[derive(Debug, Clone, Copy)]
+enum Stall {
+    /// A slow broker: it confirms late while the runtime runs on.
+    Slow,
+    /// The whole (current-thread) runtime frozen, as a relay stopped by
+    /// SIGSTOP or a long pause would be (its claim renewals cannot run
+    /// meanwhile); then the ACK is lost.
+    FreezeThenLose,
+    /// Frozen the same way; then the broker's confirmation arrives.
+    FreezeThenConfirm,
 }
 
 impl std::fmt::Debug for StallFirstAck {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("StallFirstAck")
             .field("stall", &self.stall)
-            .field("freeze", &self.freeze)
+            .field("how", &self.how)
             .finish()
     }
 }
@@ -513,14 +529,17 @@ impl Backend for StallFirstAck {
         if !self.armed.swap(false, Ordering::SeqCst) {
             return Ok(ack);
         }
-        let (stall, freeze) = (self.stall, self.freeze);
+        let (stall, how) = (self.stall, self.how);
         Ok(async move {
             let confirmed = ack.await; // stored and delivered either way
-            if freeze {
-                std::thread::sleep(stall);
-                return Err(eventbus_core::Error::timeout("ACK lost"));
+            match how {
+                Stall::Slow => tokio::time::sleep(stall).await,
+                Stall::FreezeThenLose => {
+                    std::thread::sleep(stall);
+                    return Err(eventbus_core::Error::timeout("ACK lost"));
+                }
+                Stall::FreezeThenConfirm => std::thread::sleep(stall),
             }
-            tokio::time::sleep(stall).await;
             confirmed
         }
         .boxed())
@@ -544,70 +563,98 @@ impl Backend for StallFirstAck {
 /// its stale claim must not put v1 back to pending (which re-sent v1 after
 /// v2: the consumer saw 1, 1, 2, 1).
 fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
-    Box::pin(async move {
-        let (store, backend, bus, sub, checker) = relayed(f, BusConfig::default()).await;
-        business_write(
-            &store,
-            "lease",
-            &[envelope("lease-x", 1), envelope("lease-x", 2)],
-            true,
-        )
-        .await;
-        let config = RelayConfig {
-            lease_ms: 100,
-            ..fast()
-        };
-        let (store_a, config_a, backend_a) = (store.clone(), config.clone(), backend.clone());
-        // Relay A on a runtime of its own, which the lost ACK freezes.
-        let relay_a = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let frozen = StallFirstAck {
-                    inner: backend_a,
-                    stall: Duration::from_millis(800),
-                    freeze: true,
-                    armed: true.into(),
-                };
-                let bus = EventBus::new(frozen, BusConfig::default()).unwrap();
-                let relay = Relay::new(store_a, bus, config_a);
-                relay.run_once().await.unwrap();
-                relay.stats()
-            })
-        });
-        let relay_b = Relay::new(store.clone(), bus.clone(), config);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        for _ in 0..200 {
-            relay_b.run_once().await.unwrap();
-            if statuses(&store).await.iter().all(|(_, s)| s == "published") {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let stats_a = tokio::task::spawn_blocking(move || relay_a.join().unwrap())
-            .await
+    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenLose, 2))
+}
+
+/// Relay A claims v1..v3, publishes v1 and is frozen past its lease before
+/// the ACK comes; relay B takes the rows over and publishes v1..v3. When A
+/// wakes to v1's confirmation, it must not go on to v2 and v3: they are
+/// B's, and sending them again would put v2 after v3 (a consumer without
+/// its event-id memory saw 1, 1, 2, 3, 2, 3).
+fn a_relay_frozen_past_its_lease_publishes_no_more_on_waking(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenConfirm, 3))
+}
+
+/// Relay A's first ACK is held `how` for 800 ms, far past its 100 ms
+/// lease, while relay B relays `versions` versions of one aggregate. A
+/// publishes only v1 (before it froze), discards its result, and changes
+/// no row; every version but v1 reaches the broker once, in order.
+async fn claim_expired_while_frozen(f: &dyn StoreFactory, how: Stall, versions: i64) {
+    let (store, backend, bus, sub, checker) = relayed(f, BusConfig::default()).await;
+    // Every delivery, repeats included (no event-id memory).
+    let mut every = BusConfig::default();
+    every.consumer.dedup_window = 0;
+    let raw_bus = EventBus::new(backend.clone(), every).unwrap();
+    let (raw_sub, deliveries) = versions_handled(&raw_bus, "lease-x").await;
+    let events: Vec<Envelope> = (1..=versions).map(|v| envelope("lease-x", v)).collect();
+    business_write(&store, "lease", &events, true).await;
+    let config = RelayConfig {
+        lease_ms: 100,
+        ..fast()
+    };
+    let (store_a, config_a, backend_a) = (store.clone(), config.clone(), backend.clone());
+    // Relay A on a runtime of its own, which the held ACK freezes.
+    let relay_a = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
             .unwrap();
-        // Whatever A did on waking, B keeps relaying for a while.
-        for _ in 0..20 {
-            relay_b.run_once().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        rt.block_on(async move {
+            let frozen = StallFirstAck {
+                inner: backend_a,
+                stall: Duration::from_millis(800),
+                how,
+                armed: true.into(),
+            };
+            let bus = EventBus::new(frozen, BusConfig::default()).unwrap();
+            let relay = Relay::new(store_a, bus, config_a);
+            relay.run_once().await.unwrap();
+            relay.stats()
+        })
+    });
+    let relay_b = Relay::new(store.clone(), bus.clone(), config);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    for _ in 0..200 {
+        relay_b.run_once().await.unwrap();
+        if statuses(&store).await.iter().all(|(_, s)| s == "published") {
+            break;
         }
-        let want: Vec<(i64, String)> = vec![(1, "published".into()), (2, "published".into())];
-        assert_eq!(statuses(&store).await, want, "a stale claim changed a row");
-        assert!(eventually(Duration::from_secs(5), || checker.report().received >= 2).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let report = checker.report();
-        assert!(report.is_strictly_ordered(), "{report}");
-        assert_eq!(
-            stats_a.lost_claims.load(Ordering::SeqCst),
-            1,
-            "A discards its result"
-        );
-        sub.close().await.unwrap();
-        bus.close().await.unwrap();
-    })
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let stats_a = tokio::task::spawn_blocking(move || relay_a.join().unwrap())
+        .await
+        .unwrap();
+    // Whatever A did on waking, B keeps relaying for a while.
+    for _ in 0..20 {
+        relay_b.run_once().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let want: Vec<(i64, String)> = (1..=versions).map(|v| (v, "published".into())).collect();
+    assert_eq!(statuses(&store).await, want, "a stale claim changed a row");
+    assert!(
+        eventually(Duration::from_secs(5), || checker.report().received
+            >= versions as u64)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let report = checker.report();
+    assert!(report.is_strictly_ordered(), "{report}");
+    assert_eq!(
+        stats_a.lost_claims.load(Ordering::SeqCst),
+        1,
+        "A discards its result (v1), and has no other"
+    );
+    let mut want: Vec<i64> = vec![1];
+    want.extend(1..=versions);
+    assert_eq!(
+        *deliveries.lock().unwrap(),
+        want,
+        "at the broker: A's v1, then B's v1..v{versions}, nothing later"
+    );
+    raw_sub.close().await.unwrap();
+    raw_bus.close().await.unwrap();
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
 }
 
 /// Runs `relay` in a task until the returned token is cancelled.
@@ -645,7 +692,7 @@ fn a_slow_ack_holds_only_its_own_aggregate(f: &dyn StoreFactory) -> BoxFuture<'_
         let stalled = StallFirstAck {
             inner: backend.clone(),
             stall: Duration::from_millis(2_000),
-            freeze: false,
+            how: Stall::Slow,
             armed: true.into(),
         };
         let relay = Relay::new(
@@ -689,7 +736,7 @@ fn a_stuck_lane_shows_in_the_relay_liveness(f: &dyn StoreFactory) -> BoxFuture<'
         let stalled = StallFirstAck {
             inner: MemoryBackend::default(),
             stall: Duration::from_secs(600),
-            freeze: false,
+            how: Stall::Slow,
             armed: true.into(),
         };
         let mut config = BusConfig::default();
@@ -786,6 +833,8 @@ fn a_mark_refused_by_the_database_is_retried_not_left_for_the_lease(
             bus.clone(),
             RelayConfig {
                 lease_ms: 60_000,
+                // v1 alone in its round: v2 needs v1's mark to be claimed.
+                versions_per_aggregate: 1,
                 ..fast()
             },
         );
@@ -834,6 +883,167 @@ fn a_round_claims_at_most_batch_size_rows(f: &dyn StoreFactory) -> BoxFuture<'_,
             assert_eq!(relay.run_once().await.unwrap(), 1, "round {round}");
         }
         assert_eq!(relay.run_once().await.unwrap(), 0);
+        bus.close().await.unwrap();
+    })
+}
+
+/// The versions of aggregate `aggregate` that a subscription to `orders`
+/// handled, in the order it handled them.
+async fn versions_handled(bus: &EventBus, aggregate: &str) -> (Subscription, Arc<Mutex<Vec<i64>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (s, name) = (seen.clone(), aggregate.to_owned());
+    let sub = bus
+        .subscribe_envelope(
+            "orders",
+            SubscribeOptions::group("versions"),
+            move |e: Envelope| {
+                if e.aggregate_id == name {
+                    s.lock().unwrap().push(e.event_version);
+                }
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .expect("subscribe");
+    (sub, seen)
+}
+
+/// `(event_version, status, attempts, held)` of every row of `aggregate`,
+/// by version; `held` is 1 while a claim holds the row (a claim token and
+/// a lease), else 0.
+async fn rows_of(store: &OutboxStore, aggregate: &str) -> Vec<(i64, String, i32, i64)> {
+    let q = sql(
+        store,
+        "SELECT event_version, status, attempts,
+                CAST(CASE WHEN status = 'pending' AND claimed_by IS NOT NULL AND lease_until IS NOT NULL THEN 1 ELSE 0 END AS BIGINT)
+         FROM outbox_events WHERE aggregate_id = ? ORDER BY event_version",
+    );
+    on_pool!(store, |pool| sqlx::query_as::<_, (i64, String, i32, i64)>(&q)
+        .bind(aggregate)
+        .fetch_all(pool)
+        .await
+        .expect("rows of an aggregate"))
+}
+
+/// A round takes an aggregate's head and, while the heads leave room in
+/// `batch_size`, up to `versions_per_aggregate - 1` versions after it, and
+/// publishes them in order: 10 hot versions and a cold head in one round
+/// (a relay claiming heads only took 2), and an aggregate with 40 pending
+/// versions drains in 4 rounds rather than 40, strictly in order. (How
+/// the room is shared among aggregates: the store's unit tests.)
+fn a_round_takes_the_versions_after_a_head_and_publishes_them_in_order(
+    f: &dyn StoreFactory,
+) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let (store, _backend, bus, sub, checker) = relayed(f, BusConfig::default()).await;
+        let hot: Vec<Envelope> = (1..=40).map(|v| envelope("hot", v)).collect();
+        business_write(&store, "hot", &hot, true).await;
+        business_write(&store, "cold", &[envelope("cold", 1)], true).await;
+        let relay = Relay::new(
+            store.clone(),
+            bus.clone(),
+            RelayConfig {
+                batch_size: 12,
+                versions_per_aggregate: 10,
+                ..fast()
+            },
+        );
+        assert_eq!(relay.run_once().await.unwrap(), 11, "hot v1..v10 and cold v1");
+        let hot_rows = rows_of(&store, "hot").await;
+        for (version, status, _, held) in &hot_rows {
+            let want = if *version <= 10 { "published" } else { "pending" };
+            assert_eq!(
+                (status.as_str(), *held),
+                (want, 0),
+                "hot v{version}: {hot_rows:?}"
+            );
+        }
+        let mut rounds = 1;
+        while relay.run_once().await.unwrap() > 0 {
+            rounds += 1;
+        }
+        assert_eq!(rounds, 4, "v11..v20, v21..v30, v31..v40");
+        assert!(eventually(Duration::from_secs(30), || checker.report().received == 41).await);
+        let report = checker.report();
+        assert!(report.is_strictly_ordered() && report.duplicates == 0, "{report}");
+        assert_eq!(store.status().await.unwrap().counts.get("published"), Some(&41));
+        sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+/// A version whose publish fails stops its aggregate's round there: the
+/// versions after it stay pending, given back at once (no claim holds them
+/// for a lease), and go out only after it is dead-lettered, in order.
+fn a_round_publishes_no_version_after_one_that_failed(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let bus = EventBus::memory();
+        let (sub, seen) = versions_handled(&bus, "chain").await;
+        business_write(
+            &store,
+            "chain-1",
+            &[envelope("chain", 1), envelope("chain", 2)],
+            true,
+        )
+        .await;
+        // v3 names an invalid topic: every publish of it fails.
+        let poison = envelope("chain", 3);
+        let json = String::from_utf8(poison.encode().unwrap().to_vec()).unwrap();
+        insert_raw(&store, &poison.event_id, "chain", 3, "bad topic", &json).await;
+        business_write(
+            &store,
+            "chain-2",
+            &[envelope("chain", 4), envelope("chain", 5)],
+            true,
+        )
+        .await;
+        let relay = Relay::new(store.clone(), bus.clone(), fast());
+        assert_eq!(relay.run_once().await.unwrap(), 5, "one chain: v1..v5");
+        let after_first = rows_of(&store, "chain").await;
+        assert_eq!(
+            after_first,
+            vec![
+                (1, "published".into(), 0, 0),
+                (2, "published".into(), 0, 0),
+                (3, "pending".into(), 1, 0),
+                (4, "pending".into(), 0, 0),
+                (5, "pending".into(), 0, 0),
+            ],
+            "v4 and v5 are neither published nor left held"
+        );
+        // Rounds until v3 is dead-lettered (3 attempts, 20 ms apart), then v4 and v5.
+        for _ in 0..100 {
+            let rows = rows_of(&store, "chain").await;
+            if rows[2].1 == "pending" {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                assert!(
+                    !seen.lock().unwrap().contains(&4),
+                    "v4 went out while v3 was pending: {rows:?}"
+                );
+            }
+            if rows.iter().all(|r| r.1 != "pending") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            relay.run_once().await.unwrap();
+        }
+        let rows = rows_of(&store, "chain").await;
+        let statuses: Vec<&str> = rows.iter().map(|r| r.1.as_str()).collect();
+        assert_eq!(
+            statuses,
+            [
+                "published",
+                "published",
+                "dead_lettered",
+                "published",
+                "published"
+            ],
+            "{rows:?}"
+        );
+        assert!(eventually(Duration::from_secs(10), || seen.lock().unwrap().len() == 4).await);
+        assert_eq!(*seen.lock().unwrap(), [1, 2, 4, 5]);
+        sub.close().await.unwrap();
         bus.close().await.unwrap();
     })
 }

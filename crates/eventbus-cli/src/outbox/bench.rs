@@ -63,6 +63,9 @@ pub(crate) struct BenchArgs {
     /// Rounds each relay runs at once (count); default `RelayConfig`'s.
     #[arg(long)]
     rounds_in_flight: Option<usize>,
+    /// Most rows of one aggregate a round claims (count); default `RelayConfig`'s.
+    #[arg(long)]
+    versions_per_aggregate: Option<usize>,
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
@@ -98,6 +101,9 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if let Some(n) = args.rounds_in_flight {
         relay_config.rounds_in_flight = n;
     }
+    if let Some(n) = args.versions_per_aggregate {
+        relay_config.versions_per_aggregate = n;
+    }
     let mut failed = Vec::new();
     for &relays in &args.relays {
         let mut phase = Phase::start(&target, &url, relays.max(1), false).await?;
@@ -112,11 +118,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         let topic = phase.topic.clone();
         let report = phase.finish(args.events, args.backend).await?;
         println!(
-            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy, topic {}); order: {report}",
+            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight, up to {} versions per aggregate: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy, topic {}); order: {report}",
             args.events,
             (args.events / args.per_aggregate.max(1)).max(1),
             args.backend,
             relay_config.rounds_in_flight,
+            relay_config.versions_per_aggregate,
             args.events as f64 / elapsed.as_secs_f64(),
             elapsed.as_secs_f64(),
             topic,

@@ -47,6 +47,10 @@ pub(crate) struct RelayArgs {
     /// ACKs. Overrides `[relay] rounds_in_flight`.
     #[arg(long)]
     rounds_in_flight: Option<usize>,
+    /// Most rows of one aggregate a round claims (default 32), published
+    /// one after another. Overrides `[relay] versions_per_aggregate`.
+    #[arg(long)]
+    versions_per_aggregate: Option<usize>,
     /// Idle poll interval, in ms (default 500). Overrides `[relay] poll_interval_ms`.
     #[arg(long)]
     poll_interval_ms: Option<u64>,
@@ -94,6 +98,9 @@ async fn relay(args: RelayArgs) -> Result<()> {
     }
     if let Some(n) = args.rounds_in_flight {
         config.rounds_in_flight = n;
+    }
+    if let Some(n) = args.versions_per_aggregate {
+        config.versions_per_aggregate = n;
     }
     if let Some(ms) = args.poll_interval_ms {
         config.poll_interval_ms = ms;

@@ -39,6 +39,14 @@ impl Dialect {
         }
     }
 
+    /// A subquery of the seqs (integers) in one JSON array parameter.
+    pub(crate) fn each_seq(self) -> &'static str {
+        match self {
+            Dialect::Sqlite => "SELECT value FROM json_each(?)",
+            Dialect::Postgres => "SELECT jsonb_array_elements_text(?::jsonb)::BIGINT",
+        }
+    }
+
     /// A subquery of the ids in one JSON array parameter (see [`json_ids`]).
     pub(crate) fn each_id(self) -> &'static str {
         match self {
@@ -111,8 +119,143 @@ fn heads_sql(now: &str, probe_tail: &str) -> String {
     )
 }
 
-/// The columns a claim returns, as [`OutboxRow`].
-const RETURNING: &str = "RETURNING id, topic, envelope, aggregate_id, event_version, attempts, created_at";
+/// The columns a claim returns, as [`Claimed`].
+const RETURNING: &str =
+    "RETURNING seq, id, topic, envelope, aggregate_id, event_version, attempts, created_at";
+
+/// What one claim took (see [`OutboxStore::claim`]).
+#[derive(Debug)]
+pub(crate) struct Claim {
+    /// One chain per aggregate, oldest head first: the head, then the
+    /// versions after it, in order.
+    pub(crate) chains: Vec<Vec<OutboxRow>>,
+    /// Rows the claim holds that are in no chain (a follower after one it
+    /// could not take): the round releases them unpublished.
+    pub(crate) stranded: usize,
+}
+
+/// The heads of a claim as one JSON array parameter of
+/// `{aggregate_id, event_version, seq}` objects (the follower probe's input).
+fn heads_json(heads: &[Claimed]) -> Result<String> {
+    let heads: Vec<_> = heads
+        .iter()
+        .map(|h| serde_json::json!({"aggregate_id": h.row.aggregate_id, "event_version": h.row.event_version, "seq": h.seq}))
+        .collect();
+    serde_json::to_string(&heads).map_err(|e| Error::backend("encoding claimed heads", e))
+}
+
+/// A row a claim took: the row and its `seq` (insert order, the table's key).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Claimed {
+    #[sqlx(flatten)]
+    pub(crate) row: OutboxRow,
+    pub(crate) seq: i64,
+}
+
+/// A pending row after a claimed head of its aggregate, as the follower
+/// probe finds it ([`Database::claim_followers`]).
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct Follower {
+    pub(crate) seq: i64,
+    pub(crate) aggregate_id: String,
+    pub(crate) event_version: i64,
+    /// 1 when due and held by no live lease, else 0.
+    pub(crate) claimable: i64,
+}
+
+/// The follower probe's condition for a claimable row `p` (`now` is the
+/// database's clock as SQL; one `?`: the due time).
+fn follower_claimable(now: &str) -> String {
+    format!(
+        "CAST(CASE WHEN (p.lease_until IS NULL OR p.lease_until < {now}) AND p.next_attempt_at <= ? THEN 1 ELSE 0 END AS BIGINT)"
+    )
+}
+
+/// The followers of one claim: per aggregate, the seqs of the pending rows
+/// right after its head, in version order.
+pub(crate) type Runs = std::collections::HashMap<String, Vec<i64>>;
+
+/// Which of the `found` followers a round claims: per aggregate, the
+/// pending rows right after its head, up to the first that is not
+/// claimable and at most `per_aggregate - 1`; then spread over the
+/// aggregates by rank (every aggregate's second version before any third),
+/// oldest first, until `room` rows in all.
+pub(crate) fn pick_followers(mut found: Vec<Follower>, room: usize, per_aggregate: usize) -> Runs {
+    found.sort_by(|a, b| {
+        (&a.aggregate_id, a.event_version, a.seq).cmp(&(&b.aggregate_id, b.event_version, b.seq))
+    });
+    let mut runs: Vec<(String, Vec<i64>)> = Vec::new();
+    let mut blocked = false;
+    for f in found {
+        if runs
+            .last()
+            .is_none_or(|(aggregate, _)| *aggregate != f.aggregate_id)
+        {
+            blocked = false;
+            runs.push((f.aggregate_id.clone(), Vec::new()));
+        }
+        let run = &mut runs.last_mut().expect("pushed above").1;
+        blocked |= f.claimable == 0 || run.len() + 1 >= per_aggregate;
+        if !blocked {
+            run.push(f.seq);
+        }
+    }
+    runs.retain(|(_, run)| !run.is_empty());
+    runs.sort_by_key(|(_, run)| run[0]);
+    // How many of each run fit: rank by rank over the runs until `room`.
+    let mut take = vec![0; runs.len()];
+    let mut left = room;
+    'ranks: for rank in 0.. {
+        let mut any = false;
+        for (i, (_, run)) in runs.iter().enumerate() {
+            if left == 0 {
+                break 'ranks;
+            }
+            if rank < run.len() {
+                take[i] += 1;
+                left -= 1;
+                any = true;
+            }
+        }
+        if !any {
+            break;
+        }
+    }
+    runs.into_iter()
+        .zip(take)
+        .filter(|(_, n)| *n > 0)
+        .map(|((aggregate, mut run), n)| {
+            run.truncate(n);
+            (aggregate, run)
+        })
+        .collect()
+}
+
+/// The rows of one claim as chains, oldest head first: each aggregate's
+/// head, then the followers claimed after it in version order, cut before
+/// the first one asked for but not claimed (a chain never skips a
+/// version). Also returns how many claimed followers fell past such a cut:
+/// they stay held by the claim, unpublished, until the round releases them.
+fn chains(mut heads: Vec<Claimed>, runs: &Runs, followers: Vec<Claimed>) -> (Vec<Vec<OutboxRow>>, usize) {
+    let mut claimed: std::collections::HashMap<i64, OutboxRow> =
+        followers.into_iter().map(|c| (c.seq, c.row)).collect();
+    heads.sort_by_key(|h| h.row.created_at);
+    let chains = heads
+        .into_iter()
+        .map(|head| {
+            let run = runs.get(&head.row.aggregate_id).map_or(&[][..], Vec::as_slice);
+            let mut chain = vec![head.row];
+            for seq in run {
+                match claimed.remove(seq) {
+                    Some(row) => chain.push(row),
+                    None => break,
+                }
+            }
+            chain
+        })
+        .collect();
+    (chains, claimed.len())
+}
 
 pub(crate) fn db(what: &'static str) -> impl FnOnce(sqlx::Error) -> Error {
     move |e| Error::backend(format!("outbox database: {what} failed"), e)
@@ -192,13 +335,59 @@ impl OutboxStore {
     }
 
     /// Claims up to `limit` due rows under `claim` (a token unique to one
-    /// relay round), oldest first: only the head (lowest pending
-    /// `event_version`) of each aggregate, and only when no live lease
-    /// (database clock) holds it. The lease lasts `lease`.
-    pub(crate) async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>> {
-        let mut rows = self.database().claim(claim, limit, lease).await?;
-        rows.sort_by_key(|r| r.created_at);
-        Ok(rows)
+    /// relay round), as chains, oldest head first. A chain is the head
+    /// (lowest pending `event_version`, with no live lease on the database
+    /// clock) of an aggregate, then, while the heads leave room below
+    /// `limit`, up to `per_aggregate - 1` pending versions right after it,
+    /// each due and held by no live lease. The followers cannot be claimed
+    /// by another relay meanwhile: while the head is pending they are no
+    /// heads. The lease lasts `lease`.
+    pub(crate) async fn claim(
+        &self,
+        claim: &str,
+        limit: i64,
+        per_aggregate: usize,
+        lease: Duration,
+    ) -> Result<Claim> {
+        let db = self.database();
+        let heads = db.claim(claim, limit, lease).await?;
+        let room = usize::try_from(limit).unwrap_or(0).saturating_sub(heads.len());
+        if room == 0 || per_aggregate <= 1 || heads.is_empty() {
+            let (chains, stranded) = chains(heads, &Runs::new(), Vec::new());
+            return Ok(Claim { chains, stranded });
+        }
+        let found = db.find_followers(&heads, per_aggregate).await?;
+        let runs = pick_followers(found, room, per_aggregate);
+        let seqs: Vec<i64> = runs.values().flatten().copied().collect();
+        let followers = if seqs.is_empty() {
+            Vec::new()
+        } else {
+            self.take_followers(claim, &seqs, lease).await?
+        };
+        let (chains, stranded) = chains(heads, &runs, followers);
+        Ok(Claim { chains, stranded })
+    }
+
+    /// Claims the rows `seqs` under `claim`, each only while pending and
+    /// held by no live lease (database clock); returns those it took.
+    async fn take_followers(&self, claim: &str, seqs: &[i64], lease: Duration) -> Result<Vec<Claimed>> {
+        let seqs = serde_json::to_string(seqs).map_err(|e| Error::backend("encoding row seqs", e))?;
+        Ok(with_pool!(self, |pool, d| {
+            let now = d.now_us();
+            let sql = format!(
+                "UPDATE outbox_events SET claimed_by = ?, lease_until = {now} + ?
+                 WHERE seq IN ({}) AND (status = 'pending') IS TRUE
+                   AND (lease_until IS NULL OR lease_until < {now}) {RETURNING}",
+                d.each_seq()
+            );
+            sqlx::query_as::<_, Claimed>(&d.sql(&sql))
+                .bind(claim)
+                .bind(lease.as_micros() as i64)
+                .bind(&seqs)
+                .fetch_all(pool)
+                .await
+                .map_err(db("claim followers"))?
+        }))
     }
 
     /// Extends the lease of every row still held under `claim` by `lease`
@@ -369,7 +558,12 @@ pub(crate) trait Database: Send + Sync {
     async fn migrate(&self) -> Result<()>;
 
     /// Claims due head rows (see [`OutboxStore::claim`]), in any order.
-    async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>>;
+    async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>>;
+
+    /// The next `per_aggregate - 1` pending rows after each of `heads` in
+    /// its aggregate (by `event_version`, then `seq`), whether claimable or
+    /// not, in any order.
+    async fn find_followers(&self, heads: &[Claimed], per_aggregate: usize) -> Result<Vec<Follower>>;
 
     /// Whether relay `relay` may run a round now. SQLite: only the holder of
     /// the database's relay lease (taken or renewed for `lease`); PostgreSQL:
@@ -402,6 +596,91 @@ impl Wakeups {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn found(aggregate: &str, seqs: &[(i64, i64, bool)]) -> Vec<Follower> {
+        seqs.iter()
+            .map(|&(seq, event_version, claimable)| Follower {
+                seq,
+                aggregate_id: aggregate.to_owned(),
+                event_version,
+                claimable: claimable.into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn followers_stop_at_the_first_unclaimable_row_and_at_the_cap() {
+        let mut all = found("a", &[(13, 4, true), (11, 2, true), (12, 3, false)]);
+        all.extend(found(
+            "b",
+            &[(21, 2, true), (22, 3, true), (23, 4, true), (24, 5, true)],
+        ));
+        let runs = pick_followers(all, 100, 3);
+        assert_eq!(
+            runs.get("a"),
+            Some(&vec![11]),
+            "a v3 is held or not due: v4 waits too"
+        );
+        assert_eq!(
+            runs.get("b"),
+            Some(&vec![21, 22]),
+            "3 versions per aggregate: the head and 2"
+        );
+        assert_eq!(pick_followers(found("c", &[(31, 2, false)]), 100, 3), Runs::new());
+        assert_eq!(pick_followers(found("d", &[(41, 2, true)]), 100, 1), Runs::new());
+    }
+
+    #[test]
+    fn the_room_is_shared_rank_by_rank_oldest_first() {
+        let mut all = found("old", &[(10, 2, true), (11, 3, true), (12, 4, true)]);
+        all.extend(found("new", &[(20, 2, true), (21, 3, true), (22, 4, true)]));
+        let runs = pick_followers(all, 5, 10);
+        assert_eq!(runs.get("old"), Some(&vec![10, 11, 12]));
+        assert_eq!(
+            runs.get("new"),
+            Some(&vec![20, 21]),
+            "every second version before any third"
+        );
+        let mut all = found("old", &[(10, 2, true), (11, 3, true)]);
+        all.extend(found("new", &[(20, 2, true), (21, 3, true)]));
+        let runs = pick_followers(all, 1, 10);
+        assert_eq!(runs.get("old"), Some(&vec![10]));
+        assert_eq!(runs.get("new"), None);
+    }
+
+    fn claimed(seq: i64, aggregate: &str, version: i64, created_at: i64) -> Claimed {
+        Claimed {
+            row: OutboxRow {
+                id: format!("{aggregate}-{version}"),
+                topic: "t".into(),
+                envelope: "{}".into(),
+                aggregate_id: aggregate.into(),
+                event_version: version,
+                attempts: 0,
+                created_at,
+            },
+            seq,
+        }
+    }
+
+    #[test]
+    fn a_chain_never_skips_a_version_it_asked_for() {
+        let heads = vec![claimed(20, "b", 1, 5), claimed(10, "a", 1, 3)];
+        let runs = Runs::from([("a".to_owned(), vec![11, 12, 13]), ("b".to_owned(), vec![21])]);
+        // a v3 (seq 12) was asked for but not taken: a v4 must not follow v2.
+        let followers = vec![
+            claimed(11, "a", 2, 4),
+            claimed(13, "a", 4, 6),
+            claimed(21, "b", 2, 7),
+        ];
+        let (chains, stranded) = chains(heads, &runs, followers);
+        let ids: Vec<Vec<&str>> = chains
+            .iter()
+            .map(|c| c.iter().map(|r| r.id.as_str()).collect())
+            .collect();
+        assert_eq!(ids, [vec!["a-1", "a-2"], vec!["b-1", "b-2"]], "oldest head first");
+        assert_eq!(stranded, 1, "a v4 is held but in no chain");
+    }
 
     #[test]
     fn placeholders_are_numbered_for_postgres() {

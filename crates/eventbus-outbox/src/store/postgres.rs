@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use eventbus_core::{Error, Result};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
-use super::{Database, Dialect, OutboxRow, Wakeups, db};
+use super::{Claimed, Database, Dialect, Follower, Wakeups, db};
 
 /// The database's clock in µs since the Unix epoch.
 pub(super) const NOW_US: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT";
@@ -31,7 +31,7 @@ impl Database for PgPool {
             .map_err(|e| Error::backend("outbox migration failed", e))
     }
 
-    async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<OutboxRow>> {
+    async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>> {
         // The lock is taken inside the limited scan: rows another relay is
         // claiming are skipped and the LIMIT fills with later heads, so
         // concurrent relays take disjoint sets instead of colliding on the
@@ -66,23 +66,9 @@ impl Database for PgPool {
             super::heads_sql(NOW_US, "ORDER BY p.aggregate_id, p.event_version, p.seq OFFSET 0"),
             super::RETURNING
         );
-        // The plan is pinned to the one that stops early: walk the pending
-        // rows by seq (partial index), probe each for an earlier pending row
-        // of its aggregate, stop at the limit. On stale statistics (the
-        // table analyzed while few rows were pending: a relay catching up
-        // after an outage) the planner otherwise probes every pending row
-        // and sorts them: a claim of 500 rows took 131 ms instead of 6 on
-        // 50,000 pending rows. The settings are local to this transaction.
         let mut tx = self.begin().await.map_err(db("claim"))?;
-        sqlx::query(
-            "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true),
-                    set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
-                    set_config('enable_mergejoin', 'off', true)",
-        )
-        .execute(&mut *tx)
-        .await
-        .map_err(db("claim"))?;
-        let rows = sqlx::query_as::<_, OutboxRow>(&Dialect::Postgres.sql(&sql))
+        pin_plan(&mut tx).await?;
+        let rows = sqlx::query_as::<_, Claimed>(&Dialect::Postgres.sql(&sql))
             .bind(super::now_us())
             .bind(limit)
             .bind(claim)
@@ -92,6 +78,32 @@ impl Database for PgPool {
             .map_err(db("claim"))?;
         tx.commit().await.map_err(db("claim"))?;
         Ok(rows)
+    }
+
+    async fn find_followers(&self, heads: &[Claimed], per_aggregate: usize) -> Result<Vec<Follower>> {
+        // One index range of `outbox_events_pending_heads` per head (the
+        // ORDER BY is that index's key, and sorts are off), stopped at the limit.
+        let sql = format!(
+            "SELECT x.seq, h.aggregate_id, x.event_version, x.claimable
+             FROM jsonb_to_recordset(?::jsonb) AS h(aggregate_id TEXT, event_version BIGINT, seq BIGINT)
+             CROSS JOIN LATERAL (
+                 SELECT p.seq, p.event_version, {} AS claimable FROM outbox_events p
+                 WHERE p.aggregate_id = h.aggregate_id AND p.status = 'pending'
+                   AND (p.event_version, p.seq) > (h.event_version, h.seq)
+                 ORDER BY p.aggregate_id, p.event_version, p.seq LIMIT ?) x",
+            super::follower_claimable(NOW_US)
+        );
+        let mut tx = self.begin().await.map_err(db("find followers"))?;
+        pin_plan(&mut tx).await?;
+        let found = sqlx::query_as::<_, Follower>(&Dialect::Postgres.sql(&sql))
+            .bind(super::heads_json(heads)?)
+            .bind(super::now_us())
+            .bind(per_aggregate.saturating_sub(1) as i64)
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db("find followers"))?;
+        tx.commit().await.map_err(db("find followers"))?;
+        Ok(found)
     }
 
     async fn may_run(&self, _relay: &str, _lease: Duration) -> Result<bool> {
@@ -107,4 +119,24 @@ impl Database for PgPool {
         listener.listen("outbox_events").await.map_err(db("listen"))?;
         Ok(Some(Wakeups(listener)))
     }
+}
+
+/// Pins this transaction's plans to the ones that stop early (the
+/// settings are local to it). The claim walks the pending rows by seq
+/// (partial index), probes each for an earlier pending row of its
+/// aggregate and stops at the limit; the follower probe reads one index
+/// range per head. On stale statistics (the table analyzed while few rows
+/// were pending: a relay catching up after an outage) the planner
+/// otherwise probes every pending row and sorts them: a claim of 500 rows
+/// took 131 ms instead of 6 on 50,000 pending rows.
+async fn pin_plan(tx: &mut sqlx::PgConnection) -> Result<()> {
+    sqlx::query(
+        "SELECT set_config('enable_sort', 'off', true), set_config('enable_bitmapscan', 'off', true),
+                set_config('enable_seqscan', 'off', true), set_config('enable_hashjoin', 'off', true),
+                set_config('enable_mergejoin', 'off', true)",
+    )
+    .execute(tx)
+    .await
+    .map(drop)
+    .map_err(db("claim"))
 }
