@@ -134,6 +134,45 @@ pub(crate) struct Claim {
     pub(crate) stranded: usize,
 }
 
+/// What [`Database::claim`] took: the heads, the followers it asked for
+/// (per aggregate) and those it got.
+#[derive(Debug, Default)]
+pub(crate) struct Taken {
+    pub(crate) heads: Vec<Claimed>,
+    pub(crate) runs: Runs,
+    pub(crate) followers: Vec<Claimed>,
+}
+
+/// How many followers a claim of `limit` rows that took `heads` heads may
+/// take: none when the heads fill it or one version per aggregate is asked for.
+pub(crate) fn follower_room(limit: i64, heads: usize, per_aggregate: usize) -> usize {
+    match per_aggregate {
+        0 | 1 => 0,
+        _ if heads == 0 => 0,
+        _ => usize::try_from(limit).unwrap_or(0).saturating_sub(heads),
+    }
+}
+
+/// Claims the picked followers (one JSON array parameter of seqs), each
+/// only while pending and held by no live lease (database clock): bind the
+/// claim token, the lease in µs, then the seqs.
+pub(crate) fn take_followers_sql(d: Dialect) -> String {
+    let now = d.now_us();
+    d.sql(&format!(
+        "UPDATE outbox_events SET claimed_by = ?, lease_until = {now} + ?
+         WHERE seq IN ({}) AND (status = 'pending') IS TRUE
+           AND (lease_until IS NULL OR lease_until < {now}) {RETURNING}",
+        d.each_seq()
+    ))
+}
+
+/// The picked followers' seqs as the one JSON array parameter of
+/// [`take_followers_sql`].
+pub(crate) fn seqs_json(runs: &Runs) -> Result<String> {
+    let seqs: Vec<i64> = runs.values().flatten().copied().collect();
+    serde_json::to_string(&seqs).map_err(|e| Error::backend("encoding row seqs", e))
+}
+
 /// The heads of a claim as one JSON array parameter of
 /// `{aggregate_id, event_version, seq}` objects (the follower probe's input).
 fn heads_json(heads: &[Claimed]) -> Result<String> {
@@ -349,45 +388,13 @@ impl OutboxStore {
         per_aggregate: usize,
         lease: Duration,
     ) -> Result<Claim> {
-        let db = self.database();
-        let heads = db.claim(claim, limit, lease).await?;
-        let room = usize::try_from(limit).unwrap_or(0).saturating_sub(heads.len());
-        if room == 0 || per_aggregate <= 1 || heads.is_empty() {
-            let (chains, stranded) = chains(heads, &Runs::new(), Vec::new());
-            return Ok(Claim { chains, stranded });
-        }
-        let found = db.find_followers(&heads, per_aggregate).await?;
-        let runs = pick_followers(found, room, per_aggregate);
-        let seqs: Vec<i64> = runs.values().flatten().copied().collect();
-        let followers = if seqs.is_empty() {
-            Vec::new()
-        } else {
-            self.take_followers(claim, &seqs, lease).await?
-        };
+        let Taken {
+            heads,
+            runs,
+            followers,
+        } = self.database().claim(claim, limit, per_aggregate, lease).await?;
         let (chains, stranded) = chains(heads, &runs, followers);
         Ok(Claim { chains, stranded })
-    }
-
-    /// Claims the rows `seqs` under `claim`, each only while pending and
-    /// held by no live lease (database clock); returns those it took.
-    async fn take_followers(&self, claim: &str, seqs: &[i64], lease: Duration) -> Result<Vec<Claimed>> {
-        let seqs = serde_json::to_string(seqs).map_err(|e| Error::backend("encoding row seqs", e))?;
-        Ok(with_pool!(self, |pool, d| {
-            let now = d.now_us();
-            let sql = format!(
-                "UPDATE outbox_events SET claimed_by = ?, lease_until = {now} + ?
-                 WHERE seq IN ({}) AND (status = 'pending') IS TRUE
-                   AND (lease_until IS NULL OR lease_until < {now}) {RETURNING}",
-                d.each_seq()
-            );
-            sqlx::query_as::<_, Claimed>(&d.sql(&sql))
-                .bind(claim)
-                .bind(lease.as_micros() as i64)
-                .bind(&seqs)
-                .fetch_all(pool)
-                .await
-                .map_err(db("claim followers"))?
-        }))
     }
 
     /// Extends the lease of every row still held under `claim` by `lease`
@@ -557,13 +564,12 @@ pub(crate) trait Database: Send + Sync {
     /// Runs the migrations.
     async fn migrate(&self) -> Result<()>;
 
-    /// Claims due head rows (see [`OutboxStore::claim`]), in any order.
-    async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>>;
-
-    /// The next `per_aggregate - 1` pending rows after each of `heads` in
-    /// its aggregate (by `event_version`, then `seq`), whether claimable or
-    /// not, in any order.
-    async fn find_followers(&self, heads: &[Claimed], per_aggregate: usize) -> Result<Vec<Follower>>;
+    /// Claims due head rows, then the followers [`pick_followers`] chooses
+    /// among those the dialect's follower probe finds (the next
+    /// `per_aggregate - 1` pending rows after each head, by
+    /// `event_version` then `seq`), in one transaction (see
+    /// [`OutboxStore::claim`]); rows in any order.
+    async fn claim(&self, claim: &str, limit: i64, per_aggregate: usize, lease: Duration) -> Result<Taken>;
 
     /// Whether relay `relay` may run a round now. SQLite: only the holder of
     /// the database's relay lease (taken or renewed for `lease`); PostgreSQL:

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use eventbus_core::{Error, Result};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
-use super::{Claimed, Database, Dialect, Follower, Wakeups, db};
+use super::{Claimed, Database, Dialect, Follower, Taken, Wakeups, db};
 
 /// The database's clock in µs since the Unix epoch.
 pub(super) const NOW_US: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT";
@@ -31,7 +31,7 @@ impl Database for PgPool {
             .map_err(|e| Error::backend("outbox migration failed", e))
     }
 
-    async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>> {
+    async fn claim(&self, claim: &str, limit: i64, per_aggregate: usize, lease: Duration) -> Result<Taken> {
         // The lock is taken inside the limited scan: rows another relay is
         // claiming are skipped and the LIMIT fills with later heads, so
         // concurrent relays take disjoint sets instead of colliding on the
@@ -68,7 +68,7 @@ impl Database for PgPool {
         );
         let mut tx = self.begin().await.map_err(db("claim"))?;
         pin_plan(&mut tx).await?;
-        let rows = sqlx::query_as::<_, Claimed>(&Dialect::Postgres.sql(&sql))
+        let heads = sqlx::query_as::<_, Claimed>(&Dialect::Postgres.sql(&sql))
             .bind(super::now_us())
             .bind(limit)
             .bind(claim)
@@ -76,34 +76,24 @@ impl Database for PgPool {
             .fetch_all(&mut *tx)
             .await
             .map_err(db("claim"))?;
+        let room = super::follower_room(limit, heads.len(), per_aggregate);
+        let mut taken = Taken::default();
+        if room > 0 {
+            let found = find_followers(&mut tx, &heads, per_aggregate).await?;
+            taken.runs = super::pick_followers(found, room, per_aggregate);
+            if !taken.runs.is_empty() {
+                taken.followers = sqlx::query_as::<_, Claimed>(&super::take_followers_sql(Dialect::Postgres))
+                    .bind(claim)
+                    .bind(lease.as_micros() as i64)
+                    .bind(super::seqs_json(&taken.runs)?)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db("claim"))?;
+            }
+        }
         tx.commit().await.map_err(db("claim"))?;
-        Ok(rows)
-    }
-
-    async fn find_followers(&self, heads: &[Claimed], per_aggregate: usize) -> Result<Vec<Follower>> {
-        // One index range of `outbox_events_pending_heads` per head (the
-        // ORDER BY is that index's key, and sorts are off), stopped at the limit.
-        let sql = format!(
-            "SELECT x.seq, h.aggregate_id, x.event_version, x.claimable
-             FROM jsonb_to_recordset(?::jsonb) AS h(aggregate_id TEXT, event_version BIGINT, seq BIGINT)
-             CROSS JOIN LATERAL (
-                 SELECT p.seq, p.event_version, {} AS claimable FROM outbox_events p
-                 WHERE p.aggregate_id = h.aggregate_id AND p.status = 'pending'
-                   AND (p.event_version, p.seq) > (h.event_version, h.seq)
-                 ORDER BY p.aggregate_id, p.event_version, p.seq LIMIT ?) x",
-            super::follower_claimable(NOW_US)
-        );
-        let mut tx = self.begin().await.map_err(db("find followers"))?;
-        pin_plan(&mut tx).await?;
-        let found = sqlx::query_as::<_, Follower>(&Dialect::Postgres.sql(&sql))
-            .bind(super::heads_json(heads)?)
-            .bind(super::now_us())
-            .bind(per_aggregate.saturating_sub(1) as i64)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db("find followers"))?;
-        tx.commit().await.map_err(db("find followers"))?;
-        Ok(found)
+        taken.heads = heads;
+        Ok(taken)
     }
 
     async fn may_run(&self, _relay: &str, _lease: Duration) -> Result<bool> {
@@ -119,6 +109,34 @@ impl Database for PgPool {
         listener.listen("outbox_events").await.map_err(db("listen"))?;
         Ok(Some(Wakeups(listener)))
     }
+}
+
+/// The follower probe: the next `per_aggregate - 1` pending rows after
+/// each of `heads`, one index range of `outbox_events_pending_heads` per
+/// head (the ORDER BY is that index's key, and sorts are off), stopped at
+/// the limit.
+async fn find_followers(
+    tx: &mut sqlx::PgConnection,
+    heads: &[Claimed],
+    per_aggregate: usize,
+) -> Result<Vec<Follower>> {
+    let sql = format!(
+        "SELECT x.seq, h.aggregate_id, x.event_version, x.claimable
+         FROM jsonb_to_recordset(?::jsonb) AS h(aggregate_id TEXT, event_version BIGINT, seq BIGINT)
+         CROSS JOIN LATERAL (
+             SELECT p.seq, p.event_version, {} AS claimable FROM outbox_events p
+             WHERE p.aggregate_id = h.aggregate_id AND p.status = 'pending'
+               AND (p.event_version, p.seq) > (h.event_version, h.seq)
+             ORDER BY p.aggregate_id, p.event_version, p.seq LIMIT ?) x",
+        super::follower_claimable(NOW_US)
+    );
+    sqlx::query_as::<_, Follower>(&Dialect::Postgres.sql(&sql))
+        .bind(super::heads_json(heads)?)
+        .bind(super::now_us())
+        .bind(per_aggregate.saturating_sub(1) as i64)
+        .fetch_all(tx)
+        .await
+        .map_err(db("claim"))
 }
 
 /// Pins this transaction's plans to the ones that stop early (the

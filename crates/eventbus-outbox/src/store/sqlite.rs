@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use eventbus_core::{Error, Result};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
-use super::{Claimed, Database, Follower, Wakeups, db};
+use super::{Claimed, Database, Dialect, Follower, Taken, Wakeups, db};
 
 /// Name of the lease a SQLite relay holds (one relay per SQLite database).
 const RELAY_LEASE: &str = "sqlite-relay";
@@ -39,42 +39,39 @@ impl Database for SqlitePool {
             .map_err(|e| Error::backend("outbox migration failed", e))
     }
 
-    async fn claim(&self, claim: &str, limit: i64, lease: Duration) -> Result<Vec<Claimed>> {
+    async fn claim(&self, claim: &str, limit: i64, per_aggregate: usize, lease: Duration) -> Result<Taken> {
         let sql = format!(
             "UPDATE outbox_events SET claimed_by = ?, lease_until = {NOW_US} + ? WHERE seq IN ({}) {}",
             super::heads_sql(NOW_US, ""),
             super::RETURNING
         );
-        sqlx::query_as::<_, Claimed>(&sql)
+        let mut tx = self.begin().await.map_err(db("claim"))?;
+        let heads = sqlx::query_as::<_, Claimed>(&sql)
             .bind(claim)
             .bind(lease.as_micros() as i64)
             .bind(super::now_us())
             .bind(limit)
-            .fetch_all(self)
+            .fetch_all(&mut *tx)
             .await
-            .map_err(db("claim"))
-    }
-
-    async fn find_followers(&self, heads: &[Claimed], per_aggregate: usize) -> Result<Vec<Follower>> {
-        // Per head, one range of `outbox_events_pending_heads` (a correlated
-        // list subquery), then each row by its rowid.
-        let sql = format!(
-            "SELECT p.seq, p.aggregate_id, p.event_version, {} AS claimable
-             FROM json_each(?) h JOIN outbox_events p ON p.seq IN (
-                 SELECT q.seq FROM outbox_events q
-                 WHERE q.aggregate_id = json_extract(h.value, '$.aggregate_id') AND q.status = 'pending'
-                   AND (q.event_version, q.seq)
-                       > (json_extract(h.value, '$.event_version'), json_extract(h.value, '$.seq'))
-                 ORDER BY q.aggregate_id, q.event_version, q.seq LIMIT ?)",
-            super::follower_claimable(NOW_US)
-        );
-        sqlx::query_as::<_, Follower>(&sql)
-            .bind(super::now_us())
-            .bind(super::heads_json(heads)?)
-            .bind(per_aggregate.saturating_sub(1) as i64)
-            .fetch_all(self)
-            .await
-            .map_err(db("find followers"))
+            .map_err(db("claim"))?;
+        let room = super::follower_room(limit, heads.len(), per_aggregate);
+        let mut taken = Taken::default();
+        if room > 0 {
+            let found = find_followers(&mut tx, &heads, per_aggregate).await?;
+            taken.runs = super::pick_followers(found, room, per_aggregate);
+            if !taken.runs.is_empty() {
+                taken.followers = sqlx::query_as::<_, Claimed>(&super::take_followers_sql(Dialect::Sqlite))
+                    .bind(claim)
+                    .bind(lease.as_micros() as i64)
+                    .bind(super::seqs_json(&taken.runs)?)
+                    .fetch_all(&mut *tx)
+                    .await
+                    .map_err(db("claim"))?;
+            }
+        }
+        tx.commit().await.map_err(db("claim"))?;
+        taken.heads = heads;
+        Ok(taken)
     }
 
     async fn may_run(&self, relay: &str, lease: Duration) -> Result<bool> {
@@ -107,4 +104,31 @@ impl Database for SqlitePool {
     async fn wakeups(&self) -> Result<Option<Wakeups>> {
         Ok(None)
     }
+}
+
+/// The follower probe: the next `per_aggregate - 1` pending rows after
+/// each of `heads`; per head one range of `outbox_events_pending_heads` (a
+/// correlated list subquery), then each row by its rowid.
+async fn find_followers(
+    tx: &mut sqlx::SqliteConnection,
+    heads: &[Claimed],
+    per_aggregate: usize,
+) -> Result<Vec<Follower>> {
+    let sql = format!(
+        "SELECT p.seq, p.aggregate_id, p.event_version, {} AS claimable
+         FROM json_each(?) h JOIN outbox_events p ON p.seq IN (
+             SELECT q.seq FROM outbox_events q
+             WHERE q.aggregate_id = json_extract(h.value, '$.aggregate_id') AND q.status = 'pending'
+               AND (q.event_version, q.seq)
+                   > (json_extract(h.value, '$.event_version'), json_extract(h.value, '$.seq'))
+             ORDER BY q.aggregate_id, q.event_version, q.seq LIMIT ?)",
+        super::follower_claimable(NOW_US)
+    );
+    sqlx::query_as::<_, Follower>(&sql)
+        .bind(super::now_us())
+        .bind(super::heads_json(heads)?)
+        .bind(per_aggregate.saturating_sub(1) as i64)
+        .fetch_all(tx)
+        .await
+        .map_err(db("claim"))
 }
