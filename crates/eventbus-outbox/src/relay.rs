@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use eventbus_core::{
-    DeadLetterPolicy, Envelope, EventBus, Message, PublishResult, Result, RetryPolicy, dead_letter, headers,
+    DeadLetterPolicy, Envelope, EventBus, Message, PublishHandle, PublishResult, Result, RetryPolicy,
+    dead_letter, headers,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -464,8 +465,9 @@ impl Relay {
         metrics::counter!(eventbus_core::telemetry::OUTBOX_PUBLISHED).increment(n);
     }
 
-    /// Runs `work` while renewing `claim` every third of `lease`; each
-    /// renewal that still finds rows held moves `fence` on.
+    /// Runs `work` while renewing `claim` every third of `lease`; a renewal
+    /// that still finds rows held, and came back before `fence` passed,
+    /// moves it on.
     async fn renewing<T>(
         &self,
         claim: &str,
@@ -497,42 +499,50 @@ impl Relay {
         tracing::warn!(rows = n, "outbox claim lost to another relay: result discarded");
     }
 
-    /// Publishes every chain, all at once; within a chain, each row only
-    /// after its predecessor's ACK, none after a failure, and none once
-    /// `fence` has passed (the claim may have been taken over: a relay
-    /// frozen past its lease must not publish rows another relay now
-    /// holds). One outcome per row, in the chains' shape.
+    /// Publishes the chains in waves: wave k sends the k-th row of every
+    /// chain whose row before it was confirmed (stage one for all, then
+    /// every ACK), so within a chain each row goes out only after its
+    /// predecessor's ACK, none after a failure, and none once `fence` has
+    /// passed (the claim may have been taken over: a relay frozen past its
+    /// lease must not publish rows another relay now holds). Chains of one
+    /// row, the usual case, are one wave. One outcome per row, in the
+    /// chains' shape.
     async fn publish_chains(&self, chains: &[Vec<OutboxRow>], fence: &Fence) -> Vec<Vec<Sent>> {
-        futures::future::join_all(chains.iter().map(|chain| async move {
-            let mut outcomes = Vec::with_capacity(chain.len());
-            let mut go_on = true;
-            for row in chain {
-                if !go_on || !fence.holds() {
-                    outcomes.push(Sent::HeldBack);
+        let mut outcomes: Vec<Vec<Sent>> = chains.iter().map(|c| Vec::with_capacity(c.len())).collect();
+        let longest = chains.iter().map(Vec::len).max().unwrap_or(0);
+        let mut wave = Vec::with_capacity(chains.len());
+        for k in 0..longest {
+            for (i, chain) in chains.iter().enumerate() {
+                let Some(row) = chain.get(k) else { continue };
+                let after_confirmed = outcomes[i].last().is_none_or(|o| matches!(o, Sent::Confirmed));
+                if !after_confirmed || !fence.holds() {
+                    outcomes[i].push(Sent::HeldBack);
                     continue;
                 }
-                let outcome = match self.publish_row(row).await {
+                wave.push((i, self.send_row(row).await));
+            }
+            for (i, sent) in wave.drain(..) {
+                let outcome = match sent {
+                    Ok(handle) => confirmed(handle.await),
+                    Err(error) => Err(error),
+                };
+                outcomes[i].push(match outcome {
                     Ok(()) => Sent::Confirmed,
                     Err(error) => Sent::Failed(error),
-                };
-                go_on = matches!(outcome, Sent::Confirmed);
-                outcomes.push(outcome);
+                });
             }
-            outcomes
-        }))
-        .await
+        }
+        outcomes
     }
 
-    /// Publishes one row and waits for its ACK.
-    async fn publish_row(&self, row: &OutboxRow) -> Result<(), String> {
+    /// Stage one of publishing a row: its ACK's handle.
+    async fn send_row(&self, row: &OutboxRow) -> Result<PublishHandle, String> {
         let envelope = Envelope::decode(row.envelope.as_bytes())
             .map_err(|e| format!("stored envelope is invalid: {e}"))?;
-        let handle = self
-            .bus
+        self.bus
             .publish_envelope(&row.topic, &envelope)
             .await
-            .map_err(|e| e.to_string())?;
-        confirmed(handle.await)
+            .map_err(|e| e.to_string())
     }
 
     async fn failed(&self, lane: &Lane<'_>, claim: &str, row: &OutboxRow, error: &str) -> Result<()> {
@@ -612,9 +622,17 @@ impl Fence {
         Self(std::sync::Mutex::new(std::time::Instant::now() + lease))
     }
 
+    /// After a renewal sent at `sent` came back: the lease runs from
+    /// `sent` on, but only if the renewal came back before the fence passed.
+    /// Then the database ran it while every row of the round was still
+    /// leased (its leases end after the fence), so none can have been taken
+    /// over. A later one may have revived the rows no other relay took
+    /// while those it took are gone: the round must stay fenced.
     fn extend(&self, sent: std::time::Instant, lease: Duration) {
         let mut until = self.0.lock().unwrap();
-        *until = (*until).max(sent + lease);
+        if std::time::Instant::now() < *until {
+            *until = (*until).max(sent + lease);
+        }
     }
 
     fn holds(&self) -> bool {

@@ -563,23 +563,26 @@ impl Backend for StallFirstAck {
 /// its stale claim must not put v1 back to pending (which re-sent v1 after
 /// v2: the consumer saw 1, 1, 2, 1).
 fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
-    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenLose, 2))
+    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenLose, 2, 32))
 }
 
 /// Relay A claims v1..v3, publishes v1 and is frozen past its lease before
-/// the ACK comes; relay B takes the rows over and publishes v1..v3. When A
-/// wakes to v1's confirmation, it must not go on to v2 and v3: they are
-/// B's, and sending them again would put v2 after v3 (a consumer without
-/// its event-id memory saw 1, 1, 2, 3, 2, 3).
+/// the ACK comes; relay B takes the rows over (v1 and v2 in one round, v3
+/// when A's claim on it is gone) and publishes v1..v3. When A wakes to
+/// v1's confirmation, it must not go on to v2 and v3: they are B's, and
+/// sending them again would put v2 after v3 (a consumer without its
+/// event-id memory saw 1, 1, 2, 3, 2, 3). Nor may A's claim renewal on
+/// waking, which finds v3 still under A's token, let it go on.
 fn a_relay_frozen_past_its_lease_publishes_no_more_on_waking(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
-    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenConfirm, 3))
+    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenConfirm, 3, 2))
 }
 
 /// Relay A's first ACK is held `how` for 800 ms, far past its 100 ms
-/// lease, while relay B relays `versions` versions of one aggregate. A
-/// publishes only v1 (before it froze), discards its result, and changes
-/// no row; every version but v1 reaches the broker once, in order.
-async fn claim_expired_while_frozen(f: &dyn StoreFactory, how: Stall, versions: i64) {
+/// lease, while relay B (taking up to `b_versions` per aggregate and
+/// round) relays `versions` versions of one aggregate. A publishes only v1
+/// (before it froze), discards its result, and changes no row; every
+/// version but v1 reaches the broker once, in order.
+async fn claim_expired_while_frozen(f: &dyn StoreFactory, how: Stall, versions: i64, b_versions: usize) {
     let (store, backend, bus, sub, checker) = relayed(f, BusConfig::default()).await;
     // Every delivery, repeats included (no event-id memory).
     let mut every = BusConfig::default();
@@ -612,18 +615,28 @@ async fn claim_expired_while_frozen(f: &dyn StoreFactory, how: Stall, versions: 
             relay.stats()
         })
     });
-    let relay_b = Relay::new(store.clone(), bus.clone(), config);
+    let relay_b = Relay::new(
+        store.clone(),
+        bus.clone(),
+        RelayConfig {
+            versions_per_aggregate: b_versions,
+            ..config
+        },
+    );
     tokio::time::sleep(Duration::from_millis(150)).await;
-    for _ in 0..200 {
-        relay_b.run_once().await.unwrap();
-        if statuses(&store).await.iter().all(|(_, s)| s == "published") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // B's first round, while A is frozen; A then wakes to whatever of its
+    // claim B did not take.
+    relay_b.run_once().await.unwrap();
     let stats_a = tokio::task::spawn_blocking(move || relay_a.join().unwrap())
         .await
         .unwrap();
+    for _ in 0..200 {
+        if statuses(&store).await.iter().all(|(_, s)| s == "published") {
+            break;
+        }
+        relay_b.run_once().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     // Whatever A did on waking, B keeps relaying for a while.
     for _ in 0..20 {
         relay_b.run_once().await.unwrap();
