@@ -144,7 +144,8 @@ pub(crate) struct Taken {
 }
 
 /// How many followers a claim of `limit` rows that took `heads` heads may
-/// take: none when the heads fill it or one version per aggregate is asked for.
+/// take: none when the heads fill it or one version per aggregate is asked
+/// for (0 counts as 1).
 pub(crate) fn follower_room(limit: i64, heads: usize, per_aggregate: usize) -> usize {
     match per_aggregate {
         0 | 1 => 0,
@@ -154,16 +155,22 @@ pub(crate) fn follower_room(limit: i64, heads: usize, per_aggregate: usize) -> u
 }
 
 /// Claims the picked followers (one JSON array parameter of seqs), each
-/// only while pending and held by no live lease (database clock): bind the
-/// claim token, the lease in µs, then the seqs.
+/// only while pending, due and held by no live lease (database clock): bind
+/// the claim token, the lease in µs, the seqs, then the due time.
 pub(crate) fn take_followers_sql(d: Dialect) -> String {
     let now = d.now_us();
     d.sql(&format!(
         "UPDATE outbox_events SET claimed_by = ?, lease_until = {now} + ?
-         WHERE seq IN ({}) AND (status = 'pending') IS TRUE
+         WHERE seq IN ({}) AND (status = 'pending') IS TRUE AND next_attempt_at <= ?
            AND (lease_until IS NULL OR lease_until < {now}) {RETURNING}",
         d.each_seq()
     ))
+}
+
+/// The follower probe's limit per head: `per_aggregate - 1`, and never
+/// more than the room (no head can get more).
+pub(crate) fn probe_limit(per_aggregate: usize, room: usize) -> i64 {
+    i64::try_from(per_aggregate.saturating_sub(1).min(room)).unwrap_or(i64::MAX)
 }
 
 /// The picked followers' seqs as the one JSON array parameter of
@@ -173,11 +180,17 @@ pub(crate) fn seqs_json(runs: &Runs) -> Result<String> {
     serde_json::to_string(&seqs).map_err(|e| Error::backend("encoding row seqs", e))
 }
 
-/// The heads of a claim as one JSON array parameter of
-/// `{aggregate_id, event_version, seq}` objects (the follower probe's input).
-fn heads_json(heads: &[Claimed]) -> Result<String> {
-    let heads: Vec<_> = heads
-        .iter()
+/// The heads whose followers a claim with `room` followers to spare
+/// probes, as one JSON array parameter of `{aggregate_id, event_version,
+/// seq}` objects: the oldest `room` of them (room is shared rank by rank,
+/// so no more can get a follower), which bounds the probe by the room
+/// rather than by the heads.
+fn heads_json(heads: &[Claimed], room: usize) -> Result<String> {
+    let mut oldest: Vec<&Claimed> = heads.iter().collect();
+    oldest.sort_by_key(|h| h.seq);
+    oldest.truncate(room);
+    let heads: Vec<_> = oldest
+        .into_iter()
         .map(|h| serde_json::json!({"aggregate_id": h.row.aggregate_id, "event_version": h.row.event_version, "seq": h.seq}))
         .collect();
     serde_json::to_string(&heads).map_err(|e| Error::backend("encoding claimed heads", e))
@@ -192,7 +205,7 @@ pub(crate) struct Claimed {
 }
 
 /// A pending row after a claimed head of its aggregate, as the follower
-/// probe finds it ([`Database::claim_followers`]).
+/// probe finds it (in [`Database::claim`]).
 #[derive(Debug, sqlx::FromRow)]
 pub(crate) struct Follower {
     pub(crate) seq: i64,
@@ -397,13 +410,16 @@ impl OutboxStore {
         Ok(Claim { chains, stranded })
     }
 
-    /// Extends the lease of every row still held under `claim` by `lease`
-    /// from now (database clock); returns how many it still holds.
+    /// Extends the lease of every row still held under `claim` whose lease
+    /// has not run out by `lease` from now (database clock); returns how
+    /// many. A row whose lease ran out stays claimable by other relays even
+    /// if none has taken it yet: a relay that was frozen does not revive
+    /// part of a round whose other rows another relay took over.
     pub(crate) async fn renew(&self, claim: &str, lease: Duration) -> Result<u64> {
         Ok(with_pool!(self, |pool, d| {
             let sql = format!(
-                "UPDATE outbox_events SET lease_until = {} + ? WHERE claimed_by = ? AND status = 'pending'",
-                d.now_us()
+                "UPDATE outbox_events SET lease_until = {now} + ? WHERE claimed_by = ? AND status = 'pending' AND lease_until >= {now}",
+                now = d.now_us()
             );
             sqlx::query(&d.sql(&sql))
                 .bind(lease.as_micros() as i64)
@@ -634,6 +650,18 @@ mod tests {
         );
         assert_eq!(pick_followers(found("c", &[(31, 2, false)]), 100, 3), Runs::new());
         assert_eq!(pick_followers(found("d", &[(41, 2, true)]), 100, 1), Runs::new());
+    }
+
+    #[test]
+    fn the_probe_asks_for_no_more_than_the_room_and_the_cap() {
+        assert_eq!(probe_limit(32, 500), 31);
+        assert_eq!(probe_limit(32, 5), 5, "no head can get more than the room");
+        assert_eq!(probe_limit(0, 5), 0);
+        assert_eq!(probe_limit(usize::MAX, usize::MAX), i64::MAX, "never a negative LIMIT");
+        assert_eq!(follower_room(500, 480, 32), 20);
+        assert_eq!(follower_room(500, 480, 1), 0);
+        assert_eq!(follower_room(500, 480, 0), 0, "0 counts as 1");
+        assert_eq!(follower_room(500, 0, 32), 0, "no heads, no followers");
     }
 
     #[test]

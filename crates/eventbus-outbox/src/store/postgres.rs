@@ -79,13 +79,14 @@ impl Database for PgPool {
         let room = super::follower_room(limit, heads.len(), per_aggregate);
         let mut taken = Taken::default();
         if room > 0 {
-            let found = find_followers(&mut tx, &heads, per_aggregate).await?;
+            let found = find_followers(&mut tx, &heads, per_aggregate, room).await?;
             taken.runs = super::pick_followers(found, room, per_aggregate);
             if !taken.runs.is_empty() {
                 taken.followers = sqlx::query_as::<_, Claimed>(&super::take_followers_sql(Dialect::Postgres))
                     .bind(claim)
                     .bind(lease.as_micros() as i64)
                     .bind(super::seqs_json(&taken.runs)?)
+                    .bind(super::now_us())
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(db("claim"))?;
@@ -111,14 +112,15 @@ impl Database for PgPool {
     }
 }
 
-/// The follower probe: the next `per_aggregate - 1` pending rows after
-/// each of `heads`, one index range of `outbox_events_pending_heads` per
+/// The follower probe: the next `per_aggregate - 1` (at most `room`)
+/// pending rows after each of the oldest `room` of `heads`, one index range of `outbox_events_pending_heads` per
 /// head (the ORDER BY is that index's key, and sorts are off), stopped at
 /// the limit.
 async fn find_followers(
     tx: &mut sqlx::PgConnection,
     heads: &[Claimed],
     per_aggregate: usize,
+    room: usize,
 ) -> Result<Vec<Follower>> {
     let sql = format!(
         "SELECT x.seq, h.aggregate_id, x.event_version, x.claimable
@@ -131,9 +133,9 @@ async fn find_followers(
         super::follower_claimable(NOW_US)
     );
     sqlx::query_as::<_, Follower>(&Dialect::Postgres.sql(&sql))
-        .bind(super::heads_json(heads)?)
+        .bind(super::heads_json(heads, room)?)
         .bind(super::now_us())
-        .bind(per_aggregate.saturating_sub(1) as i64)
+        .bind(super::probe_limit(per_aggregate, room))
         .fetch_all(tx)
         .await
         .map_err(db("claim"))

@@ -57,13 +57,14 @@ impl Database for SqlitePool {
         let room = super::follower_room(limit, heads.len(), per_aggregate);
         let mut taken = Taken::default();
         if room > 0 {
-            let found = find_followers(&mut tx, &heads, per_aggregate).await?;
+            let found = find_followers(&mut tx, &heads, per_aggregate, room).await?;
             taken.runs = super::pick_followers(found, room, per_aggregate);
             if !taken.runs.is_empty() {
                 taken.followers = sqlx::query_as::<_, Claimed>(&super::take_followers_sql(Dialect::Sqlite))
                     .bind(claim)
                     .bind(lease.as_micros() as i64)
                     .bind(super::seqs_json(&taken.runs)?)
+                    .bind(super::now_us())
                     .fetch_all(&mut *tx)
                     .await
                     .map_err(db("claim"))?;
@@ -106,13 +107,14 @@ impl Database for SqlitePool {
     }
 }
 
-/// The follower probe: the next `per_aggregate - 1` pending rows after
-/// each of `heads`; per head one range of `outbox_events_pending_heads` (a
+/// The follower probe: the next `per_aggregate - 1` (at most `room`)
+/// pending rows after each of the oldest `room` of `heads`; per head one range of `outbox_events_pending_heads` (a
 /// correlated list subquery), then each row by its rowid.
 async fn find_followers(
     tx: &mut sqlx::SqliteConnection,
     heads: &[Claimed],
     per_aggregate: usize,
+    room: usize,
 ) -> Result<Vec<Follower>> {
     let sql = format!(
         "SELECT p.seq, p.aggregate_id, p.event_version, {} AS claimable
@@ -126,8 +128,8 @@ async fn find_followers(
     );
     sqlx::query_as::<_, Follower>(&sql)
         .bind(super::now_us())
-        .bind(super::heads_json(heads)?)
-        .bind(per_aggregate.saturating_sub(1) as i64)
+        .bind(super::heads_json(heads, room)?)
+        .bind(super::probe_limit(per_aggregate, room))
         .fetch_all(tx)
         .await
         .map_err(db("claim"))
