@@ -66,6 +66,10 @@ pub(crate) struct BenchArgs {
     /// Most rows of one aggregate a round claims (count); default `RelayConfig`'s.
     #[arg(long)]
     versions_per_aggregate: Option<usize>,
+    /// A relay lane's nap after a claim that found nothing, in ms (the
+    /// relay's own default is 500; PostgreSQL relays also wake on inserts).
+    #[arg(long, default_value_t = 5)]
+    poll_interval_ms: u64,
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
@@ -92,7 +96,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     let writer = OutboxStore::connect(&url, 4).await?;
     writer.migrate().await?;
     let mut relay_config = RelayConfig {
-        poll_interval_ms: 5,
+        poll_interval_ms: args.poll_interval_ms,
         ..RelayConfig::default()
     };
     if let Some(n) = args.batch_size {

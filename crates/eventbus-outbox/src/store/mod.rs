@@ -657,7 +657,11 @@ mod tests {
         assert_eq!(probe_limit(32, 500), 31);
         assert_eq!(probe_limit(32, 5), 5, "no head can get more than the room");
         assert_eq!(probe_limit(0, 5), 0);
-        assert_eq!(probe_limit(usize::MAX, usize::MAX), i64::MAX, "never a negative LIMIT");
+        assert_eq!(
+            probe_limit(usize::MAX, usize::MAX),
+            i64::MAX,
+            "never a negative LIMIT"
+        );
         assert_eq!(follower_room(500, 480, 32), 20);
         assert_eq!(follower_room(500, 480, 1), 0);
         assert_eq!(follower_room(500, 480, 0), 0, "0 counts as 1");
