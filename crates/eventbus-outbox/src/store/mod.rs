@@ -6,6 +6,36 @@
 //! wake-ups). The statements both run the same way (renew, mark published,
 //! fail, cleanup, status) are here, written once with `?` placeholders.
 
+/// The followers half of a claim, in the heads' transaction `$tx` (see
+/// [`OutboxStore::claim`]): the dialect's follower probe `$find`, the
+/// choice ([`pick_followers`]) and the claim of the chosen rows
+/// ([`take_followers_sql`]); evaluates to the [`Taken`] rows. A macro
+/// because the two dialects' transactions are different types.
+macro_rules! claim_followers {
+    ($tx:ident, $dialect:expr, $find:path, heads: $heads:expr, claim: $claim:expr, limit: $limit:expr, per_aggregate: $per_aggregate:expr, lease: $lease:expr) => {{
+        let heads: Vec<$crate::store::Claimed> = $heads;
+        let room = $crate::store::follower_room($limit, heads.len(), $per_aggregate);
+        let mut taken = $crate::store::Taken::default();
+        if room > 0 {
+            let found = $find(&mut $tx, &heads, $per_aggregate, room).await?;
+            taken.runs = $crate::store::pick_followers(found, room, $per_aggregate);
+            if !taken.runs.is_empty() {
+                taken.followers =
+                    sqlx::query_as::<_, $crate::store::Claimed>(&$crate::store::take_followers_sql($dialect))
+                        .bind($claim)
+                        .bind($lease.as_micros() as i64)
+                        .bind($crate::store::seqs_json(&taken.runs)?)
+                        .bind($crate::store::now_us())
+                        .fetch_all(&mut *$tx)
+                        .await
+                        .map_err($crate::store::db("claim"))?;
+            }
+        }
+        taken.heads = heads;
+        taken
+    }};
+}
+
 mod postgres;
 mod sqlite;
 

@@ -54,24 +54,8 @@ impl Database for SqlitePool {
             .fetch_all(&mut *tx)
             .await
             .map_err(db("claim"))?;
-        let room = super::follower_room(limit, heads.len(), per_aggregate);
-        let mut taken = Taken::default();
-        if room > 0 {
-            let found = find_followers(&mut tx, &heads, per_aggregate, room).await?;
-            taken.runs = super::pick_followers(found, room, per_aggregate);
-            if !taken.runs.is_empty() {
-                taken.followers = sqlx::query_as::<_, Claimed>(&super::take_followers_sql(Dialect::Sqlite))
-                    .bind(claim)
-                    .bind(lease.as_micros() as i64)
-                    .bind(super::seqs_json(&taken.runs)?)
-                    .bind(super::now_us())
-                    .fetch_all(&mut *tx)
-                    .await
-                    .map_err(db("claim"))?;
-            }
-        }
+        let taken = claim_followers!(tx, Dialect::Sqlite, find_followers, heads: heads, claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
         tx.commit().await.map_err(db("claim"))?;
-        taken.heads = heads;
         Ok(taken)
     }
 
