@@ -28,10 +28,11 @@ pub struct RelayConfig {
     /// version per aggregate per round: an aggregate with many pending
     /// events then drains at one event per round (21 events/s each for 10
     /// aggregates with 1,000 pending each, in the outbox bench on
-    /// PostgreSQL; 32 gave 390–460 each). The cost: a round lasts as long
-    /// as its longest run of ACKs one after another (up to this many), and
-    /// its rows are marked at its end, so the next versions of the other
-    /// aggregates in it wait that long too. Versions of one aggregate must
+    /// PostgreSQL; 32 gave 390–460 each). The cost: a round publishes in
+    /// waves (every aggregate's next version, then their ACKs), so it lasts
+    /// up to this many waves, each as long as its slowest ACK, and its rows
+    /// are marked at its end: the next versions of the other aggregates in
+    /// it wait that long too. Versions of one aggregate must
     /// commit in version order, as with 1: a lower version committed after
     /// a higher one was published comes after it. Default 32.
     pub versions_per_aggregate: usize,
@@ -431,7 +432,7 @@ impl Relay {
                     // A failure record that could not be written still
                     // lets the confirmed rows be marked.
                     Sent::Failed(error) => {
-                        if let Err(e) = self.failed(lane, &claim, row, &error).await {
+                        if let Err(e) = self.failed(lane, &claim, &fence, row, &error).await {
                             failure = Err(e);
                         }
                     }
@@ -489,8 +490,10 @@ impl Relay {
         let every = lease / 3;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         loop {
+            // The renewal first when both are ready (on waking from a
+            // pause): the fence then decides before the next publish.
             tokio::select! {
-                out = &mut work => return out,
+                biased;
                 _ = tick.tick() => {
                     let sent = std::time::Instant::now();
                     match self.store.renew(claim, lease).await {
@@ -499,6 +502,7 @@ impl Relay {
                         Err(e) => tracing::warn!(error = %e, "renewing outbox claims failed"),
                     }
                 }
+                out = &mut work => return out,
             }
         }
     }
@@ -555,14 +559,27 @@ impl Relay {
             .map_err(|e| e.to_string())
     }
 
-    async fn failed(&self, lane: &Lane<'_>, claim: &str, row: &OutboxRow, error: &str) -> Result<()> {
+    /// Records a failed publish of `row`: back to pending with backoff, or
+    /// dead-lettered once `backoff.max_attempts` are used up. The dead
+    /// letter is published only while `fence` holds: a relay that woke past
+    /// its lease may find the row published by another relay meanwhile
+    /// (its failure record is then discarded by the compare-and-set, and a
+    /// row nobody took is dead-lettered by the next round).
+    async fn failed(
+        &self,
+        lane: &Lane<'_>,
+        claim: &str,
+        fence: &Fence,
+        row: &OutboxRow,
+        error: &str,
+    ) -> Result<()> {
         let attempt = row.attempts + 1;
         self.stats.failed.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(eventbus_core::telemetry::OUTBOX_FAILED_ATTEMPTS).increment(1);
         let exhausted = attempt >= self.config.backoff.max_attempts as i32;
         let next = now_us() + self.config.backoff.backoff(attempt as u32).as_micros() as i64;
         // The dead-letter topic is unreachable too: keep the row, try later.
-        let dead = exhausted && self.publish_dead_letter(row, error).await;
+        let dead = exhausted && fence.holds() && self.publish_dead_letter(row, error).await;
         let recorded = self
             .persist(lane, "record failure", || {
                 self.store.fail(claim, &row.id, error, next, dead)
@@ -625,10 +642,12 @@ enum Sent {
 /// clock (which runs on while the process is stopped, by SIGSTOP or a
 /// pause; not while the machine is suspended, which Linux's monotonic
 /// clock leaves out): the time before the claim (or the last renewal that
-/// still found rows held) was sent, plus the lease. The database's lease
-/// starts later, so it ends later. It is checked before each row's
-/// publish; a publish already waiting for room in the bus's window when
-/// the fence passes still goes out (bounded by `publish.timeout_ms`).
+/// still found rows held and came back before the fence passed) was sent,
+/// plus the lease. The database's lease starts later, so it ends later
+/// (unless the database's wall clock steps forward). It is checked before
+/// each row's publish and each dead letter; a publish already waiting for
+/// room in the bus's window when the fence passes still goes out (bounded
+/// by `publish.timeout_ms`).
 struct Fence(std::sync::Mutex<std::time::Instant>);
 
 impl Fence {

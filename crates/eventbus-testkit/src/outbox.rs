@@ -57,10 +57,12 @@ macro_rules! outbox_store_tests {
             an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers,
             a_relay_whose_claim_expired_never_undoes_another_relays_work,
             a_relay_frozen_past_its_lease_publishes_no_more_on_waking,
+            a_relay_frozen_past_its_lease_dead_letters_nothing_on_waking,
             a_slow_ack_holds_only_its_own_aggregate,
             a_round_claims_at_most_batch_size_rows,
             a_round_takes_the_versions_after_a_head_and_publishes_them_in_order,
             a_round_publishes_no_version_after_one_that_failed,
+            a_round_gives_its_room_to_the_aggregates_with_versions_waiting,
             a_stuck_lane_shows_in_the_relay_liveness,
             a_mark_refused_by_the_database_is_retried_not_left_for_the_lease,
             the_inbox_layer_gives_one_effect_per_event_and_handler,
@@ -563,7 +565,7 @@ impl Backend for StallFirstAck {
 /// its stale claim must not put v1 back to pending (which re-sent v1 after
 /// v2: the consumer saw 1, 1, 2, 1).
 fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
-    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenLose, 2, 32))
+    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenLose, 2, 32, false))
 }
 
 /// Relay A claims v1..v3, publishes v1 and is frozen past its lease before
@@ -574,27 +576,62 @@ fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFac
 /// event-id memory saw 1, 1, 2, 3, 2, 3). Nor may A's claim renewal on
 /// waking, which finds v3 still under A's token, let it go on.
 fn a_relay_frozen_past_its_lease_publishes_no_more_on_waking(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
-    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenConfirm, 3, 2))
+    Box::pin(claim_expired_while_frozen(
+        f,
+        Stall::FreezeThenConfirm,
+        3,
+        2,
+        false,
+    ))
+}
+
+/// Relay A's last attempt at v1 loses its ACK while A is frozen past its
+/// lease, and relay B publishes v1 meanwhile. A must not dead-letter v1 on
+/// waking: it would be both published and in the dead-letter topic, and a
+/// replay of the dead letter would send it again after later versions.
+fn a_relay_frozen_past_its_lease_dead_letters_nothing_on_waking(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenLose, 1, 32, true))
 }
 
 /// Relay A's first ACK is held `how` for 800 ms, far past its 100 ms
 /// lease, while relay B (taking up to `b_versions` per aggregate and
-/// round) relays `versions` versions of one aggregate. A publishes only v1
-/// (before it froze), discards its result, and changes no row; every
-/// version but v1 reaches the broker once, in order.
-async fn claim_expired_while_frozen(f: &dyn StoreFactory, how: Stall, versions: i64, b_versions: usize) {
+/// round) relays `versions` versions of one aggregate; with
+/// `last_attempt`, each row has one attempt and failures go to
+/// `orders.dlq`. A publishes only v1 (before it froze), discards its
+/// result, and changes no row; every version but v1 reaches the broker
+/// once, in order, and nothing is dead-lettered.
+async fn claim_expired_while_frozen(
+    f: &dyn StoreFactory,
+    how: Stall,
+    versions: i64,
+    b_versions: usize,
+    last_attempt: bool,
+) {
     let (store, backend, bus, sub, checker) = relayed(f, BusConfig::default()).await;
     // Every delivery, repeats included (no event-id memory).
     let mut every = BusConfig::default();
     every.consumer.dedup_window = 0;
     let raw_bus = EventBus::new(backend.clone(), every).unwrap();
     let (raw_sub, deliveries) = versions_handled(&raw_bus, "lease-x").await;
+    let dead_letters = Arc::new(AtomicUsize::new(0));
+    let counted = dead_letters.clone();
+    let dlq_sub = bus
+        .subscribe("orders.dlq", SubscribeOptions::group("ops"), move |_: Message| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .expect("subscribe to the dead-letter topic");
     let events: Vec<Envelope> = (1..=versions).map(|v| envelope("lease-x", v)).collect();
     business_write(&store, "lease", &events, true).await;
-    let config = RelayConfig {
+    let mut config = RelayConfig {
         lease_ms: 100,
         ..fast()
     };
+    if last_attempt {
+        config.backoff = RetryPolicy::fixed(1, 20);
+        config.dead_letter = eventbus_core::DeadLetterPolicy::suffix(".dlq");
+    }
     let (store_a, config_a, backend_a) = (store.clone(), config.clone(), backend.clone());
     // Relay A on a runtime of its own, which the held ACK freezes.
     let relay_a = std::thread::spawn(move || {
@@ -603,6 +640,7 @@ async fn claim_expired_while_frozen(f: &dyn StoreFactory, how: Stall, versions: 
             .build()
             .unwrap();
         rt.block_on(async move {
+            let store_a = own_pool(&store_a).await;
             let frozen = StallFirstAck {
                 inner: backend_a,
                 stall: Duration::from_millis(800),
@@ -610,8 +648,9 @@ async fn claim_expired_while_frozen(f: &dyn StoreFactory, how: Stall, versions: 
                 armed: true.into(),
             };
             let bus = EventBus::new(frozen, BusConfig::default()).unwrap();
-            let relay = Relay::new(store_a, bus, config_a);
+            let relay = Relay::new(store_a.clone(), bus, config_a);
             relay.run_once().await.unwrap();
+            on_pool!(&store_a, |pool| pool.close().await);
             relay.stats()
         })
     });
@@ -623,6 +662,13 @@ async fn claim_expired_while_frozen(f: &dyn StoreFactory, how: Stall, versions: 
             ..config
         },
     );
+    // Once A holds v1 (then it is frozen within milliseconds), past A's lease.
+    for _ in 0..1_000 {
+        if rows_of(&store, "lease-x").await[0].3 == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     tokio::time::sleep(Duration::from_millis(150)).await;
     // B's first round, while A is frozen; A then wakes to whatever of its
     // claim B did not take.
@@ -664,6 +710,12 @@ async fn claim_expired_while_frozen(f: &dyn StoreFactory, how: Stall, versions: 
         want,
         "at the broker: A's v1, then B's v1..v{versions}, nothing later"
     );
+    assert_eq!(
+        dead_letters.load(Ordering::SeqCst),
+        0,
+        "a published row was dead-lettered"
+    );
+    dlq_sub.close().await.unwrap();
     raw_sub.close().await.unwrap();
     raw_bus.close().await.unwrap();
     sub.close().await.unwrap();
@@ -921,6 +973,28 @@ async fn versions_handled(bus: &EventBus, aggregate: &str) -> (Subscription, Arc
     (sub, seen)
 }
 
+/// A pool of its own on `store`'s database, for a relay on a runtime of its
+/// own: a pool's PostgreSQL connections belong to the runtime that opened
+/// them, and are dead in any other once it has shut down.
+async fn own_pool(store: &OutboxStore) -> OutboxStore {
+    match store {
+        OutboxStore::Postgres(pool) => OutboxStore::Postgres(
+            sqlx::postgres::PgPoolOptions::new()
+                .max_connections(4)
+                .connect_with((*pool.connect_options()).clone())
+                .await
+                .expect("a second pool"),
+        ),
+        OutboxStore::Sqlite(pool) => OutboxStore::Sqlite(
+            sqlx::sqlite::SqlitePoolOptions::new()
+                .max_connections(4)
+                .connect_with((*pool.connect_options()).clone())
+                .await
+                .expect("a second pool"),
+        ),
+    }
+}
+
 /// `(event_version, status, attempts, held)` of every row of `aggregate`,
 /// by version; `held` is 1 while a claim holds the row (a claim token and
 /// a lease), else 0.
@@ -981,6 +1055,40 @@ fn a_round_takes_the_versions_after_a_head_and_publishes_them_in_order(
         assert!(report.is_strictly_ordered() && report.duplicates == 0, "{report}");
         assert_eq!(store.status().await.unwrap().counts.get("published"), Some(&41));
         sub.close().await.unwrap();
+        bus.close().await.unwrap();
+    })
+}
+
+/// The room the heads leave goes to the aggregates that have versions
+/// waiting, however many older heads have none: 20 one-version aggregates,
+/// then one with 100 versions, and a batch of 40 takes the 21 heads and 19
+/// hot versions (the first review found a probe of the 19 oldest heads
+/// only, which took 21).
+fn a_round_gives_its_room_to_the_aggregates_with_versions_waiting(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        for i in 0..20 {
+            let cold = format!("cold-{i}");
+            business_write(&store, &cold, &[envelope(&cold, 1)], true).await;
+        }
+        let hot: Vec<Envelope> = (1..=100).map(|v| envelope("hot", v)).collect();
+        business_write(&store, "hot", &hot, true).await;
+        let bus = EventBus::memory();
+        let relay = Relay::new(
+            store.clone(),
+            bus.clone(),
+            RelayConfig {
+                batch_size: 40,
+                ..fast()
+            },
+        );
+        assert_eq!(relay.run_once().await.unwrap(), 40);
+        let published = rows_of(&store, "hot")
+            .await
+            .iter()
+            .filter(|r| r.1 == "published")
+            .count();
+        assert_eq!(published, 20, "hot v1..v20");
         bus.close().await.unwrap();
     })
 }

@@ -210,15 +210,12 @@ pub(crate) fn seqs_json(runs: &Runs) -> Result<String> {
     serde_json::to_string(&seqs).map_err(|e| Error::backend("encoding row seqs", e))
 }
 
-/// The heads whose followers a claim with `room` followers to spare
-/// probes, as one JSON array parameter of `{aggregate_id, event_version,
-/// seq}` objects: the oldest `room` of them (room is shared rank by rank,
-/// so no more can get a follower), which bounds the probe by the room
-/// rather than by the heads.
-fn heads_json(heads: &[Claimed], room: usize) -> Result<String> {
+/// A claim's heads as one JSON array parameter of `{aggregate_id,
+/// event_version, seq}` objects, oldest first (the follower probe's input:
+/// it reads the oldest `room` of them that have a pending row after them).
+fn heads_json(heads: &[Claimed]) -> Result<String> {
     let mut oldest: Vec<&Claimed> = heads.iter().collect();
     oldest.sort_by_key(|h| h.seq);
-    oldest.truncate(room);
     let heads: Vec<_> = oldest
         .into_iter()
         .map(|h| serde_json::json!({"aggregate_id": h.row.aggregate_id, "event_version": h.row.event_version, "seq": h.seq}))
@@ -261,7 +258,7 @@ pub(crate) type Runs = std::collections::HashMap<String, Vec<i64>>;
 /// pending rows right after its head, up to the first that is not
 /// claimable and at most `per_aggregate - 1`; then spread over the
 /// aggregates by rank (every aggregate's second version before any third),
-/// oldest first, until `room` rows in all.
+/// the aggregate with the oldest follower first, until `room` rows in all.
 pub(crate) fn pick_followers(mut found: Vec<Follower>, room: usize, per_aggregate: usize) -> Runs {
     found.sort_by(|a, b| {
         (&a.aggregate_id, a.event_version, a.seq).cmp(&(&b.aggregate_id, b.event_version, b.seq))
@@ -611,8 +608,9 @@ pub(crate) trait Database: Send + Sync {
     async fn migrate(&self) -> Result<()>;
 
     /// Claims due head rows, then the followers [`pick_followers`] chooses
-    /// among those the dialect's follower probe finds (the next
-    /// `per_aggregate - 1` pending rows after each head, by
+    /// among those the dialect's follower probe finds (of the oldest `room`
+    /// heads with a pending row after them, the next
+    /// `min(per_aggregate - 1, room)` pending rows after each, by
     /// `event_version` then `seq`), in one transaction (see
     /// [`OutboxStore::claim`]); rows in any order.
     async fn claim(&self, claim: &str, limit: i64, per_aggregate: usize, lease: Duration) -> Result<Taken>;

@@ -96,10 +96,12 @@ impl Database for PgPool {
     }
 }
 
-/// The follower probe: the next `per_aggregate - 1` (at most `room`)
-/// pending rows after each of the oldest `room` of `heads`, one index range of `outbox_events_pending_heads` per
-/// head (the ORDER BY is that index's key, and sorts are off), stopped at
-/// the limit.
+/// The follower probe: of the oldest `room` heads with a pending row after
+/// them (no more can get a follower: the room is shared rank by rank), the
+/// next `per_aggregate - 1` (at most `room`) pending rows after each; one
+/// index probe per head for the test, one index range per probed head for
+/// the rows (the ORDER BY is the key of `outbox_events_pending_heads`, and
+/// sorts are off), stopped at the limit. The heads come oldest first.
 async fn find_followers(
     tx: &mut sqlx::PgConnection,
     heads: &[Claimed],
@@ -108,7 +110,11 @@ async fn find_followers(
 ) -> Result<Vec<Follower>> {
     let sql = format!(
         "SELECT x.seq, h.aggregate_id, x.event_version, x.claimable
-         FROM jsonb_to_recordset(?::jsonb) AS h(aggregate_id TEXT, event_version BIGINT, seq BIGINT)
+         FROM (SELECT j.* FROM jsonb_to_recordset(?::jsonb) AS j(aggregate_id TEXT, event_version BIGINT, seq BIGINT)
+               WHERE EXISTS (SELECT 1 FROM outbox_events q
+                   WHERE q.aggregate_id = j.aggregate_id AND q.status = 'pending'
+                     AND (q.event_version, q.seq) > (j.event_version, j.seq))
+               LIMIT ?) h
          CROSS JOIN LATERAL (
              SELECT p.seq, p.event_version, {} AS claimable FROM outbox_events p
              WHERE p.aggregate_id = h.aggregate_id AND p.status = 'pending'
@@ -117,7 +123,8 @@ async fn find_followers(
         super::follower_claimable(NOW_US)
     );
     sqlx::query_as::<_, Follower>(&Dialect::Postgres.sql(&sql))
-        .bind(super::heads_json(heads, room)?)
+        .bind(super::heads_json(heads)?)
+        .bind(i64::try_from(room).unwrap_or(i64::MAX))
         .bind(super::now_us())
         .bind(super::probe_limit(per_aggregate, room))
         .fetch_all(tx)

@@ -91,9 +91,11 @@ impl Database for SqlitePool {
     }
 }
 
-/// The follower probe: the next `per_aggregate - 1` (at most `room`)
-/// pending rows after each of the oldest `room` of `heads`; per head one range of `outbox_events_pending_heads` (a
-/// correlated list subquery), then each row by its rowid.
+/// The follower probe: of the oldest `room` heads with a pending row after
+/// them (no more can get a follower: the room is shared rank by rank), the
+/// next `per_aggregate - 1` (at most `room`) pending rows after each; per
+/// head one range of `outbox_events_pending_heads` (a correlated list
+/// subquery), then each row by its rowid. The heads come oldest first.
 async fn find_followers(
     tx: &mut sqlx::SqliteConnection,
     heads: &[Claimed],
@@ -102,7 +104,13 @@ async fn find_followers(
 ) -> Result<Vec<Follower>> {
     let sql = format!(
         "SELECT p.seq, p.aggregate_id, p.event_version, {} AS claimable
-         FROM json_each(?) h JOIN outbox_events p ON p.seq IN (
+         FROM (SELECT j.value FROM json_each(?) j
+               WHERE EXISTS (SELECT 1 FROM outbox_events e
+                   WHERE e.aggregate_id = json_extract(j.value, '$.aggregate_id') AND e.status = 'pending'
+                     AND (e.event_version, e.seq)
+                         > (json_extract(j.value, '$.event_version'), json_extract(j.value, '$.seq')))
+               LIMIT ?) h
+         JOIN outbox_events p ON p.seq IN (
              SELECT q.seq FROM outbox_events q
              WHERE q.aggregate_id = json_extract(h.value, '$.aggregate_id') AND q.status = 'pending'
                AND (q.event_version, q.seq)
@@ -112,7 +120,8 @@ async fn find_followers(
     );
     sqlx::query_as::<_, Follower>(&sql)
         .bind(super::now_us())
-        .bind(super::heads_json(heads, room)?)
+        .bind(super::heads_json(heads)?)
+        .bind(i64::try_from(room).unwrap_or(i64::MAX))
         .bind(super::probe_limit(per_aggregate, room))
         .fetch_all(tx)
         .await
