@@ -7,17 +7,26 @@
 //! fail, cleanup, status) are here, written once with `?` placeholders.
 
 /// The followers half of a claim, in the heads' transaction `$tx` (see
-/// [`OutboxStore::claim`]): the dialect's follower probe `$find`, the
-/// choice ([`pick_followers`]) and the claim of the chosen rows
-/// ([`take_followers_sql`]); evaluates to the [`Taken`] rows. A macro
-/// because the two dialects' transactions are different types.
+/// [`OutboxStore::claim`]): the dialect's `$waiting` (which of the oldest
+/// `room` heads have a pending row after them: one index probe each) and
+/// `$find` (the rows after those heads, as many each as an even share of
+/// the room: one index range each), the choice ([`pick_followers`]) and
+/// the claim of the chosen rows ([`take_followers_sql`]); evaluates to the
+/// [`Taken`] rows. A macro because the two dialects' transactions are
+/// different types.
 macro_rules! claim_followers {
-    ($tx:ident, $dialect:expr, $find:path, heads: $heads:expr, claim: $claim:expr, limit: $limit:expr, per_aggregate: $per_aggregate:expr, lease: $lease:expr) => {{
+    ($tx:ident, $dialect:expr, $waiting:path, $find:path, heads: $heads:expr, claim: $claim:expr, limit: $limit:expr, per_aggregate: $per_aggregate:expr, lease: $lease:expr) => {{
         let heads: Vec<$crate::store::Claimed> = $heads;
         let room = $crate::store::follower_room($limit, heads.len(), $per_aggregate);
         let mut taken = $crate::store::Taken::default();
-        if room > 0 {
-            let found = $find(&mut $tx, &heads, $per_aggregate, room).await?;
+        let waiting: Vec<i64> = match room {
+            0 => Vec::new(),
+            _ => $waiting(&mut $tx, $crate::store::heads_json(heads.iter())?, room).await?,
+        };
+        if !waiting.is_empty() {
+            let probed = heads.iter().filter(|h| waiting.contains(&h.seq));
+            let each = $crate::store::probe_limit($per_aggregate, room, waiting.len());
+            let found = $find(&mut $tx, $crate::store::heads_json(probed)?, each).await?;
             taken.runs = $crate::store::pick_followers(found, room, $per_aggregate);
             if !taken.runs.is_empty() {
                 taken.followers =
@@ -197,10 +206,13 @@ pub(crate) fn take_followers_sql(d: Dialect) -> String {
     ))
 }
 
-/// The follower probe's limit per head: `per_aggregate - 1`, and never
-/// more than the room (no head can get more).
-pub(crate) fn probe_limit(per_aggregate: usize, room: usize) -> i64 {
-    i64::try_from(per_aggregate.saturating_sub(1).min(room)).unwrap_or(i64::MAX)
+/// The follower probe's limit per head when `heads` heads share `room`:
+/// `per_aggregate - 1`, and never more than an even share of the room
+/// (rounded up). A head with fewer rows waiting leaves its share unused
+/// for this round.
+pub(crate) fn probe_limit(per_aggregate: usize, room: usize, heads: usize) -> i64 {
+    let share = room.div_ceil(heads.max(1));
+    i64::try_from(per_aggregate.saturating_sub(1).min(share)).unwrap_or(i64::MAX)
 }
 
 /// The picked followers' seqs as the one JSON array parameter of
@@ -210,11 +222,10 @@ pub(crate) fn seqs_json(runs: &Runs) -> Result<String> {
     serde_json::to_string(&seqs).map_err(|e| Error::backend("encoding row seqs", e))
 }
 
-/// A claim's heads as one JSON array parameter of `{aggregate_id,
-/// event_version, seq}` objects, oldest first (the follower probe's input:
-/// it reads the oldest `room` of them that have a pending row after them).
-fn heads_json(heads: &[Claimed]) -> Result<String> {
-    let mut oldest: Vec<&Claimed> = heads.iter().collect();
+/// Heads as one JSON array parameter of `{aggregate_id, event_version,
+/// seq}` objects, oldest first (the follower probes' input).
+fn heads_json<'a>(heads: impl Iterator<Item = &'a Claimed>) -> Result<String> {
+    let mut oldest: Vec<&Claimed> = heads.collect();
     oldest.sort_by_key(|h| h.seq);
     let heads: Vec<_> = oldest
         .into_iter()
@@ -682,11 +693,13 @@ mod tests {
 
     #[test]
     fn the_probe_asks_for_no_more_than_the_room_and_the_cap() {
-        assert_eq!(probe_limit(32, 500), 31);
-        assert_eq!(probe_limit(32, 5), 5, "no head can get more than the room");
-        assert_eq!(probe_limit(0, 5), 0);
+        assert_eq!(probe_limit(32, 500, 10), 31);
+        assert_eq!(probe_limit(32, 5, 1), 5, "no head can get more than the room");
+        assert_eq!(probe_limit(32, 315, 185), 2, "an even share, rounded up");
+        assert_eq!(probe_limit(0, 5, 1), 0);
+        assert_eq!(probe_limit(32, 5, 0), 5);
         assert_eq!(
-            probe_limit(usize::MAX, usize::MAX),
+            probe_limit(usize::MAX, usize::MAX, 1),
             i64::MAX,
             "never a negative LIMIT"
         );

@@ -76,7 +76,7 @@ impl Database for PgPool {
             .fetch_all(&mut *tx)
             .await
             .map_err(db("claim"))?;
-        let taken = claim_followers!(tx, Dialect::Postgres, find_followers, heads: heads, claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
+        let taken = claim_followers!(tx, Dialect::Postgres, heads_waiting, find_followers, heads: heads, claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
         tx.commit().await.map_err(db("claim"))?;
         Ok(taken)
     }
@@ -96,25 +96,30 @@ impl Database for PgPool {
     }
 }
 
-/// The follower probe: of the oldest `room` heads with a pending row after
-/// them (no more can get a follower: the room is shared rank by rank), the
-/// next `per_aggregate - 1` (at most `room`) pending rows after each; one
-/// index probe per head for the test, one index range per probed head for
-/// the rows (the ORDER BY is the key of `outbox_events_pending_heads`, and
-/// sorts are off), stopped at the limit. The heads come oldest first.
-async fn find_followers(
-    tx: &mut sqlx::PgConnection,
-    heads: &[Claimed],
-    per_aggregate: usize,
-    room: usize,
-) -> Result<Vec<Follower>> {
+/// Which of `heads` (JSON, oldest first) have a pending row after them:
+/// the seqs of the oldest `room` that do, one index probe of
+/// `outbox_events_pending_heads` each.
+async fn heads_waiting(tx: &mut sqlx::PgConnection, heads: String, room: usize) -> Result<Vec<i64>> {
+    let sql = "SELECT j.seq FROM jsonb_to_recordset(?::jsonb) AS j(aggregate_id TEXT, event_version BIGINT, seq BIGINT)
+         WHERE EXISTS (SELECT 1 FROM outbox_events q
+             WHERE q.aggregate_id = j.aggregate_id AND q.status = 'pending'
+               AND (q.event_version, q.seq) > (j.event_version, j.seq))
+         LIMIT ?";
+    sqlx::query_scalar::<_, i64>(&Dialect::Postgres.sql(sql))
+        .bind(heads)
+        .bind(i64::try_from(room).unwrap_or(i64::MAX))
+        .fetch_all(tx)
+        .await
+        .map_err(db("claim"))
+}
+
+/// The follower probe: the next `each` pending rows after each of `heads`
+/// (JSON), one index range of `outbox_events_pending_heads` per head (the
+/// ORDER BY is that index's key, and sorts are off), stopped at the limit.
+async fn find_followers(tx: &mut sqlx::PgConnection, heads: String, each: i64) -> Result<Vec<Follower>> {
     let sql = format!(
         "SELECT x.seq, h.aggregate_id, x.event_version, x.claimable
-         FROM (SELECT j.* FROM jsonb_to_recordset(?::jsonb) AS j(aggregate_id TEXT, event_version BIGINT, seq BIGINT)
-               WHERE EXISTS (SELECT 1 FROM outbox_events q
-                   WHERE q.aggregate_id = j.aggregate_id AND q.status = 'pending'
-                     AND (q.event_version, q.seq) > (j.event_version, j.seq))
-               LIMIT ?) h
+         FROM jsonb_to_recordset(?::jsonb) AS h(aggregate_id TEXT, event_version BIGINT, seq BIGINT)
          CROSS JOIN LATERAL (
              SELECT p.seq, p.event_version, {} AS claimable FROM outbox_events p
              WHERE p.aggregate_id = h.aggregate_id AND p.status = 'pending'
@@ -123,10 +128,9 @@ async fn find_followers(
         super::follower_claimable(NOW_US)
     );
     sqlx::query_as::<_, Follower>(&Dialect::Postgres.sql(&sql))
-        .bind(super::heads_json(heads)?)
-        .bind(i64::try_from(room).unwrap_or(i64::MAX))
+        .bind(heads)
         .bind(super::now_us())
-        .bind(super::probe_limit(per_aggregate, room))
+        .bind(each)
         .fetch_all(tx)
         .await
         .map_err(db("claim"))

@@ -54,7 +54,7 @@ impl Database for SqlitePool {
             .fetch_all(&mut *tx)
             .await
             .map_err(db("claim"))?;
-        let taken = claim_followers!(tx, Dialect::Sqlite, find_followers, heads: heads, claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
+        let taken = claim_followers!(tx, Dialect::Sqlite, heads_waiting, find_followers, heads: heads, claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
         tx.commit().await.map_err(db("claim"))?;
         Ok(taken)
     }
@@ -91,26 +91,31 @@ impl Database for SqlitePool {
     }
 }
 
-/// The follower probe: of the oldest `room` heads with a pending row after
-/// them (no more can get a follower: the room is shared rank by rank), the
-/// next `per_aggregate - 1` (at most `room`) pending rows after each; per
-/// head one range of `outbox_events_pending_heads` (a correlated list
-/// subquery), then each row by its rowid. The heads come oldest first.
-async fn find_followers(
-    tx: &mut sqlx::SqliteConnection,
-    heads: &[Claimed],
-    per_aggregate: usize,
-    room: usize,
-) -> Result<Vec<Follower>> {
+/// Which of `heads` (JSON, oldest first) have a pending row after them:
+/// the seqs of the oldest `room` that do, one range of
+/// `outbox_events_pending_heads` each.
+async fn heads_waiting(tx: &mut sqlx::SqliteConnection, heads: String, room: usize) -> Result<Vec<i64>> {
+    let sql = "SELECT CAST(json_extract(j.value, '$.seq') AS INTEGER) FROM json_each(?) j
+         WHERE EXISTS (SELECT 1 FROM outbox_events e
+             WHERE e.aggregate_id = json_extract(j.value, '$.aggregate_id') AND e.status = 'pending'
+               AND (e.event_version, e.seq)
+                   > (json_extract(j.value, '$.event_version'), json_extract(j.value, '$.seq')))
+         LIMIT ?";
+    sqlx::query_scalar::<_, i64>(sql)
+        .bind(heads)
+        .bind(i64::try_from(room).unwrap_or(i64::MAX))
+        .fetch_all(tx)
+        .await
+        .map_err(db("claim"))
+}
+
+/// The follower probe: the next `each` pending rows after each of `heads`
+/// (JSON); per head one range of `outbox_events_pending_heads` (a
+/// correlated list subquery), then each row by its rowid.
+async fn find_followers(tx: &mut sqlx::SqliteConnection, heads: String, each: i64) -> Result<Vec<Follower>> {
     let sql = format!(
         "SELECT p.seq, p.aggregate_id, p.event_version, {} AS claimable
-         FROM (SELECT j.value FROM json_each(?) j
-               WHERE EXISTS (SELECT 1 FROM outbox_events e
-                   WHERE e.aggregate_id = json_extract(j.value, '$.aggregate_id') AND e.status = 'pending'
-                     AND (e.event_version, e.seq)
-                         > (json_extract(j.value, '$.event_version'), json_extract(j.value, '$.seq')))
-               LIMIT ?) h
-         JOIN outbox_events p ON p.seq IN (
+         FROM json_each(?) h JOIN outbox_events p ON p.seq IN (
              SELECT q.seq FROM outbox_events q
              WHERE q.aggregate_id = json_extract(h.value, '$.aggregate_id') AND q.status = 'pending'
                AND (q.event_version, q.seq)
@@ -120,9 +125,8 @@ async fn find_followers(
     );
     sqlx::query_as::<_, Follower>(&sql)
         .bind(super::now_us())
-        .bind(super::heads_json(heads)?)
-        .bind(i64::try_from(room).unwrap_or(i64::MAX))
-        .bind(super::probe_limit(per_aggregate, room))
+        .bind(heads)
+        .bind(each)
         .fetch_all(tx)
         .await
         .map_err(db("claim"))
