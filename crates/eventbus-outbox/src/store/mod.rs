@@ -19,9 +19,12 @@ macro_rules! claim_followers {
         let heads: Vec<$crate::store::Claimed> = $heads;
         let room = $crate::store::follower_room($limit, heads.len(), $per_aggregate);
         let mut taken = $crate::store::Taken::default();
-        let waiting: Vec<i64> = match room {
-            0 => Vec::new(),
-            _ => $waiting(&mut $tx, $crate::store::heads_json(heads.iter())?, room).await?,
+        let waiting: std::collections::HashSet<i64> = match room {
+            0 => Default::default(),
+            _ => $waiting(&mut $tx, $crate::store::heads_json(heads.iter())?, room)
+                .await?
+                .into_iter()
+                .collect(),
         };
         if !waiting.is_empty() {
             let probed = heads.iter().filter(|h| waiting.contains(&h.seq));
@@ -620,10 +623,10 @@ pub(crate) trait Database: Send + Sync {
 
     /// Claims due head rows, then the followers [`pick_followers`] chooses
     /// among those the dialect's follower probe finds (of the oldest `room`
-    /// heads with a pending row after them, the next
-    /// `min(per_aggregate - 1, room)` pending rows after each, by
-    /// `event_version` then `seq`), in one transaction (see
-    /// [`OutboxStore::claim`]); rows in any order.
+    /// heads with a pending row after them, the next [`probe_limit`]
+    /// pending rows after each, by `event_version` then `seq`), in one
+    /// transaction (`claim_followers!`; see [`OutboxStore::claim`]); rows
+    /// in any order.
     async fn claim(&self, claim: &str, limit: i64, per_aggregate: usize, lease: Duration) -> Result<Taken>;
 
     /// Whether relay `relay` may run a round now. SQLite: only the holder of
