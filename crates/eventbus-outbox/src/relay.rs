@@ -28,7 +28,7 @@ pub struct RelayConfig {
     /// version per aggregate per round: an aggregate with many pending
     /// events then drains at one event per round (21 events/s each for 10
     /// aggregates with 1,000 pending each, in the outbox bench on
-    /// PostgreSQL; 32 gave 390–460 each). The cost: a round publishes in
+    /// PostgreSQL; 32 gave 380–450 each). The cost: a round publishes in
     /// waves (every aggregate's next version, then their ACKs), so it lasts
     /// up to this many waves, each as long as its slowest ACK, and its rows
     /// are marked at its end: the next versions of the other aggregates in
