@@ -98,12 +98,18 @@ impl Database for PgPool {
 
 /// Which of `heads` (JSON, oldest first) have a pending row after them:
 /// the seqs of the oldest `room` that do, one index probe of
-/// `outbox_events_pending_heads` each.
+/// `outbox_events_pending_heads` each. The probe ends in that index's key
+/// and `OFFSET 0`, as in the heads claim: without it PostgreSQL made the
+/// EXISTS a semi join, and on statistics taken with nothing pending it
+/// compared each head with every pending row in seq order (300 heads at
+/// their last version among 50,000 pending rows: 15 million rows filtered,
+/// 1.5 s; with it, about 1 ms).
 async fn heads_waiting(tx: &mut sqlx::PgConnection, heads: String, room: usize) -> Result<Vec<i64>> {
     let sql = "SELECT j.seq FROM jsonb_to_recordset(?::jsonb) AS j(aggregate_id TEXT, event_version BIGINT, seq BIGINT)
          WHERE EXISTS (SELECT 1 FROM outbox_events q
              WHERE q.aggregate_id = j.aggregate_id AND q.status = 'pending'
-               AND (q.event_version, q.seq) > (j.event_version, j.seq))
+               AND (q.event_version, q.seq) > (j.event_version, j.seq)
+             ORDER BY q.aggregate_id, q.event_version, q.seq OFFSET 0)
          LIMIT ?";
     sqlx::query_scalar::<_, i64>(&Dialect::Postgres.sql(sql))
         .bind(heads)
@@ -139,8 +145,8 @@ async fn find_followers(tx: &mut sqlx::PgConnection, heads: String, each: i64) -
 /// Pins this transaction's plans to the ones that stop early (the
 /// settings are local to it). The claim walks the pending rows by seq
 /// (partial index), probes each for an earlier pending row of its
-/// aggregate and stops at the limit; the follower probe reads one index
-/// range per head. On stale statistics (the table analyzed while few rows
+/// aggregate and stops at the limit; the follower probes read one index
+/// probe or range per head. On stale statistics (the table analyzed while few rows
 /// were pending: a relay catching up after an outage) the planner
 /// otherwise probes every pending row and sorts them: a claim of 500 rows
 /// took 131 ms instead of 6 on 50,000 pending rows.
