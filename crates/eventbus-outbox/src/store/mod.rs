@@ -8,12 +8,14 @@
 
 /// The followers half of a claim, in the heads' transaction `$tx` (see
 /// [`OutboxStore::claim`]): the dialect's `$waiting` (which of the oldest
-/// `room` heads have a pending row after them: one index probe each) and
-/// `$find` (the rows after those heads, as many each as an even share of
-/// the room: one index range each), the choice ([`pick_followers`]) and
-/// the claim of the chosen rows ([`take_followers_sql`]); evaluates to the
-/// [`Taken`] rows. A macro because the two dialects' transactions are
-/// different types.
+/// `room` heads have a pending row after them: one index probe each), then
+/// `$find` in passes (the rows after each of those heads, an even share of
+/// the room left, at most `per_aggregate - 1` in all: one index range
+/// each; the next pass goes on after the heads whose share was all
+/// claimable, with the room the others left), the choice
+/// ([`pick_followers`]) and the claim of the chosen rows
+/// ([`take_followers_sql`]); evaluates to the [`Taken`] rows. A macro
+/// because the two dialects' transactions are different types.
 macro_rules! claim_followers {
     ($tx:ident, $dialect:expr, $waiting:path, $find:path, heads: $heads:expr, claim: $claim:expr, limit: $limit:expr, per_aggregate: $per_aggregate:expr, lease: $lease:expr) => {{
         let heads: Vec<$crate::store::Claimed> = $heads;
@@ -27,9 +29,20 @@ macro_rules! claim_followers {
                 .collect(),
         };
         if !waiting.is_empty() {
-            let probed = heads.iter().filter(|h| waiting.contains(&h.seq));
-            let each = $crate::store::probe_limit($per_aggregate, room, waiting.len());
-            let found = $find(&mut $tx, $crate::store::heads_json(probed)?, each).await?;
+            let mut starts: Vec<$crate::store::Start> = heads
+                .iter()
+                .filter(|h| waiting.contains(&h.seq))
+                .map($crate::store::Start::head)
+                .collect();
+            let cap = $per_aggregate.saturating_sub(1);
+            let (mut found, mut left, mut got) = (Vec::new(), room, 0);
+            while !starts.is_empty() && left > 0 && got < cap {
+                let each = (cap - got).min(left.div_ceil(starts.len()));
+                let pass = $find(&mut $tx, $crate::store::starts_json(&starts)?, each as i64).await?;
+                let (next, usable) = $crate::store::saturated(&pass, each);
+                (starts, left, got) = (next, left.saturating_sub(usable), got + each);
+                found.extend(pass);
+            }
             taken.runs = $crate::store::pick_followers(found, room, $per_aggregate);
             if !taken.runs.is_empty() {
                 taken.followers =
@@ -209,13 +222,50 @@ pub(crate) fn take_followers_sql(d: Dialect) -> String {
     ))
 }
 
-/// The follower probe's limit per head when `heads` heads share `room`:
-/// `per_aggregate - 1`, and never more than an even share of the room
-/// (rounded up). A head with fewer rows waiting leaves its share unused
-/// for this round.
-pub(crate) fn probe_limit(per_aggregate: usize, room: usize, heads: usize) -> i64 {
-    let share = room.div_ceil(heads.max(1));
-    i64::try_from(per_aggregate.saturating_sub(1).min(share)).unwrap_or(i64::MAX)
+/// Where a follower probe starts in an aggregate: after this row (a head,
+/// or the last row an earlier pass found).
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub(crate) struct Start {
+    pub(crate) aggregate_id: String,
+    pub(crate) event_version: i64,
+    pub(crate) seq: i64,
+}
+
+impl Start {
+    pub(crate) fn head(head: &Claimed) -> Self {
+        Self {
+            aggregate_id: head.row.aggregate_id.clone(),
+            event_version: head.row.event_version,
+            seq: head.seq,
+        }
+    }
+}
+
+/// After a follower probe pass that asked for `each` rows per start: where
+/// the next pass starts (after the last row of every aggregate whose
+/// `each` rows were all claimable, oldest first; the others are done), and
+/// how many claimable rows this pass found before each aggregate's first
+/// unclaimable one (the room they take).
+pub(crate) fn saturated(pass: &[Follower], each: usize) -> (Vec<Start>, usize) {
+    let mut rows: Vec<&Follower> = pass.iter().collect();
+    rows.sort_by(|a, b| {
+        (&a.aggregate_id, a.event_version, a.seq).cmp(&(&b.aggregate_id, b.event_version, b.seq))
+    });
+    let (mut next, mut usable) = (Vec::new(), 0);
+    for run in rows.chunk_by(|a, b| a.aggregate_id == b.aggregate_id) {
+        let claimable = run.iter().take_while(|f| f.claimable == 1).count();
+        usable += claimable;
+        if claimable == each {
+            let last = run[claimable - 1];
+            next.push(Start {
+                aggregate_id: last.aggregate_id.clone(),
+                event_version: last.event_version,
+                seq: last.seq,
+            });
+        }
+    }
+    next.sort_by_key(|s| s.seq);
+    (next, usable)
 }
 
 /// The picked followers' seqs as the one JSON array parameter of
@@ -226,15 +276,18 @@ pub(crate) fn seqs_json(runs: &Runs) -> Result<String> {
 }
 
 /// Heads as one JSON array parameter of `{aggregate_id, event_version,
-/// seq}` objects, oldest first (the follower probes' input).
+/// seq}` objects, oldest first (the input of the probe for heads with a
+/// version waiting).
 fn heads_json<'a>(heads: impl Iterator<Item = &'a Claimed>) -> Result<String> {
-    let mut oldest: Vec<&Claimed> = heads.collect();
-    oldest.sort_by_key(|h| h.seq);
-    let heads: Vec<_> = oldest
-        .into_iter()
-        .map(|h| serde_json::json!({"aggregate_id": h.row.aggregate_id, "event_version": h.row.event_version, "seq": h.seq}))
-        .collect();
-    serde_json::to_string(&heads).map_err(|e| Error::backend("encoding claimed heads", e))
+    let mut starts: Vec<Start> = heads.map(Start::head).collect();
+    starts.sort_by_key(|s| s.seq);
+    starts_json(&starts)
+}
+
+/// Where follower probes start, as one JSON array parameter of
+/// `{aggregate_id, event_version, seq}` objects (the follower probe's input).
+fn starts_json(starts: &[Start]) -> Result<String> {
+    serde_json::to_string(starts).map_err(|e| Error::backend("encoding follower probe starts", e))
 }
 
 /// A row a claim took: the row and its `seq` (insert order, the table's key).
@@ -622,11 +675,10 @@ pub(crate) trait Database: Send + Sync {
     async fn migrate(&self) -> Result<()>;
 
     /// Claims due head rows, then the followers [`pick_followers`] chooses
-    /// among those the dialect's follower probe finds (of the oldest `room`
-    /// heads with a pending row after them, the next [`probe_limit`]
-    /// pending rows after each, by `event_version` then `seq`), in one
-    /// transaction (`claim_followers!`; see [`OutboxStore::claim`]); rows
-    /// in any order.
+    /// among those the dialect's follower probes find (after the oldest
+    /// `room` heads with a pending row after them, by `event_version` then
+    /// `seq`), in one transaction (`claim_followers!`; see
+    /// [`OutboxStore::claim`]); rows in any order.
     async fn claim(&self, claim: &str, limit: i64, per_aggregate: usize, lease: Duration) -> Result<Taken>;
 
     /// Whether relay `relay` may run a round now. SQLite: only the holder of
@@ -695,17 +747,26 @@ mod tests {
     }
 
     #[test]
-    fn the_probe_asks_for_no_more_than_the_room_and_the_cap() {
-        assert_eq!(probe_limit(32, 500, 10), 31);
-        assert_eq!(probe_limit(32, 5, 1), 5, "no head can get more than the room");
-        assert_eq!(probe_limit(32, 315, 185), 2, "an even share, rounded up");
-        assert_eq!(probe_limit(0, 5, 1), 0);
-        assert_eq!(probe_limit(32, 5, 0), 5);
+    fn the_next_pass_goes_on_after_the_aggregates_whose_share_was_all_claimable() {
+        let mut pass = found("short", &[(11, 2, true)]);
+        pass.extend(found("hot", &[(23, 4, true), (21, 2, true), (22, 3, true)]));
+        pass.extend(found("held", &[(31, 2, true), (32, 3, false), (33, 4, true)]));
+        let (next, usable) = saturated(&pass, 3);
         assert_eq!(
-            probe_limit(usize::MAX, usize::MAX, 1),
-            i64::MAX,
-            "never a negative LIMIT"
+            next,
+            [Start {
+                aggregate_id: "hot".into(),
+                event_version: 4,
+                seq: 23
+            }],
+            "only hot gave its whole share; it goes on after v4"
         );
+        assert_eq!(usable, 1 + 3 + 1, "held stops at its unclaimable v3");
+        assert_eq!(saturated(&[], 3), (Vec::new(), 0));
+    }
+
+    #[test]
+    fn there_is_room_for_followers_only_when_heads_leave_some() {
         assert_eq!(follower_room(500, 480, 32), 20);
         assert_eq!(follower_room(500, 480, 1), 0);
         assert_eq!(follower_room(500, 480, 0), 0, "0 counts as 1");
