@@ -239,6 +239,15 @@ impl Start {
             seq: head.seq,
         }
     }
+
+    /// After a row an earlier pass found.
+    fn after(row: &Follower) -> Self {
+        Self {
+            aggregate_id: row.aggregate_id.clone(),
+            event_version: row.event_version,
+            seq: row.seq,
+        }
+    }
 }
 
 /// After a follower probe pass that asked for `each` rows per start: where
@@ -256,12 +265,7 @@ pub(crate) fn saturated(pass: &[Follower], each: usize) -> (Vec<Start>, usize) {
         let claimable = run.iter().take_while(|f| f.claimable == 1).count();
         usable += claimable;
         if claimable == each {
-            let last = run[claimable - 1];
-            next.push(Start {
-                aggregate_id: last.aggregate_id.clone(),
-                event_version: last.event_version,
-                seq: last.seq,
-            });
+            next.push(Start::after(run[claimable - 1]));
         }
     }
     next.sort_by_key(|s| s.seq);
