@@ -56,7 +56,7 @@ struct BusInner {
     backend: Arc<dyn Backend>,
     config: BusConfig,
     publisher: Arc<Publisher>,
-    executor: Arc<OrderedExecutor<Job>>,
+    executor: Arc<OrderedExecutor<Box<Job>>>,
     closed: AtomicBool,
     close_done: tokio::sync::Mutex<bool>,
     subscriptions: Mutex<Vec<Subscription>>,

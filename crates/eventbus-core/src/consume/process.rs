@@ -105,7 +105,9 @@ impl Drop for Job {
     }
 }
 
-impl Task for Job {
+/// Boxed in the executor: a job is about 500 bytes, and the queue, the
+/// worker and each attempt would otherwise copy it whole.
+impl Task for Box<Job> {
     async fn first(mut self, concurrency: &Semaphore) -> Option<Self> {
         let sub = self.subscription.clone();
         if sub.settled_before(&self.work) {
@@ -491,23 +493,21 @@ impl SubscriptionShared {
         };
         let span = crate::trace::process_span(&work.span, &self.topic);
         let call = AssertUnwindSafe(call.instrument(span.clone())).catch_unwind();
-        let run = with_progress(fenced(call, ownership), delivery);
         let limit = self.handler_timeout;
-        let run = async move {
-            match limit {
-                Some(limit) => tokio::time::timeout(limit, run).await.ok(),
-                None => Some(run.await),
-            }
-        };
-        let started = std::time::Instant::now();
-        let run = async move {
-            let outcome = run.await;
-            (outcome, started.elapsed())
-        };
         let metrics = &self.metrics;
+        // One async block, its layers built inside it: an async block that
+        // awaits a captured future keeps it twice (the capture and the
+        // awaited value), so a block per layer doubled the attempt's state
+        // at each layer, to 5 KB, copied for every message.
         let run = async move {
-            let (outcome, took) = run.await;
-            metrics.handler_duration(took);
+            let started = std::time::Instant::now();
+            let outcome = match limit {
+                Some(limit) => tokio::time::timeout(limit, with_progress(fenced(call, ownership), delivery))
+                    .await
+                    .ok(),
+                None => Some(with_progress(fenced(call, ownership), delivery).await),
+            };
+            metrics.handler_duration(started.elapsed());
             outcome
         };
         tokio::select! {

@@ -94,7 +94,7 @@ impl std::fmt::Debug for Subscription {
 impl Subscription {
     pub(crate) fn start(
         shared: Arc<SubscriptionShared>,
-        executor: Arc<OrderedExecutor<Job>>,
+        executor: Arc<OrderedExecutor<Box<Job>>>,
         source: Box<dyn BackendSubscription>,
         close_timeout: Duration,
     ) -> Self {
@@ -177,7 +177,7 @@ impl Subscription {
 
 async fn fetch_loop(
     shared: Arc<SubscriptionShared>,
-    executor: Arc<OrderedExecutor<Job>>,
+    executor: Arc<OrderedExecutor<Box<Job>>>,
     mut source: Box<dyn BackendSubscription>,
 ) -> Box<dyn BackendSubscription> {
     loop {
@@ -213,7 +213,7 @@ async fn fetch_loop(
             }
             Some(Ok(delivery)) => {
                 let (key, job) = shared.job(delivery, slot);
-                executor.submit(key, job);
+                executor.submit(key, Box::new(job));
             }
         }
     }
