@@ -45,22 +45,32 @@ pub fn envelope_headers(envelope: &Envelope) -> Headers {
 
 /// [`envelope_headers`] with the timestamp already formatted.
 fn headers_with_timestamp(envelope: &Envelope, timestamp: String) -> Headers {
-    let mut h: Vec<(std::borrow::Cow<'static, str>, String)> = Vec::with_capacity(8);
-    h.push((headers::EVENT_ID.into(), envelope.event_id.clone()));
-    h.push((headers::AGGREGATE_ID.into(), envelope.aggregate_id.clone()));
-    h.push((headers::EVENT_TYPE.into(), envelope.event_type.clone()));
-    h.push((headers::EVENT_VERSION.into(), envelope.event_version.to_string()));
-    h.push((headers::TIMESTAMP.into(), timestamp));
+    let mut version = itoa::Buffer::new();
+    let version = version.format(envelope.event_version);
+    let optional = [envelope.trace_id.as_deref(), envelope.correlation_id.as_deref()];
+    let text = envelope.event_id.len()
+        + envelope.aggregate_id.len()
+        + envelope.event_type.len()
+        + version.len()
+        + timestamp.len()
+        + optional.iter().flatten().map(|v| v.len()).sum::<usize>()
+        + 20;
+    let mut h = Headers::with_room(8, text);
+    h.push_distinct(headers::EVENT_ID, &envelope.event_id);
+    h.push_distinct(headers::AGGREGATE_ID, &envelope.aggregate_id);
+    h.push_distinct(headers::EVENT_TYPE, &envelope.event_type);
+    h.push_distinct(headers::EVENT_VERSION, version);
+    h.push_distinct(headers::TIMESTAMP, &timestamp);
     if let Some(v) = &envelope.trace_id {
-        h.push((headers::TRACE_ID.into(), v.clone()));
+        h.push_distinct(headers::TRACE_ID, v);
     }
     if let Some(v) = &envelope.correlation_id {
-        h.push((headers::CORRELATION_ID.into(), v.clone()));
+        h.push_distinct(headers::CORRELATION_ID, v);
     }
     if let Some(v) = envelope.tenant_id {
-        h.push((headers::TENANT_ID.into(), v.to_string()));
+        h.push_distinct(headers::TENANT_ID, itoa::Buffer::new().format(v));
     }
-    Headers::from_distinct(h)
+    h
 }
 
 /// The reverse of [`envelope_headers`]: rebuilds and validates an envelope from

@@ -33,13 +33,56 @@ pub const REPLAYED_FROM: &str = "X-Replayed-From";
 ///
 /// Values are UTF-8 text; Kafka and NATS both carry them as bytes on the wire.
 /// Cloning is a reference-count increment; the first change after a clone
-/// copies the pairs (copy on write).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Headers(std::sync::Arc<Vec<(Name, String)>>);
+/// copies the pairs (copy on write). All values share one text buffer, so
+/// a message's headers take three allocations however many there are (a
+/// buffer per value cost a publish and a delivery about 5 each).
+#[derive(Clone, Default)]
+pub struct Headers(std::sync::Arc<Pairs>);
 
 /// A header name: the envelope's own names are static, so building the
-/// headers of an envelope allocates only their values.
+/// headers of an envelope or of a received message copies no name.
 type Name = std::borrow::Cow<'static, str>;
+
+/// The pairs behind [`Headers`].
+#[derive(Clone, Default)]
+struct Pairs {
+    /// Every value back to back (and those replaced or removed, until
+    /// [`Pairs::compact`] drops them).
+    text: String,
+    /// Each name with its value's byte range in `text`, in insertion order.
+    index: Vec<(Name, std::ops::Range<usize>)>,
+    /// Bytes of `text` no pair points at any more.
+    unused: usize,
+}
+
+impl Pairs {
+    fn value(&self, range: &std::ops::Range<usize>) -> &str {
+        &self.text[range.clone()]
+    }
+
+    /// Appends `value` to the text; its range.
+    fn append(&mut self, value: &str) -> std::ops::Range<usize> {
+        let start = self.text.len();
+        self.text.push_str(value);
+        start..self.text.len()
+    }
+
+    /// Rebuilds the text without unused bytes once they are most of it
+    /// (values replaced or removed again and again stay bounded).
+    fn compact(&mut self) {
+        if self.unused < 256 || self.unused * 2 < self.text.len() {
+            return;
+        }
+        let mut text = String::with_capacity(self.text.len() - self.unused);
+        for (_, range) in &mut self.index {
+            let start = text.len();
+            text.push_str(&self.text[range.clone()]);
+            *range = start..text.len();
+        }
+        self.text = text;
+        self.unused = 0;
+    }
+}
 
 /// The names [`Headers::insert`] keeps without copying.
 const KNOWN: [&str; 11] = [
@@ -57,10 +100,22 @@ const KNOWN: [&str; 11] = [
 ];
 
 impl Headers {
-    /// Headers from pairs whose names are already distinct (no
+    /// No headers, with room for `pairs` (count) and `text` (bytes of
+    /// values) without growing: the codec's fast path.
+    pub(crate) fn with_room(pairs: usize, text: usize) -> Self {
+        Self(std::sync::Arc::new(Pairs {
+            text: String::with_capacity(text),
+            index: Vec::with_capacity(pairs),
+            unused: 0,
+        }))
+    }
+
+    /// Appends a pair whose name is not among those already set (no
     /// case-insensitive merge): the codec's fast path.
-    pub(crate) fn from_distinct(pairs: Vec<(Name, String)>) -> Self {
-        Self(std::sync::Arc::new(pairs))
+    pub(crate) fn push_distinct(&mut self, name: &'static str, value: &str) {
+        let pairs = std::sync::Arc::make_mut(&mut self.0);
+        let range = pairs.append(value);
+        pairs.index.push((Name::Borrowed(name), range));
     }
 
     /// No headers.
@@ -71,24 +126,30 @@ impl Headers {
     /// No headers, with room for `n` (count) without growing: a backend
     /// converting a received message's headers knows how many come.
     pub fn with_capacity(n: usize) -> Self {
-        Self(std::sync::Arc::new(Vec::with_capacity(n)))
+        // Envelope header values are 36 bytes or less, most of them.
+        Self::with_room(n, n * 32)
     }
 
     /// Sets `name` to `value`, replacing an existing value of that name.
     /// The envelope's own header names (this module's constants, spelled
-    /// exactly so) are not copied: a received message's headers allocate
-    /// only their values.
-    pub fn insert(&mut self, name: impl AsRef<str>, value: impl Into<String>) {
-        let (name, value) = (name.as_ref(), value.into());
+    /// exactly so) are not copied: a received message's headers copy only
+    /// their values, into the text buffer they share.
+    pub fn insert(&mut self, name: impl AsRef<str>, value: impl AsRef<str>) {
+        let (name, value) = (name.as_ref(), value.as_ref());
         let pairs = std::sync::Arc::make_mut(&mut self.0);
-        match pairs.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
-            Some(slot) => slot.1 = value,
+        let range = pairs.append(value);
+        match pairs.index.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            Some(slot) => {
+                let old = std::mem::replace(&mut slot.1, range);
+                pairs.unused += old.len();
+                pairs.compact();
+            }
             None => {
                 let name = match KNOWN.iter().find(|known| **known == name) {
                     Some(known) => Name::Borrowed(known),
                     None => Name::Owned(name.to_owned()),
                 };
-                pairs.push((name, value));
+                pairs.index.push((name, range));
             }
         }
     }
@@ -96,38 +157,69 @@ impl Headers {
     /// The value of `name`, matched case-insensitively.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
+            .index
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, range)| self.0.value(range))
     }
 
     /// Removes `name` and returns its value.
     pub fn remove(&mut self, name: &str) -> Option<String> {
-        let i = self.0.iter().position(|(n, _)| n.eq_ignore_ascii_case(name))?;
-        Some(std::sync::Arc::make_mut(&mut self.0).remove(i).1)
+        let i = self
+            .0
+            .index
+            .iter()
+            .position(|(n, _)| n.eq_ignore_ascii_case(name))?;
+        let pairs = std::sync::Arc::make_mut(&mut self.0);
+        let (_, range) = pairs.index.remove(i);
+        let value = pairs.value(&range).to_owned();
+        pairs.unused += range.len();
+        pairs.compact();
+        Some(value)
     }
 
     /// The pairs in insertion order.
     pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(n, v)| (n.as_ref(), v.as_str()))
+        self.0
+            .index
+            .iter()
+            .map(|(n, range)| (n.as_ref(), self.0.value(range)))
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.0.index.len()
     }
 
     /// Whether there are no headers.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.0.index.is_empty()
     }
 }
 
-impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Headers {
+impl std::fmt::Debug for Headers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Headers")
+            .field(&self.iter().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+/// Equal when the same pairs come in the same order (names compared as
+/// spelled; unused text does not count).
+impl PartialEq for Headers {
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Headers {}
+
+impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Headers {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         let mut h = Headers::new();
         for (k, v) in iter {
-            h.insert(k.into(), v);
+            h.insert(k, v);
         }
         h
     }
@@ -146,6 +238,32 @@ mod tests {
         assert_eq!(h.get("X-EVENT-ID"), Some("b"));
         assert_eq!(h.remove("x-event-ID"), Some("b".into()));
         assert!(h.is_empty());
+    }
+
+    #[test]
+    fn values_replaced_and_removed_again_and_again_leave_a_bounded_text() {
+        let mut h = Headers::new();
+        h.insert("keep", "k");
+        for i in 0..=10_000 {
+            h.insert("x-n", format!("value {i}"));
+            if i % 3 == 0 {
+                assert_eq!(h.remove("X-N"), Some(format!("value {i}")));
+            }
+        }
+        assert_eq!(
+            h.iter().collect::<Vec<_>>(),
+            [("keep", "k"), ("x-n", "value 10000")]
+        );
+        assert!(h.0.text.len() < 1_024, "text of {} bytes", h.0.text.len());
+    }
+
+    #[test]
+    fn headers_equal_by_their_pairs_not_their_text() {
+        let mut a: Headers = [("a", "1"), ("b", "2")].into_iter().collect();
+        a.insert("a", "1");
+        let b: Headers = [("a", "1"), ("b", "2")].into_iter().collect();
+        assert_eq!(a, b);
+        assert_ne!(a, [("b", "2"), ("a", "1")].into_iter().collect::<Headers>());
     }
 
     #[test]

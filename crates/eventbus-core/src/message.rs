@@ -50,7 +50,8 @@ impl Message {
     /// Adds a header.
     #[must_use]
     pub fn with_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
-        self.headers.insert(name.into(), value);
+        let (name, value): (String, String) = (name.into(), value.into());
+        self.headers.insert(name, value);
         self
     }
 
