@@ -286,19 +286,24 @@ impl Publisher {
 /// The published and failed counters of each topic, labelled once.
 struct TopicCounters {
     backend: &'static str,
-    by_topic: std::collections::HashMap<String, (metrics::Counter, metrics::Counter)>,
+    by_topic:
+        std::collections::HashMap<String, (metrics::Counter, metrics::Counter), foldhash::fast::RandomState>,
 }
 
 impl TopicCounters {
     fn count(&mut self, topic: &str, success: bool) {
-        let backend = self.backend;
-        let (published, failed) = self.by_topic.entry(topic.to_owned()).or_insert_with(|| {
-            let labels = [("backend", backend.to_owned()), ("topic", topic.to_owned())];
-            (
+        // Looked up by `&str`: the topic is copied only the first time.
+        if !self.by_topic.contains_key(topic) {
+            let labels = [("backend", self.backend.to_owned()), ("topic", topic.to_owned())];
+            let counters = (
                 metrics::counter!(crate::telemetry::PUBLISHED, &labels),
                 metrics::counter!(crate::telemetry::PUBLISH_ERRORS, &labels),
-            )
-        });
+            );
+            self.by_topic.insert(topic.to_owned(), counters);
+        }
+        let Some((published, failed)) = self.by_topic.get(topic) else {
+            return;
+        };
         match success {
             true => published.increment(1),
             false => failed.increment(1),
@@ -313,7 +318,7 @@ async fn collect(
 ) {
     let mut counters = TopicCounters {
         backend,
-        by_topic: std::collections::HashMap::new(),
+        by_topic: std::collections::HashMap::default(),
     };
     let mut in_flight = FuturesUnordered::new();
     loop {

@@ -241,6 +241,7 @@ impl KafkaBackend {
             rebalances,
             c.max_in_flight_per_partition.max(1),
             view,
+            &spec.topic,
         ))
     }
 }

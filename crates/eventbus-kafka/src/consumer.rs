@@ -110,7 +110,7 @@ impl ConsumerContext for MemberContext {
         let keys: Vec<PartitionKey> = revoked
             .elements()
             .iter()
-            .map(|e| (e.topic().to_owned(), e.partition()))
+            .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
             .collect();
         let wait = || self.tracker.revoke(&keys, self.revoke_timeout);
         // This runs inside the fetch loop's poll: let the runtime move other
@@ -184,7 +184,9 @@ impl KafkaSubscription {
         rebalances: Arc<AtomicU64>,
         per_partition: usize,
         view: Arc<std::sync::Mutex<GroupAssignment>>,
+        topic: &str,
     ) -> Self {
+        let topic = Arc::<str>::from(topic);
         let (tx, deliveries) = mpsc::channel(HANDOVER);
         let stop = Arc::new(tokio::sync::Notify::new());
         let lag = eventbus_core::MeasuredLag::new();
@@ -197,8 +199,9 @@ impl KafkaSubscription {
             rebalances,
             seen_rebalances: 0,
             per_partition,
-            paused: HashSet::new(),
-            next_offset: std::collections::HashMap::new(),
+            paused: HashSet::default(),
+            next_offset: std::collections::HashMap::default(),
+            topic,
             view: view.clone(),
             tx,
         };
@@ -231,10 +234,12 @@ struct Poller {
     seen_rebalances: u64,
     per_partition: usize,
     /// Partitions paused by us, each rewound to its first message not handed over.
-    paused: HashSet<PartitionKey>,
+    paused: HashSet<PartitionKey, foldhash::fast::RandomState>,
     /// Per partition, the offset expected next: one past the last handed
     /// over, or the rewind target of a pause (for [`Poller::handed_over`]).
-    next_offset: std::collections::HashMap<PartitionKey, i64>,
+    next_offset: std::collections::HashMap<PartitionKey, i64, foldhash::fast::RandomState>,
+    /// The subscribed topic, shared by the keys of its messages.
+    topic: Arc<str>,
     /// This member's view, for its offset-gap count.
     view: Arc<std::sync::Mutex<GroupAssignment>>,
     tx: mpsc::Sender<Result<Delivery>>,
@@ -323,7 +328,7 @@ impl Poller {
                     // A rebalance served inside this very poll resets pauses first:
                     // a message of the new assignment is never taken for a paused one.
                     self.after_rebalance();
-                    let key: PartitionKey = (m.topic().to_owned(), m.partition());
+                    let key = self.key_of(&m);
                     if self.paused.contains(&key) {
                         // Fetched before the pause took effect: fetched again after the resume.
                         continue;
@@ -333,7 +338,7 @@ impl Poller {
                     }
                     match tx.try_reserve() {
                         Ok(permit) => {
-                            permit.send(Ok(delivery(&self.consumer, &self.tracker, &m)));
+                            permit.send(Ok(delivery(&self.consumer, &self.tracker, key.clone(), &m)));
                             self.handed_over(&key, m.offset());
                             continue;
                         }
@@ -347,7 +352,7 @@ impl Poller {
                     let room = tokio::time::timeout(ROOM_WAIT, tx.reserve()).await;
                     let full = match room {
                         Ok(Ok(permit)) => {
-                            permit.send(Ok(delivery(&self.consumer, &self.tracker, &owned)));
+                            permit.send(Ok(delivery(&self.consumer, &self.tracker, key.clone(), &owned)));
                             self.handed_over(&key, owned.offset());
                             false
                         }
@@ -356,7 +361,7 @@ impl Poller {
                     };
                     if full && !self.pause(&key, owned.offset()) {
                         // Could not rewind: hand it over when there is room (never dropped).
-                        let d = delivery(&self.consumer, &self.tracker, &owned);
+                        let d = delivery(&self.consumer, &self.tracker, key.clone(), &owned);
                         if tx.send(Ok(d)).await.is_err() {
                             return;
                         }
@@ -378,6 +383,16 @@ impl Poller {
         }
     }
 
+    /// The key of `m`'s partition, sharing the subscribed topic's name
+    /// (a member subscribes to one topic; any other is copied).
+    fn key_of<M: rdkafka::Message>(&self, m: &M) -> PartitionKey {
+        let topic = match m.topic() == &*self.topic {
+            true => self.topic.clone(),
+            false => Arc::from(m.topic()),
+        };
+        (topic, m.partition())
+    }
+
     /// Records that `offset` of `key` was handed over (see [`Poller::arrived`]).
     fn handed_over(&mut self, key: &PartitionKey, offset: i64) {
         self.arrived(key, offset, offset + 1);
@@ -397,7 +412,7 @@ impl Poller {
         let gap = (offset > *expected).then_some(*expected);
         *expected = next;
         if let Some(expected) = gap {
-            metrics::counter!(eventbus_core::telemetry::OFFSET_GAPS, "backend" => "kafka", "topic" => key.0.clone())
+            metrics::counter!(eventbus_core::telemetry::OFFSET_GAPS, "backend" => "kafka", "topic" => key.0.to_string())
                 .increment(1);
             self.view.lock().unwrap().offset_gaps += 1;
             tracing::debug!(topic = %key.0, partition = key.1, expected, offset, "offset gap");
@@ -493,12 +508,13 @@ pub(crate) fn message_of<M: rdkafka::Message>(m: &M) -> Message {
     }
 }
 
+/// The delivery of `m`, of partition `key`.
 fn delivery<M: rdkafka::Message>(
     consumer: &Arc<StreamConsumer<MemberContext>>,
     tracker: &Arc<OffsetTracker>,
+    key: PartitionKey,
     m: &M,
 ) -> Delivery {
-    let key: PartitionKey = (m.topic().to_owned(), m.partition());
     let (generation, ownership) = tracker.fetched(&key, m.offset());
     let message = message_of(m);
     Delivery {

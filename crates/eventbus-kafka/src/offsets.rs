@@ -4,13 +4,14 @@
 //! an unfinished message; finished ones above a gap are consumed again.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use eventbus_core::Ownership;
 
-/// (topic, partition).
-pub(crate) type PartitionKey = (String, i32);
+/// (topic, partition). The topic is shared: a key is made per fetched
+/// message, and cloning it must not copy the name.
+pub(crate) type PartitionKey = (Arc<str>, i32);
 
 #[derive(Debug, Default)]
 struct Partition {
@@ -35,7 +36,7 @@ impl Partition {
 /// The in-flight offsets of one consumer's partitions.
 #[derive(Debug, Default)]
 pub(crate) struct OffsetTracker {
-    partitions: Mutex<HashMap<PartitionKey, Partition>>,
+    partitions: Mutex<HashMap<PartitionKey, Partition, foldhash::fast::RandomState>>,
     /// Notified on every finish: a poll task waiting to resume a partition
     /// paused at its in-flight bound re-checks at once, not at its next tick.
     pub(crate) finishes: tokio::sync::Notify,
@@ -49,7 +50,10 @@ impl OffsetTracker {
     /// with, and the assignment's ownership.
     pub(crate) fn fetched(&self, key: &PartitionKey, offset: i64) -> (u64, Ownership) {
         let mut parts = self.partitions.lock().unwrap();
-        let p = parts.entry(key.clone()).or_default();
+        let p = match parts.get_mut(key) {
+            Some(p) => p,
+            None => parts.entry(key.clone()).or_default(),
+        };
         if p.revoked {
             p.revoked = false;
             p.next_after_fetched = 0;

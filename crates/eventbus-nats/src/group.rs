@@ -67,7 +67,7 @@ const CHANNEL: usize = 256;
 /// by stream sequence, with their partition and the lease revision they
 /// were fetched under (a settlement of an earlier holding of the partition
 /// must not touch a later copy).
-type Unsettled = Arc<Mutex<HashMap<u64, Held>>>;
+type Unsettled = Arc<Mutex<HashMap<u64, Held, foldhash::fast::RandomState>>>;
 
 /// One unsettled message's entry in [`Unsettled`].
 #[derive(Clone)]
@@ -183,7 +183,7 @@ pub(crate) async fn subscribe(
     let subject = layout.subject(0);
     topology::stream_name_of(&ctx.js, &subject).await?;
     let (tx, rx) = mpsc::channel(CHANNEL);
-    let unsettled: Unsettled = Arc::new(Mutex::new(HashMap::new()));
+    let unsettled: Unsettled = Arc::new(Mutex::new(HashMap::default()));
     let view = Arc::new(Mutex::new(GroupAssignment {
         partition_count: layout.count(),
         ..GroupAssignment::default()
