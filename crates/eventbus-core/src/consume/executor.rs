@@ -16,8 +16,10 @@
 //!   once, retrying ones included.
 //! - **Bounded memory** is the tasks' business: each carries the in-flight
 //!   slot of its subscription (see `consume::subscription`).
-//! - **No allocation per message** for the executor itself: pooled workers
-//!   run the first attempt inline (a task per message cost a ~3 KB future).
+//! - **No task per message**: pooled workers run the first attempt inline
+//!   (a task per message cost a ~3 KB future). A worker's state is copied
+//!   per message, so keep a [`Task`] small (the consume code queues its
+//!   jobs boxed) and its `first` future too.
 
 use std::collections::hash_map::Entry;
 use std::collections::{HashMap, VecDeque};
