@@ -35,7 +35,7 @@ pub const REPLAYED_FROM: &str = "X-Replayed-From";
 /// Cloning is a reference-count increment; the first change after a clone
 /// copies the pairs (copy on write). All values share one text buffer, so
 /// a message's headers take three allocations however many there are (a
-/// buffer per value cost a publish and a delivery about 5 each).
+/// buffer per value cost about five more on every publish and delivery).
 #[derive(Clone, Default)]
 pub struct Headers(std::sync::Arc<Pairs>);
 
