@@ -54,8 +54,9 @@ fn headers_with_timestamp(envelope: &Envelope, timestamp: String) -> Headers {
         + version.len()
         + timestamp.len()
         + optional.iter().flatten().map(|v| v.len()).sum::<usize>()
-        + 20;
-    let mut h = Headers::with_room(8, text);
+        + 20 // a tenant id
+        + 55; // the trace context's `traceparent`, when the `otel` feature adds it
+    let mut h = Headers::with_room(9, text);
     h.push_distinct(headers::EVENT_ID, &envelope.event_id);
     h.push_distinct(headers::AGGREGATE_ID, &envelope.aggregate_id);
     h.push_distinct(headers::EVENT_TYPE, &envelope.event_type);
