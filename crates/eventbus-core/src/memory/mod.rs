@@ -242,6 +242,19 @@ impl Group {
     }
 }
 
+/// A stored message as a consumer receives it: as from a broker, without
+/// its dedup id, which told the broker how to store it and is not part of
+/// what it delivers (NATS and Kafka deliver none either).
+fn received(stored: &Message) -> Message {
+    Message {
+        topic: stored.topic.clone(),
+        key: stored.key.clone(),
+        headers: stored.headers.clone(),
+        payload: stored.payload.clone(),
+        dedup_id: None,
+    }
+}
+
 impl TopicState {
     /// Drops the prefix every group has settled; true when anything was dropped.
     fn trim(&mut self) -> bool {
@@ -481,7 +494,7 @@ impl Backend for MemoryBackend {
                         state
                             .log
                             .get((seq - state.base) as usize)
-                            .map(|(m, _)| (seq, m.clone()))
+                            .map(|(m, _)| (seq, received(m)))
                     };
                     if let Some((seq, message)) = found {
                         let item = BrowsedMessage {
@@ -613,7 +626,7 @@ impl MemorySubscription {
         for (seq, partition, ownership) in taken {
             group.pending.insert(seq, (self.member, partition));
             let delivery_count = group.counts.get(&seq).map_or(1, |c| c + 1);
-            let message = state.log[(seq - base) as usize].0.clone();
+            let message = received(&state.log[(seq - base) as usize].0);
             self.buffer.push_back(Delivery {
                 message,
                 position: Some(Position::Sequence(seq)),

@@ -87,7 +87,8 @@ fn round_trip_keeps_payload_headers_and_key<'a>(
         let (raw_sub, raw) = record_raw(&bus, &topic, "g").await;
         let message = Message::new(&topic, &b"\x00binary\xffpayload"[..])
             .with_key("key-1")
-            .with_header("X-Custom", "value with spaces");
+            .with_header("X-Custom", "value with spaces")
+            .with_dedup_id(format!("{topic}-1"));
         bus.publish_message(message.clone())
             .await
             .unwrap()
@@ -101,6 +102,10 @@ fn round_trip_keeps_payload_headers_and_key<'a>(
         let got = raw.lock().unwrap()[0].clone();
         assert_eq!(got.payload, message.payload);
         assert_eq!(got.headers.get("X-Custom"), Some("value with spaces"));
+        assert_eq!(
+            got.dedup_id, None,
+            "a dedup id tells the broker how to store a message; no backend delivers it"
+        );
         if caps.keys {
             assert_eq!(got.key, message.key);
         }
