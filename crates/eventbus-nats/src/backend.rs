@@ -195,12 +195,32 @@ pub(crate) fn headers_of(h: Option<&HeaderMap>) -> eventbus_core::Headers {
     headers
 }
 
+/// The envelope's header names (`eventbus_core::headers`), which
+/// [`nats_headers`] passes to async-nats as static names: neither copied
+/// nor validated again for every publish (they are plain ASCII tokens).
+const STATIC_NAMES: [&str; 11] = [
+    eventbus_core::headers::EVENT_ID,
+    eventbus_core::headers::AGGREGATE_ID,
+    eventbus_core::headers::EVENT_TYPE,
+    eventbus_core::headers::EVENT_VERSION,
+    eventbus_core::headers::TIMESTAMP,
+    eventbus_core::headers::TRACE_ID,
+    eventbus_core::headers::CORRELATION_ID,
+    eventbus_core::headers::TENANT_ID,
+    eventbus_core::headers::ORIGINAL_TOPIC,
+    eventbus_core::headers::ERROR_MESSAGE,
+    eventbus_core::headers::REPLAYED_FROM,
+];
+
 fn nats_headers(message: &Message) -> Result<HeaderMap> {
     let mut out = HeaderMap::new();
     for (name, value) in message.headers.iter() {
-        let n = HeaderName::from_str(name).map_err(|_| {
-            ValidationError::new("headers", format!("{name:?} is not a valid NATS header name"))
-        })?;
+        let n = match STATIC_NAMES.iter().find(|known| **known == name) {
+            Some(known) => HeaderName::from_static(known),
+            None => HeaderName::from_str(name).map_err(|_| {
+                ValidationError::new("headers", format!("{name:?} is not a valid NATS header name"))
+            })?,
+        };
         let v = HeaderValue::from_str(value)
             .map_err(|_| ValidationError::new("headers", format!("header {name} holds CR or LF")))?;
         out.insert(n, v);
@@ -451,5 +471,32 @@ impl Backend for NatsBackend {
             .flush()
             .await
             .map_err(|e| Error::new(ErrorKind::Connection, "NATS flush failed").with_source(e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The names passed as static are ones async-nats would accept, and
+    /// the same header either way.
+    #[test]
+    fn static_header_names_are_valid_nats_header_names() {
+        for name in STATIC_NAMES {
+            assert_eq!(
+                HeaderName::from_str(name).ok(),
+                Some(HeaderName::from_static(name)),
+                "{name}"
+            );
+        }
+        let message = Message::new("orders", "{}")
+            .with_header(eventbus_core::headers::EVENT_ID, "e-1")
+            .with_header("X-Custom", "v");
+        let headers = nats_headers(&message).unwrap();
+        assert_eq!(
+            headers.get(eventbus_core::headers::EVENT_ID).map(|v| v.as_str()),
+            Some("e-1")
+        );
+        assert_eq!(headers.get("X-Custom").map(|v| v.as_str()), Some("v"));
     }
 }
