@@ -86,8 +86,12 @@ impl Pairs {
     }
 }
 
-/// The names [`Headers::insert`] keeps without copying.
-const KNOWN: [&str; 13] = [
+/// Every header name the bus writes itself: the envelope's, a dead
+/// letter's and a replay's (this module's constants) and the W3C trace
+/// context's (`traceparent`, `tracestate`). [`Headers::insert`] keeps these
+/// names without copying them; a backend may likewise hand them to its
+/// client as static names (all are plain ASCII tokens).
+pub const BUS_NAMES: [&str; 13] = [
     EVENT_ID,
     AGGREGATE_ID,
     EVENT_TYPE,
@@ -149,7 +153,7 @@ impl Headers {
                 pairs.compact();
             }
             None => {
-                let name = match KNOWN.iter().find(|known| **known == name) {
+                let name = match BUS_NAMES.iter().find(|known| **known == name) {
                     Some(known) => Name::Borrowed(known),
                     None => Name::Owned(name.to_owned()),
                 };

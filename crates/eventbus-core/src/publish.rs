@@ -293,16 +293,16 @@ struct TopicCounters {
 impl TopicCounters {
     fn count(&mut self, topic: &str, success: bool) {
         // Looked up by `&str`: the topic is copied only the first time.
-        if !self.by_topic.contains_key(topic) {
-            let labels = [("backend", self.backend.to_owned()), ("topic", topic.to_owned())];
-            let counters = (
-                metrics::counter!(crate::telemetry::PUBLISHED, &labels),
-                metrics::counter!(crate::telemetry::PUBLISH_ERRORS, &labels),
-            );
-            self.by_topic.insert(topic.to_owned(), counters);
-        }
-        let Some((published, failed)) = self.by_topic.get(topic) else {
-            return;
+        let (published, failed) = match self.by_topic.get(topic) {
+            Some(counters) => counters,
+            None => {
+                let labels = [("backend", self.backend.to_owned()), ("topic", topic.to_owned())];
+                let counters = (
+                    metrics::counter!(crate::telemetry::PUBLISHED, &labels),
+                    metrics::counter!(crate::telemetry::PUBLISH_ERRORS, &labels),
+                );
+                self.by_topic.entry(topic.to_owned()).or_insert(counters)
+            }
         };
         match success {
             true => published.increment(1),

@@ -195,27 +195,15 @@ pub(crate) fn headers_of(h: Option<&HeaderMap>) -> eventbus_core::Headers {
     headers
 }
 
-/// The envelope's header names (`eventbus_core::headers`), which
-/// [`nats_headers`] passes to async-nats as static names: neither copied
-/// nor validated again for every publish (they are plain ASCII tokens).
-const STATIC_NAMES: [&str; 11] = [
-    eventbus_core::headers::EVENT_ID,
-    eventbus_core::headers::AGGREGATE_ID,
-    eventbus_core::headers::EVENT_TYPE,
-    eventbus_core::headers::EVENT_VERSION,
-    eventbus_core::headers::TIMESTAMP,
-    eventbus_core::headers::TRACE_ID,
-    eventbus_core::headers::CORRELATION_ID,
-    eventbus_core::headers::TENANT_ID,
-    eventbus_core::headers::ORIGINAL_TOPIC,
-    eventbus_core::headers::ERROR_MESSAGE,
-    eventbus_core::headers::REPLAYED_FROM,
-];
-
 fn nats_headers(message: &Message) -> Result<HeaderMap> {
     let mut out = HeaderMap::new();
     for (name, value) in message.headers.iter() {
-        let n = match STATIC_NAMES.iter().find(|known| **known == name) {
+        // The bus's own names go as static names: not copied and validated
+        // again for every publish.
+        let n = match eventbus_core::headers::BUS_NAMES
+            .iter()
+            .find(|known| **known == name)
+        {
             Some(known) => HeaderName::from_static(known),
             None => HeaderName::from_str(name).map_err(|_| {
                 ValidationError::new("headers", format!("{name:?} is not a valid NATS header name"))
@@ -482,7 +470,7 @@ mod tests {
     /// the same header either way.
     #[test]
     fn static_header_names_are_valid_nats_header_names() {
-        for name in STATIC_NAMES {
+        for name in eventbus_core::headers::BUS_NAMES {
             assert_eq!(
                 HeaderName::from_str(name).ok(),
                 Some(HeaderName::from_static(name)),
