@@ -3,10 +3,16 @@
 //! them ([`Target::bus`]).
 
 use clap::{Args, ValueEnum};
-use eventbus::kafka::{KafkaBackend, KafkaConfig};
+use eventbus::kafka::{KafkaBackend, KafkaConfig, KafkaConsumer};
 use eventbus::nats::{NatsBackend, NatsConfig};
 use eventbus::{BusConfig, Error, EventBus, Result};
 use eventbus_testkit::server::{NatsServer, TansuServer};
+
+/// The fetch wait, in ms, of a Kafka member against the tansu this CLI
+/// starts: tansu 0.6 holds every fetch for the whole wait, so librdkafka's
+/// 500 ms would make each fetch take a quarter to a half second
+/// (`KafkaConsumer::fetch_wait_max_ms`).
+const TANSU_FETCH_WAIT_MS: u64 = 20;
 
 /// A backend to talk to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -40,7 +46,8 @@ pub(crate) struct BrokerArgs {
     #[arg(long, env = "EVENTBUS_NATS_URL", hide_env_values = true)]
     pub(crate) nats_url: Option<String>,
     /// Kafka bootstrap brokers, comma-separated. Default: `bench` starts a
-    /// local tansu broker; other commands use the settings' `[kafka]
+    /// local tansu broker (in memory; its members fetch with a 20 ms wait
+    /// unless the settings choose one); other commands use the settings' `[kafka]
     /// brokers`, else 127.0.0.1:9092.
     #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
     pub(crate) kafka_brokers: Option<String>,
@@ -215,6 +222,13 @@ impl Target {
                 (None, WhenMissing::StartLocal) => {
                     let server = TansuServer::start().await?;
                     eprintln!("started tansu on {}", server.bootstrap());
+                    let mut kafka = kafka;
+                    // tansu 0.6 in memory holds every fetch for the whole
+                    // wait: unless the settings chose a wait, 20 ms
+                    // (KafkaConsumer::fetch_wait_max_ms).
+                    if kafka.consumer.fetch_wait_max_ms == KafkaConsumer::default().fetch_wait_max_ms {
+                        kafka.consumer.fetch_wait_max_ms = TANSU_FETCH_WAIT_MS;
+                    }
                     Self::Kafka {
                         brokers: server.bootstrap(),
                         config: kafka,

@@ -317,12 +317,10 @@ async fn a_stuck_consumer_is_diagnosed_and_repaired_with_the_cli_on_nats() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stuck_consumer_is_diagnosed_and_repaired_with_the_cli_on_kafka() {
     let server = TansuServer::start().await.unwrap();
-    let backend = eventbus::kafka::KafkaBackend::connect(eventbus::kafka::KafkaConfig {
-        brokers: vec![server.bootstrap()],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let mut kafka = eventbus::kafka::KafkaConfig::with_brokers([server.bootstrap()]);
+    // tansu 0.6 holds every fetch for the whole wait (KafkaConsumer::fetch_wait_max_ms).
+    kafka.consumer.fetch_wait_max_ms = 20;
+    let backend = eventbus::kafka::KafkaBackend::connect(kafka).await.unwrap();
     let bus = EventBus::new(backend, BusConfig::default()).unwrap();
     let brokers = server.bootstrap();
     // Tansu's log-end offsets are wrong: lag is not checked here (the

@@ -262,15 +262,19 @@ pub struct KafkaConsumer {
     /// `auto.offset.reset` for a new group: `earliest` (default) or `latest`.
     pub auto_offset_reset: String,
     /// `fetch.wait.max.ms`: longest time the broker holds a fetch waiting for
-    /// data, in ms. Kafka answers a fetch as soon as data is there; tansu
-    /// (the broker of our tests and bench) holds it the whole time, so this
-    /// bounds end-to-end latency there (at 500 ms, bench throughput on tansu
-    /// fell to 6–20 % of the raw client's). Lower means more fetch requests:
-    /// against tansu keeping its log in an S3 store, 20 ms made a 200-event
-    /// fault run take 118 s instead of 38 s at 500 ms, and with a publish
-    /// window of 100,000, 100,000 events went at 66–68 % of raw rdkafka
-    /// with 500 ms against 13 % with 20 (README "Benchmark"). Default 20
-    /// (librdkafka's own default is 500; with a real Kafka broker prefer it).
+    /// data, in ms. Default 500, librdkafka's own default and Kafka's
+    /// (`fetch.max.wait.ms`). A Kafka broker answers a fetch as soon as
+    /// `fetch.min.bytes` (1) are there, so a long wait costs no latency on
+    /// it, and an idle consumer sends two fetches a second, not fifty.
+    ///
+    /// tansu 0.6 (the broker of our tests and bench) sleeps after every read
+    /// round even when it found data, so there each fetch takes the whole
+    /// wait (below 250 ms) or about half of it: the tests and the bench use
+    /// 20 against tansu in memory (`tansu-storage/src/service/fetch.rs`,
+    /// fixed upstream after 0.6.0 in commit e2a6eab). Against tansu keeping
+    /// its log in S3, 20 ms multiplied the store requests of every empty
+    /// partition, and a 200-event fault run took 118 s against 38 s at 500
+    /// (README "Benchmark", "A slow broker").
     pub fetch_wait_max_ms: u64,
     /// `max.poll.interval.ms`: longest time between two polls before the
     /// client leaves the group, in ms. Each subscription keeps polling (with
@@ -345,7 +349,7 @@ impl Default for KafkaConsumer {
             commit_interval_ms: 200,
             revoke_timeout_ms: 5_000,
             auto_offset_reset: "earliest".into(),
-            fetch_wait_max_ms: 20,
+            fetch_wait_max_ms: 500,
             max_poll_interval_ms: 300_000,
             max_in_flight_per_partition: 1_000,
             group_id_per_topic: true,

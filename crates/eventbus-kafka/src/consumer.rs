@@ -185,6 +185,7 @@ impl KafkaSubscription {
         per_partition: usize,
         view: Arc<std::sync::Mutex<GroupAssignment>>,
         topic: &str,
+        fetch_wait: Duration,
     ) -> Self {
         let topic = Arc::<str>::from(topic);
         let (tx, deliveries) = mpsc::channel(HANDOVER);
@@ -194,6 +195,10 @@ impl KafkaSubscription {
             lag: lag.clone(),
             lag_measured: None,
             lag_task: None,
+            // A lag request to a partition's leader can queue behind this
+            // member's fetch, which the broker holds up to the fetch wait
+            // (a Kafka broker answers one connection's requests in order).
+            lag_request_timeout: fetch_wait + LAG_REQUEST_TIMEOUT,
             consumer: consumer.clone(),
             tracker: tracker.clone(),
             rebalances,
@@ -222,12 +227,17 @@ impl KafkaSubscription {
 /// assigned partition and one committed-offsets request).
 const LAG_EVERY: Duration = Duration::from_secs(1);
 
+/// How long one lag request may take beyond the fetch wait.
+const LAG_REQUEST_TIMEOUT: Duration = Duration::from_millis(500);
+
 /// The poll task's state.
 struct Poller {
     lag: Arc<eventbus_core::MeasuredLag>,
     lag_measured: Option<std::time::Instant>,
     /// The measurement running, if any.
     lag_task: Option<tokio::task::JoinHandle<Option<()>>>,
+    /// The bound of each lag request: the fetch wait plus [`LAG_REQUEST_TIMEOUT`].
+    lag_request_timeout: Duration,
     consumer: Arc<StreamConsumer<MemberContext>>,
     tracker: Arc<OffsetTracker>,
     rebalances: Arc<AtomicU64>,
@@ -248,9 +258,9 @@ struct Poller {
 impl Poller {
     /// Log end minus the group's committed offset (or the log start when
     /// nothing is committed) of every assigned partition, at most every
-    /// [`LAG_EVERY`], on a blocking thread (the requests block, up to 500 ms
-    /// each): the poll loop only starts a measurement, so a slow broker
-    /// never holds up fetching. The thread sets the lag, and the state to
+    /// [`LAG_EVERY`], on a blocking thread (the requests block, each up to
+    /// the fetch wait plus 500 ms): the poll loop only starts a measurement,
+    /// so a slow broker never holds up fetching. The thread sets the lag, and the state to
     /// connected, the moment the brokers answered (an answer older than a
     /// later broker failure never overrides it); left as it was when a
     /// request fails. It holds the consumer only while measuring (a weak
@@ -265,9 +275,9 @@ impl Poller {
         }
         self.lag_measured = Some(std::time::Instant::now());
         let (consumer, lag) = (Arc::downgrade(&self.consumer), self.lag.clone());
+        let timeout = self.lag_request_timeout;
         self.lag_task = Some(tokio::task::spawn_blocking(move || {
             let consumer = consumer.upgrade()?;
-            let timeout = Duration::from_millis(500);
             let committed = consumer.committed(timeout).ok()?;
             let mut total = 0u64;
             for e in committed.elements() {

@@ -17,9 +17,10 @@ async fn setup() -> (impl BusFactory, Capabilities) {
     let factory = move |config: BusConfig| {
         let broker = broker.clone();
         async move {
-            let backend = KafkaBackend::connect(KafkaConfig::with_brokers([broker.bootstrap()]))
-                .await
-                .unwrap();
+            let mut kafka = KafkaConfig::with_brokers([broker.bootstrap()]);
+            // tansu 0.6 holds every fetch for the whole wait (KafkaConsumer::fetch_wait_max_ms).
+            kafka.consumer.fetch_wait_max_ms = 20;
+            let backend = KafkaBackend::connect(kafka).await.unwrap();
             EventBus::new(backend, config).unwrap()
         }
     };

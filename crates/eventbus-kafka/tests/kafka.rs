@@ -11,10 +11,17 @@ use eventbus_kafka::{KafkaBackend, KafkaConfig, ProvisionStrategy, TopicSpec};
 use eventbus_testkit::server::TansuServer;
 use eventbus_testkit::{OrderChecker, envelope, eventually};
 
+/// Defaults for a tansu broker at `bootstrap`, with the 20 ms fetch wait
+/// that tansu 0.6 needs (it holds every fetch for the whole wait; see
+/// `KafkaConsumer::fetch_wait_max_ms`).
+fn tansu(bootstrap: impl Into<String>) -> KafkaConfig {
+    let mut kafka = KafkaConfig::with_brokers([bootstrap]);
+    kafka.consumer.fetch_wait_max_ms = 20;
+    kafka
+}
+
 async fn bus(bootstrap: &str) -> EventBus {
-    let backend = KafkaBackend::connect(KafkaConfig::with_brokers([bootstrap]))
-        .await
-        .unwrap();
+    let backend = KafkaBackend::connect(tansu(bootstrap)).await.unwrap();
     EventBus::new(backend, BusConfig::default()).unwrap()
 }
 
@@ -95,7 +102,7 @@ async fn two_members_split_partitions_and_keep_order_when_one_leaves() {
 async fn a_revoke_during_a_retry_backoff_fences_the_old_member() {
     let broker = TansuServer::start().await.unwrap();
     let kafka = || {
-        let mut c = KafkaConfig::with_brokers([broker.bootstrap()]);
+        let mut c = tansu(broker.bootstrap());
         c.default_topic.partitions = 1;
         c.consumer.revoke_timeout_ms = 1_000;
         c
@@ -178,7 +185,7 @@ async fn each_provisioning_strategy_does_what_it_says() {
             partitions,
             ..TopicSpec::default()
         }],
-        ..KafkaConfig::with_brokers([broker.bootstrap()])
+        ..tansu(broker.bootstrap())
     };
     let kind = |r: eventbus_core::Result<KafkaBackend>| r.map(|_| ()).unwrap_err().kind();
     KafkaBackend::connect(config(ProvisionStrategy::Skip, 4))
@@ -292,7 +299,7 @@ async fn a_missing_dead_letter_topic_with_auto_creation_off_is_refused_at_subscr
             partitions: 1,
             ..TopicSpec::default()
         }],
-        ..KafkaConfig::with_brokers([broker.bootstrap()])
+        ..tansu(broker.bootstrap())
     };
     let bus = EventBus::new(KafkaBackend::connect(config).await.unwrap(), BusConfig::default()).unwrap();
     let handler = |_: Envelope| async { Ok::<_, std::io::Error>(()) };
@@ -323,7 +330,7 @@ async fn a_missing_dead_letter_topic_with_auto_creation_off_is_refused_at_subscr
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handler_slower_than_the_poll_interval_keeps_the_member_in_its_group() {
     let broker = TansuServer::start().await.unwrap();
-    let mut kafka = KafkaConfig::with_brokers([broker.bootstrap()]);
+    let mut kafka = tansu(broker.bootstrap());
     kafka.consumer.session_timeout_ms = 6_000;
     kafka.consumer.max_poll_interval_ms = 6_000;
     kafka.consumer.revoke_timeout_ms = 1_000;
@@ -369,7 +376,7 @@ async fn a_handler_slower_than_the_poll_interval_keeps_the_member_in_its_group()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_parked_partition_is_paused_at_its_bound_while_another_flows() {
     let broker = TansuServer::start().await.unwrap();
-    let mut kafka = KafkaConfig::with_brokers([broker.bootstrap()]);
+    let mut kafka = tansu(broker.bootstrap());
     kafka.consumer.max_in_flight_per_partition = 20;
     kafka.topics = vec![TopicSpec {
         name: "bounded".into(),
@@ -665,7 +672,7 @@ async fn a_rust_member_joins_a_go_style_group_and_splits_the_partitions() {
     use rdkafka::consumer::{Consumer, StreamConsumer};
 
     let broker = TansuServer::start().await.unwrap();
-    let mut config = KafkaConfig::with_brokers([broker.bootstrap()]);
+    let mut config = tansu(broker.bootstrap());
     config.consumer.group_id_per_topic = false;
     config.consumer.session_timeout_ms = 6_000;
     config.consumer.heartbeat_interval_ms = 500;
@@ -931,7 +938,7 @@ async fn headers_that_are_not_utf8_are_survived() {
 
 /// Settings for `bootstrap` whose topic `topic` has one partition.
 fn one_partition(bootstrap: &str, topic: &str) -> KafkaConfig {
-    let mut kafka = KafkaConfig::with_brokers([bootstrap]);
+    let mut kafka = tansu(bootstrap);
     kafka.topics = vec![TopicSpec {
         name: topic.into(),
         partitions: 1,

@@ -81,7 +81,9 @@ pub(crate) async fn start(
     Ok(match target {
         Target::Memory => Box::new(MemoryRaw::start(topics, recorder)),
         Target::Nats { url, .. } => Box::new(NatsRaw::start(url, topics, recorder).await?),
-        Target::Kafka { brokers, .. } => Box::new(KafkaRaw::start(brokers, topics, recorder).await?),
+        Target::Kafka { brokers, config, .. } => {
+            Box::new(KafkaRaw::start(brokers, config.consumer.fetch_wait_max_ms, topics, recorder).await?)
+        }
     })
 }
 
@@ -277,7 +279,13 @@ struct KafkaRaw {
 }
 
 impl KafkaRaw {
-    async fn start(brokers: &str, topics: &[String], recorder: &Arc<Recorder>) -> Result<Self> {
+    /// `fetch_wait_ms` is the bus consumer's (`KafkaConsumer::fetch_wait_max_ms`).
+    async fn start(
+        brokers: &str,
+        fetch_wait_ms: u64,
+        topics: &[String],
+        recorder: &Arc<Recorder>,
+    ) -> Result<Self> {
         let mut config = rdkafka::ClientConfig::new();
         config.set("bootstrap.servers", brokers);
         let admin: rdkafka::admin::AdminClient<_> =
@@ -305,8 +313,8 @@ impl KafkaRaw {
                 .set("auto.offset.reset", "earliest")
                 .set("session.timeout.ms", "10000")
                 .set("heartbeat.interval.ms", "1000")
-                // The same fetch wait as the bus's consumer (KafkaConsumer::fetch_wait_max_ms).
-                .set("fetch.wait.max.ms", "20")
+                // The same fetch wait as the bus's consumer.
+                .set("fetch.wait.max.ms", fetch_wait_ms.to_string())
                 .create()
                 .map_err(|e| Error::backend("consumer", e))?;
             consumer

@@ -437,7 +437,8 @@ async fn one(kind: BackendKind, args: &FaultArgs, dir: &Path) -> Result<Row> {
     let mut address = broker.address_args();
     if kind == BackendKind::Kafka {
         // tansu on an S3 store answers each fetch slowly: fewer, longer
-        // fetches (librdkafka's default wait) keep it from drowning in them.
+        // fetches keep it from drowning in them. 500 ms is also the
+        // default; it is written here so the run never depends on that.
         let settings = dir.join("kafka.toml");
         std::fs::write(&settings, "[consumer]\nfetch_wait_max_ms = 500\n")
             .map_err(|e| Error::config("cannot write the Kafka settings").with_source(e))?;
