@@ -805,6 +805,73 @@ async fn lag_is_log_end_minus_committed_on_a_true_broker() {
     bus.close().await.unwrap();
 }
 
+/// The lag of a partition paused by the bus counts what was published
+/// after the pause. The log end of a fetched partition comes from its last
+/// fetch response, but a paused partition is not fetched: its end is asked
+/// of the broker. 10 events fill the partition's bound of 5 in flight (the
+/// handler is held), the partition is paused, 20 more are published: the
+/// lag is 30, not the 10 the last fetch saw.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lag_of_a_paused_partition_counts_what_came_after_the_pause() {
+    use rdkafka::mocking::MockCluster;
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let cluster = MockCluster::new(1).unwrap();
+    cluster.create_topic("paused-lag", 1, 1).unwrap();
+    cluster.create_topic("paused-lag.dlq", 1, 1).unwrap();
+    let mut kafka = KafkaConfig::with_brokers([cluster.bootstrap_servers()]);
+    kafka.auto_create_topics = false;
+    kafka.consumer.max_in_flight_per_partition = 5;
+    let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
+    let hold = Arc::new(AtomicBool::new(true));
+    let (started, handled) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (h, s, n) = (hold.clone(), started.clone(), handled.clone());
+    let sub = bus
+        .subscribe_envelope("paused-lag", SubscribeOptions::group("g"), move |_e: Envelope| {
+            let (h, s, n) = (h.clone(), s.clone(), n.clone());
+            async move {
+                s.fetch_add(1, Ordering::SeqCst);
+                while h.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                n.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    // Ten aggregates, so five attempts run at once and fill the bound.
+    for a in 0..10 {
+        bus.publish_envelope_sync("paused-lag", &envelope(&format!("p-{a}"), 1))
+            .await
+            .unwrap();
+    }
+    assert!(eventually(Duration::from_secs(30), || started.load(Ordering::SeqCst) == 5).await);
+    assert!(
+        eventually(Duration::from_secs(30), || sub.health().lag == Some(10)).await,
+        "lag before the pause: {:?}",
+        sub.health().lag
+    );
+    for a in 10..30 {
+        bus.publish_envelope_sync("paused-lag", &envelope(&format!("p-{a}"), 1))
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || sub.health().lag == Some(30)).await,
+        "lag of the paused partition after 20 more: {:?}",
+        sub.health().lag
+    );
+    hold.store(false, Ordering::SeqCst);
+    assert!(eventually(Duration::from_secs(30), || handled.load(Ordering::SeqCst) == 30).await);
+    assert!(
+        eventually(Duration::from_secs(30), || sub.health().lag == Some(0)).await,
+        "lag after handling: {:?}",
+        sub.health().lag
+    );
+    sub.close().await.unwrap();
+    bus.close().await.unwrap();
+}
+
 /// A consumer-only process reports its connection truthfully: the broker
 /// killed makes it `Disconnected`, the broker back makes it `Connected`
 /// again without any publish (the consumer's own client events and broker
