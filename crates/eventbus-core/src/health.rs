@@ -108,8 +108,9 @@ pub struct SubscriptionHealth {
     /// Messages on this member's partitions that the broker holds and the
     /// group has not settled, fetched-and-unsettled included (count); `None`
     /// when the backend has not measured it yet. NATS: pending plus
-    /// ack-pending of each owned partition's consumer; Kafka: log end minus
-    /// the group's committed offset of each assigned partition; memory:
+    /// ack-pending of each owned partition's consumer; Kafka: log end (that
+    /// of the partition's last fetch response) minus the group's committed
+    /// offset of each assigned partition; memory:
     /// queued, redelivered and in-flight messages of owned partitions.
     /// NATS and Kafka measure it every second.
     pub lag: Option<u64>,

@@ -24,10 +24,11 @@ async fn setup() -> (impl BusFactory, Capabilities) {
             EventBus::new(backend, config).unwrap()
         }
     };
-    // Tansu's log-end offsets are wrong (INFRA.md): the lag case runs
-    // against librdkafka's mock cluster in tests/kafka.rs instead.
+    // Tansu's log-end offsets by ListOffsets are wrong (INFRA.md): the group
+    // lag case runs against librdkafka's mock cluster in tests/kafka.rs
+    // instead. A member's lag takes them from its fetch responses: tested here.
     let caps = Capabilities {
-        lag: false,
+        group_lag: false,
         ..Capabilities::all("kafka")
     };
     (factory, caps)

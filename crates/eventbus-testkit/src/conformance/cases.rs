@@ -1633,7 +1633,7 @@ fn group_lag_is_measured_without_joining<'a>(
     caps: &'a Capabilities,
 ) -> BoxFuture<'a, ()> {
     Box::pin(async move {
-        if !caps.lag {
+        if !caps.group_lag {
             eprintln!(
                 "{}: log-end offsets untrusted here; group lag tested elsewhere",
                 caps.name

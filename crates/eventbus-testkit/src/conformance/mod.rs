@@ -35,9 +35,13 @@ pub struct Capabilities {
     /// partitions). False where one member at a time consumes and the
     /// others stand by (an unpartitioned NATS topic).
     pub shares_groups: bool,
-    /// The backend's lag measurement can be trusted against this server
-    /// (false for Kafka on tansu, whose log-end offsets are wrong).
+    /// A member's lag (`Health::lag`) can be trusted against this server.
     pub lag: bool,
+    /// A group's lag measured without joining it (`EventBus::group_lag`)
+    /// can be trusted against this server: false for Kafka on tansu, whose
+    /// log-end offsets by ListOffsets are wrong (a member's lag takes them
+    /// from its fetch responses instead).
+    pub group_lag: bool,
     /// Longest wait for any expected delivery or result.
     pub timeout: Duration,
 }
@@ -52,6 +56,7 @@ impl Capabilities {
             restartable: true,
             shares_groups: true,
             lag: true,
+            group_lag: true,
             timeout: Duration::from_secs(60),
         }
     }
