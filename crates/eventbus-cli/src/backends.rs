@@ -47,7 +47,8 @@ pub(crate) struct BrokerArgs {
     pub(crate) nats_url: Option<String>,
     /// Kafka bootstrap brokers, comma-separated. Default: `bench` starts a
     /// local tansu broker (in memory; its members fetch with a 20 ms wait
-    /// unless the settings choose one); other commands use the settings' `[kafka]
+    /// unless the settings choose a wait other than the default 500 ms);
+    /// other commands use the settings' `[kafka]
     /// brokers`, else 127.0.0.1:9092.
     #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
     pub(crate) kafka_brokers: Option<String>,
@@ -65,7 +66,8 @@ pub(crate) struct BrokerArgs {
     #[arg(long, env = "EVENTBUS_NATS_CONFIG")]
     pub(crate) nats_config: Option<std::path::PathBuf>,
     /// Kafka client settings (`KafkaConfig`) from a TOML file, e.g.
-    /// `[consumer] fetch_wait_max_ms = 500`; `--kafka-brokers` replaces its
+    /// `[consumer] fetch_wait_max_ms = 20` against tansu 0.6 in memory;
+    /// `--kafka-brokers` replaces its
     /// `brokers`.
     #[arg(long, env = "EVENTBUS_KAFKA_CONFIG")]
     pub(crate) kafka_config: Option<std::path::PathBuf>,
@@ -224,8 +226,8 @@ impl Target {
                     eprintln!("started tansu on {}", server.bootstrap());
                     let mut kafka = kafka;
                     // tansu 0.6 in memory holds every fetch for the whole
-                    // wait: unless the settings chose a wait, 20 ms
-                    // (KafkaConsumer::fetch_wait_max_ms).
+                    // wait: unless the settings chose a wait other than the
+                    // default, 20 ms (KafkaConsumer::fetch_wait_max_ms).
                     if kafka.consumer.fetch_wait_max_ms == KafkaConsumer::default().fetch_wait_max_ms {
                         kafka.consumer.fetch_wait_max_ms = TANSU_FETCH_WAIT_MS;
                     }

@@ -323,11 +323,23 @@ async fn a_stuck_consumer_is_diagnosed_and_repaired_with_the_cli_on_kafka() {
     let backend = eventbus::kafka::KafkaBackend::connect(kafka).await.unwrap();
     let bus = EventBus::new(backend, BusConfig::default()).unwrap();
     let brokers = server.bootstrap();
+    // The CLI's own consumers (tail, dlq) fetch with the same 20 ms.
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("kafka.toml");
+    std::fs::write(&settings, "[consumer]\nfetch_wait_max_ms = 20\n").unwrap();
+    let settings = settings.display().to_string();
     // Tansu's log-end offsets are wrong: lag is not checked here (the
     // conformance suite checks it on librdkafka's mock cluster's terms).
     session(
         bus,
-        &["--backend", "kafka", "--kafka-brokers", &brokers],
+        &[
+            "--backend",
+            "kafka",
+            "--kafka-brokers",
+            &brokers,
+            "--kafka-config",
+            &settings,
+        ],
         20,
         5,
         false,

@@ -242,7 +242,7 @@ impl KafkaBackend {
             c.max_in_flight_per_partition.max(1),
             view,
             &spec.topic,
-            Duration::from_millis(c.fetch_wait_max_ms),
+            Duration::from_millis(self.inner.config.fetch_wait_ms()),
         ))
     }
 }

@@ -371,6 +371,16 @@ impl Default for TopicSpec {
 }
 
 impl KafkaConfig {
+    /// The fetch wait a consumer of these settings uses, in ms: `extra`'s
+    /// `fetch.wait.max.ms` when it holds a number (librdkafka properties in
+    /// `extra` are applied last), else `consumer.fetch_wait_max_ms`.
+    pub fn fetch_wait_ms(&self) -> u64 {
+        self.extra
+            .get("fetch.wait.max.ms")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(self.consumer.fetch_wait_max_ms)
+    }
+
     /// Defaults with these bootstrap brokers.
     pub fn with_brokers<I: IntoIterator<Item = S>, S: Into<String>>(brokers: I) -> Self {
         Self {

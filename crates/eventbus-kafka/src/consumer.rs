@@ -199,6 +199,8 @@ impl KafkaSubscription {
             // member's fetch, which the broker holds up to the fetch wait
             // (a Kafka broker answers one connection's requests in order).
             lag_request_timeout: fetch_wait + LAG_REQUEST_TIMEOUT,
+            resumed: std::collections::HashMap::default(),
+            rebalanced_at: None,
             consumer: consumer.clone(),
             tracker: tracker.clone(),
             rebalances,
@@ -238,6 +240,14 @@ struct Poller {
     lag_task: Option<tokio::task::JoinHandle<Option<()>>>,
     /// The bound of each lag request: the fetch wait plus [`LAG_REQUEST_TIMEOUT`].
     lag_request_timeout: Duration,
+    /// Partitions resumed by us, and when: until a fetch response can have
+    /// come since (the lag request bound), their cached log end may be
+    /// from before the pause, so the lag asks the broker for it.
+    resumed: std::collections::HashMap<PartitionKey, std::time::Instant, foldhash::fast::RandomState>,
+    /// When this member's assignment last changed: until a fetch response
+    /// can have come since, every cached log end may be from an earlier
+    /// assignment (librdkafka keeps a partition's across unassign and assign).
+    rebalanced_at: Option<std::time::Instant>,
     consumer: Arc<StreamConsumer<MemberContext>>,
     tracker: Arc<OffsetTracker>,
     rebalances: Arc<AtomicU64>,
@@ -263,16 +273,23 @@ impl Poller {
     ///
     /// One committed-offsets request per measurement; the log start and end
     /// are those of the partition's last fetch response, which librdkafka
-    /// keeps ([`cached_watermarks`], no request). Only a partition paused by
-    /// us (not fetched, so its cached end may be old) or not fetched yet
-    /// costs a watermark request. A request per partition each second made
-    /// a broker keeping its log in S3 (tansu) list the partition's whole
-    /// log every time: 55 % of raw rdkafka against 83 % without them (README
-    /// "A slow broker"). Each request blocks up to the fetch wait plus 500 ms.
+    /// keeps ([`cached_watermarks`], no request). The end is the high
+    /// watermark: records of a transaction still open count (a broker
+    /// request under librdkafka's default `read_committed` would give the
+    /// last stable offset). A partition whose cached end may be old costs a
+    /// watermark request: one paused by us (not fetched), one resumed or
+    /// any after a rebalance until a fetch response can have come since,
+    /// one not fetched yet. A request per partition each second made a
+    /// broker keeping its log in S3 (tansu) list the partition's whole log
+    /// every time: ours went at 53–57 % of raw rdkafka with them, 67 %
+    /// without (README "A slow broker").
     ///
-    /// The thread sets the lag, and the state to connected, the moment the
-    /// brokers answered (an answer older than a later broker failure never
-    /// overrides it); left as it was when a request fails. It holds the
+    /// Each request blocks up to the fetch wait plus 500 ms (a request to
+    /// a partition's leader can queue behind this member's held fetch), the
+    /// whole measurement up to twice that. The thread sets the lag, and the
+    /// state to connected, the moment the brokers answered (an answer older
+    /// than a later broker failure never overrides it); left as it was when
+    /// a request fails or the measurement runs out of time. It holds the
     /// consumer only while measuring (a weak reference otherwise), and the
     /// poll task waits for it before ending, so `close` still drops the
     /// consumer last.
@@ -283,26 +300,36 @@ impl Poller {
         if self.lag_measured.is_some_and(|t| t.elapsed() < LAG_EVERY) {
             return;
         }
-        self.lag_measured = Some(std::time::Instant::now());
+        let now = std::time::Instant::now();
+        self.lag_measured = Some(now);
         let (consumer, lag) = (Arc::downgrade(&self.consumer), self.lag.clone());
         let timeout = self.lag_request_timeout;
-        let paused: Vec<PartitionKey> = self.paused.iter().cloned().collect();
+        let settled = |since: &std::time::Instant| now.duration_since(*since) > timeout;
+        self.resumed.retain(|_, at| !settled(at));
+        let all_stale = self.rebalanced_at.is_some_and(|at| !settled(&at));
+        let stale: Vec<PartitionKey> = self.paused.iter().chain(self.resumed.keys()).cloned().collect();
         self.lag_task = Some(tokio::task::spawn_blocking(move || {
             let consumer = consumer.upgrade()?;
+            let deadline = std::time::Instant::now() + 2 * timeout;
             let committed = consumer.committed(timeout).ok()?;
             let mut total = 0u64;
             for e in committed.elements() {
                 let (topic, partition) = (e.topic(), e.partition());
-                let fetching = !paused.iter().any(|k| &*k.0 == topic && k.1 == partition);
+                let fresh = !all_stale && !stale.iter().any(|k| &*k.0 == topic && k.1 == partition);
                 let committed = match e.offset() {
                     rdkafka::Offset::Offset(o) => Some(o),
                     _ => None,
                 };
                 let cached = cached_watermarks(&consumer, topic, partition)
-                    .filter(|&(low, _)| fetching && (committed.is_some() || low >= 0));
+                    .filter(|&(low, _)| fresh && (committed.is_some() || low >= 0));
                 let (low, high) = match cached {
                     Some(known) => known,
-                    None => consumer.fetch_watermarks(topic, partition, timeout).ok()?,
+                    None => {
+                        let left = deadline.checked_duration_since(std::time::Instant::now())?;
+                        consumer
+                            .fetch_watermarks(topic, partition, left.min(timeout))
+                            .ok()?
+                    }
                 };
                 total += (high - committed.unwrap_or(low)).max(0) as u64;
             }
@@ -490,6 +517,7 @@ impl Poller {
                 tracing::debug!(error = %e, topic = %key.0, partition = key.1, "resume failed");
             }
             self.paused.remove(&key);
+            self.resumed.insert(key, std::time::Instant::now());
         }
     }
 
@@ -500,6 +528,8 @@ impl Poller {
             return;
         }
         self.seen_rebalances = now;
+        self.rebalanced_at = Some(std::time::Instant::now());
+        self.resumed.clear();
         self.next_offset.clear();
         refresh_members(&self.consumer);
         // librdkafka keeps an application pause across unassign and assign:
@@ -527,7 +557,10 @@ fn cached_watermarks(
     let (mut low, mut high) = (-1i64, -1i64);
     // SAFETY: the client handle is valid while `consumer` is borrowed;
     // librdkafka reads the NUL-terminated `topic` and writes the two
-    // offsets, keeping no pointer to any of them after the call.
+    // offsets, keeping no pointer to any of them after the call. It takes
+    // the client's and the partition's locks, so any thread may call it.
+    // (Like `rd_kafka_position`, it creates librdkafka's partition object
+    // when missing: for a partition just revoked, harmless.)
     let err = unsafe {
         rdkafka::bindings::rd_kafka_get_watermark_offsets(
             consumer.client().native_ptr(),

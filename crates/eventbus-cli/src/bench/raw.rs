@@ -82,7 +82,7 @@ pub(crate) async fn start(
         Target::Memory => Box::new(MemoryRaw::start(topics, recorder)),
         Target::Nats { url, .. } => Box::new(NatsRaw::start(url, topics, recorder).await?),
         Target::Kafka { brokers, config, .. } => {
-            Box::new(KafkaRaw::start(brokers, config.consumer.fetch_wait_max_ms, topics, recorder).await?)
+            Box::new(KafkaRaw::start(brokers, config.fetch_wait_ms(), topics, recorder).await?)
         }
     })
 }
@@ -279,7 +279,7 @@ struct KafkaRaw {
 }
 
 impl KafkaRaw {
-    /// `fetch_wait_ms` is the bus consumer's (`KafkaConsumer::fetch_wait_max_ms`).
+    /// `fetch_wait_ms` is the bus consumer's (`KafkaConfig::fetch_wait_ms`).
     async fn start(
         brokers: &str,
         fetch_wait_ms: u64,
