@@ -9,7 +9,7 @@ use std::time::Duration;
 use eventbus_core::{BusConfig, Envelope, ErrorKind, EventBus, SubscribeOptions, Subscription};
 use eventbus_kafka::{KafkaBackend, KafkaConfig, ProvisionStrategy, TopicSpec};
 use eventbus_testkit::server::TansuServer;
-use eventbus_testkit::{OrderChecker, envelope, eventually};
+use eventbus_testkit::{HeldHandler, OrderChecker, envelope, eventually};
 
 /// Defaults for a tansu broker at `bootstrap`, with the 20 ms fetch wait
 /// that tansu 0.6 needs (it holds every fetch for the whole wait; see
@@ -754,7 +754,6 @@ async fn a_rust_member_joins_a_go_style_group_and_splits_the_partitions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_is_log_end_minus_committed_on_a_true_broker() {
     use rdkafka::mocking::MockCluster;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("lagging", 4, 1).unwrap();
     cluster.create_topic("lagging.dlq", 1, 1).unwrap();
@@ -764,22 +763,8 @@ async fn lag_is_log_end_minus_committed_on_a_true_broker() {
     let mut config = BusConfig::default();
     config.consumer.lag_alert_messages = 20;
     let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), config).unwrap();
-    let hold = Arc::new(AtomicBool::new(true));
-    let handled = Arc::new(AtomicUsize::new(0));
-    let (h, n) = (hold.clone(), handled.clone());
-    let sub = bus
-        .subscribe_envelope("lagging", SubscribeOptions::group("g"), move |_e: Envelope| {
-            let (h, n) = (h.clone(), n.clone());
-            async move {
-                while h.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                n.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, std::io::Error>(())
-            }
-        })
-        .await
-        .unwrap();
+    let held = HeldHandler::new();
+    let sub = held.subscribe(&bus, "lagging", "g").await;
     for v in 1..=10 {
         for a in 0..3 {
             bus.publish_envelope_sync("lagging", &envelope(&format!("lag-{a}"), v))
@@ -793,8 +778,8 @@ async fn lag_is_log_end_minus_committed_on_a_true_broker() {
         sub.health().lag
     );
     assert!(sub.health().lag_alert);
-    hold.store(false, Ordering::SeqCst);
-    assert!(eventually(Duration::from_secs(30), || handled.load(Ordering::SeqCst) == 30).await);
+    held.release();
+    assert!(eventually(Duration::from_secs(30), || held.handled() == 30).await);
     assert!(
         eventually(Duration::from_secs(30), || sub.health().lag == Some(0)).await,
         "lag after handling: {:?}",
@@ -814,7 +799,6 @@ async fn lag_is_log_end_minus_committed_on_a_true_broker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lag_of_a_paused_partition_counts_what_came_after_the_pause() {
     use rdkafka::mocking::MockCluster;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let cluster = MockCluster::new(1).unwrap();
     cluster.create_topic("paused-lag", 1, 1).unwrap();
     cluster.create_topic("paused-lag.dlq", 1, 1).unwrap();
@@ -822,30 +806,15 @@ async fn the_lag_of_a_paused_partition_counts_what_came_after_the_pause() {
     kafka.auto_create_topics = false;
     kafka.consumer.max_in_flight_per_partition = 5;
     let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
-    let hold = Arc::new(AtomicBool::new(true));
-    let (started, handled) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let (h, s, n) = (hold.clone(), started.clone(), handled.clone());
-    let sub = bus
-        .subscribe_envelope("paused-lag", SubscribeOptions::group("g"), move |_e: Envelope| {
-            let (h, s, n) = (h.clone(), s.clone(), n.clone());
-            async move {
-                s.fetch_add(1, Ordering::SeqCst);
-                while h.load(Ordering::SeqCst) {
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-                n.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, std::io::Error>(())
-            }
-        })
-        .await
-        .unwrap();
+    let held = HeldHandler::new();
+    let sub = held.subscribe(&bus, "paused-lag", "g").await;
     // Ten aggregates, so five attempts run at once and fill the bound.
     for a in 0..10 {
         bus.publish_envelope_sync("paused-lag", &envelope(&format!("p-{a}"), 1))
             .await
             .unwrap();
     }
-    assert!(eventually(Duration::from_secs(30), || started.load(Ordering::SeqCst) == 5).await);
+    assert!(eventually(Duration::from_secs(30), || held.started() == 5).await);
     assert!(
         eventually(Duration::from_secs(30), || sub.health().lag == Some(10)).await,
         "lag before the pause: {:?}",
@@ -861,8 +830,8 @@ async fn the_lag_of_a_paused_partition_counts_what_came_after_the_pause() {
         "lag of the paused partition after 20 more: {:?}",
         sub.health().lag
     );
-    hold.store(false, Ordering::SeqCst);
-    assert!(eventually(Duration::from_secs(30), || handled.load(Ordering::SeqCst) == 30).await);
+    held.release();
+    assert!(eventually(Duration::from_secs(30), || held.handled() == 30).await);
     assert!(
         eventually(Duration::from_secs(30), || sub.health().lag == Some(0)).await,
         "lag after handling: {:?}",

@@ -21,4 +21,4 @@ mod support;
 pub mod tls;
 
 pub use order::{Attempt, OrderChecker, OrderReport};
-pub use support::{envelope, eventually, unique};
+pub use support::{HeldHandler, envelope, eventually, unique};

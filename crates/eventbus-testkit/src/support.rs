@@ -1,9 +1,11 @@
 //! Small helpers of the suite and of backends' own tests: test envelopes,
-//! bounded polling, unique names.
+//! bounded polling, unique names, a handler held until released.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use eventbus_core::Envelope;
+use eventbus_core::{Envelope, EventBus, SubscribeOptions, Subscription};
 
 /// Polls `done` every 5 ms until it holds or `timeout` passes; returns whether it held.
 pub async fn eventually(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
@@ -29,4 +31,67 @@ pub fn envelope(aggregate: &str, version: i64) -> Envelope {
         .json_payload(&serde_json::json!({ "aggregate": aggregate, "version": version }))
         .and_then(|b| b.build())
         .expect("valid test envelope")
+}
+
+/// A handler that holds every attempt until [`HeldHandler::release`]: for
+/// lag and backpressure cases, which need events fetched and unsettled.
+/// Counts the attempts started and the events handled.
+#[derive(Debug, Clone)]
+pub struct HeldHandler {
+    hold: Arc<AtomicBool>,
+    started: Arc<AtomicUsize>,
+    handled: Arc<AtomicUsize>,
+}
+
+impl Default for HeldHandler {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HeldHandler {
+    /// A handler that holds from the start.
+    pub fn new() -> Self {
+        Self {
+            hold: Arc::new(AtomicBool::new(true)),
+            started: Arc::new(AtomicUsize::new(0)),
+            handled: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Subscribes it to `topic` as a member of `group`.
+    ///
+    /// # Panics
+    /// When the subscription fails.
+    pub async fn subscribe(&self, bus: &EventBus, topic: &str, group: &str) -> Subscription {
+        let this = self.clone();
+        bus.subscribe_envelope(topic, SubscribeOptions::group(group), move |_e: Envelope| {
+            let this = this.clone();
+            async move {
+                this.started.fetch_add(1, Ordering::SeqCst);
+                while this.hold.load(Ordering::SeqCst) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                this.handled.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .expect("subscribe the held handler")
+    }
+
+    /// Lets every held and later attempt finish.
+    pub fn release(&self) {
+        self.hold.store(false, Ordering::SeqCst);
+    }
+
+    /// Attempts started so far (count).
+    pub fn started(&self) -> usize {
+        self.started.load(Ordering::SeqCst)
+    }
+
+    /// Events handled so far (count).
+    pub fn handled(&self) -> usize {
+        self.handled.load(Ordering::SeqCst)
+    }
 }

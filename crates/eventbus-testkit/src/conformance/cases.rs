@@ -9,7 +9,7 @@ use futures::StreamExt;
 use futures::future::BoxFuture;
 
 use super::{BusFactory, Capabilities, Case};
-use crate::{OrderChecker, envelope, eventually, unique};
+use crate::{HeldHandler, OrderChecker, envelope, eventually, unique};
 use eventbus_core::{BusConfig, Envelope, ErrorKind, Message, RetryPolicy, SubscribeOptions, headers};
 
 crate::conformance_tests!(@list [@all;]);
@@ -1408,22 +1408,8 @@ fn lag_counts_what_the_group_has_not_settled<'a>(
         config.consumer.lag_alert_messages = 20;
         let bus = f.bus(config).await;
         let topic = unique("lag");
-        let hold = Arc::new(AtomicBool::new(true));
-        let handled = Arc::new(AtomicUsize::new(0));
-        let (h, n) = (hold.clone(), handled.clone());
-        let sub = bus
-            .subscribe_envelope(&topic, SubscribeOptions::group("g"), move |_e: Envelope| {
-                let (h, n) = (h.clone(), n.clone());
-                async move {
-                    while h.load(Ordering::SeqCst) {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    n.fetch_add(1, Ordering::SeqCst);
-                    Ok::<_, std::io::Error>(())
-                }
-            })
-            .await
-            .unwrap();
+        let held = HeldHandler::new();
+        let sub = held.subscribe(&bus, &topic, "g").await;
         let events: Vec<Envelope> = (1..=10)
             .flat_map(|v| (0..3).map(move |a| envelope(&format!("lag-{a}"), v)))
             .collect();
@@ -1434,8 +1420,8 @@ fn lag_counts_what_the_group_has_not_settled<'a>(
             sub.health().lag
         );
         assert!(sub.health().lag_alert, "30 is past the alert threshold of 20");
-        hold.store(false, Ordering::SeqCst);
-        assert!(eventually(caps.timeout, || handled.load(Ordering::SeqCst) == 30).await);
+        held.release();
+        assert!(eventually(caps.timeout, || held.handled() == 30).await);
         assert!(
             eventually(caps.timeout, || sub.health().lag == Some(0)).await,
             "lag after handling everything: {:?}",
