@@ -747,18 +747,28 @@ async fn a_rust_member_joins_a_go_style_group_and_splits_the_partitions() {
     bus.close().await.unwrap();
 }
 
+/// Settings for librdkafka's mock cluster, with `topic` (of `partitions`)
+/// and its dead-letter topic created there and no topic auto-created.
+fn on_mock(
+    cluster: &rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    topic: &str,
+    partitions: i32,
+) -> KafkaConfig {
+    cluster.create_topic(topic, partitions, 1).unwrap();
+    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).unwrap();
+    let mut kafka = KafkaConfig::with_brokers([cluster.bootstrap_servers()]);
+    kafka.auto_create_topics = false;
+    kafka
+}
+
 /// Lag against librdkafka's mock cluster, whose offsets are true (tansu's
 /// log-end offsets are not): 30 events published while the handler is held
 /// count 30 (log end minus the group's committed offset, over the topic's 4
 /// partitions) and raise the alert at 20; once handled and committed, 0.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lag_is_log_end_minus_committed_on_a_true_broker() {
-    use rdkafka::mocking::MockCluster;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("lagging", 4, 1).unwrap();
-    cluster.create_topic("lagging.dlq", 1, 1).unwrap();
-    let mut kafka = KafkaConfig::with_brokers([cluster.bootstrap_servers()]);
-    kafka.auto_create_topics = false;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let mut kafka = on_mock(&cluster, "lagging", 4);
     kafka.consumer.commit_interval_ms = 200;
     let mut config = BusConfig::default();
     config.consumer.lag_alert_messages = 20;
@@ -798,12 +808,8 @@ async fn lag_is_log_end_minus_committed_on_a_true_broker() {
 /// lag is 30, not the 10 the last fetch saw.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_lag_of_a_paused_partition_counts_what_came_after_the_pause() {
-    use rdkafka::mocking::MockCluster;
-    let cluster = MockCluster::new(1).unwrap();
-    cluster.create_topic("paused-lag", 1, 1).unwrap();
-    cluster.create_topic("paused-lag.dlq", 1, 1).unwrap();
-    let mut kafka = KafkaConfig::with_brokers([cluster.bootstrap_servers()]);
-    kafka.auto_create_topics = false;
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let mut kafka = on_mock(&cluster, "paused-lag", 1);
     kafka.consumer.max_in_flight_per_partition = 5;
     let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
     let held = HeldHandler::new();
