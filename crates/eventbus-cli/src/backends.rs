@@ -48,8 +48,8 @@ pub(crate) struct BrokerArgs {
     /// Kafka bootstrap brokers, comma-separated. Default: `bench` starts a
     /// local tansu broker (in memory; its members fetch with a 20 ms wait
     /// unless the settings choose a wait other than the default 500 ms);
-    /// other commands use the settings' `[kafka]
-    /// brokers`, else 127.0.0.1:9092.
+    /// other commands use the settings' `[kafka] brokers`, else
+    /// 127.0.0.1:9092.
     #[arg(long, env = "EVENTBUS_KAFKA_BROKERS")]
     pub(crate) kafka_brokers: Option<String>,
     /// One settings file (TOML, or YAML for .yaml/.yml) with sections
@@ -67,8 +67,7 @@ pub(crate) struct BrokerArgs {
     pub(crate) nats_config: Option<std::path::PathBuf>,
     /// Kafka client settings (`KafkaConfig`) from a TOML file, e.g.
     /// `[consumer] fetch_wait_max_ms = 20` against tansu 0.6 in memory;
-    /// `--kafka-brokers` replaces its
-    /// `brokers`.
+    /// `--kafka-brokers` replaces its `brokers`.
     #[arg(long, env = "EVENTBUS_KAFKA_CONFIG")]
     pub(crate) kafka_config: Option<std::path::PathBuf>,
 }

@@ -225,8 +225,9 @@ impl KafkaSubscription {
     }
 }
 
-/// How often the poll task measures the lag (one watermark request per
-/// assigned partition and one committed-offsets request).
+/// How often the poll task measures the lag (one committed-offsets request,
+/// and a watermark request only for a partition whose cached end may be
+/// old: see [`Poller::measure_lag`]).
 const LAG_EVERY: Duration = Duration::from_secs(1);
 
 /// How long one lag request may take beyond the fetch wait.
