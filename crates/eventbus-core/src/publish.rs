@@ -5,8 +5,17 @@
 //! One collector task per bus awaits every pending ACK (no task per message),
 //! forwards its result to the results streams (waiting when they are full,
 //! never dropping), then to the handle, then frees the in-flight slot.
+//!
+//! The collector keeps each pending publish's result data in a slab and
+//! polls only small tagged ACK futures. Every ACK of a bus waits the same
+//! `publish.ack_timeout_ms`, so deadlines come in the order publishes do:
+//! one timer, set to the oldest pending deadline, times them all out (no
+//! timer per publish). A timed-out ACK future stays polled until it ends
+//! (its late outcome is ignored); past [`ORPHANS_MAX`] of those the set is
+//! rebuilt without them, so a backend whose ACKs never end holds no more
+//! than that many.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -139,11 +148,39 @@ struct Pending {
     ack: AckFuture,
     /// When the ACK wait ends (`publish.ack_timeout_ms` after stage one).
     deadline: tokio::time::Instant,
-    ack_timeout: Duration,
     meta: ResultMeta,
     reply: oneshot::Sender<PublishResult>,
     permit: OwnedSemaphorePermit,
 }
+
+/// What a pending publish's result needs besides the ACK, in the slab.
+struct Waiting {
+    /// Tells this publish from a later one in the same slab slot.
+    seq: u64,
+    meta: ResultMeta,
+    reply: oneshot::Sender<PublishResult>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// A pending ACK, tagged with its slab slot and sequence number.
+struct Tagged {
+    ack: AckFuture,
+    slot: usize,
+    seq: u64,
+}
+
+impl Future for Tagged {
+    type Output = (usize, u64, Result<Ack>);
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (slot, seq) = (self.slot, self.seq);
+        self.ack.as_mut().poll(cx).map(|outcome| (slot, seq, outcome))
+    }
+}
+
+/// Timed-out ACK futures still polled, at most (count), before the set of
+/// pending ACKs is rebuilt without them.
+const ORPHANS_MAX: usize = 1024;
 
 #[derive(Default)]
 struct ResultRoutes {
@@ -176,7 +213,8 @@ impl Publisher {
             routes.lock().unwrap().global = Some(gtx);
             global_results = Some(PublishResults(grx));
         }
-        tokio::spawn(collect(rx, routes.clone(), backend));
+        let ack_timeout = Duration::from_millis(config.publish.ack_timeout_ms);
+        tokio::spawn(collect(rx, routes.clone(), backend, ack_timeout));
         Self {
             // The unbounded channel holds at most `max_in_flight` items: each carries a permit.
             window: Arc::new(Semaphore::new(window)),
@@ -237,7 +275,6 @@ impl Publisher {
         let pending = Pending {
             ack,
             deadline: tokio::time::Instant::now() + self.ack_timeout,
-            ack_timeout: self.ack_timeout,
             meta,
             reply,
             permit,
@@ -311,41 +348,159 @@ impl TopicCounters {
     }
 }
 
+/// The pending publishes of one bus: results data by slot, ACK futures,
+/// deadlines in publish order.
+struct InFlight {
+    waiting: slab::Slab<Waiting>,
+    acks: FuturesUnordered<Tagged>,
+    /// (deadline, slot, seq), oldest first; entries of settled publishes
+    /// are dropped from the front as they come up, and all at once when
+    /// they are more than the pending ones and [`ORPHANS_MAX`].
+    deadlines: VecDeque<(tokio::time::Instant, usize, u64)>,
+    next_seq: u64,
+    /// Timed-out ACK futures still in `acks`.
+    orphans: usize,
+}
+
+impl InFlight {
+    fn add(&mut self, p: Pending) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let Pending {
+            ack,
+            deadline,
+            meta,
+            reply,
+            permit,
+        } = p;
+        let slot = self.waiting.insert(Waiting {
+            seq,
+            meta,
+            reply,
+            permit,
+        });
+        self.acks.push(Tagged { ack, slot, seq });
+        self.deadlines.push_back((deadline, slot, seq));
+    }
+
+    fn is_live(&self, slot: usize, seq: u64) -> bool {
+        self.waiting.get(slot).is_some_and(|w| w.seq == seq)
+    }
+
+    /// The publish an ACK outcome belongs to, if it still waits (not timed out).
+    fn settle(&mut self, slot: usize, seq: u64) -> Option<Waiting> {
+        if !self.is_live(slot, seq) {
+            self.orphans = self.orphans.saturating_sub(1);
+            return None;
+        }
+        let waiting = self.waiting.remove(slot);
+        while let Some(&(_, s, q)) = self.deadlines.front() {
+            if self.is_live(s, q) {
+                break;
+            }
+            self.deadlines.pop_front();
+        }
+        // An old ACK still pending holds settled entries behind it: keep
+        // the queue within twice the pending publishes.
+        if self.deadlines.len() > 2 * self.waiting.len() + ORPHANS_MAX {
+            let waiting = &self.waiting;
+            self.deadlines
+                .retain(|&(_, s, q)| waiting.get(s).is_some_and(|w| w.seq == q));
+        }
+        Some(waiting)
+    }
+
+    /// The publishes whose deadline passed by `now`, oldest first.
+    fn expire(&mut self, now: tokio::time::Instant) -> Vec<Waiting> {
+        let mut expired = Vec::new();
+        while let Some(&(deadline, slot, seq)) = self.deadlines.front() {
+            if self.is_live(slot, seq) {
+                if deadline > now {
+                    break;
+                }
+                expired.push(self.waiting.remove(slot));
+                self.orphans += 1;
+            }
+            self.deadlines.pop_front();
+        }
+        if self.orphans > ORPHANS_MAX {
+            let acks = std::mem::take(&mut self.acks);
+            self.acks = acks.into_iter().filter(|t| self.is_live(t.slot, t.seq)).collect();
+            self.orphans = 0;
+        }
+        expired
+    }
+
+    fn next_deadline(&self) -> Option<tokio::time::Instant> {
+        self.deadlines.front().map(|&(deadline, ..)| deadline)
+    }
+}
+
 async fn collect(
     mut rx: mpsc::UnboundedReceiver<Pending>,
     routes: Arc<Mutex<ResultRoutes>>,
     backend: &'static str,
+    ack_timeout: Duration,
 ) {
     let mut counters = TopicCounters {
         backend,
         by_topic: std::collections::HashMap::default(),
     };
-    let mut in_flight = FuturesUnordered::new();
-    loop {
+    let mut pending = InFlight {
+        waiting: slab::Slab::new(),
+        acks: FuturesUnordered::new(),
+        deadlines: VecDeque::new(),
+        next_seq: 0,
+        orphans: 0,
+    };
+    let timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(timer);
+    // The deadline the timer is set to, if any (it may be older than the
+    // oldest pending one: it then fires early and is set again).
+    let mut armed: Option<tokio::time::Instant> = None;
+    let mut open = true;
+    while open || !pending.waiting.is_empty() {
+        if armed.is_none()
+            && let Some(deadline) = pending.next_deadline()
+        {
+            timer.as_mut().reset(deadline);
+            armed = Some(deadline);
+        }
         tokio::select! {
-            Some((result, pending)) = in_flight.next(), if !in_flight.is_empty() => {
-                let result: PublishResult = result;
-                counters.count(&result.topic, result.is_success());
-                deliver(&routes, result, pending).await;
+            Some((slot, seq, outcome)) = pending.acks.next(), if !pending.acks.is_empty() => {
+                if let Some(w) = pending.settle(slot, seq) {
+                    finish(&routes, &mut counters, w, outcome).await;
+                }
             }
-            next = rx.recv() => match next {
-                Some(p) => in_flight.push(async move {
-                    let Pending { ack, deadline, ack_timeout, meta, reply, permit } = p;
-                    let report = meta.report;
-                    let outcome = tokio::time::timeout_at(deadline, ack)
-                        .await
-                        .unwrap_or_else(|_| Err(Error::timeout(format!("no ACK within {ack_timeout:?}"))));
-                    let result = PublishResult::new(meta, outcome);
-                    (result, (report, reply, permit))
-                }),
-                None => break,
+            () = &mut timer, if armed.is_some() => {
+                armed = None;
+                for w in pending.expire(tokio::time::Instant::now()) {
+                    let timeout = Err(Error::timeout(format!("no ACK within {ack_timeout:?}")));
+                    finish(&routes, &mut counters, w, timeout).await;
+                }
+            }
+            next = rx.recv(), if open => match next {
+                Some(p) => pending.add(p),
+                None => open = false,
             },
         }
     }
-    while let Some((result, pending)) = in_flight.next().await {
-        counters.count(&result.topic, result.is_success());
-        deliver(&routes, result, pending).await;
-    }
+}
+
+/// Counts and delivers one publish's result.
+async fn finish(
+    routes: &Mutex<ResultRoutes>,
+    counters: &mut TopicCounters,
+    w: Waiting,
+    outcome: Result<Ack>,
+) {
+    let Waiting {
+        meta, reply, permit, ..
+    } = w;
+    let report = meta.report;
+    let result = PublishResult::new(meta, outcome);
+    counters.count(&result.topic, result.is_success());
+    deliver(routes, result, (report, reply, permit)).await;
 }
 
 async fn deliver(

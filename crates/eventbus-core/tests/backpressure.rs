@@ -321,3 +321,117 @@ async fn an_unset_publish_window_is_the_backends_and_a_set_one_wins() {
     let bus = EventBus::new(backend, config).unwrap();
     assert_eq!(publishes_before_the_window_is_full(&bus).await, 5);
 }
+
+/// A memory backend whose ACKs for topic `stuck` never come. Each such ACK
+/// future holds a token in `alive` until it is dropped.
+struct StuckAcks {
+    inner: eventbus_core::MemoryBackend,
+    alive: Arc<AtomicUsize>,
+}
+
+/// Counts itself in `alive` while it lives.
+struct Token(Arc<AtomicUsize>);
+
+impl Drop for Token {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[async_trait::async_trait]
+impl eventbus_core::Backend for StuckAcks {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(
+        &self,
+        message: eventbus_core::Message,
+    ) -> eventbus_core::Result<eventbus_core::AckFuture> {
+        if message.topic != "stuck" {
+            return self.inner.publish(message).await;
+        }
+        self.alive.fetch_add(1, Ordering::SeqCst);
+        let token = Token(self.alive.clone());
+        Ok(Box::pin(async move {
+            let _token = token;
+            futures::future::pending::<()>().await;
+            Ok(eventbus_core::Ack::default())
+        }))
+    }
+
+    async fn subscribe(
+        &self,
+        spec: &eventbus_core::SubscribeSpec,
+    ) -> eventbus_core::Result<Box<dyn eventbus_core::BackendSubscription>> {
+        self.inner.subscribe(spec).await
+    }
+
+    fn connection_state(&self) -> eventbus_core::ConnectionState {
+        self.inner.connection_state()
+    }
+
+    async fn close(&self) -> eventbus_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// ACKs that never come time out after `publish.ack_timeout_ms`, each with
+/// a `Timeout` result, while the ACKs of other publishes in between are
+/// reported at once; their window slots are freed; and the bus keeps at
+/// most 1,024 of the timed-out ACK futures (a backend whose ACKs never end
+/// does not make the bus hold them all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acks_that_never_come_time_out_in_order_and_are_not_all_kept() {
+    let alive = Arc::new(AtomicUsize::new(0));
+    let backend = StuckAcks {
+        inner: eventbus_core::MemoryBackend::default(),
+        alive: alive.clone(),
+    };
+    let mut config = BusConfig::default();
+    config.publish.ack_timeout_ms = 300;
+    config.publish.max_in_flight = Some(5_000);
+    let bus = EventBus::new(backend, config).unwrap();
+    let started = std::time::Instant::now();
+    let mut stuck = Vec::new();
+    let mut fine = Vec::new();
+    for v in 1..=3_000 {
+        stuck.push(bus.publish_envelope("stuck", &envelope("s", v)).await.unwrap());
+        if v % 300 == 0 {
+            fine.push(
+                bus.publish_envelope("fine", &envelope("f", v / 300))
+                    .await
+                    .unwrap(),
+            );
+        }
+    }
+    for handle in fine {
+        let result = handle.await;
+        assert!(result.is_success(), "{:?}", result.error);
+    }
+    assert!(
+        started.elapsed() < Duration::from_millis(300),
+        "a confirmed publish waited for the stuck ones"
+    );
+    for handle in stuck {
+        let result = handle.await;
+        assert_eq!(result.error.map(|e| e.kind()), Some(ErrorKind::Timeout));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(300),
+        "timed out early: {waited:?}"
+    );
+    assert!(waited < Duration::from_secs(5), "timed out late: {waited:?}");
+    assert!(
+        eventually(|| alive.load(Ordering::SeqCst) <= 1_024).await,
+        "{} timed-out ACK futures kept",
+        alive.load(Ordering::SeqCst)
+    );
+    // The window is free again: publishing goes on.
+    assert!(
+        bus.publish_envelope_sync("fine", &envelope("f", 100))
+            .await
+            .is_ok()
+    );
+}
