@@ -373,6 +373,12 @@ impl InFlight {
             reply,
             permit,
         } = p;
+        // Publishers on several threads may send out of deadline order by
+        // a few µs: keep the queue ordered (a deadline only moves later).
+        let deadline = self
+            .deadlines
+            .back()
+            .map_or(deadline, |&(last, ..)| deadline.max(last));
         let slot = self.waiting.insert(Waiting {
             seq,
             meta,
@@ -474,7 +480,27 @@ async fn collect(
             }
             () = &mut timer, if armed.is_some() => {
                 armed = None;
-                for w in pending.expire(tokio::time::Instant::now()) {
+                let now = tokio::time::Instant::now();
+                // An ACK that is in is a success however late the collector
+                // gets to it (it may have waited on a full results stream):
+                // take every publish sent and every ACK in before expiring,
+                // outside tokio's task budget (a channel out of budget would
+                // read as not in yet). Bounded: one pass over the pending.
+                tokio::task::unconstrained(async {
+                    while let Ok(p) = rx.try_recv() {
+                        pending.add(p);
+                    }
+                    for _ in 0..pending.acks.len() {
+                        let Some(Some((slot, seq, outcome))) = pending.acks.next().now_or_never() else {
+                            break;
+                        };
+                        if let Some(w) = pending.settle(slot, seq) {
+                            finish(&routes, &mut counters, w, outcome).await;
+                        }
+                    }
+                })
+                .await;
+                for w in pending.expire(now) {
                     let timeout = Err(Error::timeout(format!("no ACK within {ack_timeout:?}")));
                     finish(&routes, &mut counters, w, timeout).await;
                 }

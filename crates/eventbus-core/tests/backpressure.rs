@@ -392,37 +392,42 @@ async fn acks_that_never_come_time_out_in_order_and_are_not_all_kept() {
     config.publish.ack_timeout_ms = 300;
     config.publish.max_in_flight = Some(5_000);
     let bus = EventBus::new(backend, config).unwrap();
-    let started = std::time::Instant::now();
+    let timeout = chrono::Duration::milliseconds(300);
     let mut stuck = Vec::new();
     let mut fine = Vec::new();
     for v in 1..=3_000 {
-        stuck.push(bus.publish_envelope("stuck", &envelope("s", v)).await.unwrap());
+        let sent = chrono::Utc::now();
+        let handle = bus.publish_envelope("stuck", &envelope("s", v)).await.unwrap();
+        stuck.push((sent, handle));
         if v % 300 == 0 {
-            fine.push(
-                bus.publish_envelope("fine", &envelope("f", v / 300))
-                    .await
-                    .unwrap(),
-            );
+            let sent = chrono::Utc::now();
+            let handle = bus
+                .publish_envelope("fine", &envelope("f", v / 300))
+                .await
+                .unwrap();
+            fine.push((sent, handle));
         }
     }
-    for handle in fine {
+    for (sent, handle) in fine {
         let result = handle.await;
         assert!(result.is_success(), "{:?}", result.error);
+        let took = result.timestamp - sent;
+        assert!(
+            took < timeout,
+            "a confirmed publish waited {took} for the stuck ones"
+        );
     }
-    assert!(
-        started.elapsed() < Duration::from_millis(300),
-        "a confirmed publish waited for the stuck ones"
-    );
-    for handle in stuck {
+    let mut last = None;
+    for (sent, handle) in stuck {
         let result = handle.await;
-        assert_eq!(result.error.map(|e| e.kind()), Some(ErrorKind::Timeout));
+        assert_eq!(result.error.as_ref().map(|e| e.kind()), Some(ErrorKind::Timeout));
+        let waited = result.timestamp - sent;
+        assert!(waited >= timeout, "timed out early: {waited}");
+        assert!(waited < chrono::Duration::seconds(5), "timed out late: {waited}");
+        // Timeouts come in the order of the publishes.
+        assert!(last.is_none_or(|t| t <= result.timestamp));
+        last = Some(result.timestamp);
     }
-    let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(300),
-        "timed out early: {waited:?}"
-    );
-    assert!(waited < Duration::from_secs(5), "timed out late: {waited:?}");
     assert!(
         eventually(|| alive.load(Ordering::SeqCst) <= 1_024).await,
         "{} timed-out ACK futures kept",
@@ -434,4 +439,42 @@ async fn acks_that_never_come_time_out_in_order_and_are_not_all_kept() {
             .await
             .is_ok()
     );
+}
+
+/// An ACK that came in time is a success even when the collector gets to
+/// it late: here the results stream (capacity 1) is not read for twice the
+/// ACK timeout, so the collector waits to deliver the second result while
+/// every other ACK is already in. Once the stream is read, all 30 results
+/// are successes, none a `Timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_in_time_is_a_success_even_when_its_result_is_delivered_late() {
+    let mut config = BusConfig::default();
+    config.results.enabled = true;
+    config.results.capacity = 1;
+    config.publish.ack_timeout_ms = 300;
+    config.publish.max_in_flight = Some(50);
+    let bus = EventBus::new(eventbus_core::MemoryBackend::default(), config).unwrap();
+    let mut results = bus.results().unwrap();
+    let mut handles = Vec::new();
+    for v in 1..=30 {
+        handles.push(bus.publish_envelope("late", &envelope("l", v)).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut streamed = 0;
+    while streamed < 30 {
+        let result = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut results))
+            .await
+            .expect("a result within 5 s")
+            .expect("the stream is open");
+        assert!(
+            result.is_success(),
+            "streamed result {streamed}: {:?}",
+            result.error
+        );
+        streamed += 1;
+    }
+    for handle in handles {
+        let result = handle.await;
+        assert!(result.is_success(), "{:?}", result.error);
+    }
 }
