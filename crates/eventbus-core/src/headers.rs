@@ -107,6 +107,11 @@ pub const BUS_NAMES: [&str; 13] = [
     crate::trace::TRACESTATE,
 ];
 
+/// `name` as one of [`BUS_NAMES`] (compared exactly), if it is one.
+pub fn bus_name(name: &str) -> Option<&'static str> {
+    BUS_NAMES.iter().find(|known| **known == name).copied()
+}
+
 impl Headers {
     /// No headers, with room for `pairs` (count) and `text` (bytes of
     /// values) without growing: the codec's fast path.
@@ -153,7 +158,7 @@ impl Headers {
                 pairs.compact();
             }
             None => {
-                let name = match BUS_NAMES.iter().find(|known| **known == name) {
+                let name = match bus_name(name) {
                     Some(known) => Name::Borrowed(known),
                     None => Name::Owned(name.to_owned()),
                 };

@@ -461,16 +461,14 @@ async fn collect(
     };
     let timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(timer);
-    // The deadline the timer is set to, if any (it may be older than the
+    // Whether the timer is set (to a deadline that may be older than the
     // oldest pending one: it then fires early and is set again).
-    let mut armed: Option<tokio::time::Instant> = None;
+    let mut armed = false;
     let mut open = true;
     while open || !pending.waiting.is_empty() {
-        if armed.is_none()
-            && let Some(deadline) = pending.next_deadline()
-        {
+        if !armed && let Some(deadline) = pending.next_deadline() {
             timer.as_mut().reset(deadline);
-            armed = Some(deadline);
+            armed = true;
         }
         tokio::select! {
             Some((slot, seq, outcome)) = pending.acks.next(), if !pending.acks.is_empty() => {
@@ -478,8 +476,8 @@ async fn collect(
                     finish(&routes, &mut counters, w, outcome).await;
                 }
             }
-            () = &mut timer, if armed.is_some() => {
-                armed = None;
+            () = &mut timer, if armed => {
+                armed = false;
                 let now = tokio::time::Instant::now();
                 // An ACK that is in is a success however late the collector
                 // gets to it (it may have waited on a full results stream):
@@ -513,7 +511,8 @@ async fn collect(
     }
 }
 
-/// Counts and delivers one publish's result.
+/// Counts one publish's result, forwards it to the results streams (for
+/// an envelope publish), then to its handle, then frees its window slot.
 async fn finish(
     routes: &Mutex<ResultRoutes>,
     counters: &mut TopicCounters,
@@ -526,14 +525,6 @@ async fn finish(
     let report = meta.report;
     let result = PublishResult::new(meta, outcome);
     counters.count(&result.topic, result.is_success());
-    deliver(routes, result, (report, reply, permit)).await;
-}
-
-async fn deliver(
-    routes: &Mutex<ResultRoutes>,
-    result: PublishResult,
-    (report, reply, permit): (bool, oneshot::Sender<PublishResult>, OwnedSemaphorePermit),
-) {
     let (global, tenant) = {
         let r = routes.lock().unwrap();
         let tenant = result.tenant_id.and_then(|t| r.tenants.get(&t).cloned());

@@ -299,9 +299,7 @@ impl Backend for KafkaBackend {
         let queue = self
             .inner
             .config
-            .extra
-            .get("queue.buffering.max.messages")
-            .and_then(|v| v.parse::<u64>().ok())
+            .extra_number("queue.buffering.max.messages")
             .unwrap_or(self.inner.config.producer.queue_max_messages);
         usize::try_from(queue).unwrap_or(usize::MAX).clamp(1, 20_000)
     }

@@ -375,10 +375,14 @@ impl KafkaConfig {
     /// `fetch.wait.max.ms` when it holds a number (librdkafka properties in
     /// `extra` are applied last), else `consumer.fetch_wait_max_ms`.
     pub fn fetch_wait_ms(&self) -> u64 {
-        self.extra
-            .get("fetch.wait.max.ms")
-            .and_then(|v| v.parse::<u64>().ok())
+        self.extra_number("fetch.wait.max.ms")
             .unwrap_or(self.consumer.fetch_wait_max_ms)
+    }
+
+    /// The number a librdkafka property of `extra` holds, if it holds one
+    /// (`extra` is applied last, so it wins over the typed setting).
+    pub(crate) fn extra_number(&self, property: &str) -> Option<u64> {
+        self.extra.get(property).and_then(|v| v.parse::<u64>().ok())
     }
 
     /// Defaults with these bootstrap brokers.

@@ -200,10 +200,7 @@ fn nats_headers(message: &Message) -> Result<HeaderMap> {
     for (name, value) in message.headers.iter() {
         // The bus's own names go as static names: not copied and validated
         // again for every publish.
-        let n = match eventbus_core::headers::BUS_NAMES
-            .iter()
-            .find(|known| **known == name)
-        {
+        let n = match eventbus_core::headers::bus_name(name) {
             Some(known) => HeaderName::from_static(known),
             None => HeaderName::from_str(name).map_err(|_| {
                 ValidationError::new("headers", format!("{name:?} is not a valid NATS header name"))
