@@ -478,3 +478,61 @@ async fn an_ack_in_time_is_a_success_even_when_its_result_is_delivered_late() {
         assert!(result.is_success(), "{:?}", result.error);
     }
 }
+
+/// The memory backend ACKs at stage one, so the publish call settles the
+/// result itself unless a results stream takes it: a tenant stream opened
+/// on a bus without the global one must still get every result of its
+/// tenant, with the window filling while it is unread, and the others
+/// settle at once.
+#[tokio::test]
+async fn a_tenant_results_stream_alone_still_gets_results_settled_at_stage_one() {
+    use futures::StreamExt;
+    let mut config = BusConfig::default();
+    config.results.capacity = 2;
+    config.publish.max_in_flight = Some(4);
+    config.publish.timeout_ms = 200;
+    let bus = EventBus::memory_with(config).unwrap();
+    assert!(bus.results().is_none(), "results.enabled is off");
+    let tenant = |t: i64, v: i64| {
+        Envelope::builder("a", "T", v)
+            .tenant_id(t)
+            .json_payload(&v)
+            .unwrap()
+            .build()
+            .unwrap()
+    };
+    // Before any stream: settled by the publish call, the window stays free.
+    for v in 1..=20 {
+        let r = bus.publish_envelope("t", &tenant(7, v)).await.unwrap().await;
+        assert!(r.is_success() && r.position.is_some(), "{r:?}");
+    }
+    assert_eq!(bus.health().publishes_in_flight, 0);
+    let mut sevens = bus.tenant_results(7).unwrap();
+    // Tenant 8's results are nobody's: they never wait.
+    for v in 21..=40 {
+        assert!(
+            bus.publish_envelope("t", &tenant(8, v))
+                .await
+                .unwrap()
+                .await
+                .is_success()
+        );
+    }
+    // Tenant 7's: 2 in the stream, then 4 in the window (1 of them
+    // waiting to enter the stream), then a timeout.
+    let mut handles = Vec::new();
+    for v in 41..=46 {
+        handles.push(bus.publish_envelope("t", &tenant(7, v)).await.unwrap());
+    }
+    let full = bus.publish_envelope("t", &tenant(7, 47)).await.unwrap_err();
+    assert_eq!(full.kind(), ErrorKind::Timeout, "{full}");
+    let got: Vec<i64> = (&mut sevens)
+        .take(6)
+        .map(|r| r.tenant_id.unwrap())
+        .collect()
+        .await;
+    assert_eq!(got, vec![7; 6]);
+    for h in handles {
+        assert!(h.await.is_success());
+    }
+}

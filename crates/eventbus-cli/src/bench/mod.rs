@@ -79,6 +79,10 @@ pub(crate) struct BenchArgs {
     /// Skip the raw-client baselines.
     #[arg(long)]
     no_raw: bool,
+    /// Skip our bus and run the raw-client baselines alone (to profile a
+    /// baseline: `RAW=1 scripts/profile`).
+    #[arg(long, conflicts_with = "no_raw")]
+    no_ours: bool,
     /// Members of the consumer group, comma-separated: each level runs once
     /// per count, the members in this process, each with its own bus and
     /// broker connection (memory: clients of one broker). With more than one,
@@ -158,7 +162,8 @@ async fn one_round(
         0 => label,
         n => format!("{label} (run {n})"),
     };
-    for &members in &args.members {
+    let members = if args.no_ours { &[][..] } else { &args.members[..] };
+    for &members in members {
         if stop.is_cancelled() {
             return Ok(());
         }
