@@ -4,10 +4,7 @@
 //!
 //! One collector task per bus awaits every pending ACK (no task per message),
 //! forwards its result to the results streams (waiting when they are full,
-//! never dropping), then to the handle, then frees the in-flight slot. An
-//! ACK already in at stage one (the memory backend's) whose result no
-//! results stream takes is settled by the publish call itself: counted,
-//! handed to the handle, its slot freed, with no hop through the collector.
+//! never dropping), then to the handle, then frees the in-flight slot.
 //!
 //! The collector keeps each pending publish's result data in a slab and
 //! polls only small tagged ACK futures. Every ACK of a bus waits the same
@@ -114,16 +111,7 @@ pub(crate) struct ResultMeta {
 #[derive(Debug)]
 #[must_use = "await the handle to learn whether the broker confirmed the message"]
 pub struct PublishHandle {
-    state: HandleState,
-}
-
-/// Where a [`PublishHandle`]'s result comes from.
-#[derive(Debug)]
-enum HandleState {
-    /// Settled at stage one; taken by the first poll that finds it.
-    Ready(Option<PublishResult>),
-    /// From the collector.
-    Waiting(oneshot::Receiver<PublishResult>),
+    rx: oneshot::Receiver<PublishResult>,
 }
 
 impl Future for PublishHandle {
@@ -131,20 +119,10 @@ impl Future for PublishHandle {
 
     /// The collector always answers; it is gone only when the runtime shuts
     /// down, and then the result is a `Closed` error without metadata.
-    ///
-    /// # Panics
-    /// When polled again after it returned its result.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<PublishResult> {
-        match &mut self.state {
-            HandleState::Ready(result) => {
-                Poll::Ready(result.take().expect("PublishHandle polled after completion"))
-            }
-            HandleState::Waiting(rx) => rx.poll_unpin(cx).map(|r| {
-                r.unwrap_or_else(|_| {
-                    PublishResult::new(ResultMeta::default(), Err(Error::closed("publisher")))
-                })
-            }),
-        }
+        self.rx.poll_unpin(cx).map(|r| {
+            r.unwrap_or_else(|_| PublishResult::new(ResultMeta::default(), Err(Error::closed("publisher"))))
+        })
     }
 }
 
@@ -216,12 +194,6 @@ pub(crate) struct Publisher {
     max_in_flight: usize,
     pending: mpsc::UnboundedSender<Pending>,
     routes: Arc<Mutex<ResultRoutes>>,
-    /// Whether `routes` may hold a stream (set before a route is added,
-    /// never cleared): without one, a result ready at stage one is settled
-    /// by the publish call without taking the lock.
-    routed: std::sync::atomic::AtomicBool,
-    /// The publish counters, shared with the collector.
-    counters: Arc<Mutex<TopicCounters>>,
     results_capacity: usize,
     global_results: Mutex<Option<PublishResults>>,
     timeout: Duration,
@@ -242,14 +214,8 @@ impl Publisher {
             global_results = Some(PublishResults(grx));
         }
         let ack_timeout = Duration::from_millis(config.publish.ack_timeout_ms);
-        let counters = Arc::new(Mutex::new(TopicCounters {
-            backend,
-            by_topic: HashMap::default(),
-        }));
-        tokio::spawn(collect(rx, routes.clone(), counters.clone(), ack_timeout));
+        tokio::spawn(collect(rx, routes.clone(), backend, ack_timeout));
         Self {
-            routed: std::sync::atomic::AtomicBool::new(config.results.enabled),
-            counters,
             // The unbounded channel holds at most `max_in_flight` items: each carries a permit.
             window: Arc::new(Semaphore::new(window)),
             max_in_flight: window,
@@ -297,7 +263,7 @@ impl Publisher {
                     )))
                 }),
         };
-        let mut ack = accepted.inspect_err(|_| {
+        let ack = accepted.inspect_err(|_| {
             metrics::counter!(
                 crate::telemetry::PUBLISH_ERRORS,
                 "backend" => self.backend,
@@ -305,25 +271,6 @@ impl Publisher {
             )
             .increment(1);
         })?;
-        // Polled once without a waker: the collector's poll registers its
-        // own, and a Kafka or NATS ACK (never in yet) wakes nobody here.
-        let mut nobody = Context::from_waker(futures::task::noop_waker_ref());
-        if let Poll::Ready(outcome) = ack.as_mut().poll(&mut nobody) {
-            if !self.is_routed(&meta) {
-                let result = PublishResult::new(meta, outcome);
-                self.counters
-                    .lock()
-                    .unwrap()
-                    .count(&result.topic, result.is_success());
-                drop(permit);
-                return Ok(PublishHandle {
-                    state: HandleState::Ready(Some(result)),
-                });
-            }
-            // A results stream takes it: the collector delivers it (and
-            // waits while the stream is full), as any other.
-            ack = futures::future::ready(outcome).boxed();
-        }
         let (reply, rx) = oneshot::channel();
         let pending = Pending {
             ack,
@@ -335,18 +282,7 @@ impl Publisher {
         self.pending
             .send(pending)
             .map_err(|_| Error::closed("publisher"))?;
-        Ok(PublishHandle {
-            state: HandleState::Waiting(rx),
-        })
-    }
-
-    /// Whether a results stream takes the result of `meta`'s publish.
-    fn is_routed(&self, meta: &ResultMeta) -> bool {
-        if !meta.report || !self.routed.load(std::sync::atomic::Ordering::Acquire) {
-            return false;
-        }
-        let routes = self.routes.lock().unwrap();
-        routes.global.is_some() || meta.tenant_id.is_some_and(|t| routes.tenants.contains_key(&t))
+        Ok(PublishHandle { rx })
     }
 
     pub(crate) fn take_results(&self) -> Option<PublishResults> {
@@ -355,7 +291,6 @@ impl Publisher {
 
     pub(crate) fn tenant_results(&self, tenant_id: i64) -> PublishResults {
         let (tx, rx) = mpsc::channel(self.results_capacity);
-        self.routed.store(true, std::sync::atomic::Ordering::Release);
         self.routes.lock().unwrap().tenants.insert(tenant_id, tx);
         PublishResults(rx)
     }
@@ -510,9 +445,13 @@ impl InFlight {
 async fn collect(
     mut rx: mpsc::UnboundedReceiver<Pending>,
     routes: Arc<Mutex<ResultRoutes>>,
-    counters: Arc<Mutex<TopicCounters>>,
+    backend: &'static str,
     ack_timeout: Duration,
 ) {
+    let mut counters = TopicCounters {
+        backend,
+        by_topic: std::collections::HashMap::default(),
+    };
     let mut pending = InFlight {
         waiting: slab::Slab::new(),
         acks: FuturesUnordered::new(),
@@ -534,7 +473,7 @@ async fn collect(
         tokio::select! {
             Some((slot, seq, outcome)) = pending.acks.next(), if !pending.acks.is_empty() => {
                 if let Some(w) = pending.settle(slot, seq) {
-                    finish(&routes, &counters, w, outcome).await;
+                    finish(&routes, &mut counters, w, outcome).await;
                 }
             }
             () = &mut timer, if armed => {
@@ -554,14 +493,14 @@ async fn collect(
                             break;
                         };
                         if let Some(w) = pending.settle(slot, seq) {
-                            finish(&routes, &counters, w, outcome).await;
+                            finish(&routes, &mut counters, w, outcome).await;
                         }
                     }
                 })
                 .await;
                 for w in pending.expire(now) {
                     let timeout = Err(Error::timeout(format!("no ACK within {ack_timeout:?}")));
-                    finish(&routes, &counters, w, timeout).await;
+                    finish(&routes, &mut counters, w, timeout).await;
                 }
             }
             next = rx.recv(), if open => match next {
@@ -576,7 +515,7 @@ async fn collect(
 /// an envelope publish), then to its handle, then frees its window slot.
 async fn finish(
     routes: &Mutex<ResultRoutes>,
-    counters: &Mutex<TopicCounters>,
+    counters: &mut TopicCounters,
     w: Waiting,
     outcome: Result<Ack>,
 ) {
@@ -585,7 +524,7 @@ async fn finish(
     } = w;
     let report = meta.report;
     let result = PublishResult::new(meta, outcome);
-    counters.lock().unwrap().count(&result.topic, result.is_success());
+    counters.count(&result.topic, result.is_success());
     let (global, tenant) = {
         let r = routes.lock().unwrap();
         let tenant = result.tenant_id.and_then(|t| r.tenants.get(&t).cloned());

@@ -479,13 +479,13 @@ async fn an_ack_in_time_is_a_success_even_when_its_result_is_delivered_late() {
     }
 }
 
-/// The memory backend ACKs at stage one, so the publish call settles the
-/// result itself unless a results stream takes it: a tenant stream opened
-/// on a bus without the global one must still get every result of its
-/// tenant, with the window filling while it is unread, and the others
-/// settle at once.
+/// A tenant results stream opened on a bus without the global one gets
+/// every result of its tenant (the window filling while it is unread),
+/// and the other tenants' results never wait on it. (Stop 32 tried
+/// settling memory's results in the publish call; this guards the routing
+/// such a path must keep.)
 #[tokio::test]
-async fn a_tenant_results_stream_alone_still_gets_results_settled_at_stage_one() {
+async fn a_tenant_results_stream_alone_gets_every_result_of_its_tenant() {
     use futures::StreamExt;
     let mut config = BusConfig::default();
     config.results.capacity = 2;
@@ -501,7 +501,7 @@ async fn a_tenant_results_stream_alone_still_gets_results_settled_at_stage_one()
             .build()
             .unwrap()
     };
-    // Before any stream: settled by the publish call, the window stays free.
+    // Before any stream: every result settles, the window is free again.
     for v in 1..=20 {
         let r = bus.publish_envelope("t", &tenant(7, v)).await.unwrap().await;
         assert!(r.is_success() && r.position.is_some(), "{r:?}");
@@ -535,4 +535,32 @@ async fn a_tenant_results_stream_alone_still_gets_results_settled_at_stage_one()
     for h in handles {
         assert!(h.await.is_success());
     }
+}
+
+/// A publish loop on a current-thread runtime that awaits each handle
+/// gives the runtime's other tasks (consumers, heartbeats, timers) a turn,
+/// even on the memory backend, whose ACK is complete at stage one. (A
+/// version that settled memory's results in the publish call, tried in
+/// stop 32, never yielded: the other task ran 0 times.)
+#[tokio::test]
+async fn a_publish_loop_awaiting_each_handle_lets_other_tasks_run() {
+    let bus = EventBus::memory_with(BusConfig::default()).unwrap();
+    let turns = Arc::new(AtomicUsize::new(0));
+    let t = turns.clone();
+    let other = tokio::spawn(async move {
+        loop {
+            t.fetch_add(1, Ordering::SeqCst);
+            tokio::task::yield_now().await;
+        }
+    });
+    for v in 1..=5_000 {
+        let handle = bus.publish_envelope("turns", &envelope("a", v)).await.unwrap();
+        assert!(handle.await.is_success());
+    }
+    assert!(
+        turns.load(Ordering::SeqCst) > 10,
+        "the other task ran {} times during 5,000 publishes",
+        turns.load(Ordering::SeqCst)
+    );
+    other.abort();
 }
