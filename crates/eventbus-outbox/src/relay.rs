@@ -416,11 +416,14 @@ impl Relay {
         } = round;
         let lease = self.lease();
         let held = stranded + chains.iter().map(Vec::len).sum::<usize>();
+        // The round's statements on its rows take turns with its renewal.
+        let turn = tokio::sync::Mutex::new(());
+        let turn = &turn;
         // Failures (each may wait for a dead-letter ACK) and the mark run
         // under the renewal too, so the confirmed rows of a round with many
         // failures, or a mark retried through a database outage, keep their
         // claim until they are marked.
-        self.renewing(&claim, lease, &fence, async {
+        self.renewing(&claim, lease, &fence, turn, async {
             let outcomes = self.publish_chains(&chains, &fence).await;
             let mut published = Vec::with_capacity(held);
             let mut unpublished = stranded;
@@ -432,14 +435,14 @@ impl Relay {
                     // A failure record that could not be written still
                     // lets the confirmed rows be marked.
                     Sent::Failed(error) => {
-                        if let Err(e) = self.failed(lane, &claim, &fence, row, &error).await {
+                        if let Err(e) = self.failed(lane, turn, &claim, &fence, row, &error).await {
                             failure = Err(e);
                         }
                     }
                 }
             }
             let marked = self
-                .persist(lane, "mark published", || {
+                .persist_in_turn(lane, turn, "mark published", || {
                     self.store.mark_published(&claim, &published)
                 })
                 .await?;
@@ -448,7 +451,7 @@ impl Relay {
                 // A retried mark finds rows an earlier attempt marked
                 // before its answer was lost: ours, not another relay's.
                 ours = self
-                    .persist(lane, "count published", || {
+                    .persist_in_turn(lane, turn, "count published", || {
                         self.store.count_published(&claim, &published)
                     })
                     .await?;
@@ -462,8 +465,10 @@ impl Relay {
             // rather than wait out the lease; after the mark, so no
             // published row becomes claimable again.
             if unpublished > 0 {
-                self.persist(lane, "release held-back rows", || self.store.release(&claim))
-                    .await?;
+                self.persist_in_turn(lane, turn, "release held-back rows", || {
+                    self.store.release(&claim)
+                })
+                .await?;
             }
             failure
         })
@@ -476,35 +481,66 @@ impl Relay {
         metrics::counter!(eventbus_core::telemetry::OUTBOX_PUBLISHED).increment(n);
     }
 
-    /// Runs `work` while renewing `claim` every third of `lease`; a renewal
+    /// Runs `work` while renewing `claim` every third of `lease`, beside
+    /// it: a renewal waiting on the database (locked rows, a slow or
+    /// failing-over server) holds none of the round's publishes. A renewal
     /// that still finds rows held, and came back before `fence` passed,
-    /// moves it on.
+    /// moves it on. Each renewal takes `turn`, as the round's own
+    /// statements on its rows do ([`Relay::persist_in_turn`]): a renewal
+    /// and a mark at once lock the same rows in different orders, a
+    /// deadlock PostgreSQL breaks only after `deadlock_timeout` (about 1 s).
     async fn renewing<T>(
         &self,
         claim: &str,
         lease: Duration,
         fence: &Fence,
+        turn: &tokio::sync::Mutex<()>,
         work: impl Future<Output = T>,
     ) -> T {
-        tokio::pin!(work);
         let every = lease / 3;
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            // The renewal first when both are ready (on waking from a
-            // pause): the fence then decides before the next publish.
-            tokio::select! {
-                biased;
-                _ = tick.tick() => {
-                    let sent = std::time::Instant::now();
-                    match self.store.renew(claim, lease).await {
-                        Ok(held) if held > 0 => fence.extend(sent, lease),
-                        Ok(_) => {}
-                        Err(e) => tracing::warn!(error = %e, "renewing outbox claims failed"),
-                    }
+        let renewals = async {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            loop {
+                tick.tick().await;
+                let _turn = turn.lock().await;
+                let sent = std::time::Instant::now();
+                match self.store.renew(claim, lease).await {
+                    Ok(held) if held > 0 => fence.extend(sent, lease),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(error = %e, "renewing outbox claims failed"),
                 }
-                out = &mut work => return out,
             }
+        };
+        // The renewal first when both are ready (on waking from a pause):
+        // it is sent before the next publish, which the fence decides.
+        tokio::select! {
+            biased;
+            () = renewals => unreachable!("renewals run until the work ends"),
+            out = work => out,
         }
+    }
+
+    /// [`Relay::persist`] of a statement on a round's rows: each attempt
+    /// takes the round's `turn`, so it never runs beside the round's claim
+    /// renewal (see [`Relay::renewing`]).
+    async fn persist_in_turn<T, F>(
+        &self,
+        lane: &Lane<'_>,
+        turn: &tokio::sync::Mutex<()>,
+        what: &'static str,
+        mut write: impl FnMut() -> F,
+    ) -> Result<T>
+    where
+        F: Future<Output = Result<T>>,
+    {
+        self.persist(lane, what, || {
+            let statement = write();
+            async move {
+                let _turn = turn.lock().await;
+                statement.await
+            }
+        })
+        .await
     }
 
     fn lost_claims(&self, n: u64) {
@@ -568,6 +604,7 @@ impl Relay {
     async fn failed(
         &self,
         lane: &Lane<'_>,
+        turn: &tokio::sync::Mutex<()>,
         claim: &str,
         fence: &Fence,
         row: &OutboxRow,
@@ -581,7 +618,7 @@ impl Relay {
         // The dead-letter topic is unreachable too: keep the row, try later.
         let dead = exhausted && fence.holds() && self.publish_dead_letter(row, error).await;
         let recorded = self
-            .persist(lane, "record failure", || {
+            .persist_in_turn(lane, turn, "record failure", || {
                 self.store.fail(claim, &row.id, error, next, dead)
             })
             .await?;

@@ -555,3 +555,140 @@ async fn failures_recorded_after_the_table_was_analyzed_with_nothing_pending_fin
         "claiming 500 rows and recording their failures fetched {fetched} rows through indexes"
     );
 }
+
+/// A backend that holds the ACK of its first publish for `stall` while the
+/// runtime runs on (a slow broker), then confirms it.
+#[derive(Debug)]
+struct SlowFirstAck {
+    inner: MemoryBackend,
+    stall: Duration,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl eventbus_core::Backend for SlowFirstAck {
+    fn name(&self) -> &'static str {
+        "memory"
+    }
+
+    async fn publish(
+        &self,
+        message: eventbus_core::Message,
+    ) -> eventbus_core::Result<eventbus_core::AckFuture> {
+        let ack = self.inner.publish(message).await?;
+        if !self.armed.swap(false, Ordering::SeqCst) {
+            return Ok(ack);
+        }
+        let stall = self.stall;
+        Ok(futures::FutureExt::boxed(async move {
+            tokio::time::sleep(stall).await;
+            ack.await
+        }))
+    }
+
+    async fn subscribe(
+        &self,
+        spec: &eventbus_core::SubscribeSpec,
+    ) -> eventbus_core::Result<Box<dyn eventbus_core::BackendSubscription>> {
+        self.inner.subscribe(spec).await
+    }
+
+    fn connection_state(&self) -> eventbus_core::ConnectionState {
+        self.inner.connection_state()
+    }
+
+    async fn close(&self) -> eventbus_core::Result<()> {
+        self.inner.close().await
+    }
+}
+
+/// A claim renewal waiting on the database (here: the round's rows locked
+/// by another transaction; in production a slow or failing-over server, up
+/// to the pool's acquire timeout) must not hold the round's publishes: v2
+/// goes out when v1's ACK comes, while the renewal still waits. The mark
+/// waits for the renewal (the two never run at once: they lock the same
+/// rows in different orders), and nothing is lost or reordered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_waiting_on_the_database_does_not_hold_the_rounds_publishes() {
+    let pg = PostgresServer::start()
+        .await
+        .expect("PostgreSQL (scripts/install-test-deps installs it)");
+    let (store, pool) = store(&pg).await;
+    let backend = MemoryBackend::default();
+    let consumer = EventBus::new(backend.clone(), BusConfig::default()).unwrap();
+    let checker = Arc::new(OrderChecker::new());
+    let c = checker.clone();
+    let _sub = consumer
+        .subscribe_envelope(
+            "orders",
+            SubscribeOptions::group("consumer"),
+            move |e: Envelope| {
+                c.record("orders", &e);
+                async { Ok::<_, std::io::Error>(()) }
+            },
+        )
+        .await
+        .unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    for v in 1..=2 {
+        append(
+            &mut *tx,
+            OutboxEvent::new("orders", &envelope("slow", v), "Order"),
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    // v1's ACK comes 1.5 s after its publish; the lease is 3 s, renewed every second.
+    let slow = SlowFirstAck {
+        inner: backend.clone(),
+        stall: Duration::from_millis(1_500),
+        armed: true.into(),
+    };
+    let relay = Relay::new(
+        store.clone(),
+        EventBus::new(slow, BusConfig::default()).unwrap(),
+        RelayConfig {
+            lease_ms: 3_000,
+            rounds_in_flight: 1,
+            ..fast()
+        },
+    );
+    let shutdown = CancellationToken::new();
+    let running = spawn_relay(relay, &shutdown);
+    assert!(
+        eventually(Duration::from_secs(5), || checker.report().received >= 1).await,
+        "v1 was not published"
+    );
+    // Lock the claimed rows: the renewal due about 1 s after the claim waits.
+    let mut lock = pool.begin().await.unwrap();
+    let locked: Vec<(String,)> =
+        sqlx::query_as("SELECT id FROM outbox_events WHERE claimed_by IS NOT NULL FOR UPDATE")
+            .fetch_all(&mut *lock)
+            .await
+            .unwrap();
+    assert_eq!(locked.len(), 2, "both versions are in the round");
+    let locked_at = std::time::Instant::now();
+    // v1's ACK comes at about 1.5 s: v2 must follow while the renewal waits.
+    let v2 = eventually(Duration::from_millis(2_200), || checker.report().received >= 2).await;
+    let waited = locked_at.elapsed();
+    lock.rollback().await.unwrap();
+    assert!(
+        v2,
+        "v2 was not published within {waited:?} of v1's ACK being due: the renewal held the round"
+    );
+    let mut marked = None;
+    for _ in 0..200 {
+        marked = store.status().await.unwrap().counts.get("published").copied();
+        if marked == Some(2) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(marked, Some(2), "both rows are marked published");
+    shutdown.cancel();
+    running.await.unwrap();
+    let report = checker.report();
+    assert!(report.is_strictly_ordered(), "{report}");
+    assert_eq!(report.received, 2, "{report}");
+}
