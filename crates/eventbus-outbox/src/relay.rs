@@ -422,7 +422,8 @@ impl Relay {
         // Failures (each may wait for a dead-letter ACK) and the mark run
         // under the renewal too, so the confirmed rows of a round with many
         // failures, or a mark retried through a database outage, keep their
-        // claim until they are marked.
+        // claim until they are marked (renewed between the statements'
+        // attempts: each attempt holds the round's turn).
         self.renewing(&claim, lease, &fence, turn, async {
             let outcomes = self.publish_chains(&chains, &fence).await;
             let mut published = Vec::with_capacity(held);
@@ -485,7 +486,8 @@ impl Relay {
     /// it: a renewal waiting on the database (locked rows, a slow or
     /// failing-over server) holds none of the round's publishes. A renewal
     /// that still finds rows held, and came back before `fence` passed,
-    /// moves it on. Each renewal takes `turn`, as the round's own
+    /// moves it on; one that takes more than a third of `lease` is given
+    /// up until the next. Each renewal takes `turn`, as the round's own
     /// statements on its rows do ([`Relay::persist_in_turn`]): a renewal
     /// and a mark at once lock the same rows in different orders, a
     /// deadlock PostgreSQL breaks only after `deadlock_timeout` (about 1 s).
@@ -500,14 +502,22 @@ impl Relay {
         let every = lease / 3;
         let renewals = async {
             let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            // After a stall, one renewal, not a burst of them.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
                 let _turn = turn.lock().await;
                 let sent = std::time::Instant::now();
-                match self.store.renew(claim, lease).await {
-                    Ok(held) if held > 0 => fence.extend(sent, lease),
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "renewing outbox claims failed"),
+                // Bounded by the tick, so a renewal stuck in the database
+                // holds the round's statements (waiting for the turn) no
+                // longer than that; the next tick tries again.
+                match tokio::time::timeout(every, self.store.renew(claim, lease)).await {
+                    Ok(Ok(held)) if held > 0 => fence.extend(sent, lease),
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(error = %e, "renewing outbox claims failed"),
+                    Err(_) => tracing::warn!(
+                        "renewing outbox claims took more than a third of lease_ms: given up until the next tick"
+                    ),
                 }
             }
         };

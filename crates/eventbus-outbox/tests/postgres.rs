@@ -669,13 +669,32 @@ async fn a_renewal_waiting_on_the_database_does_not_hold_the_rounds_publishes() 
             .unwrap();
     assert_eq!(locked.len(), 2, "both versions are in the round");
     let locked_at = std::time::Instant::now();
+    // The renewal (due about 1 s after the claim) must be waiting on the lock.
+    let mut renewal_waits = false;
+    for _ in 0..60 {
+        let (waiting,): (i64,) = sqlx::query_as(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%SET lease_until%'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            renewal_waits = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(
+        renewal_waits,
+        "no renewal waited on the locked rows (taken too late?)"
+    );
     // v1's ACK comes at about 1.5 s: v2 must follow while the renewal waits.
     let v2 = eventually(Duration::from_millis(2_200), || checker.report().received >= 2).await;
     let waited = locked_at.elapsed();
     lock.rollback().await.unwrap();
     assert!(
         v2,
-        "v2 was not published within {waited:?} of v1's ACK being due: the renewal held the round"
+        "v2 was not published within {waited:?} of locking the rows (v1's ACK was due about 1.5 s after its publish): the renewal held the round"
     );
     let mut marked = None;
     for _ in 0..200 {
