@@ -507,7 +507,7 @@ impl Relay {
             loop {
                 tick.tick().await;
                 let _turn = turn.lock().await;
-                let sent = std::time::Instant::now();
+                let sent = fence_clock();
                 // Bounded by the tick, so a renewal stuck in the database
                 // holds the round's statements (waiting for the turn) no
                 // longer than that; the next tick tries again.
@@ -685,21 +685,40 @@ enum Sent {
     HeldBack,
 }
 
-/// Until when a round's claim surely holds, on this process's monotonic
-/// clock (which runs on while the process is stopped, by SIGSTOP or a
-/// pause; not while the machine is suspended, which Linux's monotonic
-/// clock leaves out): the time before the claim (or the last renewal that
+/// Until when a round's claim surely holds, on [`fence_clock`] (which runs
+/// on while the process is stopped, by SIGSTOP or a pause, and on Linux
+/// while the machine is suspended, as the database's lease does): the
+/// time before the claim (or the last renewal that
 /// still found rows held and came back before the fence passed) was sent,
 /// plus the lease. The database's lease starts later, so it ends later
 /// (unless the database's wall clock steps forward). It is checked before
 /// each row's publish and each dead letter; a publish already waiting for
 /// room in the bus's window when the fence passes still goes out (bounded
 /// by `publish.timeout_ms`).
-struct Fence(std::sync::Mutex<std::time::Instant>);
+struct Fence(std::sync::Mutex<Duration>);
+
+/// Now, on the clock [`Fence`] keeps (time since an arbitrary start). On
+/// Linux `CLOCK_BOOTTIME`: unlike `CLOCK_MONOTONIC` (std's `Instant`), it
+/// counts the time the machine spends suspended, so a relay whose machine
+/// slept past its lease (a laptop, a suspended VM) finds its fence passed
+/// on waking while the database gave its rows to another relay
+/// (clock_gettime(2)). Elsewhere std's `Instant`.
+fn fence_clock() -> Duration {
+    #[cfg(target_os = "linux")]
+    {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        Duration::new(now.tv_sec.unsigned_abs(), now.tv_nsec.unsigned_abs() as u32)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+        START.get_or_init(std::time::Instant::now).elapsed()
+    }
+}
 
 impl Fence {
     fn new(lease: Duration) -> Self {
-        Self(std::sync::Mutex::new(std::time::Instant::now() + lease))
+        Self(std::sync::Mutex::new(fence_clock() + lease))
     }
 
     /// After a renewal sent at `sent` came back: the lease runs from
@@ -708,15 +727,15 @@ impl Fence {
     /// leased (its leases end after the fence), so none can have been taken
     /// over. A later one may have revived the rows no other relay took
     /// while those it took are gone: the round must stay fenced.
-    fn extend(&self, sent: std::time::Instant, lease: Duration) {
+    fn extend(&self, sent: Duration, lease: Duration) {
         let mut until = self.0.lock().unwrap();
-        if std::time::Instant::now() < *until {
+        if fence_clock() < *until {
             *until = (*until).max(sent + lease);
         }
     }
 
     fn holds(&self) -> bool {
-        std::time::Instant::now() < *self.0.lock().unwrap()
+        fence_clock() < *self.0.lock().unwrap()
     }
 }
 
@@ -731,5 +750,36 @@ async fn notified(wakeups: &mut Option<Wakeups>) {
     match wakeups {
         Some(w) => w.next().await,
         None => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fence's clock runs at the rate of std's `Instant`, and on Linux
+    /// it is `CLOCK_BOOTTIME`: never behind `CLOCK_MONOTONIC`, ahead of it
+    /// by the time the machine spent suspended. (A suspend itself cannot
+    /// be caused from a test.)
+    #[test]
+    fn the_fence_clock_counts_what_monotonic_counts_and_on_linux_the_suspended_time() {
+        let (clock, instant) = (fence_clock(), std::time::Instant::now());
+        std::thread::sleep(Duration::from_millis(50));
+        let (ran, elapsed) = (fence_clock() - clock, instant.elapsed());
+        assert!(ran >= Duration::from_millis(50), "{ran:?}");
+        assert!(
+            ran <= elapsed + Duration::from_millis(20),
+            "{ran:?} against {elapsed:?}"
+        );
+        #[cfg(target_os = "linux")]
+        {
+            let mono = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+            let mono = Duration::new(mono.tv_sec.unsigned_abs(), mono.tv_nsec.unsigned_abs() as u32);
+            assert!(fence_clock() >= mono, "BOOTTIME is never behind MONOTONIC");
+        }
+        let fence = Fence::new(Duration::from_millis(30));
+        assert!(fence.holds());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(!fence.holds(), "the fence passed after its lease");
     }
 }
