@@ -58,6 +58,20 @@ fn fast() -> RelayConfig {
     }
 }
 
+/// A subscription to `topic` on `bus` recording into a new order checker.
+async fn checked(bus: &EventBus, topic: &str) -> (Arc<OrderChecker>, eventbus_core::Subscription) {
+    let checker = Arc::new(OrderChecker::new());
+    let (c, t) = (checker.clone(), topic.to_owned());
+    let sub = bus
+        .subscribe_envelope(topic, SubscribeOptions::group("consumer"), move |e: Envelope| {
+            c.record(&t, &e);
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    (checker, sub)
+}
+
 fn spawn_relay(relay: Relay, shutdown: &CancellationToken) -> tokio::task::JoinHandle<Relay> {
     let shutdown = shutdown.clone();
     tokio::spawn(async move {
@@ -90,19 +104,7 @@ async fn three_relays_share_in_order(aggregates: usize, versions: i64) {
     let (store, pool) = store(&pg).await;
     let backend = MemoryBackend::default();
     let consumer = EventBus::new(backend.clone(), BusConfig::default()).unwrap();
-    let checker = Arc::new(OrderChecker::new());
-    let c = checker.clone();
-    let _sub = consumer
-        .subscribe_envelope(
-            "orders",
-            SubscribeOptions::group("consumer"),
-            move |e: Envelope| {
-                c.record("orders", &e);
-                async { Ok::<_, std::io::Error>(()) }
-            },
-        )
-        .await
-        .unwrap();
+    let (checker, _sub) = checked(&consumer, "orders").await;
     let shutdown = CancellationToken::new();
     let relays: Vec<_> = (0..3)
         .map(|_| {
@@ -162,19 +164,7 @@ async fn rows_stay_pending_while_the_broker_is_down_then_flow() {
         .await
         .unwrap();
     let bus = EventBus::new(backend, config).unwrap();
-    let tx_seen = Arc::new(OrderChecker::new());
-    let c = tx_seen.clone();
-    let _sub = bus
-        .subscribe_envelope(
-            "orders",
-            SubscribeOptions::group("consumer"),
-            move |e: Envelope| {
-                c.record("orders", &e);
-                async { Ok::<_, std::io::Error>(()) }
-            },
-        )
-        .await
-        .unwrap();
+    let (tx_seen, _sub) = checked(&bus, "orders").await;
     nats.kill();
     let mut tx = pool.begin().await.unwrap();
     for v in 1..=5 {
@@ -232,19 +222,7 @@ async fn a_postgres_restart_under_a_running_relay_loses_nothing() {
         .await
         .unwrap();
     let bus = EventBus::new(backend, BusConfig::default()).unwrap();
-    let checker = Arc::new(OrderChecker::new());
-    let c = checker.clone();
-    let _sub = bus
-        .subscribe_envelope(
-            "pg-restart",
-            SubscribeOptions::group("consumer"),
-            move |e: Envelope| {
-                c.record("pg-restart", &e);
-                async { Ok::<_, std::io::Error>(()) }
-            },
-        )
-        .await
-        .unwrap();
+    let (checker, _sub) = checked(&bus, "pg-restart").await;
     let relay = Relay::new(store.clone(), bus.clone(), fast());
     let stats = relay.stats();
     let shutdown = CancellationToken::new();
@@ -556,52 +534,6 @@ async fn failures_recorded_after_the_table_was_analyzed_with_nothing_pending_fin
     );
 }
 
-/// A backend that holds the ACK of its first publish for `stall` while the
-/// runtime runs on (a slow broker), then confirms it.
-#[derive(Debug)]
-struct SlowFirstAck {
-    inner: MemoryBackend,
-    stall: Duration,
-    armed: std::sync::atomic::AtomicBool,
-}
-
-#[async_trait::async_trait]
-impl eventbus_core::Backend for SlowFirstAck {
-    fn name(&self) -> &'static str {
-        "memory"
-    }
-
-    async fn publish(
-        &self,
-        message: eventbus_core::Message,
-    ) -> eventbus_core::Result<eventbus_core::AckFuture> {
-        let ack = self.inner.publish(message).await?;
-        if !self.armed.swap(false, Ordering::SeqCst) {
-            return Ok(ack);
-        }
-        let stall = self.stall;
-        Ok(futures::FutureExt::boxed(async move {
-            tokio::time::sleep(stall).await;
-            ack.await
-        }))
-    }
-
-    async fn subscribe(
-        &self,
-        spec: &eventbus_core::SubscribeSpec,
-    ) -> eventbus_core::Result<Box<dyn eventbus_core::BackendSubscription>> {
-        self.inner.subscribe(spec).await
-    }
-
-    fn connection_state(&self) -> eventbus_core::ConnectionState {
-        self.inner.connection_state()
-    }
-
-    async fn close(&self) -> eventbus_core::Result<()> {
-        self.inner.close().await
-    }
-}
-
 /// A claim renewal waiting on the database (here: the round's rows locked
 /// by another transaction; in production a slow or failing-over server, up
 /// to the pool's acquire timeout) must not hold the round's publishes: v2
@@ -616,19 +548,7 @@ async fn a_renewal_waiting_on_the_database_does_not_hold_the_rounds_publishes() 
     let (store, pool) = store(&pg).await;
     let backend = MemoryBackend::default();
     let consumer = EventBus::new(backend.clone(), BusConfig::default()).unwrap();
-    let checker = Arc::new(OrderChecker::new());
-    let c = checker.clone();
-    let _sub = consumer
-        .subscribe_envelope(
-            "orders",
-            SubscribeOptions::group("consumer"),
-            move |e: Envelope| {
-                c.record("orders", &e);
-                async { Ok::<_, std::io::Error>(()) }
-            },
-        )
-        .await
-        .unwrap();
+    let (checker, _sub) = checked(&consumer, "orders").await;
     let mut tx = pool.begin().await.unwrap();
     for v in 1..=2 {
         append(
@@ -640,11 +560,7 @@ async fn a_renewal_waiting_on_the_database_does_not_hold_the_rounds_publishes() 
     }
     tx.commit().await.unwrap();
     // v1's ACK comes 1.5 s after its publish; the lease is 3 s, renewed every second.
-    let slow = SlowFirstAck {
-        inner: backend.clone(),
-        stall: Duration::from_millis(1_500),
-        armed: true.into(),
-    };
+    let slow = eventbus_testkit::outbox::slow_first_ack(backend.clone(), Duration::from_millis(1_500));
     let relay = Relay::new(
         store.clone(),
         EventBus::new(slow, BusConfig::default()).unwrap(),

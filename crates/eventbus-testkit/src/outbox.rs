@@ -490,6 +490,17 @@ fn an_unpublishable_row_goes_to_the_dead_letter_topic_with_its_headers(
     })
 }
 
+/// `inner` with the ACK of its first publish `stall` late, the runtime
+/// running on (a slow broker): for relay tests outside this suite.
+pub fn slow_first_ack(inner: MemoryBackend, stall: Duration) -> impl Backend {
+    StallFirstAck {
+        inner,
+        stall,
+        how: Stall::Slow,
+        armed: true.into(),
+    }
+}
+
 /// A backend whose first publish's ACK is held for `stall`, as `how` says.
 struct StallFirstAck {
     inner: MemoryBackend,
