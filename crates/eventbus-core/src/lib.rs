@@ -51,7 +51,7 @@ pub use error::{BoxError, Error, ErrorKind, Result, ValidationError};
 pub use headers::Headers;
 pub use health::{ConnectionState, Health, SubscriptionHealth};
 pub use memory::MemoryBackend;
-pub use message::{Ack, Acker, Delivery, Message, Ownership, Position};
+pub use message::{Ack, Acker, Delivery, Message, Ownership, Position, lease_clock};
 pub use partition::{GroupAssignment, fair_share, partition_for};
 pub use provision::ProvisionStrategy;
 pub use publish::{PublishHandle, PublishResult, PublishResults};

@@ -1,7 +1,7 @@
 //! Raw messages as they cross a broker, deliveries and their acknowledgement.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -151,8 +151,8 @@ pub struct Delivery {
 ///
 /// A hold can also end by itself at a deadline
 /// ([`set_deadline`](Ownership::set_deadline)), as a lease does: from that
-/// instant (the monotonic clock, which keeps counting while the process is
-/// stopped), no attempt starts and a running attempt's handler is not
+/// instant (on [`lease_clock`], which keeps counting while the process is
+/// stopped and, on Linux, while the machine is suspended), no attempt starts and a running attempt's handler is not
 /// polled again, even before anyone calls `revoke`. The NATS backend's
 /// partition leases use it, so a member frozen (SIGSTOP) past its lease
 /// handles nothing more from the partitions it lost.
@@ -175,14 +175,29 @@ struct OwnershipInner {
     idle: Condvar,
     revoked: CancellationToken,
     aborted: CancellationToken,
-    /// Lease end, in ms after [`clock_base`] plus one; 0 = no deadline.
+    /// Lease end, in ms on [`lease_clock`] plus one; 0 = no deadline.
     deadline: AtomicU64,
 }
 
-/// The instant deadlines are counted from (first use in the process).
-fn clock_base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
+/// Now on the clock leases are kept on: time since an arbitrary start, the
+/// same for the whole process. On Linux `CLOCK_BOOTTIME`: unlike
+/// `CLOCK_MONOTONIC` (std's `Instant`), it counts the time the machine
+/// spends suspended, as a broker's or a database's lease does, so a member
+/// or a relay whose machine slept past its lease (a laptop, a suspended VM)
+/// finds the lease gone on waking (clock_gettime(2)). Elsewhere std's
+/// `Instant`. Used by [`Ownership::set_deadline`] and by the outbox
+/// relay's lease fence.
+pub fn lease_clock() -> Duration {
+    #[cfg(target_os = "linux")]
+    {
+        let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
+        Duration::new(now.tv_sec.unsigned_abs(), now.tv_nsec.unsigned_abs() as u32)
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        START.get_or_init(Instant::now).elapsed()
+    }
 }
 
 impl std::fmt::Debug for Ownership {
@@ -237,8 +252,11 @@ impl Ownership {
     /// [`is_expired`](Ownership::is_expired) is true, no attempt starts and
     /// running handlers are no longer polled. Extending after expiry does
     /// not revive the hold.
+    ///
+    /// `at` is counted from now, as `at - Instant::now()` on
+    /// [`lease_clock`]: a suspend of the machine after this call counts.
     pub fn set_deadline(&self, at: Instant) {
-        let ms = at.saturating_duration_since(clock_base()).as_millis() as u64 + 1;
+        let ms = (lease_clock() + at.saturating_duration_since(Instant::now())).as_millis() as u64 + 1;
         let _ = self
             .inner
             .deadline
@@ -248,7 +266,7 @@ impl Ownership {
     }
 
     fn expired_at(&self, deadline: u64) -> bool {
-        deadline != 0 && (clock_base().elapsed().as_millis() as u64) + 1 >= deadline
+        deadline != 0 && (lease_clock().as_millis() as u64) + 1 >= deadline
     }
 
     /// Whether a deadline set by [`set_deadline`](Ownership::set_deadline) has passed.
@@ -343,6 +361,28 @@ impl std::fmt::Debug for Delivery {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lease clock runs at the rate of std's `Instant`, and on Linux
+    /// it is `CLOCK_BOOTTIME`: never behind `CLOCK_MONOTONIC`, ahead of it
+    /// by the time the machine spent suspended. (A suspend itself cannot
+    /// be caused from a test.)
+    #[test]
+    fn the_lease_clock_counts_what_monotonic_counts_and_on_linux_the_suspended_time() {
+        let (clock, instant) = (lease_clock(), Instant::now());
+        std::thread::sleep(Duration::from_millis(50));
+        let (ran, elapsed) = (lease_clock() - clock, instant.elapsed());
+        assert!(ran >= Duration::from_millis(50), "{ran:?}");
+        assert!(
+            ran <= elapsed + Duration::from_millis(20),
+            "{ran:?} against {elapsed:?}"
+        );
+        #[cfg(target_os = "linux")]
+        {
+            let mono = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+            let mono = Duration::new(mono.tv_sec.unsigned_abs(), mono.tv_nsec.unsigned_abs() as u32);
+            assert!(lease_clock() >= mono, "BOOTTIME is never behind MONOTONIC");
+        }
+    }
 
     #[test]
     fn an_expired_lease_starts_nothing_and_cannot_be_revived() {

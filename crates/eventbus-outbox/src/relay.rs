@@ -697,23 +697,10 @@ enum Sent {
 /// by `publish.timeout_ms`).
 struct Fence(std::sync::Mutex<Duration>);
 
-/// Now, on the clock [`Fence`] keeps (time since an arbitrary start). On
-/// Linux `CLOCK_BOOTTIME`: unlike `CLOCK_MONOTONIC` (std's `Instant`), it
-/// counts the time the machine spends suspended, so a relay whose machine
-/// slept past its lease (a laptop, a suspended VM) finds its fence passed
-/// on waking while the database gave its rows to another relay
-/// (clock_gettime(2)). Elsewhere std's `Instant`.
+/// Now on the clock [`Fence`] keeps: [`eventbus_core::lease_clock`]
+/// (Linux: `CLOCK_BOOTTIME`, which counts a suspend of the machine).
 fn fence_clock() -> Duration {
-    #[cfg(target_os = "linux")]
-    {
-        let now = rustix::time::clock_gettime(rustix::time::ClockId::Boottime);
-        Duration::new(now.tv_sec.unsigned_abs(), now.tv_nsec.unsigned_abs() as u32)
-    }
-    #[cfg(not(target_os = "linux"))]
-    {
-        static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-        START.get_or_init(std::time::Instant::now).elapsed()
-    }
+    eventbus_core::lease_clock()
 }
 
 impl Fence {
@@ -757,26 +744,10 @@ async fn notified(wakeups: &mut Option<Wakeups>) {
 mod tests {
     use super::*;
 
-    /// The fence's clock runs at the rate of std's `Instant`, and on Linux
-    /// it is `CLOCK_BOOTTIME`: never behind `CLOCK_MONOTONIC`, ahead of it
-    /// by the time the machine spent suspended. (A suspend itself cannot
-    /// be caused from a test.)
+    /// The fence passes after its lease (its clock is core's
+    /// `lease_clock`, tested there).
     #[test]
-    fn the_fence_clock_counts_what_monotonic_counts_and_on_linux_the_suspended_time() {
-        let (clock, instant) = (fence_clock(), std::time::Instant::now());
-        std::thread::sleep(Duration::from_millis(50));
-        let (ran, elapsed) = (fence_clock() - clock, instant.elapsed());
-        assert!(ran >= Duration::from_millis(50), "{ran:?}");
-        assert!(
-            ran <= elapsed + Duration::from_millis(20),
-            "{ran:?} against {elapsed:?}"
-        );
-        #[cfg(target_os = "linux")]
-        {
-            let mono = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
-            let mono = Duration::new(mono.tv_sec.unsigned_abs(), mono.tv_nsec.unsigned_abs() as u32);
-            assert!(fence_clock() >= mono, "BOOTTIME is never behind MONOTONIC");
-        }
+    fn the_fence_passes_after_its_lease() {
         let fence = Fence::new(Duration::from_millis(30));
         assert!(fence.holds());
         std::thread::sleep(Duration::from_millis(40));
