@@ -256,7 +256,15 @@ impl Ownership {
     /// `at` is counted from now, as `at - Instant::now()` on
     /// [`lease_clock`]: a suspend of the machine after this call counts.
     pub fn set_deadline(&self, at: Instant) {
-        let ms = (lease_clock() + at.saturating_duration_since(Instant::now())).as_millis() as u64 + 1;
+        self.set_lease_deadline(lease_clock() + at.saturating_duration_since(Instant::now()));
+    }
+
+    /// [`set_deadline`](Ownership::set_deadline) with `at` on
+    /// [`lease_clock`]: a lease whose start was read on that clock (when
+    /// the request that wrote it was sent) counts a suspend of the machine
+    /// even between then and this call.
+    pub fn set_lease_deadline(&self, at: Duration) {
+        let ms = at.as_millis() as u64 + 1;
         let _ = self
             .inner
             .deadline

@@ -24,7 +24,7 @@
 //!
 //! **Fencing.** A lease renewed by a request sent at `t` cannot expire on
 //! the server before `t + lease`; the member treats it as lost at
-//! `t + 4/5 lease` ([`Ownership::set_deadline`]): from then no attempt of the
+//! `t + 4/5 lease` ([`Ownership::set_lease_deadline`], `t` read on [`lease_clock`]): from then no attempt of the
 //! partition starts and no running handler is polled again, even if the
 //! process was frozen (SIGSTOP) and wakes before this coordinator runs.
 //! **Order on takeover.** Each owner consumes through a durable consumer of
@@ -47,7 +47,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use eventbus_core::{
     Acker, BackendSubscription, Delivery, Error, ErrorKind, GroupAssignment, Message, Ownership, Position,
-    ProvisionStrategy, Result, SubscribeSpec, fair_share,
+    ProvisionStrategy, Result, SubscribeSpec, fair_share, lease_clock,
 };
 use futures::StreamExt;
 use tokio::sync::mpsc;
@@ -299,8 +299,9 @@ struct Owned {
     fetch: Fetcher,
     /// Set when a rebalance gives it up: no new attempt starts, running ones finish.
     draining_since: Option<Instant>,
-    /// When the request that last wrote the lease (take or renewal) was sent.
-    written_at: Instant,
+    /// When the request that last wrote the lease (take or renewal) was
+    /// sent, on [`lease_clock`] (a suspend since counts).
+    written_at: Duration,
     /// Revoked by a disconnect: restarted from the ack floor on reconnect
     /// (not released when its fetch task ends meanwhile).
     suspended: bool,
@@ -565,7 +566,7 @@ impl Member {
             if self.owned.contains_key(&p) {
                 continue;
             }
-            let sent = Instant::now();
+            let sent = lease_clock();
             let Some(revision) = self.claim(p).await else {
                 continue;
             };
@@ -603,7 +604,7 @@ impl Member {
                 *p,
             );
             async move {
-                let sent = Instant::now();
+                let sent = lease_clock();
                 let outcome = tokio::time::timeout(bound, bucket.update(&key, id, revision)).await;
                 (p, sent, outcome)
             }
@@ -615,7 +616,7 @@ impl Member {
                     if let Some(o) = self.owned.get_mut(&p) {
                         o.revision = revision;
                         o.written_at = sent;
-                        o.ownership.set_deadline(until);
+                        o.ownership.set_lease_deadline(until);
                     }
                 }
                 Ok(Err(e)) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => {
@@ -704,12 +705,13 @@ impl Member {
     }
 
     /// Starts consuming partition `p`, whose lease (revision `revision`)
-    /// was written at `sent`; bounded by the lease's local deadline.
-    async fn take(&mut self, p: u32, revision: u64, sent: Instant) -> Result<()> {
+    /// was written at `sent` (on [`lease_clock`]); bounded by the lease's
+    /// local deadline.
+    async fn take(&mut self, p: u32, revision: u64, sent: Duration) -> Result<()> {
         let ownership = Ownership::new();
         let deadline = sent + self.held_for();
-        ownership.set_deadline(deadline);
-        let remaining = deadline.saturating_duration_since(Instant::now());
+        ownership.set_lease_deadline(deadline);
+        let remaining = deadline.saturating_sub(lease_clock());
         let started = tokio::time::timeout(remaining, async {
             let consumer = self.consumer(p, revision, &ownership).await?;
             consumer.messages().await.map_err(|e| api("pull", e))
@@ -922,7 +924,7 @@ impl Member {
     /// stops and its unsettled messages are no longer kept alive. The
     /// lease's (revision, write time) when nothing runs any more; `None`
     /// when a handler would not stop (its lease is left to expire).
-    async fn stop_holding(&self, p: u32, o: Owned, why: &str) -> Option<(u64, Instant)> {
+    async fn stop_holding(&self, p: u32, o: Owned, why: &str) -> Option<(u64, Duration)> {
         o.ownership.revoke();
         if o.ownership.running_attempts() > 0 {
             o.ownership
