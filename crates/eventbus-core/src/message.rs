@@ -152,7 +152,8 @@ pub struct Delivery {
 /// A hold can also end by itself at a deadline
 /// ([`set_deadline`](Ownership::set_deadline)), as a lease does: from that
 /// instant (on [`lease_clock`], which keeps counting while the process is
-/// stopped and, on Linux, while the machine is suspended), no attempt starts and a running attempt's handler is not
+/// stopped and, on Linux, while the machine is suspended), no attempt
+/// starts and a running attempt's handler is not
 /// polled again, even before anyone calls `revoke`. The NATS backend's
 /// partition leases use it, so a member frozen (SIGSTOP) past its lease
 /// handles nothing more from the partitions it lost.

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use eventbus_core::{
     DeadLetterPolicy, Envelope, EventBus, Message, PublishHandle, PublishResult, Result, RetryPolicy,
-    dead_letter, headers,
+    dead_letter, headers, lease_clock,
 };
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -507,7 +507,7 @@ impl Relay {
             loop {
                 tick.tick().await;
                 let _turn = turn.lock().await;
-                let sent = fence_clock();
+                let sent = lease_clock();
                 // Bounded by the tick, so a renewal stuck in the database
                 // holds the round's statements (waiting for the turn) no
                 // longer than that; the next tick tries again.
@@ -685,9 +685,10 @@ enum Sent {
     HeldBack,
 }
 
-/// Until when a round's claim surely holds, on [`fence_clock`] (which runs
-/// on while the process is stopped, by SIGSTOP or a pause, and on Linux
-/// while the machine is suspended, as the database's lease does): the
+/// Until when a round's claim surely holds, on
+/// [`eventbus_core::lease_clock`] (which runs on while the process is
+/// stopped, by SIGSTOP or a pause, and on Linux while the machine is
+/// suspended, as the database's lease does): the
 /// time before the claim (or the last renewal that
 /// still found rows held and came back before the fence passed) was sent,
 /// plus the lease. The database's lease starts later, so it ends later
@@ -697,15 +698,9 @@ enum Sent {
 /// by `publish.timeout_ms`).
 struct Fence(std::sync::Mutex<Duration>);
 
-/// Now on the clock [`Fence`] keeps: [`eventbus_core::lease_clock`]
-/// (Linux: `CLOCK_BOOTTIME`, which counts a suspend of the machine).
-fn fence_clock() -> Duration {
-    eventbus_core::lease_clock()
-}
-
 impl Fence {
     fn new(lease: Duration) -> Self {
-        Self(std::sync::Mutex::new(fence_clock() + lease))
+        Self(std::sync::Mutex::new(lease_clock() + lease))
     }
 
     /// After a renewal sent at `sent` came back: the lease runs from
@@ -716,13 +711,13 @@ impl Fence {
     /// while those it took are gone: the round must stay fenced.
     fn extend(&self, sent: Duration, lease: Duration) {
         let mut until = self.0.lock().unwrap();
-        if fence_clock() < *until {
+        if lease_clock() < *until {
             *until = (*until).max(sent + lease);
         }
     }
 
     fn holds(&self) -> bool {
-        fence_clock() < *self.0.lock().unwrap()
+        lease_clock() < *self.0.lock().unwrap()
     }
 }
 
