@@ -224,6 +224,7 @@ impl KafkaBackend {
         let context = MemberContext {
             tracker: tracker.clone(),
             revoke_timeout: Duration::from_millis(c.revoke_timeout_ms),
+            commit_timeout: Duration::from_millis(c.commit_timeout_ms),
             rebalances: rebalances.clone(),
             view: view.clone(),
             group_id: group_id.clone(),
@@ -236,7 +237,7 @@ impl KafkaBackend {
             .subscribe(&[&spec.topic])
             .map_err(|e| Error::backend(format!("cannot subscribe to {}", spec.topic), e))?;
         Ok(KafkaSubscription::start(
-            Arc::new(consumer),
+            Arc::new(crate::consumer::Member::new(consumer)),
             tracker,
             rebalances,
             c.max_in_flight_per_partition.max(1),

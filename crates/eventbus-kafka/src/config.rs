@@ -259,6 +259,14 @@ pub struct KafkaConsumer {
     /// On a rebalance revoke, longest wait for in-flight messages of the
     /// revoked partitions before their finished prefix is committed, in ms. Default 5,000.
     pub revoke_timeout_ms: u64,
+    /// Longest wait for the group coordinator's answer to a commit this
+    /// member makes itself (on a revoke, at `close`, and in the final revoke
+    /// of a member dropped without `close`), in ms. Past it the commit is
+    /// reported failed (a warning, or `close`'s error): what was finished
+    /// since the last commit may be handled again by the next owner
+    /// (duplicates, never a loss). librdkafka's own synchronous commit
+    /// waits without a bound. Default 10,000.
+    pub commit_timeout_ms: u64,
     /// `auto.offset.reset` for a new group: `earliest` (default) or `latest`.
     pub auto_offset_reset: String,
     /// `fetch.wait.max.ms`: longest time the broker holds a fetch waiting for
@@ -348,6 +356,7 @@ impl Default for KafkaConsumer {
             heartbeat_interval_ms: 1_000,
             commit_interval_ms: 200,
             revoke_timeout_ms: 5_000,
+            commit_timeout_ms: 10_000,
             auto_offset_reset: "earliest".into(),
             fetch_wait_max_ms: 500,
             max_poll_interval_ms: 300_000,

@@ -19,7 +19,7 @@ use eventbus_core::{
     Acker, BackendSubscription, Delivery, Error, ErrorKind, GroupAssignment, Headers, Message, Position,
     Result,
 };
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
@@ -29,10 +29,12 @@ use crate::offsets::{OffsetTracker, PartitionKey};
 /// Rebalance handling: on revoke, fence the revoked partitions (no attempt
 /// of their queued or retrying messages starts again here), wait (bounded
 /// by `revoke_timeout`, then cancel) for running attempts, then commit
-/// their finished prefix.
+/// their finished prefix (bounded by `commit_timeout`).
 pub(crate) struct MemberContext {
     pub(crate) tracker: Arc<OffsetTracker>,
     pub(crate) revoke_timeout: Duration,
+    /// The bound of each commit's wait for the coordinator (see [`commit`]).
+    pub(crate) commit_timeout: Duration,
     /// Bumped on every assignment: the poll task forgets its pauses.
     pub(crate) rebalances: Arc<AtomicU64>,
     /// This member's partitions, for health.
@@ -121,17 +123,35 @@ impl ConsumerContext for MemberContext {
             }
             _ => wait(),
         };
-        if let Err(e) = commit(consumer, &offsets) {
+        if let Err(e) = commit(consumer, &offsets, self.commit_timeout) {
             tracing::warn!(error = %e, "commit on revoke failed; the next owner may see duplicates");
         }
         tracing::info!(partitions = keys.len(), "partitions revoked");
     }
 }
 
+/// Commits `offsets` (the next offset to consume, per partition) and waits
+/// for the group coordinator's answer at most `timeout`: the result of a
+/// commit that takes longer is reported as `OperationTimedOut`, and the
+/// commit may still land later (a lower offset than a later owner's
+/// commit is refused by the coordinator once the group moved on, or
+/// causes duplicates: never a loss).
+///
+/// librdkafka's synchronous commit (`rd_kafka_commit`, which the rdkafka
+/// crate's `CommitMode::Sync` calls) waits for the answer without a bound:
+/// against a broker that accepts the connection and never answers, or
+/// whose coordinator cannot be found, a member dropped without `close`
+/// blocked a tokio worker forever in its final revoke. So the commit is
+/// sent with `rd_kafka_commit_queue` to a queue of its own, and that queue
+/// is polled with the bound.
 pub(crate) fn commit<C: Consumer<X>, X: ConsumerContext>(
     consumer: &C,
     offsets: &[(PartitionKey, i64)],
+    timeout: Duration,
 ) -> std::result::Result<(), rdkafka::error::KafkaError> {
+    use rdkafka::bindings as rd;
+    use rdkafka::error::KafkaError;
+    use rdkafka::types::RDKafkaErrorCode;
     if offsets.is_empty() {
         return Ok(());
     }
@@ -139,7 +159,35 @@ pub(crate) fn commit<C: Consumer<X>, X: ConsumerContext>(
     for ((topic, partition), offset) in offsets {
         tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset))?;
     }
-    consumer.commit(&tpl, CommitMode::Sync)
+    let timeout_ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    let client = consumer.client().native_ptr();
+    // SAFETY: `client` is valid while `consumer` is borrowed, and `tpl`
+    // while it lives (librdkafka copies the list before returning). The
+    // queue is ours alone: librdkafka posts the commit's result to it (the
+    // callback is unused when the queue is read with `rd_kafka_queue_poll`,
+    // the event API), and keeps its own reference to it until then, so
+    // destroying it after a timeout is safe (the late result is discarded).
+    // The event, when one came, is destroyed after its error is read.
+    let err = unsafe {
+        let queue = rd::rd_kafka_queue_new(client);
+        let mut err = rd::rd_kafka_commit_queue(client, tpl.ptr(), queue, None, std::ptr::null_mut());
+        if err == rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            let event = rd::rd_kafka_queue_poll(queue, timeout_ms);
+            err = if event.is_null() {
+                rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__TIMED_OUT
+            } else {
+                let e = rd::rd_kafka_event_error(event);
+                rd::rd_kafka_event_destroy(event);
+                e
+            };
+        }
+        rd::rd_kafka_queue_destroy(queue);
+        err
+    };
+    match err {
+        rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
+        e => Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::from(e))),
+    }
 }
 
 /// Whether the group coordinator refused a commit because the group has
@@ -155,6 +203,51 @@ fn refused_by_rebalance(e: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
+/// A group member's consumer, closed off the async runtime.
+///
+/// Dropping an rdkafka consumer closes it there and then: librdkafka's
+/// final revoke (our [`MemberContext::pre_rebalance`], its commit bounded
+/// by `commit_timeout`), then its own commit of stored offsets and the
+/// group leave, each waiting on the broker up to `socket.timeout.ms`
+/// (60 s by default) when it does not answer. Whoever drops the last
+/// reference (the poll task cancelled by a runtime shutting down, an
+/// acker, `close`) would block a tokio worker that long, and a runtime's
+/// shutdown with it. So a drop on a runtime thread hands the consumer to
+/// a thread of its own ("eventbus-kafka-close"), which ends when
+/// librdkafka's close does; elsewhere (`close`'s own thread) it closes in
+/// place.
+pub(crate) struct Member(Option<StreamConsumer<MemberContext>>);
+
+impl Member {
+    pub(crate) fn new(consumer: StreamConsumer<MemberContext>) -> Self {
+        Self(Some(consumer))
+    }
+}
+
+impl std::ops::Deref for Member {
+    type Target = StreamConsumer<MemberContext>;
+
+    fn deref(&self) -> &Self::Target {
+        self.0.as_ref().expect("taken only by drop")
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        let Some(consumer) = self.0.take() else { return };
+        if tokio::runtime::Handle::try_current().is_err() {
+            return drop(consumer);
+        }
+        let closing = std::thread::Builder::new()
+            .name("eventbus-kafka-close".into())
+            .spawn(move || drop(consumer));
+        if let Err(e) = closing {
+            // No thread to be had: close here, as rdkafka would.
+            tracing::warn!(error = %e, "no thread to close the Kafka consumer on; closing it in place");
+        }
+    }
+}
+
 /// Deliveries handed from the poll task to the fetch loop (count). Small:
 /// the bus's executor is the real queue.
 const HANDOVER: usize = 256;
@@ -167,7 +260,7 @@ const POLL_TICK: Duration = Duration::from_millis(500);
 const ROOM_WAIT: Duration = Duration::from_secs(1);
 
 pub(crate) struct KafkaSubscription {
-    consumer: Arc<StreamConsumer<MemberContext>>,
+    consumer: Arc<Member>,
     tracker: Arc<OffsetTracker>,
     deliveries: mpsc::Receiver<Result<Delivery>>,
     poller: tokio::task::JoinHandle<()>,
@@ -179,7 +272,7 @@ pub(crate) struct KafkaSubscription {
 
 impl KafkaSubscription {
     pub(crate) fn start(
-        consumer: Arc<StreamConsumer<MemberContext>>,
+        consumer: Arc<Member>,
         tracker: Arc<OffsetTracker>,
         rebalances: Arc<AtomicU64>,
         per_partition: usize,
@@ -249,7 +342,7 @@ struct Poller {
     /// can have come since, every cached log end may be from an earlier
     /// assignment (librdkafka keeps a partition's across unassign and assign).
     rebalanced_at: Option<std::time::Instant>,
-    consumer: Arc<StreamConsumer<MemberContext>>,
+    consumer: Arc<Member>,
     tracker: Arc<OffsetTracker>,
     rebalances: Arc<AtomicU64>,
     seen_rebalances: u64,
@@ -598,7 +691,7 @@ pub(crate) fn message_of<M: rdkafka::Message>(m: &M) -> Message {
 
 /// The delivery of `m`, of partition `key`.
 fn delivery<M: rdkafka::Message>(
-    consumer: &Arc<StreamConsumer<MemberContext>>,
+    consumer: &Arc<Member>,
     tracker: &Arc<OffsetTracker>,
     key: PartitionKey,
     m: &M,
@@ -654,9 +747,13 @@ impl BackendSubscription for KafkaSubscription {
         stop.notify_one();
         drop(deliveries);
         let _ = poller.await;
-        // Commit the finished prefix, then leave the group (a blocking call).
-        tokio::task::spawn_blocking(move || {
-            let committed = match commit(consumer.as_ref(), &tracker.committable()) {
+        // Commit the finished prefix, then leave the group: blocking calls,
+        // on a thread of their own so a broker that does not answer holds
+        // neither a runtime worker nor the runtime's shutdown (see [`Member`]).
+        let timeout = consumer.context().commit_timeout;
+        let (done, closed) = tokio::sync::oneshot::channel();
+        let leave = move || {
+            let committed = match commit(&**consumer, &tracker.committable(), timeout) {
                 // Another member's join or leave got there first: the
                 // partitions are being handed over, and leaving revokes
                 // them (the revoke commits what it still may). Nothing is
@@ -669,16 +766,33 @@ impl BackendSubscription for KafkaSubscription {
                 other => other.map_err(|e| Error::backend("Kafka commit failed", e)),
             };
             consumer.unsubscribe();
+            // The last reference, unless an acker still holds one: then its
+            // drop closes the consumer.
             drop(consumer);
-            committed
-        })
-        .await
-        .map_err(|e| Error::backend("consumer close failed", e))?
+            let _ = done.send(committed);
+        };
+        std::thread::Builder::new()
+            .name("eventbus-kafka-close".into())
+            .spawn(leave)
+            .map_err(|e| Error::backend("no thread to close the Kafka consumer on", e))?;
+        // The commit's bound, then as long again for librdkafka's own
+        // commit of stored offsets and the group leave.
+        match tokio::time::timeout(2 * timeout, closed).await {
+            Ok(Ok(committed)) => committed,
+            Ok(Err(_)) => Err(Error::new(
+                ErrorKind::Backend,
+                "the Kafka consumer's close ended without a result",
+            )),
+            Err(_) => Err(Error::timeout(format!(
+                "the Kafka consumer did not leave its group within {:?} (commit_timeout_ms twice); it goes on closing in the background",
+                2 * timeout
+            ))),
+        }
     }
 }
 
 struct KafkaAcker {
-    consumer: Arc<StreamConsumer<MemberContext>>,
+    consumer: Arc<Member>,
     tracker: Arc<OffsetTracker>,
     key: PartitionKey,
     offset: i64,

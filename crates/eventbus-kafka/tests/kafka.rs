@@ -1168,3 +1168,118 @@ async fn a_partition_paused_and_rewound_again_and_again_loses_nothing() {
     sub.close().await.unwrap();
     bus.close().await.unwrap();
 }
+
+/// Dropping a bus and its subscription without `close` while the broker is
+/// gone ends within a bound: the member's last revoke commits what it
+/// finished, and that commit gives up after `revoke_timeout_ms` instead of
+/// waiting forever for a coordinator that no longer exists (before, a
+/// tokio worker stayed blocked in the consumer's drop, and a runtime
+/// dropping the subscription never finished shutting down).
+#[test]
+fn dropping_a_member_whose_broker_is_gone_ends_within_a_bound() {
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        let (bus, sub, handled) = runtime.block_on(async {
+            let mut kafka = on_mock(&cluster, "gone", 1);
+            // Nothing committed by the interval: the revoke has offsets to commit.
+            kafka.consumer.commit_interval_ms = 600_000;
+            kafka.consumer.revoke_timeout_ms = 1_000;
+            kafka.consumer.commit_timeout_ms = 2_000;
+            let bus =
+                EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
+            let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let count = handled.clone();
+            let sub = bus
+                .subscribe_envelope("gone", SubscribeOptions::group("g"), move |_e: Envelope| {
+                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    async { Ok::<_, std::io::Error>(()) }
+                })
+                .await
+                .unwrap();
+            for v in 1..=5 {
+                bus.publish_envelope_sync("gone", &envelope("g-1", v))
+                    .await
+                    .unwrap();
+            }
+            let all = eventually(Duration::from_secs(30), || {
+                handled.load(std::sync::atomic::Ordering::SeqCst) == 5
+            })
+            .await;
+            (bus, sub, all)
+        });
+        // The broker goes away first, as when a test's assertion fails and
+        // its locals are dropped, or a process drops its bus during an outage.
+        // The broker stops answering (a frozen or overloaded broker: the
+        // connection stays open, no reply comes), and the process drops its
+        // bus without `close`, as when a test's assertion fails.
+        cluster
+            .broker_round_trip_time(1, Duration::from_secs(600))
+            .unwrap();
+        let started = std::time::Instant::now();
+        drop(sub);
+        drop(bus);
+        drop(runtime);
+        let took = started.elapsed();
+        drop(cluster);
+        let _ = done_tx.send((handled, took));
+    });
+    match done_rx.recv_timeout(Duration::from_secs(90)) {
+        Ok((handled, took)) => {
+            assert!(handled, "the 5 events were not handled");
+            eprintln!("dropped in {took:?}");
+            assert!(took < Duration::from_secs(15), "dropping took {took:?}");
+        }
+        Err(_) => panic!("dropping the bus and subscription with the broker silent did not end within 90 s"),
+    }
+}
+
+/// `close` with a broker that stopped answering returns within its bound
+/// (`commit_timeout_ms` for the commit, as long again for the group leave)
+/// with an error saying so, instead of waiting on librdkafka's commit
+/// forever; the events handled before stay handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_member_whose_broker_went_silent_returns_within_its_bound() {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let mut kafka = on_mock(&cluster, "silent", 1);
+    kafka.consumer.commit_interval_ms = 600_000;
+    kafka.consumer.commit_timeout_ms = 2_000;
+    let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = handled.clone();
+    let sub = bus
+        .subscribe_envelope("silent", SubscribeOptions::group("g"), move |_e: Envelope| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    for v in 1..=5 {
+        bus.publish_envelope_sync("silent", &envelope("s-1", v))
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || handled
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 5)
+        .await
+    );
+    cluster
+        .broker_round_trip_time(1, Duration::from_secs(600))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(60), sub.close())
+        .await
+        .expect("close did not return within 60 s");
+    let took = started.elapsed();
+    let error = closed.expect_err("a commit nobody answered reported success");
+    assert!(took < Duration::from_secs(8), "close took {took:?}");
+    eprintln!("close: {error} after {took:?}");
+    drop(bus);
+}
