@@ -265,7 +265,7 @@ pub struct KafkaConsumer {
     /// reported failed (a warning, or `close`'s error): what was finished
     /// since the last commit may be handled again by the next owner
     /// (duplicates, never a loss). librdkafka's own synchronous commit
-    /// waits without a bound. Default 10,000.
+    /// (`rd_kafka_commit`) waits without a bound. Must be above 0. Default 10,000.
     pub commit_timeout_ms: u64,
     /// `auto.offset.reset` for a new group: `earliest` (default) or `latest`.
     pub auto_offset_reset: String,
@@ -452,9 +452,15 @@ impl KafkaConfig {
     /// [`Config`](eventbus_core::ErrorKind::Config) naming the setting: a TLS
     /// setting (`ssl_*`) without a TLS protocol (`ssl`, `sasl_ssl`), a SASL
     /// setting without a SASL protocol, a SASL protocol without user name
-    /// and password, a client certificate without its key or the reverse.
+    /// and password, a client certificate without its key or the reverse;
+    /// `consumer.commit_timeout_ms` of 0 (every commit would fail).
     pub fn validate(&self) -> eventbus_core::Result<()> {
         use eventbus_core::Error;
+        if self.consumer.commit_timeout_ms == 0 {
+            return Err(Error::config(
+                "kafka.consumer.commit_timeout_ms is 0: no commit could wait for its answer",
+            ));
+        }
         let s = &self.security;
         let protocol = self.effective_protocol();
         let tls = protocol.ends_with("ssl");
@@ -569,6 +575,16 @@ mod tests {
         assert_eq!(props.get("sasl.password"), Some("pa55word"));
         assert_eq!(props.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
         assert_eq!(props.get("security.protocol"), Some("sasl_ssl"));
+    }
+
+    #[test]
+    fn a_commit_timeout_of_zero_is_a_config_error() {
+        let mut c = KafkaConfig::default();
+        c.consumer.commit_timeout_ms = 0;
+        let err = c.validate().unwrap_err().to_string();
+        assert!(err.contains("commit_timeout_ms"), "{err}");
+        c.consumer.commit_timeout_ms = 1;
+        c.validate().unwrap();
     }
 
     #[test]

@@ -48,6 +48,15 @@ pub(crate) struct MemberContext {
 }
 
 impl MemberContext {
+    /// The longest a close of this member may take, once any commit of its
+    /// own is done: its final revoke (waiting for running attempts up to
+    /// `revoke_timeout`, then 2 s for cancelled ones, then its commit up to
+    /// `commit_timeout`), then librdkafka's commit of stored offsets and
+    /// the group leave (another `commit_timeout`).
+    pub(crate) fn close_bound(&self) -> Duration {
+        self.revoke_timeout + crate::offsets::ABORT_WAIT + 2 * self.commit_timeout
+    }
+
     /// Records the assignment after a rebalance (local, no request: this
     /// runs inside a poll).
     fn show(&self, consumer: &BaseConsumer<Self>) {
@@ -114,17 +123,20 @@ impl ConsumerContext for MemberContext {
             .iter()
             .map(|e| (Arc::<str>::from(e.topic()), e.partition()))
             .collect();
-        let wait = || self.tracker.revoke(&keys, self.revoke_timeout);
-        // This runs inside the fetch loop's poll: let the runtime move other
-        // tasks (the handlers we wait for) off this thread meanwhile.
-        let offsets = match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
-                tokio::task::block_in_place(wait)
+        let revoke = || {
+            let offsets = self.tracker.revoke(&keys, self.revoke_timeout);
+            if let Err(e) = commit(consumer, &offsets, self.commit_timeout) {
+                tracing::warn!(error = %e, "commit on revoke failed; the next owner may see duplicates");
             }
-            _ => wait(),
         };
-        if let Err(e) = commit(consumer, &offsets, self.commit_timeout) {
-            tracing::warn!(error = %e, "commit on revoke failed; the next owner may see duplicates");
+        // This runs inside the fetch loop's poll: let the runtime move other
+        // tasks (the handlers we wait for) off this thread meanwhile, and
+        // keep them running while the commit waits for its answer.
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(revoke)
+            }
+            _ => revoke(),
         }
         tracing::info!(partitions = keys.len(), "partitions revoked");
     }
@@ -203,19 +215,22 @@ fn refused_by_rebalance(e: &rdkafka::error::KafkaError) -> bool {
     )
 }
 
-/// A group member's consumer, closed off the async runtime.
+/// A group member's consumer, never closed on a runtime worker without a
+/// bound.
 ///
 /// Dropping an rdkafka consumer closes it there and then: librdkafka's
 /// final revoke (our [`MemberContext::pre_rebalance`], its commit bounded
 /// by `commit_timeout`), then its own commit of stored offsets and the
-/// group leave, each waiting on the broker up to `socket.timeout.ms`
-/// (60 s by default) when it does not answer. Whoever drops the last
-/// reference (the poll task cancelled by a runtime shutting down, an
-/// acker, `close`) would block a tokio worker that long, and a runtime's
-/// shutdown with it. So a drop on a runtime thread hands the consumer to
-/// a thread of its own ("eventbus-kafka-close"), which ends when
-/// librdkafka's close does; elsewhere (`close`'s own thread) it closes in
-/// place.
+/// group leave, each waiting on a broker that does not answer up to
+/// `socket.timeout.ms` (60 s by default) and its retries. Whoever drops the
+/// last reference on a runtime thread (the poll task cancelled by a
+/// runtime shutting down, an acker) would block that worker so long, and
+/// the runtime's shutdown with it. So such a drop closes the consumer on a
+/// thread of its own ("eventbus-kafka-close") and waits for it at most
+/// [`MemberContext::close_bound`]: with an answering broker it has
+/// committed and left its group when the drop returns, as before; with a
+/// silent one the drop returns at the bound and the thread goes on until
+/// librdkafka gives up. Elsewhere (`close`'s own thread) it closes in place.
 pub(crate) struct Member(Option<StreamConsumer<MemberContext>>);
 
 impl Member {
@@ -238,12 +253,28 @@ impl Drop for Member {
         if tokio::runtime::Handle::try_current().is_err() {
             return drop(consumer);
         }
+        let bound = consumer.context().close_bound();
+        let (closed, done) = std::sync::mpsc::channel::<()>();
         let closing = std::thread::Builder::new()
             .name("eventbus-kafka-close".into())
-            .spawn(move || drop(consumer));
-        if let Err(e) = closing {
-            // No thread to be had: close here, as rdkafka would.
-            tracing::warn!(error = %e, "no thread to close the Kafka consumer on; closing it in place");
+            .spawn(move || {
+                drop(consumer);
+                let _ = closed.send(());
+            });
+        match closing {
+            Ok(_) => {
+                if done.recv_timeout(bound).is_err() {
+                    tracing::warn!(
+                        ?bound,
+                        "the Kafka consumer did not close within its bound; it goes on closing in the background"
+                    );
+                }
+            }
+            // No thread to be had: the consumer was closed in place, as
+            // rdkafka would (spawn dropped the closure).
+            Err(e) => {
+                tracing::warn!(error = %e, "no thread to close the Kafka consumer on; closed it in place")
+            }
         }
     }
 }
@@ -750,10 +781,14 @@ impl BackendSubscription for KafkaSubscription {
         // Commit the finished prefix, then leave the group: blocking calls,
         // on a thread of their own so a broker that does not answer holds
         // neither a runtime worker nor the runtime's shutdown (see [`Member`]).
-        let timeout = consumer.context().commit_timeout;
-        let (done, closed) = tokio::sync::oneshot::channel();
+        let (timeout, bound) = (
+            consumer.context().commit_timeout,
+            consumer.context().close_bound(),
+        );
+        let (committed_tx, committed) = tokio::sync::oneshot::channel();
+        let (left_tx, left) = tokio::sync::oneshot::channel();
         let leave = move || {
-            let committed = match commit(&**consumer, &tracker.committable(), timeout) {
+            let result = match commit(&**consumer, &tracker.committable(), timeout) {
                 // Another member's join or leave got there first: the
                 // partitions are being handed over, and leaving revokes
                 // them (the revoke commits what it still may). Nothing is
@@ -765,29 +800,37 @@ impl BackendSubscription for KafkaSubscription {
                 }
                 other => other.map_err(|e| Error::backend("Kafka commit failed", e)),
             };
+            let _ = committed_tx.send(result);
             consumer.unsubscribe();
             // The last reference, unless an acker still holds one: then its
             // drop closes the consumer.
             drop(consumer);
-            let _ = done.send(committed);
+            let _ = left_tx.send(());
         };
         std::thread::Builder::new()
             .name("eventbus-kafka-close".into())
             .spawn(leave)
             .map_err(|e| Error::backend("no thread to close the Kafka consumer on", e))?;
-        // The commit's bound, then as long again for librdkafka's own
-        // commit of stored offsets and the group leave.
-        match tokio::time::timeout(2 * timeout, closed).await {
-            Ok(Ok(committed)) => committed,
-            Ok(Err(_)) => Err(Error::new(
+        let ended = || {
+            Error::new(
                 ErrorKind::Backend,
                 "the Kafka consumer's close ended without a result",
-            )),
+            )
+        };
+        // The commit bounds itself; the second is for the thread's start.
+        let committed = match tokio::time::timeout(timeout + Duration::from_secs(1), committed).await {
+            Ok(result) => result.unwrap_or_else(|_| Err(ended())),
             Err(_) => Err(Error::timeout(format!(
-                "the Kafka consumer did not leave its group within {:?} (commit_timeout_ms twice); it goes on closing in the background",
-                2 * timeout
+                "the Kafka commit at close did not end within {timeout:?}"
             ))),
-        }
+        };
+        let left = match tokio::time::timeout(bound, left).await {
+            Ok(left) => left.map_err(|_| ended()),
+            Err(_) => Err(Error::timeout(format!(
+                "the Kafka consumer did not leave its group within {bound:?}; it goes on closing in the background"
+            ))),
+        };
+        committed.and(left)
     }
 }
 
