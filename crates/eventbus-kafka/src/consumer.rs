@@ -48,15 +48,6 @@ pub(crate) struct MemberContext {
 }
 
 impl MemberContext {
-    /// The longest a close of this member may take, once any commit of its
-    /// own is done: its final revoke (waiting for running attempts up to
-    /// `revoke_timeout`, then 2 s for cancelled ones, then its commit up to
-    /// `commit_timeout`), then librdkafka's commit of stored offsets and
-    /// the group leave (another `commit_timeout`).
-    pub(crate) fn close_bound(&self) -> Duration {
-        self.revoke_timeout + crate::offsets::ABORT_WAIT + 2 * self.commit_timeout
-    }
-
     /// Records the assignment after a rebalance (local, no request: this
     /// runs inside a poll).
     fn show(&self, consumer: &BaseConsumer<Self>) {
@@ -227,10 +218,14 @@ fn refused_by_rebalance(e: &rdkafka::error::KafkaError) -> bool {
 /// runtime shutting down, an acker) would block that worker so long, and
 /// the runtime's shutdown with it. So such a drop closes the consumer on a
 /// thread of its own ("eventbus-kafka-close") and waits for it at most
-/// [`MemberContext::close_bound`]: with an answering broker it has
-/// committed and left its group when the drop returns, as before; with a
-/// silent one the drop returns at the bound and the thread goes on until
-/// librdkafka gives up. Elsewhere (`close`'s own thread) it closes in place.
+/// `commit_timeout` (inside `block_in_place` on a multi-thread runtime):
+/// with an answering broker it has committed and left its group when the
+/// drop returns, as when it closed in place, so a process exiting right
+/// after dropping its bus loses no commit; with a silent one the drop
+/// returns at the bound and the thread goes on until librdkafka gives up.
+/// No handler can be running then (each holds a reference through its
+/// acker), so the final revoke waits for none. Elsewhere (`close`'s own
+/// thread) the consumer closes in place.
 pub(crate) struct Member(Option<StreamConsumer<MemberContext>>);
 
 impl Member {
@@ -250,10 +245,10 @@ impl std::ops::Deref for Member {
 impl Drop for Member {
     fn drop(&mut self) {
         let Some(consumer) = self.0.take() else { return };
-        if tokio::runtime::Handle::try_current().is_err() {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return drop(consumer);
-        }
-        let bound = consumer.context().close_bound();
+        };
+        let bound = consumer.context().commit_timeout;
         let (closed, done) = std::sync::mpsc::channel::<()>();
         let closing = std::thread::Builder::new()
             .name("eventbus-kafka-close".into())
@@ -261,19 +256,26 @@ impl Drop for Member {
                 drop(consumer);
                 let _ = closed.send(());
             });
-        match closing {
-            Ok(_) => {
-                if done.recv_timeout(bound).is_err() {
-                    tracing::warn!(
-                        ?bound,
-                        "the Kafka consumer did not close within its bound; it goes on closing in the background"
-                    );
-                }
+        if let Err(e) = closing {
+            // No thread to be had: spawn dropped the closure, which closed
+            // the consumer in place, as rdkafka would.
+            return tracing::warn!(error = %e, "no thread to close the Kafka consumer on; closed it in place");
+        }
+        let wait = || done.recv_timeout(bound);
+        let waited = match runtime.runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(wait),
+            _ => wait(),
+        };
+        match waited {
+            Ok(()) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                tracing::warn!(
+                    ?bound,
+                    "the Kafka consumer did not close within commit_timeout_ms; it goes on closing in the background"
+                )
             }
-            // No thread to be had: the consumer was closed in place, as
-            // rdkafka would (spawn dropped the closure).
-            Err(e) => {
-                tracing::warn!(error = %e, "no thread to close the Kafka consumer on; closed it in place")
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                tracing::warn!("the thread closing the Kafka consumer failed")
             }
         }
     }
@@ -781,10 +783,7 @@ impl BackendSubscription for KafkaSubscription {
         // Commit the finished prefix, then leave the group: blocking calls,
         // on a thread of their own so a broker that does not answer holds
         // neither a runtime worker nor the runtime's shutdown (see [`Member`]).
-        let (timeout, bound) = (
-            consumer.context().commit_timeout,
-            consumer.context().close_bound(),
-        );
+        let timeout = consumer.context().commit_timeout;
         let (committed_tx, committed) = tokio::sync::oneshot::channel();
         let (left_tx, left) = tokio::sync::oneshot::channel();
         let leave = move || {
@@ -817,17 +816,21 @@ impl BackendSubscription for KafkaSubscription {
                 "the Kafka consumer's close ended without a result",
             )
         };
-        // The commit bounds itself; the second is for the thread's start.
-        let committed = match tokio::time::timeout(timeout + Duration::from_secs(1), committed).await {
+        // The commit bounds itself; the second more is for the thread's start.
+        let commit_wait = timeout + Duration::from_secs(1);
+        let committed = match tokio::time::timeout(commit_wait, committed).await {
             Ok(result) => result.unwrap_or_else(|_| Err(ended())),
             Err(_) => Err(Error::timeout(format!(
-                "the Kafka commit at close did not end within {timeout:?}"
+                "the Kafka commit at close did not end within {commit_wait:?}"
             ))),
         };
-        let left = match tokio::time::timeout(bound, left).await {
+        // The final revoke (its handlers done by now; its commit, if any,
+        // bounded by `commit_timeout`), librdkafka's commit of stored
+        // offsets and the group leave: as long again.
+        let left = match tokio::time::timeout(timeout, left).await {
             Ok(left) => left.map_err(|_| ended()),
             Err(_) => Err(Error::timeout(format!(
-                "the Kafka consumer did not leave its group within {bound:?}; it goes on closing in the background"
+                "the Kafka consumer did not leave its group within {timeout:?} (commit_timeout_ms); it goes on closing in the background"
             ))),
         };
         committed.and(left)

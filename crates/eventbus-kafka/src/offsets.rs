@@ -43,7 +43,7 @@ pub(crate) struct OffsetTracker {
 }
 
 /// Longest wait, after a revoke cancelled running handlers, for them to stop.
-pub(crate) const ABORT_WAIT: Duration = Duration::from_secs(2);
+const ABORT_WAIT: Duration = Duration::from_secs(2);
 
 impl OffsetTracker {
     /// A message was fetched; returns the assignment generation to finish it

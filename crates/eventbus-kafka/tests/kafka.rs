@@ -820,7 +820,11 @@ async fn the_lag_of_a_paused_partition_counts_what_came_after_the_pause() {
             .await
             .unwrap();
     }
-    assert!(eventually(Duration::from_secs(30), || held.started() == 5).await);
+    assert!(
+        eventually(Duration::from_secs(30), || held.started() == 5).await,
+        "attempts started: {} of 5",
+        held.started()
+    );
     assert!(
         eventually(Duration::from_secs(30), || sub.health().lag == Some(10)).await,
         "lag before the pause: {:?}",
@@ -1232,9 +1236,9 @@ fn with_a_silent_broker<T: Send + 'static>(
 /// not answer (as when a test's assertion fails, or a process drops its bus
 /// during an outage) let the runtime shut down within a bound: the
 /// member's consumer closes on a thread of its own, waited for at most
-/// its close bound (here 1 + 2 + 2 × 2 = 7 s). Before, a tokio worker
-/// stayed blocked in librdkafka's unbounded commit in the final revoke,
-/// and the runtime's shutdown with it (seen for 12 minutes).
+/// `commit_timeout_ms` (2 s here). Before, a tokio worker stayed blocked in
+/// librdkafka's unbounded commit in the final revoke, and the runtime's
+/// shutdown with it (seen for 12 minutes).
 #[test]
 fn dropping_a_member_whose_broker_went_silent_ends_within_a_bound() {
     let took = with_a_silent_broker("dropped", Duration::from_secs(90), |runtime, bus, sub| {
@@ -1253,7 +1257,7 @@ fn dropping_a_member_whose_broker_went_silent_ends_within_a_bound() {
 /// with the commit's own failure (`OperationTimedOut` after
 /// `commit_timeout_ms`), instead of waiting on librdkafka's commit forever
 /// (before: 12 minutes and counting); the group leave that follows is
-/// bounded too (2 + 1 + 7 s here at most).
+/// bounded by `commit_timeout_ms` too (2 + 1 + 2 s here at most).
 #[test]
 fn closing_a_member_whose_broker_went_silent_returns_within_its_bound() {
     let (closed, took) = with_a_silent_broker("closed", Duration::from_secs(90), |runtime, bus, sub| {
@@ -1272,4 +1276,124 @@ fn closing_a_member_whose_broker_went_silent_returns_within_its_bound() {
     );
     eprintln!("closed in {took:?}: {error}");
     assert!(took < Duration::from_secs(15), "close took {took:?}");
+}
+
+/// The child half of
+/// `a_member_dropped_right_before_its_process_exits_has_committed_what_it_handled`:
+/// does nothing unless that test started this process.
+#[test]
+fn child_drops_its_member_and_exits() {
+    let Ok(bootstrap) = std::env::var("EVENTBUS_TEST_EXIT_BOOTSTRAP") else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let (bus, sub) = runtime.block_on(async {
+        let mut kafka = KafkaConfig::with_brokers([bootstrap]);
+        kafka.auto_create_topics = false;
+        // Nothing committed by the interval: only the member's last revoke commits.
+        kafka.consumer.commit_interval_ms = 600_000;
+        let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
+        let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = handled.clone();
+        let sub = bus
+            .subscribe_envelope("exiting", SubscribeOptions::group("g"), move |_e: Envelope| {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                async { Ok::<_, std::io::Error>(()) }
+            })
+            .await
+            .unwrap();
+        let all = eventually(Duration::from_secs(30), || {
+            handled.load(std::sync::atomic::Ordering::SeqCst) == 5
+        })
+        .await;
+        assert!(all, "the 5 events were not handled");
+        (bus, sub)
+    });
+    // No close: the runtime's shutdown drops the member; the process exits
+    // as soon as the test harness has reported this test.
+    drop(sub);
+    drop(bus);
+    drop(runtime);
+}
+
+/// A member dropped without `close` has committed what it handled by the
+/// time the drop returns, when its broker answers: a process that drops its
+/// bus and exits at once hands its partitions on without duplicates, also
+/// when each request takes the broker 150 ms. (Its
+/// consumer closes on a thread of its own; the drop waits for that thread,
+/// or the process's exit would kill it before the commit.) The member runs
+/// in a child process (this test binary, running
+/// `child_drops_its_member_and_exits`); the group's committed offset is
+/// read after that process exited. It also passed with the drop not
+/// waiting (the process's other teardown, its producer's among it, took
+/// longer than the commit): it guards the outcome, not that mechanism.
+#[test]
+fn a_member_dropped_right_before_its_process_exits_has_committed_what_it_handled() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let kafka = on_mock(&cluster, "exiting", 1);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
+        for v in 1..=5 {
+            bus.publish_envelope_sync("exiting", &envelope("x-1", v))
+                .await
+                .unwrap();
+        }
+        bus.close().await.unwrap();
+    });
+    // A broker that answers, slowly: the commit takes a round trip of
+    // 150 ms, far longer than a process takes to exit once its test ended
+    // (and below the 250 ms each of connect's metadata requests may take).
+    cluster
+        .broker_round_trip_time(1, Duration::from_millis(150))
+        .unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_drops_its_member_and_exits",
+            "--test-threads",
+            "1",
+        ])
+        .env("EVENTBUS_TEST_EXIT_BOOTSTRAP", cluster.bootstrap_servers())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the child process did not exit within 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut printed = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut printed).unwrap();
+    assert!(status.success(), "the child failed: {status}\n{printed}");
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("group.id", "g.exiting")
+        .create()
+        .unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions.add_partition("exiting", 0);
+    let committed = reader
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .unwrap();
+    let offset = committed.find_partition("exiting", 0).unwrap().offset();
+    assert_eq!(
+        offset,
+        rdkafka::Offset::Offset(5),
+        "committed when the process exited"
+    );
 }
