@@ -1173,6 +1173,31 @@ async fn a_partition_paused_and_rewound_again_and_again_loses_nothing() {
     bus.close().await.unwrap();
 }
 
+/// A member of group `g` on `topic` whose handler counts, once `publish` ran
+/// and it has handled 5 events (at most 30 s).
+async fn five_handled_in_group_g(
+    bus: &EventBus,
+    topic: &str,
+    publish: impl Future<Output = ()>,
+) -> Subscription {
+    let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let count = handled.clone();
+    let sub = bus
+        .subscribe_envelope(topic, SubscribeOptions::group("g"), move |_e: Envelope| {
+            count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { Ok::<_, std::io::Error>(()) }
+        })
+        .await
+        .unwrap();
+    publish.await;
+    let all = eventually(Duration::from_secs(30), || {
+        handled.load(std::sync::atomic::Ordering::SeqCst) == 5
+    })
+    .await;
+    assert!(all, "the 5 events were not handled");
+    sub
+}
+
 /// Runs `scenario` on a runtime and in a thread of their own, with a member
 /// of group `g` on `topic` of a mock cluster that has handled 5 events (none
 /// committed yet) and whose broker then stops answering: the connection
@@ -1201,25 +1226,14 @@ fn with_a_silent_broker<T: Send + 'static>(
             kafka.consumer.commit_timeout_ms = 2_000;
             let bus =
                 EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
-            let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-            let count = handled.clone();
-            let sub = bus
-                .subscribe_envelope(topic, SubscribeOptions::group("g"), move |_e: Envelope| {
-                    count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                    async { Ok::<_, std::io::Error>(()) }
-                })
-                .await
-                .unwrap();
-            for v in 1..=5 {
-                bus.publish_envelope_sync(topic, &envelope("a-1", v))
-                    .await
-                    .unwrap();
-            }
-            let all = eventually(Duration::from_secs(30), || {
-                handled.load(std::sync::atomic::Ordering::SeqCst) == 5
-            })
-            .await;
-            assert!(all, "the 5 events were not handled");
+            let publish = async {
+                for v in 1..=5 {
+                    bus.publish_envelope_sync(topic, &envelope("a-1", v))
+                        .await
+                        .unwrap();
+                }
+            };
+            let sub = five_handled_in_group_g(&bus, topic, publish).await;
             (bus, sub)
         });
         cluster
@@ -1297,20 +1311,8 @@ fn child_drops_its_member_and_exits() {
         // Nothing committed by the interval: only the member's last revoke commits.
         kafka.consumer.commit_interval_ms = 600_000;
         let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
-        let handled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let count = handled.clone();
-        let sub = bus
-            .subscribe_envelope("exiting", SubscribeOptions::group("g"), move |_e: Envelope| {
-                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                async { Ok::<_, std::io::Error>(()) }
-            })
-            .await
-            .unwrap();
-        let all = eventually(Duration::from_secs(30), || {
-            handled.load(std::sync::atomic::Ordering::SeqCst) == 5
-        })
-        .await;
-        assert!(all, "the 5 events were not handled");
+        // The parent published them.
+        let sub = five_handled_in_group_g(&bus, "exiting", async {}).await;
         (bus, sub)
     });
     // No close: the runtime's shutdown drops the member; the process exits
