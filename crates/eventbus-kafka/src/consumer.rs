@@ -228,6 +228,10 @@ fn refused_by_rebalance(e: &rdkafka::error::KafkaError) -> bool {
 /// thread) the consumer closes in place.
 pub(crate) struct Member(Option<StreamConsumer<MemberContext>>);
 
+/// The name of the thread a member's consumer closes on (a drop on a
+/// runtime thread, and `close`).
+const CLOSE_THREAD: &str = "eventbus-kafka-close";
+
 impl Member {
     pub(crate) fn new(consumer: StreamConsumer<MemberContext>) -> Self {
         Self(Some(consumer))
@@ -251,7 +255,7 @@ impl Drop for Member {
         let bound = consumer.context().commit_timeout;
         let (closed, done) = std::sync::mpsc::channel::<()>();
         let closing = std::thread::Builder::new()
-            .name("eventbus-kafka-close".into())
+            .name(CLOSE_THREAD.into())
             .spawn(move || {
                 drop(consumer);
                 let _ = closed.send(());
@@ -807,7 +811,7 @@ impl BackendSubscription for KafkaSubscription {
             let _ = left_tx.send(());
         };
         std::thread::Builder::new()
-            .name("eventbus-kafka-close".into())
+            .name(CLOSE_THREAD.into())
             .spawn(leave)
             .map_err(|e| Error::backend("no thread to close the Kafka consumer on", e))?;
         let ended = || {
