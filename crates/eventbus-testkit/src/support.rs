@@ -35,12 +35,23 @@ pub fn envelope(aggregate: &str, version: i64) -> Envelope {
 
 /// A handler that holds every attempt until [`HeldHandler::release`]: for
 /// lag and backpressure cases, which need events fetched and unsettled.
-/// Counts the attempts started and the events handled.
+/// Counts the attempts started, those running now and the events handled.
 #[derive(Debug, Clone)]
 pub struct HeldHandler {
     hold: Arc<AtomicBool>,
     started: Arc<AtomicUsize>,
+    running: Arc<AtomicUsize>,
     handled: Arc<AtomicUsize>,
+}
+
+/// One running attempt of a [`HeldHandler`]: counted out when it ends,
+/// cancelled ones (a revoke, a close) included.
+struct Running(Arc<AtomicUsize>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl Default for HeldHandler {
@@ -55,6 +66,7 @@ impl HeldHandler {
         Self {
             hold: Arc::new(AtomicBool::new(true)),
             started: Arc::new(AtomicUsize::new(0)),
+            running: Arc::new(AtomicUsize::new(0)),
             handled: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -69,6 +81,8 @@ impl HeldHandler {
             let this = this.clone();
             async move {
                 this.started.fetch_add(1, Ordering::SeqCst);
+                this.running.fetch_add(1, Ordering::SeqCst);
+                let _running = Running(this.running.clone());
                 while this.hold.load(Ordering::SeqCst) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
@@ -88,6 +102,12 @@ impl HeldHandler {
     /// Attempts started so far (count).
     pub fn started(&self) -> usize {
         self.started.load(Ordering::SeqCst)
+    }
+
+    /// Attempts running now (count): started and neither finished nor
+    /// cancelled.
+    pub fn running(&self) -> usize {
+        self.running.load(Ordering::SeqCst)
     }
 
     /// Events handled so far (count).
