@@ -30,10 +30,28 @@ use tokio::sync::Semaphore;
 
 /// What must run in order: one aggregate of one subscription, or (unordered
 /// subscriptions) one message alone.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+///
+/// An aggregate is keyed by a 64-bit hash of its id under a random seed
+/// ([`Key::aggregate`]): no copy of the id per message, and a key is
+/// hashed and compared as two integers. Two ids of one subscription with
+/// the same hash (about 1 in 2^64 per pair) share one queue: both stay in
+/// order, they only lose their parallelism to each other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Key {
-    Aggregate { subscription: u64, aggregate: Arc<str> },
-    Unordered(u64),
+    Aggregate { subscription: u64, aggregate: u64 },
+    Unordered { subscription: u64, seq: u64 },
+}
+
+impl Key {
+    /// The key of aggregate `id` in `subscription`, hashed with `seed`
+    /// (the same seed for every message of the subscription).
+    pub(crate) fn aggregate(subscription: u64, seed: &foldhash::fast::RandomState, id: &str) -> Self {
+        use std::hash::BuildHasher;
+        Key::Aggregate {
+            subscription,
+            aggregate: seed.hash_one(id),
+        }
+    }
 }
 
 /// A unit of ordered work: one fetched message and everything it takes
@@ -55,8 +73,12 @@ pub(crate) struct OrderedExecutor<T> {
     max_workers: usize,
     /// Active keys and their queued jobs; a key is present while a worker or
     /// a retry task owns it, or while it waits in `ready`.
+    /// Jobs queued behind the one a worker or retry task runs (or the
+    /// one waiting in `ready`): a key with a single job holds an empty,
+    /// unallocated queue.
     queues: Mutex<HashMap<Key, VecDeque<T>, foldhash::fast::RandomState>>,
-    ready: Mutex<VecDeque<Key>>,
+    /// Keys ready for a worker, each with its next job.
+    ready: Mutex<VecDeque<(Key, T)>>,
     /// One permit per key in `ready`; closed on shutdown to stop the workers.
     ready_count: Semaphore,
     workers: AtomicUsize,
@@ -84,17 +106,16 @@ impl<T: Task> OrderedExecutor<T> {
         match queues.entry(key) {
             Entry::Occupied(mut queue) => queue.get_mut().push_back(job),
             Entry::Vacant(idle) => {
-                let key = idle.key().clone();
-                idle.insert(VecDeque::from([job]));
+                idle.insert(VecDeque::new());
                 drop(queues);
-                self.make_ready(key);
+                self.make_ready(key, job);
             }
         }
     }
 
-    /// Hands an owned key with queued jobs to the workers.
-    fn make_ready(self: &Arc<Self>, key: Key) {
-        self.ready.lock().unwrap().push_back(key);
+    /// Hands an owned key and its next job to the workers.
+    fn make_ready(self: &Arc<Self>, key: Key, job: T) {
+        self.ready.lock().unwrap().push_back((key, job));
         self.ready_count.add_permits(1);
         self.ensure_worker();
     }
@@ -121,43 +142,37 @@ impl<T: Task> OrderedExecutor<T> {
             self.idle_workers.fetch_sub(1, Ordering::AcqRel);
             let Ok(permit) = permit else { return };
             permit.forget();
-            let key = self
+            let (key, job) = self
                 .ready
                 .lock()
                 .unwrap()
                 .pop_front()
                 .expect("one ready key per permit");
-            self.drain(key).await;
+            self.drain(key, job).await;
         }
     }
 
-    /// Runs the jobs of `key` in order until its queue is empty, or hands the
-    /// key to a retry task when a first attempt fails.
-    async fn drain(self: &Arc<Self>, key: Key) {
+    /// Runs `job`, then the queued jobs of `key` in order until its queue
+    /// is empty, or hands the key to a retry task when a first attempt fails.
+    async fn drain(self: &Arc<Self>, key: Key, mut job: T) {
         loop {
-            let Some(job) = self.next_job(&key) else {
-                return;
-            };
             if let Some(job) = job.first(&self.concurrency).await {
                 tokio::spawn(self.clone().retry(key, job));
                 return;
             }
+            job = match self.next_job(&key) {
+                Some(next) => next,
+                None => return,
+            };
         }
     }
 
-    /// The retry path of one task; then the key goes back to the workers.
+    /// The retry path of one task; then the key goes back to the workers
+    /// with its next job, if it has one.
     async fn retry(self: Arc<Self>, key: Key, job: T) {
         job.retry(&self.concurrency).await;
-        let more = {
-            let mut queues = self.queues.lock().unwrap();
-            let more = queues.get(&key).is_some_and(|q| !q.is_empty());
-            if !more {
-                queues.remove(&key);
-            }
-            more
-        };
-        if more {
-            self.make_ready(key);
+        if let Some(next) = self.next_job(&key) {
+            self.make_ready(key, next);
         }
     }
 

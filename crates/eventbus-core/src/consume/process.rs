@@ -162,6 +162,8 @@ pub(crate) struct SubscriptionShared {
     /// Event ids settled most recently (`consumer.dedup_window`).
     recent: Mutex<RecentIds>,
     unordered_seq: AtomicU64,
+    /// Hashes aggregate ids into ordering keys ([`Key::aggregate`]).
+    aggregate_seed: foldhash::fast::RandomState,
     last_error: Mutex<Option<String>>,
     /// The backend's view of this member's share of the group.
     assignment: Option<Arc<Mutex<crate::GroupAssignment>>>,
@@ -223,6 +225,7 @@ impl SubscriptionShared {
             duplicates_skipped: AtomicU64::new(0),
             recent: Mutex::new(RecentIds::new(p.dedup_window)),
             unordered_seq: AtomicU64::new(0),
+            aggregate_seed: foldhash::fast::RandomState::default(),
             last_error: Mutex::new(None),
             metrics,
             lag: p.lag,
@@ -291,12 +294,15 @@ impl SubscriptionShared {
 
     fn key_and_input(&self, delivery: &Delivery) -> (Key, Input) {
         if let Handler::Raw(_) = self.handler {
-            let key = Key::Unordered(self.unordered_seq.fetch_add(1, Ordering::Relaxed));
-            return (key, Input::Raw);
+            return (self.unordered_key(), Input::Raw);
         }
         let (aggregate, input) = match decode_envelope(&delivery.message) {
             Ok(envelope) => (
-                Some(Arc::<str>::from(envelope.aggregate_id.as_str())),
+                Some(Key::aggregate(
+                    self.id,
+                    &self.aggregate_seed,
+                    &envelope.aggregate_id,
+                )),
                 Input::Envelope {
                     id: RecentId::of(&envelope.event_id),
                     timestamp: envelope.timestamp,
@@ -304,18 +310,13 @@ impl SubscriptionShared {
                 },
             ),
             Err(e) => (
-                fallback_aggregate_id(&delivery.message).map(Arc::<str>::from),
+                fallback_aggregate_id(&delivery.message)
+                    .map(|id| Key::aggregate(self.id, &self.aggregate_seed, &id)),
                 Input::Invalid(e.to_string()),
             ),
         };
         match aggregate {
-            Some(aggregate) => (
-                Key::Aggregate {
-                    subscription: self.id,
-                    aggregate,
-                },
-                input,
-            ),
+            Some(key) => (key, input),
             None => {
                 let input = match input {
                     Input::Invalid(e) => Input::Invalid(format!(
@@ -323,11 +324,16 @@ impl SubscriptionShared {
                     )),
                     other => other,
                 };
-                (
-                    Key::Unordered(self.unordered_seq.fetch_add(1, Ordering::Relaxed)),
-                    input,
-                )
+                (self.unordered_key(), input)
             }
+        }
+    }
+
+    /// A key of its own for a message that needs no order.
+    fn unordered_key(&self) -> Key {
+        Key::Unordered {
+            subscription: self.id,
+            seq: self.unordered_seq.fetch_add(1, Ordering::Relaxed),
         }
     }
 

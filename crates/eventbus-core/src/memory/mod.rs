@@ -21,7 +21,7 @@
 //! without bound.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -67,6 +67,9 @@ struct Topic {
     state: Mutex<TopicState>,
     /// Bumped for consumers: new message, redelivery, rebalance, close.
     changed: watch::Sender<u64>,
+    /// Consumers between marking `changed` seen and waking from its wait
+    /// ([`Watching`]): a publish bumps `changed` only when there are some.
+    watching: AtomicUsize,
     /// Bumped for publishers waiting on a full log: trim, close.
     space: watch::Sender<u64>,
 }
@@ -270,9 +273,34 @@ impl TopicState {
     }
 }
 
+/// A consumer watching a topic's `changed` ([`Topic::watch`]).
+struct Watching(Arc<Topic>);
+
+impl Drop for Watching {
+    fn drop(&mut self) {
+        self.0.watching.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 impl Topic {
     fn notify(&self) {
         self.changed.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// [`notify`](Topic::notify) after a publish, skipped when no consumer
+    /// watches. Called after the message is in the log and the state lock
+    /// released: a consumer registers as watching before it locks the
+    /// state to look, so either it sees the message or this sees it.
+    fn notify_published(&self) {
+        if self.watching.load(Ordering::SeqCst) > 0 {
+            self.notify();
+        }
+    }
+
+    /// Registers a consumer as watching `changed` until the guard drops.
+    fn watch(self: &Arc<Self>) -> Watching {
+        self.watching.fetch_add(1, Ordering::SeqCst);
+        Watching(self.clone())
     }
 
     fn notify_space(&self) {
@@ -366,6 +394,7 @@ impl MemoryBackend {
                         groups: HashMap::new(),
                     }),
                     changed: watch::Sender::new(0),
+                    watching: AtomicUsize::new(0),
                     space: watch::Sender::new(0),
                 })
             })
@@ -423,7 +452,7 @@ impl Backend for MemoryBackend {
                         .log
                         .push_back((message.take().expect("pushed once"), partition));
                     drop(state);
-                    topic.notify();
+                    topic.notify_published();
                     let ack = Ack {
                         position: Some(Position::Sequence(seq)),
                         duplicate: false,
@@ -484,6 +513,7 @@ impl Backend for MemoryBackend {
         Ok(
             futures::stream::unfold(start, |(backend, topic, mut changed, next)| async move {
                 loop {
+                    let _watching = topic.watch();
                     changed.borrow_and_update();
                     if backend.ensure_open().is_err() {
                         return None;
@@ -671,8 +701,13 @@ impl Drop for MemorySubscription {
 #[async_trait]
 impl BackendSubscription for MemorySubscription {
     async fn next(&mut self) -> Option<Result<Delivery>> {
+        if let Some(delivery) = self.try_next() {
+            return Some(delivery);
+        }
         loop {
-            // Seen before looking, so a change after the look wakes the wait.
+            // Watching and seen before looking, so a change after the look
+            // wakes the wait.
+            let _watching = self.topic.watch();
             self.changed.borrow_and_update();
             self.backend.ensure_open().ok()?;
             if let Some(delivery) = self.try_next() {
