@@ -99,6 +99,16 @@ pub trait Acker: Send + Sync + 'static {
     /// The message is done; it must not be delivered again to this group.
     async fn ack(&self) -> Result<()>;
 
+    /// [`ack`](Acker::ack) done at once, for a backend whose ack waits for
+    /// nothing (no I/O, no lock held across an await): `Some` with its
+    /// outcome. The bus tries it first and calls `ack` on `None` (the
+    /// default), so a backend that has it saves the boxed future of `ack`
+    /// on every message. When it returns `Some`, it must do exactly what
+    /// `ack` does.
+    fn ack_now(&self) -> Option<Result<()>> {
+        None
+    }
+
     /// The message was dead-lettered and must never be redelivered
     /// (NATS `+TERM`). Defaults to [`ack`](Acker::ack).
     async fn term(&self) -> Result<()> {

@@ -852,6 +852,21 @@ struct KafkaAcker {
 #[async_trait]
 impl Acker for KafkaAcker {
     async fn ack(&self) -> Result<()> {
+        self.store();
+        Ok(())
+    }
+
+    /// Storing the offset is a call into librdkafka that waits for nothing.
+    fn ack_now(&self) -> Option<Result<()>> {
+        self.store();
+        Some(Ok(()))
+    }
+}
+
+impl KafkaAcker {
+    /// Marks the offset handled and stores the partition's next offset to
+    /// commit, when this ack moved it.
+    fn store(&self) {
         if let Some(next) = self.tracker.finished(&self.key, self.offset, self.generation) {
             // `store_offsets` stores the offset as given (the next to consume);
             // `store_offset` would add 1 (librdkafka's legacy rd_kafka_offset_store).
@@ -864,6 +879,5 @@ impl Acker for KafkaAcker {
                 tracing::debug!(error = %e, "offset not stored");
             }
         }
-        Ok(())
     }
 }

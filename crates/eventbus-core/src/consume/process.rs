@@ -360,13 +360,15 @@ impl SubscriptionShared {
         if let (Settle::Ack, Input::Envelope { id, .. }) = (&settle, &work.input) {
             self.recent.lock().unwrap().insert(id);
         }
+        let ack = || async {
+            match delivery.acker.ack_now() {
+                Some(acked) => acked,
+                None => delivery.acker.ack().await,
+            }
+        };
         let settled = match settle {
-            Settle::Ack => delivery.acker.ack().await.map(|()| Some(&self.handled)),
-            Settle::AckDuplicate => delivery
-                .acker
-                .ack()
-                .await
-                .map(|()| Some(&self.duplicates_skipped)),
+            Settle::Ack => ack().await.map(|()| Some(&self.handled)),
+            Settle::AckDuplicate => ack().await.map(|()| Some(&self.duplicates_skipped)),
             Settle::DeadLettered => delivery.acker.term().await.map(|()| Some(&self.dead_lettered)),
             Settle::Abandon => delivery.acker.nak(None).await.map(|()| None),
             Settle::Revoked => Ok(None),

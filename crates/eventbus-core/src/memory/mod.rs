@@ -382,6 +382,10 @@ impl MemoryBackend {
 
     fn topic(&self, name: &str) -> Arc<Topic> {
         let mut topics = self.inner.topics.lock().unwrap();
+        // Looked up by `&str` first: the name is copied only for a new topic.
+        if let Some(topic) = topics.get(name) {
+            return topic.clone();
+        }
         topics
             .entry(name.to_owned())
             .or_insert_with(|| {
@@ -773,6 +777,17 @@ struct MemoryAcker {
 #[async_trait]
 impl Acker for MemoryAcker {
     async fn ack(&self) -> Result<()> {
+        self.settle()
+    }
+
+    fn ack_now(&self) -> Option<Result<()>> {
+        Some(self.settle())
+    }
+}
+
+impl MemoryAcker {
+    /// Settles the message for its group (nothing to wait for in process).
+    fn settle(&self) -> Result<()> {
         let mut unblocked = false;
         let mut state = self.topic.state.lock().unwrap();
         if let Some(group) = state.groups.get_mut(&*self.group) {
