@@ -359,9 +359,22 @@ mod rfc3339 {
         s.serialize_str(&format_timestamp(t))
     }
 
+    /// Parsed from the text as the decoder hands it over: no copy (serde's
+    /// `Cow<str>` would always take one, on every decoded envelope).
     pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<FixedOffset>, D::Error> {
-        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
-        DateTime::parse_from_rfc3339(&s).map_err(serde::de::Error::custom)
+        struct Text;
+        impl serde::de::Visitor<'_> for Text {
+            type Value = DateTime<FixedOffset>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an RFC 3339 timestamp")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                DateTime::parse_from_rfc3339(s).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Text)
     }
 }
 
