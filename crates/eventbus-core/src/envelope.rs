@@ -373,6 +373,12 @@ mod rfc3339 {
             fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
                 DateTime::parse_from_rfc3339(s).map_err(E::custom)
             }
+
+            /// A format that hands text over as bytes (as serde's `Cow<str>` took it).
+            fn visit_bytes<E: serde::de::Error>(self, b: &[u8]) -> Result<Self::Value, E> {
+                let s = std::str::from_utf8(b).map_err(E::custom)?;
+                self.visit_str(s)
+            }
         }
         d.deserialize_str(Text)
     }

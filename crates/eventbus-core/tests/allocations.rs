@@ -1,9 +1,13 @@
-//! Heap allocations per event on the memory backend, publish to settled
-//! handle included: a count, not a time, so it holds on a loaded machine
-//! and tells a change of a few allocations per event apart, where the
-//! bench's events/s cannot (README "Benchmark"). Each allocation the
-//! per-event path makes costs about 20 to 50 ns with its free; the budget
-//! below fails a change that adds some without saying so.
+//! Heap allocations per event on the memory backend, from publish to
+//! handled: a count, not a time, so it tells a change of one allocation
+//! per event apart on a loaded machine, where the bench's events/s cannot
+//! (README "Benchmark"). Each allocation the per-event path makes costs
+//! about 20 to 50 ns with its free; the budget below fails a change that
+//! adds some without saying so.
+//!
+//! A few allocations still follow the scheduling (a batch's vector grows
+//! with the batch; an aggregate's next event that finds its queue busy
+//! allocates the queue), so the least of three rounds is what counts.
 //!
 //! This binary has its own global allocator (counting, then the system's),
 //! so it runs apart from the other tests.
@@ -54,14 +58,13 @@ const EVENTS: u64 = 20_000;
 /// Aggregates they spread over, five versions each, as in the bench.
 const AGGREGATES: u64 = EVENTS / 5;
 
-/// Allocations per event allowed. Measured 2026-12-02: 29.5 (33.3 that
-/// morning; 31.3 to 31.4 in five runs, two of them with both cores busy
-/// besides, after the executor's keys and the memory topic's wakeups;
-/// 29.5 after `Acker::ack_now` and the topic lookup by `&str`). The
-/// margin covers the scheduler's timing: how often an aggregate's next
-/// event finds its queue busy (a queue is allocated then), a batch, a
-/// wakeup.
-const BUDGET: f64 = 30.5;
+/// Allocations per event allowed. Measured 2026-12-02: 33.3 before that
+/// day's changes; 31.3 to 31.4 (five runs, two of them with both cores
+/// busy besides) after the executor's keys and the memory topic's
+/// wakeups; 29.5 after `Acker::ack_now` and the topic lookup by `&str`;
+/// 28.3 after the timestamp's decode without a copy (28.4 as the least
+/// of three rounds).
+const BUDGET: f64 = 29.5;
 
 async fn handled_after(bus: &EventBus, handled: &AtomicU64, target: u64, from: u64) -> u64 {
     let envelopes: Vec<Envelope> = (0..EVENTS)
@@ -100,10 +103,10 @@ async fn handled_after(bus: &EventBus, handled: &AtomicU64, target: u64, from: u
     allocations
 }
 
-/// Publishes and handles 20,000 envelopes (after a warm-up round that
-/// grows the maps, queues and slabs to their working size) and counts
-/// the allocations of the measured round per event, from the first
-/// publish to the last event handled (the envelopes are built before).
+/// Publishes and handles 20,000 envelopes three times (after a warm-up
+/// round that grows the maps, queues and slabs to their working size) and
+/// counts the allocations per event of each round, from the first publish
+/// to the last event handled (the envelopes are built before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_memory_path_allocates_within_its_budget_per_event() {
     let mut config = BusConfig::default();
@@ -119,9 +122,13 @@ async fn the_memory_path_allocates_within_its_budget_per_event() {
         .await
         .unwrap();
     let _warm = handled_after(&bus, &handled, EVENTS, 0).await;
-    let total = handled_after(&bus, &handled, 2 * EVENTS, EVENTS / AGGREGATES).await;
-    let per_event = total as f64 / EVENTS as f64;
-    eprintln!("allocations per event on the memory path: {per_event:.1} ({total} in the round)");
+    let mut rounds = Vec::new();
+    for round in 1..=3 {
+        let total = handled_after(&bus, &handled, (round + 1) * EVENTS, round * EVENTS / AGGREGATES).await;
+        rounds.push(total as f64 / EVENTS as f64);
+    }
+    let per_event = rounds.iter().copied().fold(f64::INFINITY, f64::min);
+    eprintln!("allocations per event on the memory path: {per_event:.1} (the least of {rounds:.1?})");
     assert!(
         per_event <= BUDGET,
         "{per_event:.1} allocations per event, over the budget of {BUDGET}: find the new ones (a heap profile of this test) or raise the budget saying why"

@@ -2,15 +2,17 @@
 //! Generic over the [`Task`] it runs, which the consume code implements:
 //! this file imports nothing from it.
 //!
-//! - **Order.** Each key (subscription, aggregate id) has its own FIFO queue,
-//!   drained by at most one worker at a time, so one aggregate's events run
-//!   one at a time in fetch order. Keys are per subscription, so one topic's
-//!   events never wait behind another topic's (the original's Bug 1 mixed
-//!   topics in one shared queue).
-//! - **No head-of-line blocking.** Queues are per key, not per hash lane. A
-//!   message whose first attempt fails leaves the worker pool: its key moves
-//!   to a task of its own for the retries (backoff, dead letter, parking),
-//!   so a failing aggregate delays only itself.
+//! - **Order.** Each key (subscription, aggregate id: see [`Key`]) has its
+//!   own FIFO queue, drained by at most one worker at a time, so one
+//!   aggregate's events run one at a time in fetch order. Keys are per
+//!   subscription, so one topic's events never wait behind another topic's
+//!   (the original's Bug 1 mixed topics in one shared queue).
+//! - **No head-of-line blocking.** Queues are per key, not per hash lane
+//!   shared by many aggregates (a 64-bit key hash is one queue per
+//!   aggregate in practice). A message whose first attempt fails leaves the
+//!   worker pool: its key moves to a task of its own for the retries
+//!   (backoff, dead letter, parking), so a failing aggregate delays only
+//!   itself.
 //! - **Parallelism.** Up to `consumer.concurrency` pooled workers, started on
 //!   demand and kept; a semaphore of the same size caps handlers running at
 //!   once, retrying ones included.
@@ -34,8 +36,10 @@ use tokio::sync::Semaphore;
 /// An aggregate is keyed by a 64-bit hash of its id under a random seed
 /// ([`Key::aggregate`]): no copy of the id per message, and a key is
 /// hashed and compared as two integers. Two ids of one subscription with
-/// the same hash (about 1 in 2^64 per pair) share one queue: both stay in
-/// order, they only lose their parallelism to each other.
+/// the same hash (about 1 in 2^64 per pair for a good hash; foldhash's
+/// fast variant proves no bound) share one queue: both stay in order, but
+/// each then waits for the other, retries, dead-letter publishes and
+/// parking included.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Key {
     Aggregate { subscription: u64, aggregate: u64 },
@@ -73,6 +77,7 @@ pub(crate) struct OrderedExecutor<T> {
     max_workers: usize,
     /// Active keys and their queued jobs; a key is present while a worker or
     /// a retry task owns it, or while it waits in `ready`.
+    ///
     /// Jobs queued behind the one a worker or retry task runs (or the
     /// one waiting in `ready`): a key with a single job holds an empty,
     /// unallocated queue.

@@ -65,10 +65,13 @@ struct Topic {
     /// `memory.max_in_flight_per_partition`.
     per_partition: usize,
     state: Mutex<TopicState>,
-    /// Bumped for consumers: new message, redelivery, rebalance, close.
+    /// Bumped for consumers: new message (only while one watches, see
+    /// `watching`), redelivery, room under a partition's bound, rebalance,
+    /// close.
     changed: watch::Sender<u64>,
-    /// Consumers between marking `changed` seen and waking from its wait
-    /// ([`Watching`]): a publish bumps `changed` only when there are some.
+    /// Consumers watching `changed`: registered before they mark it seen
+    /// and look, until they wake from its wait or find a message
+    /// ([`Watching`]). A publish bumps `changed` only when there are some.
     watching: AtomicUsize,
     /// Bumped for publishers waiting on a full log: trim, close.
     space: watch::Sender<u64>,
