@@ -66,13 +66,18 @@ const AGGREGATES: u64 = EVENTS / 5;
 /// of three rounds).
 const BUDGET: f64 = 29.5;
 
-async fn handled_after(bus: &EventBus, handled: &AtomicU64, target: u64, from: u64) -> u64 {
+/// Publishes one round of envelopes (versions `versions_before + 1` to
+/// `+ 5` of each aggregate), waits until the handler has counted them all
+/// in `handled`, and returns the allocations made from the first publish
+/// on (the envelopes are built before).
+async fn round_allocations(bus: &EventBus, handled: &AtomicU64, versions_before: u64) -> u64 {
+    let target = handled.load(Ordering::SeqCst) + EVENTS;
     let envelopes: Vec<Envelope> = (0..EVENTS)
         .map(|i| {
             Envelope::builder(
                 format!("agg-{}", i % AGGREGATES),
                 "Measured",
-                (from + i / AGGREGATES + 1) as i64,
+                (versions_before + i / AGGREGATES + 1) as i64,
             )
             .json_payload(&serde_json::json!({ "n": i, "pad": "x".repeat(200) }))
             .and_then(|b| b.build())
@@ -121,10 +126,10 @@ async fn the_memory_path_allocates_within_its_budget_per_event() {
         })
         .await
         .unwrap();
-    let _warm = handled_after(&bus, &handled, EVENTS, 0).await;
+    let _warm = round_allocations(&bus, &handled, 0).await;
     let mut rounds = Vec::new();
     for round in 1..=3 {
-        let total = handled_after(&bus, &handled, (round + 1) * EVENTS, round * EVENTS / AGGREGATES).await;
+        let total = round_allocations(&bus, &handled, round * EVENTS / AGGREGATES).await;
         rounds.push(total as f64 / EVENTS as f64);
     }
     let per_event = rounds.iter().copied().fold(f64::INFINITY, f64::min);
