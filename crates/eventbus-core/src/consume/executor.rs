@@ -86,7 +86,12 @@ pub(crate) struct OrderedExecutor<T> {
     ready: Mutex<VecDeque<(Key, T)>>,
     /// One permit per key in `ready`; closed on shutdown to stop the workers.
     ready_count: Semaphore,
+    /// Workers started (they are kept until shutdown), at most `max_workers`.
     workers: AtomicUsize,
+    /// Workers waiting for a ready key that no key has claimed yet. Once
+    /// the pool is full it can also count busy workers (one back from a
+    /// key takes a ready key nobody could claim): harmless, as no worker
+    /// can be started then anyway.
     idle_workers: AtomicUsize,
 }
 
@@ -125,9 +130,20 @@ impl<T: Task> OrderedExecutor<T> {
         self.ensure_worker();
     }
 
-    /// Starts a worker when none is idle and the pool is not full.
+    /// Finds a worker for a key just made ready: claims an idle one, else
+    /// starts one when the pool is not full (a full pool's workers take
+    /// it in turn).
+    ///
+    /// An idle worker is claimed for one key only, before it wakes: keys
+    /// made ready one right after another (a fetched batch) each get a
+    /// worker of their own. Checking for an idle worker without claiming
+    /// it let every key of a batch count on the same one, which took them
+    /// one after another while the pool stayed small.
     fn ensure_worker(self: &Arc<Self>) {
-        if self.idle_workers.load(Ordering::Acquire) > 0 {
+        let claimed = self
+            .idle_workers
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if claimed.is_ok() {
             return;
         }
         let started = self
@@ -140,11 +156,19 @@ impl<T: Task> OrderedExecutor<T> {
         }
     }
 
+    /// A pooled worker. It counts itself idle before each wait for a
+    /// ready key, except the first: a worker is started for the key that
+    /// started it. The key that wakes it claimed it
+    /// ([`ensure_worker`](Self::ensure_worker)), so it does not count itself
+    /// out on waking.
     async fn worker(self: Arc<Self>) {
+        let mut first = true;
         loop {
-            self.idle_workers.fetch_add(1, Ordering::AcqRel);
+            if !first {
+                self.idle_workers.fetch_add(1, Ordering::AcqRel);
+            }
+            first = false;
             let permit = self.ready_count.acquire().await;
-            self.idle_workers.fetch_sub(1, Ordering::AcqRel);
             let Ok(permit) = permit else { return };
             permit.forget();
             let (key, job) = self
@@ -196,3 +220,114 @@ impl<T: Task> OrderedExecutor<T> {
         self.ready_count.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Duration;
+
+    use tokio::sync::Barrier;
+
+    use super::*;
+
+    /// A task that waits (at most 2 s) until every task sharing its
+    /// barrier runs, then counts itself met.
+    struct Meet {
+        barrier: Arc<Barrier>,
+        met: Arc<AtomicUsize>,
+    }
+
+    impl Task for Meet {
+        async fn first(self, _: &Semaphore) -> Option<Self> {
+            if tokio::time::timeout(Duration::from_secs(2), self.barrier.wait())
+                .await
+                .is_ok()
+            {
+                self.met.fetch_add(1, Ordering::SeqCst);
+            }
+            None
+        }
+
+        async fn retry(self, _: &Semaphore) {}
+    }
+
+    fn key(aggregate: u64) -> Key {
+        Key::Aggregate {
+            subscription: 1,
+            aggregate,
+        }
+    }
+
+    /// Waits (at most 5 s) until `met` reaches `n`.
+    async fn until_met(met: &AtomicUsize, n: usize) -> usize {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while met.load(Ordering::SeqCst) < n && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        met.load(Ordering::SeqCst)
+    }
+
+    /// Keys made ready one right after another (as a fetched batch is
+    /// submitted) while one worker waits idle run at once, each on a
+    /// worker. Before, each counted on the one idle worker, so none was
+    /// started: it took them one after another, and here each waited
+    /// for the others in vain.
+    #[tokio::test]
+    async fn keys_made_ready_together_after_a_worker_went_idle_run_at_once() {
+        let executor = OrderedExecutor::new(8);
+        let met = Arc::new(AtomicUsize::new(0));
+        // One key starts a worker, which then waits idle.
+        executor.submit(
+            key(0),
+            Meet {
+                barrier: Arc::new(Barrier::new(1)),
+                met: met.clone(),
+            },
+        );
+        assert_eq!(until_met(&met, 1).await, 1);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let barrier = Arc::new(Barrier::new(4));
+        for aggregate in 1..=4 {
+            executor.submit(
+                key(aggregate),
+                Meet {
+                    barrier: barrier.clone(),
+                    met: met.clone(),
+                },
+            );
+        }
+        assert_eq!(
+            until_met(&met, 5).await,
+            5,
+            "the four keys ran at once ({} workers started)",
+            executor.workers.load(Ordering::SeqCst)
+        );
+        assert_eq!(executor.workers.load(Ordering::SeqCst), 4, "the idle worker and three new ones");
+        executor.shutdown();
+    }
+
+    /// A full pool takes ready keys in turn: with 2 workers, 4 keys that
+    /// each wait for one other run two by two, and no worker is started
+    /// past the pool's size.
+    #[tokio::test]
+    async fn a_full_pool_takes_ready_keys_in_turn() {
+        let executor = OrderedExecutor::new(2);
+        let met = Arc::new(AtomicUsize::new(0));
+        for pair in 0..2u64 {
+            let barrier = Arc::new(Barrier::new(2));
+            for aggregate in [2 * pair, 2 * pair + 1] {
+                executor.submit(
+                    key(aggregate),
+                    Meet {
+                        barrier: barrier.clone(),
+                        met: met.clone(),
+                    },
+                );
+            }
+        }
+        assert_eq!(until_met(&met, 4).await, 4, "both pairs met");
+        assert_eq!(executor.workers.load(Ordering::SeqCst), 2);
+        executor.shutdown();
+    }
+}
+
