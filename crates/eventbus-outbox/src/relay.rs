@@ -62,6 +62,14 @@ pub struct RelayConfig {
     pub retention_ms: u64,
     /// How often cleanup runs, in ms. Default 60,000.
     pub cleanup_interval_ms: u64,
+    /// After shutdown, how long a database statement already running (a
+    /// claim, a mark, a failure record, a cleanup) may still take, in ms,
+    /// before [`Relay::run`] gives it up. A database that does not answer
+    /// at all (a frozen or partitioned server sends no error) otherwise
+    /// holds shutdown until TCP gives up. Rows whose mark was given up
+    /// wait out their lease and are published again (duplicates, never a
+    /// gap: their aggregates' later versions wait behind them). Default 5,000.
+    pub shutdown_grace_ms: u64,
 }
 
 impl Default for RelayConfig {
@@ -82,6 +90,7 @@ impl Default for RelayConfig {
             dead_letter: DeadLetterPolicy::Disabled,
             retention_ms: 24 * 3_600_000,
             cleanup_interval_ms: 60_000,
+            shutdown_grace_ms: 5_000,
         }
     }
 }
@@ -190,7 +199,10 @@ impl Relay {
     ///
     /// On shutdown every running round finishes, then the relay gives up
     /// its hold on the database (SQLite's relay lease), so a relay started
-    /// next takes over at once rather than after `lease_ms`.
+    /// next takes over at once rather than after `lease_ms`. Every wait
+    /// after shutdown is bounded: a database statement already running
+    /// gets `shutdown_grace_ms`, no write is retried, and a round's ACKs
+    /// are bounded by the bus's `publish.ack_timeout_ms`.
     ///
     /// # Errors
     /// Database errors are logged and retried; only a failed LISTEN setup returns.
@@ -202,8 +214,12 @@ impl Relay {
         }
         futures::future::join_all(lanes).await;
         // Every round has finished: hand the database over at once.
-        if let Err(e) = self.store.database().resign(&self.id).await {
-            tracing::warn!(error = %e, "giving up the relay lease failed");
+        match tokio::time::timeout(self.grace(), self.store.database().resign(&self.id)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "giving up the relay lease failed"),
+            Err(_) => tracing::warn!(
+                "giving up the relay lease took over shutdown_grace_ms: it lapses after lease_ms"
+            ),
         }
         Ok(())
     }
@@ -231,9 +247,13 @@ impl Relay {
             };
             if lane == 0 && last_cleanup.elapsed() >= cleanup_every {
                 last_cleanup = tokio::time::Instant::now();
+                let retention = Duration::from_millis(self.config.retention_ms);
+                let lane = Lane {
+                    index: lane,
+                    shutdown,
+                };
                 match self
-                    .store
-                    .cleanup(Duration::from_millis(self.config.retention_ms))
+                    .within_grace(&lane, "cleanup", self.store.cleanup(retention))
                     .await
                 {
                     Ok(n) if n > 0 => tracing::info!(deleted = n, "outbox cleanup"),
@@ -302,26 +322,69 @@ impl Relay {
         Duration::from_millis(self.config.lease_ms)
     }
 
+    /// How long a statement may still run after shutdown (`shutdown_grace_ms`).
+    fn grace(&self) -> Duration {
+        Duration::from_millis(self.config.shutdown_grace_ms)
+    }
+
+    /// Runs a database `statement` to its end, or, once `lane`'s shutdown
+    /// has come, for at most `shutdown_grace_ms` more.
+    ///
+    /// # Errors
+    /// The statement's, or `Timeout` when the grace ran out (the statement
+    /// is dropped: a compare-and-set on the claim token, so one cut off
+    /// midway is safe to repeat, and a claim cut off after its commit
+    /// leaves its rows for their lease).
+    async fn within_grace<T>(
+        &self,
+        lane: &Lane<'_>,
+        what: &'static str,
+        statement: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
+        tokio::pin!(statement);
+        tokio::select! {
+            biased;
+            done = &mut statement => done,
+            () = lane.shutdown.cancelled() => tokio::time::timeout(self.grace(), statement)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(eventbus_core::Error::timeout(format!(
+                        "outbox {what} did not complete within shutdown_grace_ms ({} ms) of shutdown",
+                        self.config.shutdown_grace_ms
+                    )))
+                }),
+        }
+    }
+
     /// Claims the next round's rows (none: `None`).
+    ///
+    /// The claim is given up after `lease_ms` (its rows' leases would have
+    /// run out: the fence lets it publish nothing), or `shutdown_grace_ms`
+    /// after shutdown.
     async fn claim(&self, lane: &Lane<'_>) -> Result<Option<Round>> {
         let _claiming = self.claiming.lock().await;
         let lease = self.lease();
-        if !self.store.database().may_run(&self.id, lease).await? {
+        let may_run = self.store.database().may_run(&self.id, lease);
+        if !self.within_grace(lane, "relay lease", may_run).await? {
             return Ok(None);
         }
         let claim = format!("{}/{}", self.id, eventbus_core::new_event_id());
         // Taken before the claim is sent: the lease the database gives
         // starts later, so the fence ends no later than the lease.
         let fence = Fence::new(lease);
-        let claimed = self
-            .store
-            .claim(
-                &claim,
-                self.config.batch_size,
-                self.config.versions_per_aggregate.max(1),
-                lease,
-            )
-            .await;
+        let statement = self.store.claim(
+            &claim,
+            self.config.batch_size,
+            self.config.versions_per_aggregate.max(1),
+            lease,
+        );
+        let claimed = match tokio::time::timeout(lease, self.within_grace(lane, "claim", statement)).await {
+            Ok(claimed) => claimed,
+            Err(_) => Err(eventbus_core::Error::timeout(format!(
+                "outbox claim did not complete within lease_ms ({} ms)",
+                self.config.lease_ms
+            ))),
+        };
         drop(_claiming);
         let Claim { chains, stranded } = match claimed {
             Ok(claimed) => claimed,
@@ -358,7 +421,8 @@ impl Relay {
     /// claim token, so a late one cannot undo another relay's work, and an
     /// attempt cut off midway is safe to repeat. Each retry stamps the
     /// lane's liveness (a database outage is no reason to restart the
-    /// relay); shutdown stops the retries (the rows then wait for their lease).
+    /// relay); shutdown stops the retries, and an attempt running at
+    /// shutdown gets `shutdown_grace_ms` (the rows then wait for their lease).
     ///
     /// # Errors
     /// The last error, once `lease_ms` has passed or on shutdown.
@@ -381,7 +445,8 @@ impl Relay {
         let deadline = tokio::time::Instant::now() + self.lease();
         let mut attempt = 1;
         loop {
-            let error = match tokio::time::timeout_at(deadline, write()).await {
+            let error = match tokio::time::timeout_at(deadline, self.within_grace(lane, what, write())).await
+            {
                 Ok(Ok(done)) => return Ok(done),
                 Ok(Err(e)) => e,
                 Err(_) => eventbus_core::Error::timeout(format!(

@@ -627,3 +627,115 @@ async fn a_renewal_waiting_on_the_database_does_not_hold_the_rounds_publishes() 
     assert!(report.is_strictly_ordered(), "{report}");
     assert_eq!(report.received, 2, "{report}");
 }
+
+/// Sends `signal` (`STOP`, `CONT`) to the cluster's postmaster and to every
+/// process it started (each session's backend, the checkpointer, ...), by
+/// PID: `STOP` freezes the whole server, which then answers nothing and
+/// sends no error, as a frozen or partitioned database host would.
+fn signal_cluster(pg: &PostgresServer, signal: &str) {
+    let postmaster = pg.process().pid().expect("the cluster runs");
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let pid = entry.file_name().to_str().and_then(|n| n.parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|&pid| parent_pid(pid) == Some(postmaster)) {
+            pids.push(pid);
+        }
+    }
+    for pid in pids {
+        let _ = std::process::Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status();
+    }
+}
+
+/// How long `running` takes to end after `shutdown`, at most 20 s (then
+/// `None`); the cluster is thawed either way before the answer.
+async fn stopped_within(
+    pg: &PostgresServer,
+    shutdown: &CancellationToken,
+    running: tokio::task::JoinHandle<Relay>,
+) -> Option<Duration> {
+    let asked = std::time::Instant::now();
+    shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(20), running).await;
+    let took = asked.elapsed();
+    signal_cluster(pg, "CONT");
+    stopped.ok().map(|joined| {
+        joined.unwrap();
+        took
+    })
+}
+
+fn frozen_database_config() -> RelayConfig {
+    RelayConfig {
+        lease_ms: 60_000,
+        shutdown_grace_ms: 1_000,
+        ..fast()
+    }
+}
+
+/// A relay stops within its shutdown grace while its database is frozen
+/// (every PostgreSQL process SIGSTOPped) under a claim. Before, the claim
+/// waited on the frozen server, and `run` with it, until the server woke:
+/// without end here (more than 20 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stops_within_its_grace_while_the_database_is_frozen_under_a_claim() {
+    let pg = PostgresServer::start().await.unwrap();
+    let (store, _pool) = store(&pg).await;
+    let bus = EventBus::new(MemoryBackend::default(), BusConfig::default()).unwrap();
+    let shutdown = CancellationToken::new();
+    let running = spawn_relay(Relay::new(store, bus, frozen_database_config()), &shutdown);
+    // Idle: its lanes claim every 50 ms; the next claim meets the frozen server.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    signal_cluster(&pg, "STOP");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let took = stopped_within(&pg, &shutdown, running).await;
+    let took = took.expect("the relay stopped within 20 s of shutdown");
+    eprintln!("the relay stopped {took:?} after shutdown, its database frozen");
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+}
+
+/// A relay stops within its shutdown grace while its database is frozen
+/// under the mark of a round it published: the mark is given up (the row
+/// waits out its lease, to be published again, unless the server runs the
+/// mark it was sent once it wakes), rather than waited for until
+/// `lease_ms` (60 s here, before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_stops_within_its_grace_while_the_database_is_frozen_under_a_mark() {
+    let pg = PostgresServer::start().await.unwrap();
+    let (store, pool) = store(&pg).await;
+    let backend = eventbus_testkit::outbox::slow_first_ack(MemoryBackend::default(), Duration::from_secs(2));
+    let bus = EventBus::new(backend, BusConfig::default()).unwrap();
+    let mut tx = pool.begin().await.unwrap();
+    append(
+        &mut *tx,
+        OutboxEvent::new("frozen", &envelope("frozen-1", 1), "Order"),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    let relay = Relay::new(store, bus, frozen_database_config());
+    let stats = relay.stats();
+    let shutdown = CancellationToken::new();
+    let running = spawn_relay(relay, &shutdown);
+    // Claimed and published; its ACK comes 2 s after the publish.
+    assert!(
+        eventually(Duration::from_secs(10), || stats.rounds.load(Ordering::Relaxed)
+            >= 1)
+        .await
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal_cluster(&pg, "STOP");
+    // The ACK has come: the mark waits on the frozen server.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    assert_eq!(
+        stats.published.load(Ordering::Relaxed),
+        0,
+        "marked before the freeze"
+    );
+    let took = stopped_within(&pg, &shutdown, running).await;
+    let took = took.expect("the relay stopped within 20 s of shutdown");
+    eprintln!("the relay stopped {took:?} after shutdown, its database frozen");
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+}

@@ -302,7 +302,11 @@ mod tests {
             "the four keys ran at once ({} workers started)",
             executor.workers.load(Ordering::SeqCst)
         );
-        assert_eq!(executor.workers.load(Ordering::SeqCst), 4, "the idle worker and three new ones");
+        assert_eq!(
+            executor.workers.load(Ordering::SeqCst),
+            4,
+            "the idle worker and three new ones"
+        );
         executor.shutdown();
     }
 
@@ -330,4 +334,3 @@ mod tests {
         executor.shutdown();
     }
 }
-
