@@ -113,6 +113,61 @@ async fn concurrency_caps_handlers_running_at_once() {
     bus.close().await.unwrap();
 }
 
+/// Events of different aggregates fetched together are handled at once,
+/// each on a worker, also after a quiet spell left one worker idle: here
+/// each handler waits (at most 2 s) until all four run. Before, every key
+/// of the batch counted on the one idle worker and none was started, so
+/// the four ran one after another (and here none met the others).
+#[tokio::test]
+async fn aggregates_fetched_together_are_handled_at_once_after_a_quiet_spell() {
+    let bus = EventBusBuilder::new().concurrency(8).build_memory().unwrap();
+    let barrier = Arc::new(tokio::sync::Barrier::new(4));
+    let (met, handled) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (b, m, h) = (barrier.clone(), met.clone(), handled.clone());
+    let _sub = bus
+        .subscribe_envelope("together", SubscribeOptions::group("g"), move |e: Envelope| {
+            let (b, m, h) = (b.clone(), m.clone(), h.clone());
+            async move {
+                let quiet_spell = e.aggregate_id == "first";
+                if !quiet_spell
+                    && tokio::time::timeout(Duration::from_secs(2), b.wait())
+                        .await
+                        .is_ok()
+                {
+                    m.fetch_add(1, Ordering::SeqCst);
+                }
+                h.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap();
+    // One event starts a worker, which then waits idle.
+    bus.publish_envelope_sync("together", &envelope("first", 1))
+        .await
+        .unwrap();
+    assert!(eventually(|| handled.load(Ordering::SeqCst) == 1).await);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut sent = Vec::new();
+    for a in 0..4 {
+        sent.push(
+            bus.publish_envelope("together", &envelope(&format!("a{a}"), 1))
+                .await
+                .unwrap(),
+        );
+    }
+    for handle in sent {
+        assert!(handle.await.is_success());
+    }
+    assert!(eventually(|| handled.load(Ordering::SeqCst) == 5).await);
+    assert_eq!(
+        met.load(Ordering::SeqCst),
+        4,
+        "the four aggregates were handled at once"
+    );
+    bus.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn close_gives_up_on_stuck_handlers_and_their_messages_are_redelivered() {
     let bus = EventBusBuilder::new()

@@ -14,8 +14,9 @@
 //!   (backoff, dead letter, parking), so a failing aggregate delays only
 //!   itself.
 //! - **Parallelism.** Up to `consumer.concurrency` pooled workers, started on
-//!   demand and kept; a semaphore of the same size caps handlers running at
-//!   once, retrying ones included.
+//!   demand and kept: each key made ready claims an idle worker or starts
+//!   one, so keys made ready together run together. A semaphore of the
+//!   same size caps handlers running at once, retrying ones included.
 //! - **Bounded memory** is the tasks' business: each carries the in-flight
 //!   slot of its subscription (see `consume::subscription`).
 //! - **No task per message**: pooled workers run the first attempt inline
