@@ -1,8 +1,8 @@
 //! [`Relay`]: publishes claimed outbox rows through any backend, in
 //! per-aggregate order, and records their ACKs.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use eventbus_core::{
@@ -10,6 +10,7 @@ use eventbus_core::{
     dead_letter, headers, lease_clock,
 };
 use serde::{Deserialize, Serialize};
+use tokio::time::error::Elapsed;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Claim, OutboxRow, OutboxStore, Wakeups, now_us};
@@ -62,13 +63,15 @@ pub struct RelayConfig {
     pub retention_ms: u64,
     /// How often cleanup runs, in ms. Default 60,000.
     pub cleanup_interval_ms: u64,
-    /// After shutdown, how long a database statement already running (a
-    /// claim, a mark, a failure record, a cleanup) may still take, in ms,
-    /// before [`Relay::run`] gives it up. A database that does not answer
-    /// at all (a frozen or partitioned server sends no error) otherwise
-    /// holds shutdown until TCP gives up. Rows whose mark was given up
-    /// wait out their lease and are published again (duplicates, never a
-    /// gap: their aggregates' later versions wait behind them). Default 5,000.
+    /// How long after shutdown [`Relay::run`] lets its database
+    /// statements (claims, marks, failure records, releases, cleanup, the
+    /// SQLite lease hand-over) still run, in ms: one deadline for all of
+    /// them, after which each is given up (0: at once). A database that
+    /// answers nothing (a frozen or partitioned server sends no error)
+    /// otherwise holds shutdown until TCP gives up. Rows whose mark was
+    /// given up wait out their lease and are published again (duplicates,
+    /// never a gap: their aggregates' later versions wait behind them).
+    /// Default 5,000.
     pub shutdown_grace_ms: u64,
 }
 
@@ -200,21 +203,29 @@ impl Relay {
     /// On shutdown every running round finishes, then the relay gives up
     /// its hold on the database (SQLite's relay lease), so a relay started
     /// next takes over at once rather than after `lease_ms`. Every wait
-    /// after shutdown is bounded: a database statement already running
-    /// gets `shutdown_grace_ms`, no write is retried, and a round's ACKs
-    /// are bounded by the bus's `publish.ack_timeout_ms`.
+    /// after shutdown is bounded: no claim starts and no write is retried,
+    /// the database statements still running or to come (a round's marks)
+    /// share one deadline, `shutdown_grace_ms` after shutdown, and a
+    /// round's ACKs are bounded by the bus's `publish.ack_timeout_ms`.
     ///
     /// # Errors
     /// Database errors are logged and retried; only a failed LISTEN setup returns.
     pub async fn run(&self, shutdown: CancellationToken) -> Result<()> {
         let wakeups = self.store.database().wakeups().await?;
-        let mut lanes = vec![self.lane(0, &shutdown, wakeups)];
+        let grace_ends = OnceLock::new();
+        let mut lanes = vec![self.lane(0, &shutdown, &grace_ends, wakeups)];
         for lane in 1..self.lanes_started.len() {
-            lanes.push(self.lane(lane, &shutdown, None));
+            lanes.push(self.lane(lane, &shutdown, &grace_ends, None));
         }
         futures::future::join_all(lanes).await;
         // Every round has finished: hand the database over at once.
-        match tokio::time::timeout(self.grace(), self.store.database().resign(&self.id)).await {
+        let last = Lane {
+            index: 0,
+            shutdown: &shutdown,
+            grace_ends: &grace_ends,
+        };
+        let resigned = last.bounded(self.store.database().resign(&self.id), self.grace());
+        match resigned.await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "giving up the relay lease failed"),
             Err(_) => tracing::warn!(
@@ -227,31 +238,32 @@ impl Relay {
     /// Lane `lane` of [`run`](Self::run): rounds back to back while there
     /// is work, else a nap (woken by `wakeups` when it has them); lane 0
     /// also deletes old published rows.
-    async fn lane(&self, lane: usize, shutdown: &CancellationToken, mut wakeups: Option<Wakeups>) {
+    async fn lane(
+        &self,
+        index: usize,
+        shutdown: &CancellationToken,
+        grace_ends: &OnceLock<tokio::time::Instant>,
+        mut wakeups: Option<Wakeups>,
+    ) {
+        let lane = Lane {
+            index,
+            shutdown,
+            grace_ends,
+        };
         let mut last_cleanup = tokio::time::Instant::now();
         let cleanup_every = Duration::from_millis(self.config.cleanup_interval_ms);
         while !shutdown.is_cancelled() {
-            self.round_started(lane);
-            let busy = match self
-                .round(&Lane {
-                    index: lane,
-                    shutdown,
-                })
-                .await
-            {
+            self.round_started(index);
+            let busy = match self.round(&lane).await {
                 Ok(n) => n > 0,
                 Err(e) => {
                     tracing::warn!(error = %e, "relay round failed");
                     false
                 }
             };
-            if lane == 0 && last_cleanup.elapsed() >= cleanup_every {
+            if index == 0 && last_cleanup.elapsed() >= cleanup_every {
                 last_cleanup = tokio::time::Instant::now();
                 let retention = Duration::from_millis(self.config.retention_ms);
-                let lane = Lane {
-                    index: lane,
-                    shutdown,
-                };
                 match self
                     .within_grace(&lane, "cleanup", self.store.cleanup(retention))
                     .await
@@ -288,6 +300,7 @@ impl Relay {
         self.round(&Lane {
             index: 0,
             shutdown: &never,
+            grace_ends: &OnceLock::new(),
         })
         .await
     }
@@ -328,41 +341,41 @@ impl Relay {
     }
 
     /// Runs a database `statement` to its end, or, once `lane`'s shutdown
-    /// has come, for at most `shutdown_grace_ms` more.
+    /// has come, until `shutdown_grace_ms` after it (one deadline for
+    /// every statement of the run, however many follow one another).
     ///
     /// # Errors
-    /// The statement's, or `Timeout` when the grace ran out (the statement
-    /// is dropped: a compare-and-set on the claim token, so one cut off
-    /// midway is safe to repeat, and a claim cut off after its commit
-    /// leaves its rows for their lease).
+    /// The statement's, or `Timeout` when the grace ran out. The statement
+    /// is dropped, though the database may still run what it was sent:
+    /// every write is a compare-and-set on the claim token, so one cut off
+    /// midway is safe to repeat, and a claim that commits after it was
+    /// given up (and after its release) leaves its rows to their lease.
     async fn within_grace<T>(
         &self,
         lane: &Lane<'_>,
         what: &'static str,
         statement: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        tokio::pin!(statement);
-        tokio::select! {
-            biased;
-            done = &mut statement => done,
-            () = lane.shutdown.cancelled() => tokio::time::timeout(self.grace(), statement)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(eventbus_core::Error::timeout(format!(
-                        "outbox {what} did not complete within shutdown_grace_ms ({} ms) of shutdown",
-                        self.config.shutdown_grace_ms
-                    )))
-                }),
-        }
+        lane.bounded(statement, self.grace()).await.unwrap_or_else(|_| {
+            Err(eventbus_core::Error::timeout(format!(
+                "outbox {what} did not complete within shutdown_grace_ms ({} ms) of shutdown",
+                self.config.shutdown_grace_ms
+            )))
+        })
     }
 
-    /// Claims the next round's rows (none: `None`).
+    /// Claims the next round's rows (none: `None`, also after shutdown).
     ///
     /// The claim is given up after `lease_ms` (its rows' leases would have
-    /// run out: the fence lets it publish nothing), or `shutdown_grace_ms`
-    /// after shutdown.
+    /// run out: the fence lets it publish nothing), or at the end of the
+    /// shutdown grace; then it is released, but a claim the database still
+    /// commits after its release leaves its rows to their lease.
     async fn claim(&self, lane: &Lane<'_>) -> Result<Option<Round>> {
         let _claiming = self.claiming.lock().await;
+        // A lane that waited for the lock through the shutdown claims nothing more.
+        if lane.shutdown.is_cancelled() {
+            return Ok(None);
+        }
         let lease = self.lease();
         let may_run = self.store.database().may_run(&self.id, lease);
         if !self.within_grace(lane, "relay lease", may_run).await? {
@@ -726,10 +739,31 @@ impl Relay {
     }
 }
 
-/// The lane a round runs in: its index (liveness) and the relay's shutdown.
+/// The lane a round runs in: its index (liveness), the relay's shutdown,
+/// and when the grace after it ends (set by the first statement that
+/// meets the shutdown, shared by every lane of the run).
 struct Lane<'a> {
     index: usize,
     shutdown: &'a CancellationToken,
+    grace_ends: &'a OnceLock<tokio::time::Instant>,
+}
+
+impl Lane<'_> {
+    /// Runs `work` to its end, or, once shutdown has come, until `grace`
+    /// after it (`Err` then).
+    async fn bounded<T>(&self, work: impl Future<Output = T>, grace: Duration) -> Result<T, Elapsed> {
+        tokio::pin!(work);
+        tokio::select! {
+            biased;
+            done = &mut work => Ok(done),
+            () = self.shutdown.cancelled() => {
+                let ends = *self
+                    .grace_ends
+                    .get_or_init(|| tokio::time::Instant::now() + grace);
+                tokio::time::timeout_at(ends, work).await
+            }
+        }
+    }
 }
 
 /// The rows one round claimed, under its claim token.

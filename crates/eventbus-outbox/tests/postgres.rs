@@ -649,10 +649,27 @@ fn signal_cluster(pg: &PostgresServer, signal: &str) {
     }
 }
 
+/// The whole cluster frozen (`STOP`) until dropped (`CONT`), so a test
+/// that fails meanwhile leaves no PostgreSQL process stopped.
+struct Frozen<'a>(&'a PostgresServer);
+
+impl<'a> Frozen<'a> {
+    fn new(pg: &'a PostgresServer) -> Self {
+        signal_cluster(pg, "STOP");
+        Self(pg)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        signal_cluster(self.0, "CONT");
+    }
+}
+
 /// How long `running` takes to end after `shutdown`, at most 20 s (then
-/// `None`); the cluster is thawed either way before the answer.
+/// `None`); the cluster is thawed (`frozen` dropped) before the answer.
 async fn stopped_within(
-    pg: &PostgresServer,
+    frozen: Frozen<'_>,
     shutdown: &CancellationToken,
     running: tokio::task::JoinHandle<Relay>,
 ) -> Option<Duration> {
@@ -660,7 +677,7 @@ async fn stopped_within(
     shutdown.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(20), running).await;
     let took = asked.elapsed();
-    signal_cluster(pg, "CONT");
+    drop(frozen);
     stopped.ok().map(|joined| {
         joined.unwrap();
         took
@@ -688,9 +705,9 @@ async fn a_relay_stops_within_its_grace_while_the_database_is_frozen_under_a_cla
     let running = spawn_relay(Relay::new(store, bus, frozen_database_config()), &shutdown);
     // Idle: its lanes claim every 50 ms; the next claim meets the frozen server.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    signal_cluster(&pg, "STOP");
+    let frozen = Frozen::new(&pg);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let took = stopped_within(&pg, &shutdown, running).await;
+    let took = stopped_within(frozen, &shutdown, running).await;
     let took = took.expect("the relay stopped within 20 s of shutdown");
     eprintln!("the relay stopped {took:?} after shutdown, its database frozen");
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
@@ -705,7 +722,7 @@ async fn a_relay_stops_within_its_grace_while_the_database_is_frozen_under_a_cla
 async fn a_relay_stops_within_its_grace_while_the_database_is_frozen_under_a_mark() {
     let pg = PostgresServer::start().await.unwrap();
     let (store, pool) = store(&pg).await;
-    let backend = eventbus_testkit::outbox::slow_first_ack(MemoryBackend::default(), Duration::from_secs(2));
+    let backend = eventbus_testkit::outbox::slow_first_ack(MemoryBackend::default(), Duration::from_secs(4));
     let bus = EventBus::new(backend, BusConfig::default()).unwrap();
     let mut tx = pool.begin().await.unwrap();
     append(
@@ -719,22 +736,22 @@ async fn a_relay_stops_within_its_grace_while_the_database_is_frozen_under_a_mar
     let stats = relay.stats();
     let shutdown = CancellationToken::new();
     let running = spawn_relay(relay, &shutdown);
-    // Claimed and published; its ACK comes 2 s after the publish.
+    // Claimed and published; its ACK comes 4 s after the publish.
     assert!(
         eventually(Duration::from_secs(10), || stats.rounds.load(Ordering::Relaxed)
             >= 1)
         .await
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    signal_cluster(&pg, "STOP");
+    let frozen = Frozen::new(&pg);
     // The ACK has come: the mark waits on the frozen server.
-    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
     assert_eq!(
         stats.published.load(Ordering::Relaxed),
         0,
         "marked before the freeze"
     );
-    let took = stopped_within(&pg, &shutdown, running).await;
+    let took = stopped_within(frozen, &shutdown, running).await;
     let took = took.expect("the relay stopped within 20 s of shutdown");
     eprintln!("the relay stopped {took:?} after shutdown, its database frozen");
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");

@@ -90,9 +90,10 @@ pub(crate) struct OrderedExecutor<T> {
     /// Workers started (they are kept until shutdown), at most `max_workers`.
     workers: AtomicUsize,
     /// Workers waiting for a ready key that no key has claimed yet. Once
-    /// the pool is full it can also count busy workers (one back from a
-    /// key takes a ready key nobody could claim): harmless, as no worker
-    /// can be started then anyway.
+    /// the pool is full it also counts every ready key no worker could
+    /// claim, once a worker back from a key takes it (so it can pass
+    /// `workers`, by at most the largest backlog of ready keys): harmless,
+    /// as no worker can be started then anyway.
     idle_workers: AtomicUsize,
 }
 
