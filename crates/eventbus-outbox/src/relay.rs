@@ -434,8 +434,9 @@ impl Relay {
     /// claim token, so a late one cannot undo another relay's work, and an
     /// attempt cut off midway is safe to repeat. Each retry stamps the
     /// lane's liveness (a database outage is no reason to restart the
-    /// relay); shutdown stops the retries, and an attempt running at
-    /// shutdown gets `shutdown_grace_ms` (the rows then wait for their lease).
+    /// relay); shutdown stops the retries, and an attempt ends by the
+    /// run's grace deadline, `shutdown_grace_ms` after shutdown (the rows
+    /// then wait for their lease).
     ///
     /// # Errors
     /// The last error, once `lease_ms` has passed or on shutdown.
