@@ -10,7 +10,6 @@ use eventbus_core::{
     dead_letter, headers, lease_clock,
 };
 use serde::{Deserialize, Serialize};
-use tokio::time::error::Elapsed;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::{Claim, OutboxRow, OutboxStore, Wakeups, now_us};
@@ -224,13 +223,9 @@ impl Relay {
             shutdown: &shutdown,
             grace_ends: &grace_ends,
         };
-        let resigned = last.bounded(self.store.database().resign(&self.id), self.grace());
-        match resigned.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(error = %e, "giving up the relay lease failed"),
-            Err(_) => tracing::warn!(
-                "giving up the relay lease took over shutdown_grace_ms: it lapses after lease_ms"
-            ),
+        let resign = self.store.database().resign(&self.id);
+        if let Err(e) = self.within_grace(&last, "relay lease hand-over", resign).await {
+            tracing::warn!(error = %e, "giving up the relay lease failed: it lapses after lease_ms");
         }
         Ok(())
     }
@@ -356,12 +351,22 @@ impl Relay {
         what: &'static str,
         statement: impl Future<Output = Result<T>>,
     ) -> Result<T> {
-        lane.bounded(statement, self.grace()).await.unwrap_or_else(|_| {
-            Err(eventbus_core::Error::timeout(format!(
-                "outbox {what} did not complete within shutdown_grace_ms ({} ms) of shutdown",
-                self.config.shutdown_grace_ms
-            )))
-        })
+        tokio::pin!(statement);
+        tokio::select! {
+            biased;
+            done = &mut statement => done,
+            () = lane.shutdown.cancelled() => {
+                let ends = *lane
+                    .grace_ends
+                    .get_or_init(|| tokio::time::Instant::now() + self.grace());
+                tokio::time::timeout_at(ends, statement).await.unwrap_or_else(|_| {
+                    Err(eventbus_core::Error::timeout(format!(
+                        "outbox {what} did not complete within shutdown_grace_ms ({} ms) of shutdown",
+                        self.config.shutdown_grace_ms
+                    )))
+                })
+            }
+        }
     }
 
     /// Claims the next round's rows (none: `None`, also after shutdown).
@@ -747,24 +752,6 @@ struct Lane<'a> {
     index: usize,
     shutdown: &'a CancellationToken,
     grace_ends: &'a OnceLock<tokio::time::Instant>,
-}
-
-impl Lane<'_> {
-    /// Runs `work` to its end, or, once shutdown has come, until `grace`
-    /// after it (`Err` then).
-    async fn bounded<T>(&self, work: impl Future<Output = T>, grace: Duration) -> Result<T, Elapsed> {
-        tokio::pin!(work);
-        tokio::select! {
-            biased;
-            done = &mut work => Ok(done),
-            () = self.shutdown.cancelled() => {
-                let ends = *self
-                    .grace_ends
-                    .get_or_init(|| tokio::time::Instant::now() + grace);
-                tokio::time::timeout_at(ends, work).await
-            }
-        }
-    }
 }
 
 /// The rows one round claimed, under its claim token.
