@@ -756,3 +756,163 @@ async fn a_relay_stops_within_its_grace_while_the_database_is_frozen_under_a_mar
     eprintln!("the relay stopped {took:?} after shutdown, its database frozen");
     assert!(took < Duration::from_secs(5), "stopping took {took:?}");
 }
+
+/// A relay started while its database is frozen stops within its grace.
+/// Before, `run` first set up LISTEN, with no bound and deaf to shutdown:
+/// it waited for the pool's connection check (30 s) and then returned
+/// that error, ending the relay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_started_on_a_frozen_database_stops_within_its_grace() {
+    let pg = PostgresServer::start().await.unwrap();
+    let (store, _pool) = store(&pg).await;
+    let bus = EventBus::new(MemoryBackend::default(), BusConfig::default()).unwrap();
+    let shutdown = CancellationToken::new();
+    let frozen = Frozen::new(&pg);
+    let running = spawn_relay(Relay::new(store, bus, frozen_database_config()), &shutdown);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let took = stopped_within(frozen, &shutdown, running).await;
+    let took = took.expect("the relay stopped within 20 s of shutdown");
+    eprintln!("the relay stopped {took:?} after shutdown, its database frozen since its start");
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+}
+
+/// Commits `version` of aggregate `aggregate` to the outbox, retrying for
+/// at most 30 s while the server comes back.
+async fn commit_one(pool: &sqlx::PgPool, topic: &str, aggregate: &str, version: i64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let attempt = async {
+            let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+            append(
+                &mut *tx,
+                OutboxEvent::new(topic, &envelope(aggregate, version), "Order"),
+            )
+            .await
+            .map_err(|e| e.to_string())?;
+            tx.commit().await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Ok(())) => return,
+            failed => assert!(
+                std::time::Instant::now() < deadline,
+                "the insert never succeeded: {failed:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A relay hears new rows again (LISTEN) after the server ended its LISTEN
+/// session, and once PostgreSQL is back after a crash; a relay started
+/// while the database is down runs, and hears rows once it is back. Its poll is 60 s,
+/// so only a notice relays a row within the 5 s each step allows. Before,
+/// the relay's listener gave up at the first failed reconnect and the
+/// relay only polled from then on (every `poll_interval_ms`, 500 ms by
+/// default: that much added to commit→ACK for good); and a relay started
+/// while the database was down returned the LISTEN setup's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_hears_new_rows_again_after_postgres_comes_back() {
+    let mut pg = PostgresServer::start().await.unwrap();
+    // The outbox in a database of its own, which `postgres` can close to new sessions.
+    let server = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    sqlx::query("CREATE DATABASE relisten")
+        .execute(&server)
+        .await
+        .unwrap();
+    let url = format!("{}/relisten", pg.url().rsplit_once('/').unwrap().0);
+    let store = OutboxStore::connect(&url, 10).await.unwrap();
+    store.migrate().await.unwrap();
+    let OutboxStore::Postgres(pool) = store.clone() else {
+        unreachable!()
+    };
+    let bus = EventBus::new(MemoryBackend::default(), BusConfig::default()).unwrap();
+    let (checker, _sub) = checked(&bus, "relisten").await;
+    let config = RelayConfig {
+        poll_interval_ms: 60_000,
+        ..fast()
+    };
+    let heard = |n: u64| {
+        let checker = checker.clone();
+        async move {
+            eventually(Duration::from_secs(5), || {
+                let report = checker.report();
+                report.received - report.duplicates >= n
+            })
+            .await
+        }
+    };
+    let shutdown = CancellationToken::new();
+    let running = spawn_relay(Relay::new(store.clone(), bus.clone(), config.clone()), &shutdown);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    commit_one(&pool, "relisten", "relisten-1", 1).await;
+    assert!(heard(1).await, "relayed at once at first");
+
+    // Its LISTEN session, with every other session of its database, is
+    // ended by the server (an administrator's `pg_terminate_backend`, a
+    // fast shutdown, a failover proxy), and its first reconnect is refused with an error that is not transient (the
+    // database closed to new sessions for maintenance; an authentication
+    // failure during a password rotation would do the same).
+    sqlx::query("ALTER DATABASE relisten ALLOW_CONNECTIONS false")
+        .execute(&server)
+        .await
+        .unwrap();
+    let listening: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = 'relisten' AND query LIKE 'LISTEN%'",
+    )
+    .fetch_one(&server)
+    .await
+    .unwrap();
+    assert_eq!(listening, 1, "the relay's one LISTEN session");
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'relisten'")
+        .execute(&server)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    sqlx::query("ALTER DATABASE relisten ALLOW_CONNECTIONS true")
+        .execute(&server)
+        .await
+        .unwrap();
+    server.close().await;
+    commit_one(&pool, "relisten", "relisten-1", 2).await;
+    assert!(
+        heard(2).await,
+        "relayed at once after its LISTEN session was ended: {:?}",
+        checker.report()
+    );
+
+    pg.crash().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.restart().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    commit_one(&pool, "relisten", "relisten-1", 3).await;
+    assert!(
+        heard(3).await,
+        "relayed at once after the restart: {:?}",
+        checker.report()
+    );
+
+    // A second relay started while the database is down runs, and hears
+    // rows once it is back (the first relay is stopped first).
+    shutdown.cancel();
+    running.await.unwrap();
+    pg.crash().unwrap();
+    let shutdown = CancellationToken::new();
+    let running = spawn_relay(Relay::new(store, bus, config), &shutdown);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !running.is_finished(),
+        "the relay gave up on a database that is down"
+    );
+    pg.restart().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    commit_one(&pool, "relisten", "relisten-1", 4).await;
+    assert!(
+        heard(4).await,
+        "relayed at once by a relay started while the database was down: {:?}",
+        checker.report()
+    );
+    let report = checker.report();
+    assert!(report.is_strictly_ordered(), "{report}");
+    shutdown.cancel();
+    running.await.unwrap();
+}

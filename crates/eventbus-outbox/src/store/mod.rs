@@ -72,6 +72,8 @@ use eventbus_core::{Error, Result};
 use sqlx::postgres::PgPool;
 use sqlx::sqlite::SqlitePool;
 
+pub(crate) use postgres::Wakeups;
+
 /// Microseconds since the Unix epoch: the unit of every time column.
 pub(crate) fn now_us() -> i64 {
     chrono::Utc::now().timestamp_micros()
@@ -695,22 +697,9 @@ pub(crate) trait Database: Send + Sync {
     /// instead of after the lease. PostgreSQL: nothing to give up.
     async fn resign(&self, relay: &str) -> Result<()>;
 
-    /// Wake-ups when rows are inserted (PostgreSQL `LISTEN`); `None` where
-    /// the relay only polls.
-    async fn wakeups(&self) -> Result<Option<Wakeups>>;
-}
-
-/// A stream of "rows were inserted" notices (PostgreSQL `LISTEN outbox_events`).
-pub(crate) struct Wakeups(sqlx::postgres::PgListener);
-
-impl Wakeups {
-    /// Waits for the next notice; never returns once the connection dropped
-    /// (the relay falls back to polling).
-    pub(crate) async fn next(&mut self) {
-        if self.0.recv().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    }
+    /// Wake-ups when rows are inserted (PostgreSQL `LISTEN`, not yet set
+    /// up); `None` where the relay only polls.
+    fn wakeups(&self) -> Option<Wakeups>;
 }
 
 #[cfg(test)]

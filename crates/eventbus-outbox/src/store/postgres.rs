@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use eventbus_core::{Error, Result};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
-use super::{Claimed, Database, Dialect, Follower, Taken, Wakeups, db};
+use super::{Claimed, Database, Dialect, Follower, Taken, db};
 
 /// The database's clock in µs since the Unix epoch.
 pub(super) const NOW_US: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT";
@@ -89,10 +89,117 @@ impl Database for PgPool {
         Ok(())
     }
 
-    async fn wakeups(&self) -> Result<Option<Wakeups>> {
-        let mut listener = PgListener::connect_with(self).await.map_err(db("listen"))?;
-        listener.listen("outbox_events").await.map_err(db("listen"))?;
-        Ok(Some(Wakeups(listener)))
+    fn wakeups(&self) -> Option<Wakeups> {
+        Some(Wakeups::new(self.clone()))
+    }
+}
+
+/// The channel the insert trigger notifies (migration 0001).
+const CHANNEL: &str = "outbox_events";
+/// The most a LISTEN setup (a session from the pool, then the statement) may take.
+const LISTEN_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// The wait after a first failed LISTEN setup; it doubles with each failure in a row...
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// ... up to this.
+const LAST_RETRY: Duration = Duration::from_secs(5);
+
+/// "Rows were inserted" notices (`LISTEN outbox_events`; the insert
+/// trigger sends `NOTIFY`), kept up across lost sessions: after a session
+/// the server ended, or a server restarted or unreachable for a while, the
+/// relay sets up LISTEN again, after 100 ms then twice as long after each
+/// failure in a row, at most 5 s apart. The relay polls meanwhile
+/// (`poll_interval_ms`). sqlx's listener alone sets its session up again
+/// only when that works at once (or within the pool's connect retries),
+/// and gave up for good otherwise: the relay then only polled.
+pub(crate) struct Wakeups {
+    pool: PgPool,
+    listener: Option<PgListener>,
+    /// A session was lost or a setup failed since the last setup: rows may
+    /// have been inserted unheard, so the next setup wakes the relay.
+    missed: bool,
+    /// When the next setup may be tried, after a failure.
+    retry_at: Option<tokio::time::Instant>,
+    /// The wait after the next failure.
+    backoff: Duration,
+}
+
+impl Wakeups {
+    fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            listener: None,
+            missed: false,
+            retry_at: None,
+            backoff: FIRST_RETRY,
+        }
+    }
+
+    /// Sets up LISTEN unless it is up, no sooner than the backoff after a
+    /// failure allows; the setup takes at most 10 s.
+    ///
+    /// # Errors
+    /// `Backend` when the session or the statement fails, `Timeout` after 10 s.
+    pub(crate) async fn listen(&mut self) -> Result<()> {
+        if self.listener.is_some() {
+            return Ok(());
+        }
+        if let Some(at) = self.retry_at {
+            tokio::time::sleep_until(at).await;
+        }
+        let pool = &self.pool;
+        let setup = async {
+            let mut listener = PgListener::connect_with(pool).await?;
+            listener.listen(CHANNEL).await?;
+            Ok(listener)
+        };
+        let error = match tokio::time::timeout(LISTEN_SETUP_TIMEOUT, setup).await {
+            Ok(Ok(listener)) => {
+                self.listener = Some(listener);
+                self.retry_at = None;
+                self.backoff = FIRST_RETRY;
+                return Ok(());
+            }
+            Ok(Err(e)) => db("listen")(e),
+            Err(_) => Error::timeout(format!(
+                "outbox LISTEN setup took more than {} s",
+                LISTEN_SETUP_TIMEOUT.as_secs()
+            )),
+        };
+        self.missed = true;
+        self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
+        self.backoff = (self.backoff * 2).min(LAST_RETRY);
+        Err(error)
+    }
+
+    /// Waits for the next notice, or, after a lost session, until LISTEN
+    /// is set up again (rows may have come unheard meanwhile). Failures
+    /// are logged and retried, so it returns only then.
+    pub(crate) async fn next(&mut self) {
+        loop {
+            if self.listener.is_none() {
+                match self.listen().await {
+                    Ok(()) if std::mem::take(&mut self.missed) => return,
+                    Ok(()) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "outbox LISTEN setup failed: retrying, the relay polls meanwhile");
+                        continue;
+                    }
+                }
+            }
+            let Some(listener) = self.listener.as_mut() else {
+                continue;
+            };
+            match listener.try_recv().await {
+                // A notice; or the session was lost and sqlx set up another
+                // at once, and rows may have come unheard in between.
+                Ok(_) => return,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbox LISTEN session lost: setting it up again");
+                    self.listener = None;
+                    self.missed = true;
+                }
+            }
+        }
     }
 }
 

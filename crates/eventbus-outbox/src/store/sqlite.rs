@@ -86,8 +86,8 @@ impl Database for SqlitePool {
             .map(drop)
     }
 
-    async fn wakeups(&self) -> Result<Option<Wakeups>> {
-        Ok(None)
+    fn wakeups(&self) -> Option<Wakeups> {
+        None
     }
 }
 
