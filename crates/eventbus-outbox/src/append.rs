@@ -68,11 +68,122 @@ pub async fn append<C: OutboxConnection>(conn: &mut C, event: OutboxEvent<'_>) -
     conn.insert(&event, json).await
 }
 
-/// A database connection [`append`] writes through: implemented for
-/// `SqliteConnection` and `PgConnection` (pass `&mut *tx` of a transaction).
+/// Appends `events` through `conn` (normally `&mut *tx` of the caller's own
+/// transaction, as for [`append`]) in one statement, so one round trip to
+/// the database whatever their count; rows take their `seq` in the order
+/// of `events`. Returns, for each event in order, whether it was written:
+/// false when a row with its event id or idempotency key already existed,
+/// or came earlier in `events`.
+///
+/// Every event is checked first: one invalid envelope or topic writes
+/// nothing.
+///
+/// # Errors
+/// [`Validation`](ErrorKind::Validation) for an invalid envelope or topic
+/// (nothing is written), `Serialization` when an envelope cannot be
+/// encoded, `Backend` when the database fails.
+pub async fn append_all<C: OutboxConnection>(conn: &mut C, events: &[OutboxEvent<'_>]) -> Result<Vec<bool>> {
+    let mut rows = Vec::with_capacity(events.len());
+    for event in events {
+        validate_topic(event.topic)?;
+        let json = event.envelope.encode_with(event.tenant_id_format)?;
+        let json = String::from_utf8(json.to_vec())
+            .map_err(|e| Error::new(ErrorKind::Serialization, "envelope").with_source(e))?;
+        rows.push(json);
+    }
+    if events.is_empty() {
+        return Ok(Vec::new());
+    }
+    conn.insert_all(events, rows).await
+}
+
+/// A database connection [`append`] and [`append_all`] write through:
+/// implemented for `SqliteConnection` and `PgConnection` (pass `&mut *tx`
+/// of a transaction).
 pub trait OutboxConnection: Send {
-    /// Inserts one outbox row; true when inserted.
+    /// Inserts one outbox row (`json`: the envelope as stored); true when inserted.
     fn insert(&mut self, event: &OutboxEvent<'_>, json: String) -> impl Future<Output = Result<bool>> + Send;
+
+    /// Inserts `events` (`json[i]`: event `i`'s envelope as stored) in
+    /// their order; for each, true when inserted. SQLite and PostgreSQL
+    /// insert them in one statement; the default, one [`insert`](Self::insert)
+    /// after another.
+    fn insert_all(
+        &mut self,
+        events: &[OutboxEvent<'_>],
+        json: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<bool>>> + Send {
+        async move {
+            let mut inserted = Vec::with_capacity(events.len());
+            for (event, json) in events.iter().zip(json) {
+                inserted.push(self.insert(event, json).await?);
+            }
+            Ok(inserted)
+        }
+    }
+}
+
+/// One row of [`append_all`]'s statement, in its JSON array parameter.
+#[derive(serde::Serialize)]
+struct Row<'a> {
+    id: &'a str,
+    tenant_id: Option<i64>,
+    aggregate_type: &'a str,
+    aggregate_id: &'a str,
+    event_type: &'a str,
+    event_version: i64,
+    topic: &'a str,
+    envelope: &'a str,
+    trace_id: Option<&'a str>,
+    correlation_id: Option<&'a str>,
+    idempotency_key: &'a str,
+}
+
+/// [`append_all`]'s statement: the rows of one JSON array parameter in
+/// array order (bind the creation time twice, then the array), returning
+/// the event ids inserted. SQLite wants a `WHERE` before an upsert's `ON
+/// CONFLICT` in `INSERT ... SELECT` (its parser would read it as a join).
+fn insert_all_sql(dialect: Dialect) -> String {
+    let (rows, field, int, order) = match dialect {
+        Dialect::Sqlite => ("json_each(?) e", "json_extract(e.value, '$.{}')", "{}", "e.key"),
+        Dialect::Postgres => (
+            "jsonb_array_elements(?::jsonb) WITH ORDINALITY AS e(value, n)",
+            "e.value->>'{}'",
+            "({})::BIGINT",
+            "e.n",
+        ),
+    };
+    let text = |name: &str| field.replace("{}", name);
+    let integer = |name: &str| int.replace("{}", &text(name));
+    dialect.sql(&format!(
+        "INSERT INTO outbox_events
+            (id, tenant_id, aggregate_type, aggregate_id, event_type, event_version, topic, envelope,
+             trace_id, correlation_id, status, attempts, next_attempt_at, created_at, idempotency_key)
+         SELECT {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 'pending', 0, ?, ?, {}
+         FROM {rows} WHERE true ORDER BY {order}
+         ON CONFLICT DO NOTHING RETURNING id",
+        text("id"),
+        integer("tenant_id"),
+        text("aggregate_type"),
+        text("aggregate_id"),
+        text("event_type"),
+        integer("event_version"),
+        text("topic"),
+        text("envelope"),
+        text("trace_id"),
+        text("correlation_id"),
+        text("idempotency_key"),
+    ))
+}
+
+/// For each of `events`, whether its id is among `inserted` (the first
+/// event with an id only: a later one with the same id was not).
+fn which_inserted(events: &[OutboxEvent<'_>], inserted: Vec<String>) -> Vec<bool> {
+    let mut inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+    events
+        .iter()
+        .map(|e| inserted.remove(&e.envelope.event_id))
+        .collect()
 }
 
 mod connections {
@@ -102,6 +213,44 @@ mod connections {
                         .await
                         .map_err(db("append"))?;
                     Ok(done.rows_affected() == 1)
+                }
+
+                async fn insert_all(
+                    &mut self,
+                    events: &[OutboxEvent<'_>],
+                    json: Vec<String>,
+                ) -> Result<Vec<bool>> {
+                    let rows: Vec<Row<'_>> = events
+                        .iter()
+                        .zip(&json)
+                        .map(|(event, json)| {
+                            let e = event.envelope;
+                            Row {
+                                id: &e.event_id,
+                                tenant_id: e.tenant_id,
+                                aggregate_type: event.aggregate_type,
+                                aggregate_id: &e.aggregate_id,
+                                event_type: &e.event_type,
+                                event_version: e.event_version,
+                                topic: event.topic,
+                                envelope: json,
+                                trace_id: e.trace_id.as_deref(),
+                                correlation_id: e.correlation_id.as_deref(),
+                                idempotency_key: event.idempotency_key.unwrap_or(&e.event_id),
+                            }
+                        })
+                        .collect();
+                    let rows = serde_json::to_string(&rows)
+                        .map_err(|e| Error::new(ErrorKind::Serialization, "outbox rows").with_source(e))?;
+                    let now = now_us();
+                    let inserted: Vec<String> = sqlx::query_scalar(&insert_all_sql($dialect))
+                        .bind(now)
+                        .bind(now)
+                        .bind(rows)
+                        .fetch_all(&mut *self)
+                        .await
+                        .map_err(db("append"))?;
+                    Ok(which_inserted(events, inserted))
                 }
             }
         };

@@ -2,7 +2,8 @@
 //! one relay) or PostgreSQL (many relays), through sqlx.
 //!
 //! - [`append`] writes an event inside the caller's transaction: the
-//!   business change and the event commit or roll back together.
+//!   business change and the event commit or roll back together;
+//!   [`append_all`] writes several in one statement.
 //! - [`Relay`] publishes committed events through any [`EventBus`](eventbus_core::EventBus)
 //!   backend, strictly in per-aggregate `event_version` order with at most one
 //!   event per aggregate in flight, marks them published when the broker's
@@ -24,7 +25,7 @@ mod inbox;
 mod relay;
 mod store;
 
-pub use append::{OutboxConnection, OutboxEvent, append};
+pub use append::{OutboxConnection, OutboxEvent, append, append_all};
 pub use inbox::{
     Inbox, InboxDatabase, InboxLayer, InboxOutcome, InboxRequest, handle_once_postgres, handle_once_sqlite,
 };

@@ -13,7 +13,7 @@ use eventbus_core::{
     AckFuture, Backend, BackendSubscription, BusConfig, ConnectionState, Envelope, ErrorKind, EventBus,
     MemoryBackend, Message, RetryPolicy, SubscribeOptions, SubscribeSpec, Subscription, headers,
 };
-use eventbus_outbox::{InboxOutcome, OutboxEvent, OutboxStore, Relay, RelayConfig, append};
+use eventbus_outbox::{InboxOutcome, OutboxEvent, OutboxStore, Relay, RelayConfig, append, append_all};
 use futures::FutureExt;
 use futures::future::BoxFuture;
 
@@ -66,6 +66,7 @@ macro_rules! outbox_store_tests {
             a_stuck_lane_shows_in_the_relay_liveness,
             a_mark_refused_by_the_database_is_retried_not_left_for_the_lease,
             the_inbox_layer_gives_one_effect_per_event_and_handler,
+            append_all_writes_the_rows_append_writes_in_one_statement,
         );
     };
     (@all; $($case:ident),* $(,)?) => {
@@ -1281,5 +1282,126 @@ fn the_inbox_layer_gives_one_effect_per_event_and_handler(f: &dyn StoreFactory) 
             sub.close().await.unwrap();
         }
         bus.close().await.unwrap();
+    })
+}
+
+/// Every column of every row but those set at insert time (`seq`,
+/// `created_at`, `next_attempt_at`), in `seq` order.
+type Columns = (
+    String,
+    Option<i64>,
+    String,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    i32,
+    String,
+);
+
+/// [`Columns`] in two halves, which compare and print.
+type StoredRow = (
+    (String, Option<i64>, String, String, String, i64, String),
+    (String, Option<String>, Option<String>, String, i32, String),
+);
+
+async fn stored_rows(store: &OutboxStore) -> Vec<StoredRow> {
+    let q = "SELECT id, tenant_id, aggregate_type, aggregate_id, event_type, event_version, topic, envelope, \
+             trace_id, correlation_id, status, attempts, idempotency_key FROM outbox_events ORDER BY seq";
+    let rows = on_pool!(store, |pool| sqlx::query_as::<_, Columns>(q)
+        .fetch_all(pool)
+        .await
+        .expect("rows"));
+    rows.into_iter()
+        .map(|(a, b, c, d, e, f, g, h, i, j, k, l, m)| ((a, b, c, d, e, f, g), (h, i, j, k, l, m)))
+        .collect()
+}
+
+/// `append_all` writes, in one statement, the rows `append` writes one by
+/// one (same columns, in the order given), says which it skipped (already
+/// there, or earlier in the same call), writes nothing when one event is
+/// invalid, and the relay publishes them in per-aggregate order.
+fn append_all_writes_the_rows_append_writes_in_one_statement(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let (one_by_one, all_at_once) = (store(f).await, store(f).await);
+        let traced = Envelope::builder("a-2", "OrderShipped", 1)
+            .trace_id("trace-1")
+            .correlation_id("corr-1")
+            .tenant_id(42)
+            .json_payload(&serde_json::json!({"say": "\"quoted\" \\ and ünïcode"}))
+            .unwrap()
+            .build()
+            .unwrap();
+        let first = envelope("a-1", 1);
+        let later = [envelope("a-1", 2), traced, envelope("a-1", 3)];
+        for store in [&one_by_one, &all_at_once] {
+            business_write(store, "o-1", std::slice::from_ref(&first), true).await;
+        }
+        let mut batch = vec![first.clone()];
+        batch.extend(later.iter().cloned());
+        batch.push(later[0].clone());
+        let events: Vec<OutboxEvent<'_>> = batch
+            .iter()
+            .map(|e| OutboxEvent::new("orders", e, "Order"))
+            .collect();
+
+        let mut bad = events.clone();
+        bad[2].topic = "";
+        let refused = on_pool!(&all_at_once, |pool| {
+            let mut tx = pool.begin().await.expect("begin");
+            let refused = append_all(&mut *tx, &bad).await;
+            tx.commit().await.expect("commit");
+            refused
+        });
+        assert_eq!(
+            refused.map_err(|e| e.kind()).unwrap_err(),
+            ErrorKind::Validation,
+            "an invalid topic is refused"
+        );
+        assert_eq!(
+            stored_rows(&all_at_once).await.len(),
+            1,
+            "a refused call wrote nothing"
+        );
+
+        let inserted = on_pool!(&all_at_once, |pool| {
+            let mut tx = pool.begin().await.expect("begin");
+            assert!(append_all(&mut *tx, &[]).await.expect("no events").is_empty());
+            let inserted = append_all(&mut *tx, &events).await.expect("append_all");
+            tx.commit().await.expect("commit");
+            inserted
+        });
+        assert_eq!(inserted, [false, true, true, true, false]);
+        let one_at_a_time = on_pool!(&one_by_one, |pool| {
+            let mut tx = pool.begin().await.expect("begin");
+            let mut inserted = Vec::new();
+            for event in &events {
+                inserted.push(append(&mut *tx, event.clone()).await.expect("append"));
+            }
+            tx.commit().await.expect("commit");
+            inserted
+        });
+        assert_eq!(one_at_a_time, inserted, "append says the same");
+        let rows = stored_rows(&all_at_once).await;
+        assert_eq!(
+            rows,
+            stored_rows(&one_by_one).await,
+            "append writes the same rows"
+        );
+        let ids: Vec<&str> = rows.iter().map(|r| r.0.0.as_str()).collect();
+        let expected: Vec<&str> = batch[..4].iter().map(|e| e.event_id.as_str()).collect();
+        assert_eq!(ids, expected, "rows in the order given");
+
+        let bus = EventBus::memory();
+        let (_sub, checker, _) = recorder(&bus, "orders").await;
+        let relay = Relay::new(all_at_once.clone(), bus.clone(), fast());
+        while relay.run_once().await.unwrap() > 0 {}
+        assert!(eventually(Duration::from_secs(30), || checker.report().received == 4).await);
+        let report = checker.report();
+        assert!(report.is_strictly_ordered(), "{report}");
     })
 }
