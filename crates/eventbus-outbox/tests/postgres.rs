@@ -803,16 +803,20 @@ async fn commit_one(pool: &sqlx::PgPool, topic: &str, aggregate: &str, version: 
 }
 
 /// A relay hears new rows again (LISTEN) after the server ended its LISTEN
-/// session, and once PostgreSQL is back after a crash; a relay started
-/// while the database is down runs, and hears rows once it is back. Its poll is 60 s,
-/// so only a notice relays a row within the 5 s each step allows. Before,
-/// the relay's listener gave up at the first failed reconnect and the
-/// relay only polled from then on (every `poll_interval_ms`, 500 ms by
-/// default: that much added to commit→ACK for good); and a relay started
-/// while the database was down returned the LISTEN setup's error.
+/// session and refused its first reconnect, and once PostgreSQL is back
+/// after a crash; a relay started while the database is down runs, and
+/// hears rows once it is back. Its poll is 60 s, so within the 5 s each
+/// step allows only a notice (or the round that follows setting LISTEN up
+/// again) relays a row, and each step commits once a LISTEN session is
+/// back. Before, the relay's listener gave up at the first failed
+/// reconnect (the second step) and the relay only polled from then on
+/// (every `poll_interval_ms`, 500 ms by default: that much added to
+/// commit→ACK for good). The last two steps pass on the old code too, the
+/// database being back within sqlx's connect retries.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_relay_hears_new_rows_again_after_postgres_comes_back() {
     let mut pg = PostgresServer::start().await.unwrap();
+    let pg_url = pg.url();
     // The outbox in a database of its own, which `postgres` can close to new sessions.
     let server = sqlx::PgPool::connect(&pg.url()).await.unwrap();
     sqlx::query("CREATE DATABASE relisten")
@@ -841,28 +845,52 @@ async fn a_relay_hears_new_rows_again_after_postgres_comes_back() {
             .await
         }
     };
+    // A LISTEN session on the outbox's database is there within 15 s.
+    let listening = || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            let count = async {
+                let server = sqlx::PgPool::connect(&pg_url).await?;
+                let count = sqlx::query_scalar::<_, i64>(
+                    "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = 'relisten' AND query LIKE 'LISTEN%'",
+                )
+                .fetch_one(&server)
+                .await;
+                server.close().await;
+                count
+            };
+            if count.await.is_ok_and(|n| n >= 1) {
+                return true;
+            }
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
     let shutdown = CancellationToken::new();
     let running = spawn_relay(Relay::new(store.clone(), bus.clone(), config.clone()), &shutdown);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(listening().await, "LISTEN set up at start");
     commit_one(&pool, "relisten", "relisten-1", 1).await;
     assert!(heard(1).await, "relayed at once at first");
 
     // Its LISTEN session, with every other session of its database, is
     // ended by the server (an administrator's `pg_terminate_backend`, a
-    // fast shutdown, a failover proxy), and its first reconnect is refused with an error that is not transient (the
+    // fast shutdown, a failover proxy), and its first reconnect is
+    // refused with an error that is not transient (the
     // database closed to new sessions for maintenance; an authentication
     // failure during a password rotation would do the same).
     sqlx::query("ALTER DATABASE relisten ALLOW_CONNECTIONS false")
         .execute(&server)
         .await
         .unwrap();
-    let listening: i64 = sqlx::query_scalar(
+    let sessions: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = 'relisten' AND query LIKE 'LISTEN%'",
     )
     .fetch_one(&server)
     .await
     .unwrap();
-    assert_eq!(listening, 1, "the relay's one LISTEN session");
+    assert_eq!(sessions, 1, "the relay's one LISTEN session");
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = 'relisten'")
         .execute(&server)
         .await
@@ -873,6 +901,7 @@ async fn a_relay_hears_new_rows_again_after_postgres_comes_back() {
         .await
         .unwrap();
     server.close().await;
+    assert!(listening().await, "LISTEN set up again");
     commit_one(&pool, "relisten", "relisten-1", 2).await;
     assert!(
         heard(2).await,
@@ -883,7 +912,7 @@ async fn a_relay_hears_new_rows_again_after_postgres_comes_back() {
     pg.crash().unwrap();
     tokio::time::sleep(Duration::from_secs(2)).await;
     pg.restart().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(listening().await, "LISTEN set up again after the restart");
     commit_one(&pool, "relisten", "relisten-1", 3).await;
     assert!(
         heard(3).await,
@@ -904,7 +933,10 @@ async fn a_relay_hears_new_rows_again_after_postgres_comes_back() {
         "the relay gave up on a database that is down"
     );
     pg.restart().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        listening().await,
+        "LISTEN set up by a relay started while the database was down"
+    );
     commit_one(&pool, "relisten", "relisten-1", 4).await;
     assert!(
         heard(4).await,

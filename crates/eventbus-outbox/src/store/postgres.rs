@@ -98,28 +98,37 @@ impl Database for PgPool {
 const CHANNEL: &str = "outbox_events";
 /// The most a LISTEN setup (a session from the pool, then the statement) may take.
 const LISTEN_SETUP_TIMEOUT: Duration = Duration::from_secs(10);
-/// The wait after a first failed LISTEN setup; it doubles with each failure in a row...
+/// The wait before setting LISTEN up again after a failed setup or a lost
+/// session; it doubles with each one in a row...
 const FIRST_RETRY: Duration = Duration::from_millis(100);
-/// ... up to this.
+/// ... up to this; a session that lasted this long starts the count again.
 const LAST_RETRY: Duration = Duration::from_secs(5);
+
+/// A LISTEN setup under way (kept across the relay's polls, which drop
+/// [`Wakeups::next`] whenever they come first).
+type Setup = futures::future::BoxFuture<'static, Result<PgListener>>;
 
 /// "Rows were inserted" notices (`LISTEN outbox_events`; the insert
 /// trigger sends `NOTIFY`), kept up across lost sessions: after a session
 /// the server ended, or a server restarted or unreachable for a while, the
-/// relay sets up LISTEN again, after 100 ms then twice as long after each
-/// failure in a row, at most 5 s apart. The relay polls meanwhile
-/// (`poll_interval_ms`). sqlx's listener alone sets its session up again
-/// only when that works at once (or within the pool's connect retries),
-/// and gave up for good otherwise: the relay then only polled.
+/// relay sets LISTEN up again on a session of its own, 100 ms after the
+/// loss, then twice as long after each failure in a row, at most 5 s
+/// apart, each try bounded by 10 s; it polls meanwhile
+/// (`poll_interval_ms`). Before, the first failed reconnect of sqlx's
+/// listener (a refused session; a database down longer than the pool's
+/// connect retries) ended the notices for good, and the relay only polled.
 pub(crate) struct Wakeups {
     pool: PgPool,
     listener: Option<PgListener>,
+    /// When `listener` was set up.
+    listening_since: tokio::time::Instant,
+    setup: Option<Setup>,
     /// A session was lost or a setup failed since the last setup: rows may
     /// have been inserted unheard, so the next setup wakes the relay.
     missed: bool,
-    /// When the next setup may be tried, after a failure.
+    /// When the next setup may start, after a failure or a loss.
     retry_at: Option<tokio::time::Instant>,
-    /// The wait after the next failure.
+    /// The wait after the next failure or loss.
     backoff: Duration,
 }
 
@@ -128,14 +137,18 @@ impl Wakeups {
         Self {
             pool,
             listener: None,
+            listening_since: tokio::time::Instant::now(),
+            setup: None,
             missed: false,
             retry_at: None,
             backoff: FIRST_RETRY,
         }
     }
 
-    /// Sets up LISTEN unless it is up, no sooner than the backoff after a
-    /// failure allows; the setup takes at most 10 s.
+    /// Sets up LISTEN unless it is up: no sooner than the wait after a
+    /// failure or a loss (at most 5 s), then at most 10 s for the session
+    /// and the statement. Cancel-safe: a setup under way is kept for the
+    /// next call.
     ///
     /// # Errors
     /// `Backend` when the session or the statement fails, `Timeout` after 10 s.
@@ -143,62 +156,84 @@ impl Wakeups {
         if self.listener.is_some() {
             return Ok(());
         }
-        if let Some(at) = self.retry_at {
-            tokio::time::sleep_until(at).await;
-        }
-        let pool = &self.pool;
-        let setup = async {
-            let mut listener = PgListener::connect_with(pool).await?;
-            listener.listen(CHANNEL).await?;
-            Ok(listener)
-        };
-        let error = match tokio::time::timeout(LISTEN_SETUP_TIMEOUT, setup).await {
-            Ok(Ok(listener)) => {
-                self.listener = Some(listener);
-                self.retry_at = None;
-                self.backoff = FIRST_RETRY;
-                return Ok(());
+        if self.setup.is_none() {
+            if let Some(at) = self.retry_at {
+                tokio::time::sleep_until(at).await;
             }
-            Ok(Err(e)) => db("listen")(e),
-            Err(_) => Error::timeout(format!(
-                "outbox LISTEN setup took more than {} s",
-                LISTEN_SETUP_TIMEOUT.as_secs()
-            )),
+            let pool = self.pool.clone();
+            self.setup = Some(Box::pin(async move {
+                let setup = async {
+                    let mut listener = PgListener::connect_with(&pool).await?;
+                    // A lost session comes back here (`next`), bounded and
+                    // with backoff, rather than through sqlx's reconnect.
+                    listener.eager_reconnect(false);
+                    listener.listen(CHANNEL).await?;
+                    Ok(listener)
+                };
+                match tokio::time::timeout(LISTEN_SETUP_TIMEOUT, setup).await {
+                    Ok(set_up) => set_up.map_err(db("listen")),
+                    Err(_) => Err(Error::timeout(format!(
+                        "outbox LISTEN setup took more than {} s",
+                        LISTEN_SETUP_TIMEOUT.as_secs()
+                    ))),
+                }
+            }));
+        }
+        let Some(setup) = self.setup.as_mut() else {
+            unreachable!("set just above")
         };
+        let set_up = setup.await;
+        self.setup = None;
+        match set_up {
+            Ok(listener) => {
+                self.listener = Some(listener);
+                self.listening_since = tokio::time::Instant::now();
+                self.retry_at = None;
+                Ok(())
+            }
+            Err(e) => {
+                self.wait_before_next_setup();
+                Err(e)
+            }
+        }
+    }
+
+    /// After a failed setup or a lost session: the next setup waits the
+    /// backoff, which doubles (from 100 ms again when the session lost had
+    /// lasted 5 s).
+    fn wait_before_next_setup(&mut self) {
         self.missed = true;
         self.retry_at = Some(tokio::time::Instant::now() + self.backoff);
         self.backoff = (self.backoff * 2).min(LAST_RETRY);
-        Err(error)
     }
 
     /// Waits for the next notice, or, after a lost session, until LISTEN
     /// is set up again (rows may have come unheard meanwhile). Failures
-    /// are logged and retried, so it returns only then.
+    /// are logged and retried, so it returns only then. Cancel-safe.
     pub(crate) async fn next(&mut self) {
         loop {
-            if self.listener.is_none() {
+            let Some(listener) = self.listener.as_mut() else {
                 match self.listen().await {
                     Ok(()) if std::mem::take(&mut self.missed) => return,
                     Ok(()) => {}
                     Err(e) => {
                         tracing::warn!(error = %e, "outbox LISTEN setup failed: retrying, the relay polls meanwhile");
-                        continue;
                     }
                 }
-            }
-            let Some(listener) = self.listener.as_mut() else {
                 continue;
             };
-            match listener.try_recv().await {
-                // A notice; or the session was lost and sqlx set up another
-                // at once, and rows may have come unheard in between.
-                Ok(_) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "outbox LISTEN session lost: setting it up again");
-                    self.listener = None;
-                    self.missed = true;
-                }
+            let lost = match listener.try_recv().await {
+                Ok(Some(_)) => return,
+                // The session ended (no reconnect: `eager_reconnect(false)`).
+                Ok(None) => "the session ended".to_owned(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(error = %lost, "outbox LISTEN session lost: setting it up again");
+            self.listener = None;
+            if self.listening_since.elapsed() >= LAST_RETRY {
+                self.backoff = FIRST_RETRY;
             }
+            self.wait_before_next_setup();
         }
     }
 }
