@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use eventbus::{Envelope, EventBus, Result, SubscribeOptions};
-use eventbus_outbox::{OutboxEvent, OutboxStore, Relay, RelayConfig, append};
+use eventbus_outbox::{OutboxEvent, OutboxStore, Relay, RelayConfig, append_all};
 use eventbus_testkit::OrderChecker;
 use eventbus_testkit::server::PostgresServer;
 use tokio_util::sync::CancellationToken;
@@ -347,7 +347,8 @@ impl Phase {
     }
 }
 
-/// Appends `events` envelopes for `topic` in transactions of 100 (at
+/// Appends `events` envelopes for `topic` in transactions of 100, one
+/// statement each ([`append_all`]) (at
 /// `rate` events/s: one transaction of `rate / 100` every 10 ms, late
 /// ones caught up at once so the average holds), aggregate
 /// `n % aggregates` at version `n / aggregates + 1`.
@@ -378,19 +379,19 @@ async fn insert(
                 .and_then(|b| b.build())
             })
             .collect::<Result<_>>()?;
+        let events: Vec<OutboxEvent<'_>> = envelopes
+            .iter()
+            .map(|e| OutboxEvent::new(topic, e, "Bench"))
+            .collect();
         match store {
             OutboxStore::Sqlite(pool) => {
                 let mut tx = pool.begin().await.map_err(db)?;
-                for e in &envelopes {
-                    append(&mut *tx, OutboxEvent::new(topic, e, "Bench")).await?;
-                }
+                append_all(&mut *tx, &events).await?;
                 tx.commit().await.map_err(db)?;
             }
             OutboxStore::Postgres(pool) => {
                 let mut tx = pool.begin().await.map_err(db)?;
-                for e in &envelopes {
-                    append(&mut *tx, OutboxEvent::new(topic, e, "Bench")).await?;
-                }
+                append_all(&mut *tx, &events).await?;
                 tx.commit().await.map_err(db)?;
             }
         }
