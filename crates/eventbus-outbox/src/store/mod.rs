@@ -694,7 +694,9 @@ pub(crate) trait Database: Send + Sync {
 
     /// Gives up relay `relay`'s hold on the database, when it has one
     /// (SQLite's relay lease), so a relay started next takes over at once
-    /// instead of after the lease. PostgreSQL: nothing to give up.
+    /// instead of after the lease; a `may_run` of `relay` that the
+    /// database runs later does not take it back. PostgreSQL: nothing to
+    /// give up.
     async fn resign(&self, relay: &str) -> Result<()>;
 
     /// Wake-ups when rows are inserted (PostgreSQL `LISTEN`, not yet set

@@ -59,11 +59,15 @@ impl Database for SqlitePool {
         Ok(taken)
     }
 
+    /// Takes or renews the lease: the holder renews it unless it resigned
+    /// (`lease_until = 0`, see [`resign`](Database::resign)); another
+    /// relay takes it once it has run out or was given up.
     async fn may_run(&self, relay: &str, lease: Duration) -> Result<bool> {
         let sql = format!(
             "INSERT INTO outbox_relay_lease (name, holder, lease_until) VALUES (?, ?, {NOW_US} + ?)
             ON CONFLICT (name) DO UPDATE SET holder = excluded.holder, lease_until = excluded.lease_until
-            WHERE outbox_relay_lease.holder = excluded.holder OR outbox_relay_lease.lease_until < {NOW_US}"
+            WHERE (outbox_relay_lease.holder = excluded.holder AND outbox_relay_lease.lease_until <> 0)
+               OR (outbox_relay_lease.holder <> excluded.holder AND outbox_relay_lease.lease_until < {NOW_US})"
         );
         let affected = sqlx::query(&sql)
             .bind(RELAY_LEASE)
@@ -76,8 +80,14 @@ impl Database for SqlitePool {
         Ok(affected == 1)
     }
 
+    /// Gives the lease up as run out (`lease_until = 0`), and for good for
+    /// `relay`: a lease statement of its own that the database runs later
+    /// (sent before the shutdown, given up by the relay after its grace)
+    /// cannot take it back, so the next relay takes it at once rather
+    /// than after `lease_ms`. Each [`Relay::run`](crate::Relay::run)
+    /// holds the lease under a name of its own.
     async fn resign(&self, relay: &str) -> Result<()> {
-        sqlx::query("DELETE FROM outbox_relay_lease WHERE name = ? AND holder = ?")
+        sqlx::query("UPDATE outbox_relay_lease SET lease_until = 0 WHERE name = ? AND holder = ?")
             .bind(RELAY_LEASE)
             .bind(relay)
             .execute(self)
@@ -130,4 +140,51 @@ async fn find_followers(tx: &mut sqlx::SqliteConnection, heads: String, each: i6
         .fetch_all(tx)
         .await
         .map_err(db("claim"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relay's lease statement that the database runs after the relay
+    /// resigned (sent before its shutdown, held behind another writer's
+    /// lock past the shutdown grace, given up by the relay but run all the
+    /// same) does not take the lease back: the next relay takes it at once
+    /// rather than after `lease_ms`. Before, the late statement renewed
+    /// the lease of a relay that had stopped.
+    #[tokio::test]
+    async fn a_lease_statement_run_after_its_relay_resigned_does_not_take_the_lease_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
+        let pool = connect(&url, 2).await.unwrap();
+        pool.migrate().await.unwrap();
+        let lease = Duration::from_secs(120);
+        assert!(pool.may_run("stopping", lease).await.unwrap());
+        assert!(!pool.may_run("next", lease).await.unwrap(), "the lease is held");
+        pool.resign("stopping").await.unwrap();
+        assert!(
+            !pool.may_run("stopping", lease).await.unwrap(),
+            "a statement of the stopped relay, run late, took the lease back"
+        );
+        assert!(
+            pool.may_run("next", lease).await.unwrap(),
+            "the next relay takes the lease at once"
+        );
+        assert!(pool.may_run("next", lease).await.unwrap(), "and renews it");
+        assert!(!pool.may_run("stopping", lease).await.unwrap());
+    }
+
+    /// A relay whose lease ran out while nobody took it over (it was
+    /// frozen) takes it again on waking.
+    #[tokio::test]
+    async fn a_relay_takes_its_own_lapsed_lease_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("outbox.db").display());
+        let pool = connect(&url, 2).await.unwrap();
+        pool.migrate().await.unwrap();
+        assert!(pool.may_run("frozen", Duration::from_millis(1)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(pool.may_run("frozen", Duration::from_secs(120)).await.unwrap());
+        assert!(!pool.may_run("other", Duration::from_secs(120)).await.unwrap());
+    }
 }
