@@ -59,7 +59,8 @@ impl<'a> OutboxEvent<'a> {
 ///
 /// # Errors
 /// [`Validation`](ErrorKind::Validation) for an invalid envelope or topic
-/// (nothing is written), `Backend` when the database fails.
+/// (nothing is written), `Serialization` when the envelope cannot be
+/// encoded, `Backend` when the database fails.
 pub async fn append<C: OutboxConnection>(conn: &mut C, event: OutboxEvent<'_>) -> Result<bool> {
     validate_topic(event.topic)?;
     let json = event.envelope.encode_with(event.tenant_id_format)?;
@@ -76,12 +77,15 @@ pub async fn append<C: OutboxConnection>(conn: &mut C, event: OutboxEvent<'_>) -
 /// or came earlier in `events`.
 ///
 /// Every event is checked first: one invalid envelope or topic writes
-/// nothing.
+/// nothing. The events travel as one JSON parameter, held in memory:
+/// PostgreSQL refuses one above 256 MiB (its `jsonb` limit), SQLite one
+/// above 1 GB (`SQLITE_MAX_LENGTH`); split larger batches.
 ///
 /// # Errors
 /// [`Validation`](ErrorKind::Validation) for an invalid envelope or topic
 /// (nothing is written), `Serialization` when an envelope cannot be
-/// encoded, `Backend` when the database fails.
+/// encoded, `Backend` when the database fails (on PostgreSQL the caller's
+/// transaction is then aborted, as after any failed statement).
 pub async fn append_all<C: OutboxConnection>(conn: &mut C, events: &[OutboxEvent<'_>]) -> Result<Vec<bool>> {
     let mut rows = Vec::with_capacity(events.len());
     for event in events {
@@ -105,7 +109,8 @@ pub trait OutboxConnection: Send {
     fn insert(&mut self, event: &OutboxEvent<'_>, json: String) -> impl Future<Output = Result<bool>> + Send;
 
     /// Inserts `events` (`json[i]`: event `i`'s envelope as stored) in
-    /// their order; for each, true when inserted. SQLite and PostgreSQL
+    /// their order; one flag per event (`events.len()` of them), true when
+    /// inserted. SQLite and PostgreSQL
     /// insert them in one statement; the default, one [`insert`](Self::insert)
     /// after another.
     fn insert_all(
@@ -141,7 +146,7 @@ struct Row<'a> {
 
 /// [`append_all`]'s statement: the rows of one JSON array parameter in
 /// array order (bind the creation time twice, then the array), returning
-/// the event ids inserted. SQLite wants a `WHERE` before an upsert's `ON
+/// the event id and idempotency key of each row inserted. SQLite wants a `WHERE` before an upsert's `ON
 /// CONFLICT` in `INSERT ... SELECT` (its parser would read it as a join).
 fn insert_all_sql(dialect: Dialect) -> String {
     let (rows, field, int, order) = match dialect {
@@ -161,7 +166,7 @@ fn insert_all_sql(dialect: Dialect) -> String {
              trace_id, correlation_id, status, attempts, next_attempt_at, created_at, idempotency_key)
          SELECT {}, {}, {}, {}, {}, {}, {}, {}, {}, {}, 'pending', 0, ?, ?, {}
          FROM {rows} WHERE true ORDER BY {order}
-         ON CONFLICT DO NOTHING RETURNING id",
+         ON CONFLICT DO NOTHING RETURNING id, idempotency_key",
         text("id"),
         integer("tenant_id"),
         text("aggregate_type"),
@@ -176,13 +181,18 @@ fn insert_all_sql(dialect: Dialect) -> String {
     ))
 }
 
-/// For each of `events`, whether its id is among `inserted` (the first
-/// event with an id only: a later one with the same id was not).
-fn which_inserted(events: &[OutboxEvent<'_>], inserted: Vec<String>) -> Vec<bool> {
-    let mut inserted: std::collections::HashSet<String> = inserted.into_iter().collect();
+/// For each of `events`, whether its (event id, idempotency key) is among
+/// `inserted`: both are unique in the table, so of several events with
+/// the same pair only the first can have been written.
+fn which_inserted(events: &[OutboxEvent<'_>], inserted: Vec<(String, String)>) -> Vec<bool> {
+    let mut inserted: std::collections::HashSet<(String, String)> = inserted.into_iter().collect();
     events
         .iter()
-        .map(|e| inserted.remove(&e.envelope.event_id))
+        .map(|e| {
+            let id = &e.envelope.event_id;
+            let key = (id.clone(), e.idempotency_key.unwrap_or(id).to_owned());
+            inserted.remove(&key)
+        })
         .collect()
 }
 
@@ -243,7 +253,7 @@ mod connections {
                     let rows = serde_json::to_string(&rows)
                         .map_err(|e| Error::new(ErrorKind::Serialization, "outbox rows").with_source(e))?;
                     let now = now_us();
-                    let inserted: Vec<String> = sqlx::query_scalar(&insert_all_sql($dialect))
+                    let inserted: Vec<(String, String)> = sqlx::query_as(&insert_all_sql($dialect))
                         .bind(now)
                         .bind(now)
                         .bind(rows)

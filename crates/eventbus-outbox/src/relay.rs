@@ -231,26 +231,20 @@ impl Relay {
             }
         }
         let grace_ends = OnceLock::new();
-        // SQLite's relay lease is held under a name of this run's own: a
-        // lease statement of this run that the database runs after the
-        // resign below cannot take the lease back, and a later run of this
-        // relay is not taken for this one.
-        let holder = format!("{}/run-{}", self.id, eventbus_core::new_event_id());
-        let lane = |index| Lane {
-            index,
-            holder: &holder,
+        let first = Lane {
+            index: 0,
             shutdown: &shutdown,
             grace_ends: &grace_ends,
         };
-        let mut lanes = vec![self.lane(lane(0), wakeups)];
-        for index in 1..self.lanes_started.len() {
-            lanes.push(self.lane(lane(index), None));
+        self.rejoin(&first).await;
+        let mut lanes = vec![self.lane(0, &shutdown, &grace_ends, wakeups)];
+        for lane in 1..self.lanes_started.len() {
+            lanes.push(self.lane(lane, &shutdown, &grace_ends, None));
         }
         futures::future::join_all(lanes).await;
         // Every round has finished: hand the database over at once.
-        let last = lane(0);
-        let resign = self.store.database().resign(&holder);
-        if let Err(e) = self.within_grace(&last, "relay lease hand-over", resign).await {
+        let resign = self.store.database().resign(&self.id);
+        if let Err(e) = self.within_grace(&first, "relay lease hand-over", resign).await {
             tracing::warn!(error = %e, "giving up the relay lease failed: it lapses after lease_ms");
         }
         Ok(())
@@ -259,8 +253,18 @@ impl Relay {
     /// Lane `lane` of [`run`](Self::run): rounds back to back while there
     /// is work, else a nap (woken by `wakeups` when it has them); lane 0
     /// also deletes old published rows.
-    async fn lane(&self, lane: Lane<'_>, mut wakeups: Option<Wakeups>) {
-        let (index, shutdown) = (lane.index, lane.shutdown);
+    async fn lane(
+        &self,
+        index: usize,
+        shutdown: &CancellationToken,
+        grace_ends: &OnceLock<tokio::time::Instant>,
+        mut wakeups: Option<Wakeups>,
+    ) {
+        let lane = Lane {
+            index,
+            shutdown,
+            grace_ends,
+        };
         let mut last_cleanup = tokio::time::Instant::now();
         let cleanup_every = Duration::from_millis(self.config.cleanup_interval_ms);
         while !shutdown.is_cancelled() {
@@ -308,13 +312,23 @@ impl Relay {
     pub async fn run_once(&self) -> Result<usize> {
         self.round_started(0);
         let never = CancellationToken::new();
-        self.round(&Lane {
+        let lane = Lane {
             index: 0,
-            holder: &self.id,
             shutdown: &never,
             grace_ends: &OnceLock::new(),
-        })
-        .await
+        };
+        self.rejoin(&lane).await;
+        self.round(&lane).await
+    }
+
+    /// Takes back a hold on the database this relay gave up when a run
+    /// of it ended (SQLite's relay lease), so this relay may hold it again;
+    /// a failure is logged, and the lease then comes back after `lease_ms`.
+    async fn rejoin(&self, lane: &Lane<'_>) {
+        let rejoin = self.store.database().rejoin(&self.id);
+        if let Err(e) = self.within_grace(lane, "relay lease", rejoin).await {
+            tracing::warn!(error = %e, "taking back the relay lease this relay gave up failed");
+        }
     }
 
     /// Claims and finishes one round.
@@ -399,7 +413,7 @@ impl Relay {
             return Ok(None);
         }
         let lease = self.lease();
-        let may_run = self.store.database().may_run(lane.holder, lease);
+        let may_run = self.store.database().may_run(&self.id, lease);
         if !self.within_grace(lane, "relay lease", may_run).await? {
             return Ok(None);
         }
@@ -767,9 +781,6 @@ impl Relay {
 /// meets the shutdown, shared by every lane of the run).
 struct Lane<'a> {
     index: usize,
-    /// The name SQLite's relay lease is held under: the run's own
-    /// ([`Relay::run`]), or the relay id ([`Relay::run_once`]).
-    holder: &'a str,
     shutdown: &'a CancellationToken,
     grace_ends: &'a OnceLock<tokio::time::Instant>,
 }

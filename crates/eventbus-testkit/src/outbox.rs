@@ -1341,13 +1341,20 @@ fn append_all_writes_the_rows_append_writes_in_one_statement(f: &dyn StoreFactor
         for store in [&one_by_one, &all_at_once] {
             business_write(store, "o-1", std::slice::from_ref(&first), true).await;
         }
+        let (keyed, rekeyed) = (envelope("a-3", 1), envelope("a-3", 2));
         let mut batch = vec![first.clone()];
         batch.extend(later.iter().cloned());
         batch.push(later[0].clone());
-        let events: Vec<OutboxEvent<'_>> = batch
+        batch.extend([keyed, rekeyed.clone(), rekeyed]);
+        let mut events: Vec<OutboxEvent<'_>> = batch
             .iter()
             .map(|e| OutboxEvent::new("orders", e, "Order"))
             .collect();
+        // One business operation's key on two events (the second is
+        // skipped), then the second event again under a key of its own.
+        events[5].idempotency_key = Some("operation-1");
+        events[6].idempotency_key = Some("operation-1");
+        events[7].idempotency_key = Some("operation-2");
 
         let mut bad = events.clone();
         bad[2].topic = "";
@@ -1375,7 +1382,7 @@ fn append_all_writes_the_rows_append_writes_in_one_statement(f: &dyn StoreFactor
             tx.commit().await.expect("commit");
             inserted
         });
-        assert_eq!(inserted, [false, true, true, true, false]);
+        assert_eq!(inserted, [false, true, true, true, false, true, false, true]);
         let one_at_a_time = on_pool!(&one_by_one, |pool| {
             let mut tx = pool.begin().await.expect("begin");
             let mut inserted = Vec::new();
@@ -1393,14 +1400,17 @@ fn append_all_writes_the_rows_append_writes_in_one_statement(f: &dyn StoreFactor
             "append writes the same rows"
         );
         let ids: Vec<&str> = rows.iter().map(|r| r.0.0.as_str()).collect();
-        let expected: Vec<&str> = batch[..4].iter().map(|e| e.event_id.as_str()).collect();
+        let expected: Vec<&str> = [0, 1, 2, 3, 5, 7]
+            .iter()
+            .map(|&i| batch[i].event_id.as_str())
+            .collect();
         assert_eq!(ids, expected, "rows in the order given");
 
         let bus = EventBus::memory();
         let (_sub, checker, _) = recorder(&bus, "orders").await;
         let relay = Relay::new(all_at_once.clone(), bus.clone(), fast());
         while relay.run_once().await.unwrap() > 0 {}
-        assert!(eventually(Duration::from_secs(30), || checker.report().received == 4).await);
+        assert!(eventually(Duration::from_secs(30), || checker.report().received == 6).await);
         let report = checker.report();
         assert!(report.is_strictly_ordered(), "{report}");
     })

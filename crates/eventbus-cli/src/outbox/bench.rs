@@ -347,11 +347,11 @@ impl Phase {
     }
 }
 
-/// Appends `events` envelopes for `topic` in transactions of 100, one
-/// statement each ([`append_all`]) (at
-/// `rate` events/s: one transaction of `rate / 100` every 10 ms, late
-/// ones caught up at once so the average holds), aggregate
-/// `n % aggregates` at version `n / aggregates + 1`.
+/// Appends `events` envelopes for `topic`, aggregate `n % aggregates` at
+/// version `n / aggregates + 1`, each transaction's in one statement
+/// ([`append_all`]): transactions of 100 without a `rate`; at `rate`
+/// events/s, one transaction of `rate / 100` every 10 ms, late ones
+/// caught up at once so the average holds.
 async fn insert(
     store: &OutboxStore,
     topic: &str,

@@ -695,9 +695,14 @@ pub(crate) trait Database: Send + Sync {
     /// Gives up relay `relay`'s hold on the database, when it has one
     /// (SQLite's relay lease), so a relay started next takes over at once
     /// instead of after the lease; a `may_run` of `relay` that the
-    /// database runs later does not take it back. PostgreSQL: nothing to
-    /// give up.
+    /// database runs later does not take it back, until `relay` rejoins.
+    /// PostgreSQL: nothing to give up.
     async fn resign(&self, relay: &str) -> Result<()>;
+
+    /// Undoes relay `relay`'s [`resign`](Database::resign), when no other
+    /// relay took the hold meanwhile: `relay` starts running again.
+    /// PostgreSQL: nothing to do.
+    async fn rejoin(&self, relay: &str) -> Result<()>;
 
     /// Wake-ups when rows are inserted (PostgreSQL `LISTEN`, not yet set
     /// up); `None` where the relay only polls.

@@ -89,6 +89,10 @@ impl Database for PgPool {
         Ok(())
     }
 
+    async fn rejoin(&self, _relay: &str) -> Result<()> {
+        Ok(())
+    }
+
     fn wakeups(&self) -> Option<Wakeups> {
         Some(Wakeups::new(self.clone()))
     }

@@ -80,12 +80,11 @@ impl Database for SqlitePool {
         Ok(affected == 1)
     }
 
-    /// Gives the lease up as run out (`lease_until = 0`), and for good for
-    /// `relay`: a lease statement of its own that the database runs later
-    /// (sent before the shutdown, given up by the relay after its grace)
-    /// cannot take it back, so the next relay takes it at once rather
-    /// than after `lease_ms`. Each [`Relay::run`](crate::Relay::run)
-    /// holds the lease under a name of its own.
+    /// Gives the lease up as run out (`lease_until = 0`), and for `relay`
+    /// until it rejoins: a lease statement of its own that the database
+    /// runs later (sent before the shutdown, given up by the relay after
+    /// its grace) cannot take it back, so the next relay takes it at once
+    /// rather than after `lease_ms`.
     async fn resign(&self, relay: &str) -> Result<()> {
         sqlx::query("UPDATE outbox_relay_lease SET lease_until = 0 WHERE name = ? AND holder = ?")
             .bind(RELAY_LEASE)
@@ -94,6 +93,20 @@ impl Database for SqlitePool {
             .await
             .map_err(db("resign lease"))
             .map(drop)
+    }
+
+    /// Makes the lease `relay` gave up one of its own that ran out
+    /// (`lease_until = 1`), which its `may_run` renews.
+    async fn rejoin(&self, relay: &str) -> Result<()> {
+        sqlx::query(
+            "UPDATE outbox_relay_lease SET lease_until = 1 WHERE name = ? AND holder = ? AND lease_until = 0",
+        )
+        .bind(RELAY_LEASE)
+        .bind(relay)
+        .execute(self)
+        .await
+        .map_err(db("rejoin lease"))
+        .map(drop)
     }
 
     fn wakeups(&self) -> Option<Wakeups> {
@@ -172,6 +185,17 @@ mod tests {
         );
         assert!(pool.may_run("next", lease).await.unwrap(), "and renews it");
         assert!(!pool.may_run("stopping", lease).await.unwrap());
+        pool.resign("next").await.unwrap();
+        pool.rejoin("next").await.unwrap();
+        assert!(
+            pool.may_run("next", lease).await.unwrap(),
+            "a relay that runs again takes back the lease it gave up"
+        );
+        pool.rejoin("stopping").await.unwrap();
+        assert!(
+            !pool.may_run("stopping", lease).await.unwrap(),
+            "rejoining takes no lease another relay holds"
+        );
     }
 
     /// A relay whose lease ran out while nobody took it over (it was
