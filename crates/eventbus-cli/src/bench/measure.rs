@@ -250,8 +250,42 @@ fn rss_mb() -> f64 {
     pages * 4096.0 / (1024.0 * 1024.0)
 }
 
+/// CPU time (user plus system) of process `pid` and of its children, the
+/// running ones and those it has waited for, ms (Linux `/proc/<pid>/stat`;
+/// `None` elsewhere or once `pid` is gone). Of a PostgreSQL postmaster:
+/// the whole cluster (each session's backend, the background workers).
+/// A child's time counts in its own line while it runs and in its
+/// parent's waited-for time once it has exited, so the difference of two
+/// readings is the time spent between them.
+pub(crate) fn process_tree_cpu_ms(pid: u32) -> Option<f64> {
+    // SAFETY: sysconf reads a constant.
+    let ticks_per_s = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks_per_s <= 0 {
+        return None;
+    }
+    // The fields after the command's closing parenthesis (the command may
+    // hold spaces): [1] ppid, [11] utime, [12] stime, [13] cutime, [14] cstime.
+    let fields = |pid: &str| -> Option<Vec<u64>> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        let rest = &stat[stat.rfind(')')? + 1..];
+        Some(rest.split_whitespace().map(|f| f.parse().unwrap_or(0)).collect())
+    };
+    let ticks = |f: &[u64]| f.get(11..15).map_or(0, |t| t.iter().sum::<u64>());
+    let mut total = ticks(&fields(&pid.to_string())?);
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let name = entry.file_name();
+        let Some(child) = name.to_str().filter(|n| n.bytes().all(|b| b.is_ascii_digit())) else {
+            continue;
+        };
+        if let Some(f) = fields(child).filter(|f| f.get(1) == Some(&u64::from(pid))) {
+            total += ticks(&f);
+        }
+    }
+    Some(total as f64 * 1000.0 / ticks_per_s as f64)
+}
+
 /// CPU time of this process so far (user plus system, every thread), ms.
-fn process_cpu_ms() -> f64 {
+pub(crate) fn process_cpu_ms() -> f64 {
     // SAFETY: getrusage only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {

@@ -6,7 +6,9 @@
 //! service's would be) are appended first, in transactions of 100, with no
 //! relay running; then the relays start (each with its own bus connection
 //! and database pool, as separate processes would) and the figure is events
-//! over relay start to the last row marked published.
+//! over relay start to the last row marked published, with the CPU per
+//! event over that time of the database cluster (when the bench started
+//! it: `--database postgres`) and of this process.
 //!
 //! **Latency**: one relay runs while a writer appends `--rate` events/s
 //! (a transaction every 10 ms) for `--rate-secs`; the figures are each
@@ -108,21 +110,25 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if let Some(n) = args.versions_per_aggregate {
         relay_config.versions_per_aggregate = n;
     }
+    // The throwaway cluster's postmaster: its CPU (and its children's) per phase.
+    let cluster = _pg.as_ref().and_then(|pg| pg.process().pid());
     let mut failed = Vec::new();
     for &relays in &args.relays {
         let mut phase = Phase::start(&target, &url, relays.max(1), false).await?;
         insert(&writer, &phase.topic, args.events, args.per_aggregate, None).await?;
         let started = Instant::now();
         let busy = crate::bench::measure::CoresBusy::start();
+        let cpu = CpuPerEvent::start(cluster);
         phase.relay(&relay_config);
         let bound = Duration::from_secs(60) + Duration::from_millis(args.events as u64);
         phase.wait_published(args.events, started + bound).await?;
         let elapsed = started.elapsed();
         let busy = busy.pct();
+        let cpu = cpu.per_event(args.events);
         let topic = phase.topic.clone();
         let report = phase.finish(args.events, args.backend).await?;
         println!(
-            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight, up to {} versions per aggregate: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy, topic {}); order: {report}",
+            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight, up to {} versions per aggregate: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy{cpu}, topic {}); order: {report}",
             args.events,
             (args.events / args.per_aggregate.max(1)).max(1),
             args.backend,
@@ -167,6 +173,35 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
             "outbox bench: events lost or order broken: {}",
             failed.join("; ")
         )))
+    }
+}
+
+/// CPU per event of a saturation phase, from relay start to the last
+/// mark: the database cluster's (when the bench started it) and this
+/// process's (relays, buses, the checking consumer).
+struct CpuPerEvent {
+    cluster: Option<(u32, f64)>,
+    ours_ms: f64,
+}
+
+impl CpuPerEvent {
+    fn start(cluster: Option<u32>) -> Self {
+        Self {
+            cluster: cluster.and_then(|pid| Some((pid, crate::bench::measure::process_tree_cpu_ms(pid)?))),
+            ours_ms: crate::bench::measure::process_cpu_ms(),
+        }
+    }
+
+    /// `", CPU µs/event: database D, this process P"` (the database part
+    /// only when measured) over `events`.
+    fn per_event(&self, events: usize) -> String {
+        let per_event = |ms: f64| ms * 1000.0 / events.max(1) as f64;
+        let ours = per_event(crate::bench::measure::process_cpu_ms() - self.ours_ms);
+        let database = self.cluster.and_then(|(pid, before)| {
+            let after = crate::bench::measure::process_tree_cpu_ms(pid)?;
+            Some(format!("database {:.0}, ", per_event(after - before)))
+        });
+        format!(", CPU µs/event: {}this process {ours:.0}", database.unwrap_or_default())
     }
 }
 
