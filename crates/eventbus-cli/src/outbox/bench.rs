@@ -201,7 +201,10 @@ impl CpuPerEvent {
             let after = crate::bench::measure::process_tree_cpu_ms(pid)?;
             Some(format!("database {:.0}, ", per_event(after - before)))
         });
-        format!(", CPU µs/event: {}this process {ours:.0}", database.unwrap_or_default())
+        format!(
+            ", CPU µs/event: {}this process {ours:.0}",
+            database.unwrap_or_default()
+        )
     }
 }
 
