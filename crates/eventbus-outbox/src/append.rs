@@ -110,9 +110,8 @@ pub trait OutboxConnection: Send {
 
     /// Inserts `events` (`json[i]`: event `i`'s envelope as stored) in
     /// their order; one flag per event (`events.len()` of them), true when
-    /// inserted. SQLite and PostgreSQL
-    /// insert them in one statement; the default, one [`insert`](Self::insert)
-    /// after another.
+    /// inserted. SQLite and PostgreSQL insert them in one statement; the
+    /// default, one [`insert`](Self::insert) after another.
     fn insert_all(
         &mut self,
         events: &[OutboxEvent<'_>],
@@ -146,8 +145,9 @@ struct Row<'a> {
 
 /// [`append_all`]'s statement: the rows of one JSON array parameter in
 /// array order (bind the creation time twice, then the array), returning
-/// the event id and idempotency key of each row inserted. SQLite wants a `WHERE` before an upsert's `ON
-/// CONFLICT` in `INSERT ... SELECT` (its parser would read it as a join).
+/// the event id and idempotency key of each row inserted. SQLite wants a
+/// `WHERE` before an upsert's `ON CONFLICT` in `INSERT ... SELECT` (its
+/// parser would read it as a join).
 fn insert_all_sql(dialect: Dialect) -> String {
     let (rows, field, int, order) = match dialect {
         Dialect::Sqlite => ("json_each(?) e", "json_extract(e.value, '$.{}')", "{}", "e.key"),
