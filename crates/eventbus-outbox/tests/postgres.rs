@@ -33,19 +33,24 @@ async fn setup() -> impl eventbus_testkit::outbox::StoreFactory {
         let pg = pg.clone();
         async move {
             let name = eventbus_testkit::unique("db").replace('-', "_");
-            let admin = sqlx::PgPool::connect(&pg.url()).await.unwrap();
-            sqlx::query(&format!("CREATE DATABASE {name}"))
-                .execute(&admin)
-                .await
-                .unwrap();
-            admin.close().await;
-            let base = pg.url();
-            let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
-            let store = OutboxStore::connect(&url, 10).await.unwrap();
-            store.migrate().await.unwrap();
-            store
+            database(&pg, &name).await
         }
     }
+}
+
+/// A new database `name` on `pg`, with a migrated outbox store on it.
+async fn database(pg: &PostgresServer, name: &str) -> OutboxStore {
+    let admin = sqlx::PgPool::connect(&pg.url()).await.unwrap();
+    sqlx::query(&format!("CREATE DATABASE {name}"))
+        .execute(&admin)
+        .await
+        .unwrap();
+    admin.close().await;
+    let base = pg.url();
+    let url = format!("{}/{name}", base.rsplit_once('/').unwrap().0);
+    let store = OutboxStore::connect(&url, 10).await.unwrap();
+    store.migrate().await.unwrap();
+    store
 }
 
 eventbus_testkit::outbox_store_tests!(setup);
@@ -666,22 +671,25 @@ impl Drop for Frozen<'_> {
     }
 }
 
-/// How long `running` takes to end after `shutdown`, at most 20 s (then
-/// `None`); the cluster is thawed (`frozen` dropped) before the answer.
-async fn stopped_within(
+/// Asks `running` to stop (`shutdown`) and asserts it ends within 5 s
+/// (waiting at most 20 s to say how long it took); the cluster is thawed
+/// (`frozen` dropped) before the assertion.
+async fn assert_stops_within_grace(
     frozen: Frozen<'_>,
     shutdown: &CancellationToken,
     running: tokio::task::JoinHandle<Relay>,
-) -> Option<Duration> {
+    frozen_since: &str,
+) {
     let asked = std::time::Instant::now();
     shutdown.cancel();
     let stopped = tokio::time::timeout(Duration::from_secs(20), running).await;
     let took = asked.elapsed();
     drop(frozen);
-    stopped.ok().map(|joined| {
-        joined.unwrap();
-        took
-    })
+    stopped
+        .expect("the relay stopped within 20 s of shutdown")
+        .unwrap();
+    eprintln!("the relay stopped {took:?} after shutdown, its database frozen {frozen_since}");
+    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
 }
 
 fn frozen_database_config() -> RelayConfig {
@@ -707,10 +715,7 @@ async fn a_relay_stops_within_its_grace_while_the_database_is_frozen_under_a_cla
     tokio::time::sleep(Duration::from_millis(500)).await;
     let frozen = Frozen::new(&pg);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let took = stopped_within(frozen, &shutdown, running).await;
-    let took = took.expect("the relay stopped within 20 s of shutdown");
-    eprintln!("the relay stopped {took:?} after shutdown, its database frozen");
-    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    assert_stops_within_grace(frozen, &shutdown, running, "under a claim").await;
 }
 
 /// A relay stops within its shutdown grace while its database is frozen
@@ -751,10 +756,7 @@ async fn a_relay_stops_within_its_grace_while_the_database_is_frozen_under_a_mar
         0,
         "marked before the freeze"
     );
-    let took = stopped_within(frozen, &shutdown, running).await;
-    let took = took.expect("the relay stopped within 20 s of shutdown");
-    eprintln!("the relay stopped {took:?} after shutdown, its database frozen");
-    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    assert_stops_within_grace(frozen, &shutdown, running, "under a mark").await;
 }
 
 /// A relay started while its database is frozen stops within its grace.
@@ -770,10 +772,7 @@ async fn a_relay_started_on_a_frozen_database_stops_within_its_grace() {
     let frozen = Frozen::new(&pg);
     let running = spawn_relay(Relay::new(store, bus, frozen_database_config()), &shutdown);
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let took = stopped_within(frozen, &shutdown, running).await;
-    let took = took.expect("the relay stopped within 20 s of shutdown");
-    eprintln!("the relay stopped {took:?} after shutdown, its database frozen since its start");
-    assert!(took < Duration::from_secs(5), "stopping took {took:?}");
+    assert_stops_within_grace(frozen, &shutdown, running, "since its start").await;
 }
 
 /// Commits `version` of aggregate `aggregate` to the outbox, retrying for
@@ -818,14 +817,8 @@ async fn a_relay_hears_new_rows_again_after_postgres_comes_back() {
     let mut pg = PostgresServer::start().await.unwrap();
     let pg_url = pg.url();
     // The outbox in a database of its own, which `postgres` can close to new sessions.
+    let store = database(&pg, "relisten").await;
     let server = sqlx::PgPool::connect(&pg.url()).await.unwrap();
-    sqlx::query("CREATE DATABASE relisten")
-        .execute(&server)
-        .await
-        .unwrap();
-    let url = format!("{}/relisten", pg.url().rsplit_once('/').unwrap().0);
-    let store = OutboxStore::connect(&url, 10).await.unwrap();
-    store.migrate().await.unwrap();
     let OutboxStore::Postgres(pool) = store.clone() else {
         unreachable!()
     };

@@ -136,6 +136,25 @@ pub(crate) struct Wakeups {
     backoff: Duration,
 }
 
+/// A LISTEN session of its own from `pool`, at most 10 s. A lost session
+/// comes back through [`Wakeups::listen`], bounded and with backoff,
+/// rather than through sqlx's reconnect (`eager_reconnect(false)`).
+async fn set_up(pool: PgPool) -> Result<PgListener> {
+    let setup = async {
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.eager_reconnect(false);
+        listener.listen(CHANNEL).await?;
+        Ok(listener)
+    };
+    match tokio::time::timeout(LISTEN_SETUP_TIMEOUT, setup).await {
+        Ok(set_up) => set_up.map_err(db("listen")),
+        Err(_) => Err(Error::timeout(format!(
+            "outbox LISTEN setup took more than {} s",
+            LISTEN_SETUP_TIMEOUT.as_secs()
+        ))),
+    }
+}
+
 impl Wakeups {
     fn new(pool: PgPool) -> Self {
         Self {
@@ -160,32 +179,13 @@ impl Wakeups {
         if self.listener.is_some() {
             return Ok(());
         }
-        if self.setup.is_none() {
-            if let Some(at) = self.retry_at {
-                tokio::time::sleep_until(at).await;
-            }
-            let pool = self.pool.clone();
-            self.setup = Some(Box::pin(async move {
-                let setup = async {
-                    let mut listener = PgListener::connect_with(&pool).await?;
-                    // A lost session comes back here (`next`), bounded and
-                    // with backoff, rather than through sqlx's reconnect.
-                    listener.eager_reconnect(false);
-                    listener.listen(CHANNEL).await?;
-                    Ok(listener)
-                };
-                match tokio::time::timeout(LISTEN_SETUP_TIMEOUT, setup).await {
-                    Ok(set_up) => set_up.map_err(db("listen")),
-                    Err(_) => Err(Error::timeout(format!(
-                        "outbox LISTEN setup took more than {} s",
-                        LISTEN_SETUP_TIMEOUT.as_secs()
-                    ))),
-                }
-            }));
+        if self.setup.is_none()
+            && let Some(at) = self.retry_at
+        {
+            tokio::time::sleep_until(at).await;
         }
-        let Some(setup) = self.setup.as_mut() else {
-            unreachable!("set just above")
-        };
+        let pool = self.pool.clone();
+        let setup = self.setup.get_or_insert_with(|| Box::pin(set_up(pool)));
         let set_up = setup.await;
         self.setup = None;
         match set_up {
