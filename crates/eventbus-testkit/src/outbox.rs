@@ -63,6 +63,7 @@ macro_rules! outbox_store_tests {
             a_round_takes_the_versions_after_a_head_and_publishes_them_in_order,
             a_round_publishes_no_version_after_one_that_failed,
             a_round_gives_its_room_to_the_aggregates_with_versions_waiting,
+            a_backlog_goes_out_in_chains_from_a_quarter_of_the_batchs_aggregates,
             a_stuck_lane_shows_in_the_relay_liveness,
             a_mark_refused_by_the_database_is_retried_not_left_for_the_lease,
             the_inbox_layer_gives_one_effect_per_event_and_handler,
@@ -1107,6 +1108,68 @@ fn a_round_gives_its_room_to_the_aggregates_with_versions_waiting(f: &dyn StoreF
             .filter(|r| r.1 == "published")
             .count();
         assert_eq!(published, 10, "hot v1..v10");
+        bus.close().await.unwrap();
+    })
+}
+
+/// A backlog of aggregates with many versions goes out in chains from a
+/// quarter of a batch's aggregates, not one version of each of many, so
+/// fewer aggregates are in flight and later claims walk fewer held rows: 20
+/// aggregates with 10 versions each and a batch of 40, and the first round
+/// publishes v1..v4 of the 10 oldest aggregates (before: v1 and v2 of all
+/// 20). With one version per aggregate, the room the heads leave goes to
+/// more heads: a batch of 40 over 60 such aggregates takes 40.
+fn a_backlog_goes_out_in_chains_from_a_quarter_of_the_batchs_aggregates(
+    f: &dyn StoreFactory,
+) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        for a in 0..20 {
+            let aggregate = format!("deep-{a:02}");
+            let versions: Vec<Envelope> = (1..=10).map(|v| envelope(&aggregate, v)).collect();
+            business_write(&store, &aggregate, &versions, true).await;
+        }
+        let bus = EventBus::memory();
+        let relay = Relay::new(
+            store.clone(),
+            bus.clone(),
+            RelayConfig {
+                batch_size: 40,
+                ..fast()
+            },
+        );
+        assert_eq!(relay.run_once().await.unwrap(), 40);
+        for a in 0..20 {
+            let aggregate = format!("deep-{a:02}");
+            let published: Vec<i64> = rows_of(&store, &aggregate)
+                .await
+                .iter()
+                .filter(|r| r.1 == "published")
+                .map(|r| r.0)
+                .collect();
+            let expected: Vec<i64> = if a < 10 { vec![1, 2, 3, 4] } else { vec![] };
+            assert_eq!(published, expected, "{aggregate}");
+        }
+        for a in 0..60 {
+            let aggregate = format!("wide-{a:02}");
+            business_write(&store, &aggregate, &[envelope(&aggregate, 1)], true).await;
+        }
+        // The deep aggregates' next versions come first (oldest), then the wide ones.
+        let mut rounds = Vec::new();
+        loop {
+            match relay.run_once().await.unwrap() {
+                0 => break,
+                n => rounds.push(n),
+            }
+        }
+        assert_eq!(rounds.iter().sum::<usize>(), 200 - 40 + 60, "{rounds:?}");
+        assert!(rounds.iter().all(|n| *n <= 40), "{rounds:?}");
+        assert_eq!(
+            rounds.iter().filter(|n| **n < 40).count(),
+            1,
+            "every round but the last full: {rounds:?}"
+        );
+        assert_eq!(store.status().await.unwrap().counts.get("published"), Some(&260));
         bus.close().await.unwrap();
     })
 }

@@ -66,17 +66,20 @@ impl Database for PgPool {
             super::heads_sql(NOW_US, "ORDER BY p.aggregate_id, p.event_version, p.seq OFFSET 0"),
             super::RETURNING
         );
+        let sql = Dialect::Postgres.sql(&sql);
         let mut tx = self.begin().await.map_err(db("claim"))?;
         pin_plan(&mut tx).await?;
-        let heads = sqlx::query_as::<_, Claimed>(&Dialect::Postgres.sql(&sql))
-            .bind(super::now_us())
-            .bind(limit)
-            .bind(claim)
-            .bind(lease.as_micros() as i64)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db("claim"))?;
-        let taken = claim_followers!(tx, Dialect::Postgres, heads_waiting, find_followers, heads: heads, claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
+        let heads = |after: i64, limit: i64| {
+            sqlx::query_as::<_, Claimed>(&sql)
+                .bind(super::now_us())
+                .bind(after)
+                .bind(limit)
+                .bind(claim)
+                .bind(lease.as_micros() as i64)
+        };
+        let taken = claim_in_passes!(tx, Dialect::Postgres, heads_waiting, find_followers,
+            heads(after, ask) => heads(after, ask).fetch_all(&mut *tx).await.map_err(db("claim"))?,
+            claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
         tx.commit().await.map_err(db("claim"))?;
         Ok(taken)
     }

@@ -46,15 +46,17 @@ impl Database for SqlitePool {
             super::RETURNING
         );
         let mut tx = self.begin().await.map_err(db("claim"))?;
-        let heads = sqlx::query_as::<_, Claimed>(&sql)
-            .bind(claim)
-            .bind(lease.as_micros() as i64)
-            .bind(super::now_us())
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(db("claim"))?;
-        let taken = claim_followers!(tx, Dialect::Sqlite, heads_waiting, find_followers, heads: heads, claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
+        let heads = |after: i64, limit: i64| {
+            sqlx::query_as::<_, Claimed>(&sql)
+                .bind(claim)
+                .bind(lease.as_micros() as i64)
+                .bind(super::now_us())
+                .bind(after)
+                .bind(limit)
+        };
+        let taken = claim_in_passes!(tx, Dialect::Sqlite, heads_waiting, find_followers,
+            heads(after, ask) => heads(after, ask).fetch_all(&mut *tx).await.map_err(db("claim"))?,
+            claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
         tx.commit().await.map_err(db("claim"))?;
         Ok(taken)
     }
