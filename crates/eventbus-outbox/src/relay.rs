@@ -154,7 +154,8 @@ pub struct Relay {
     stats: Arc<RelayStats>,
     /// Held while a lane claims: a relay's lanes overlap their publishing,
     /// never their claims (concurrent claims scan past each other's rows).
-    claiming: tokio::sync::Mutex<()>,
+    /// Holds what the claims saw of the backlog's depth.
+    claiming: tokio::sync::Mutex<Depth>,
     /// When each lane last started a round, in ms since the Unix epoch (0: not yet).
     lanes_started: Vec<AtomicU64>,
 }
@@ -169,7 +170,7 @@ impl Relay {
             config,
             id: format!("relay-{}", eventbus_core::new_event_id()),
             stats: Arc::new(RelayStats::default()),
-            claiming: tokio::sync::Mutex::new(()),
+            claiming: tokio::sync::Mutex::new(Depth::default()),
             lanes_started: (0..lanes).map(|_| AtomicU64::new(0)).collect(),
         }
     }
@@ -407,7 +408,7 @@ impl Relay {
     /// shutdown grace; then it is released, but a claim the database still
     /// commits after its release leaves its rows to their lease.
     async fn claim(&self, lane: &Lane<'_>) -> Result<Option<Round>> {
-        let _claiming = self.claiming.lock().await;
+        let mut depth = self.claiming.lock().await;
         // A lane that waited for the lock through the shutdown claims nothing more.
         if lane.shutdown.is_cancelled() {
             return Ok(None);
@@ -426,6 +427,7 @@ impl Relay {
             self.config.batch_size,
             self.config.versions_per_aggregate.max(1),
             lease,
+            depth.probe(),
         );
         let claimed = match tokio::time::timeout(lease, self.within_grace(lane, "claim", statement)).await {
             Ok(claimed) => claimed,
@@ -434,8 +436,11 @@ impl Relay {
                 self.config.lease_ms
             ))),
         };
-        drop(_claiming);
-        let Claim { chains, stranded } = match claimed {
+        if let Ok(claimed) = &claimed {
+            depth.saw(claimed.deep);
+        }
+        drop(depth);
+        let Claim { chains, stranded, .. } = match claimed {
             Ok(claimed) => claimed,
             Err(e) => {
                 // The claim may have committed with its answer lost (the
@@ -785,6 +790,38 @@ struct Lane<'a> {
     grace_ends: &'a OnceLock<tokio::time::Instant>,
 }
 
+/// What a relay's claims saw of the backlog's depth. A claim that looks
+/// (asks for a quarter of its heads first, see `store::heads_first`) costs
+/// up to three more statements when the backlog is shallow, and the relay
+/// claims one round at a time: measured with one relay over 25,000
+/// aggregates of 2 versions, that cost a fifth of its rate. So after a
+/// claim saw a shallow backlog, claims ask for all their heads at once,
+/// and every 16th looks again; after one saw a deep backlog, or none saw
+/// anything yet, every claim looks.
+#[derive(Debug, Default)]
+struct Depth {
+    /// Claims since one saw a shallow backlog (0: look at every claim).
+    shallow_for: u32,
+}
+
+impl Depth {
+    /// Whether the next claim looks at the depth.
+    fn probe(&self) -> bool {
+        self.shallow_for % 16 == 0
+    }
+
+    /// Takes in what a claim saw (`None`: it did not look, or heads were
+    /// too few to tell).
+    fn saw(&mut self, deep: Option<bool>) {
+        self.shallow_for = match deep {
+            Some(true) => 0,
+            Some(false) => 1,
+            None if self.shallow_for > 0 => self.shallow_for.wrapping_add(1).max(1),
+            None => 0,
+        };
+    }
+}
+
 /// The rows one round claimed, under its claim token.
 struct Round {
     claim: String,
@@ -856,6 +893,33 @@ async fn notified(wakeups: &mut Option<Wakeups>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Claims look at the depth until one sees a shallow backlog, then one
+    /// in 16 does, until one sees a deep backlog again.
+    #[test]
+    fn claims_look_at_the_depth_again_every_16th_while_shallow() {
+        let mut depth = Depth::default();
+        assert!(depth.probe(), "nothing seen yet");
+        depth.saw(None);
+        assert!(depth.probe(), "heads too few to tell");
+        depth.saw(Some(false));
+        let looked: Vec<bool> = (0..32)
+            .map(|_| {
+                let probe = depth.probe();
+                depth.saw(if probe { Some(false) } else { None });
+                probe
+            })
+            .collect();
+        assert_eq!(looked.iter().filter(|p| **p).count(), 2, "{looked:?}");
+        assert!(!looked[0] && looked[15], "{looked:?}");
+        while !depth.probe() {
+            depth.saw(None);
+        }
+        depth.saw(Some(true));
+        assert!(depth.probe(), "a deep backlog: every claim looks");
+        depth.saw(Some(true));
+        assert!(depth.probe());
+    }
 
     /// The fence passes after its lease (its clock is core's
     /// `lease_clock`, tested there).

@@ -81,14 +81,21 @@ macro_rules! claim_followers {
 /// its rate, from the extra statements and publish waves), and a deep one
 /// in chains. The passes end when the room is used up or a pass finds
 /// fewer heads than it asked for. Each pass goes on after the last head
-/// of the one before, so no row is walked twice.
+/// of the one before, so no row is walked twice. Without `probe_depth`
+/// (the relay saw a shallow backlog lately, see `Relay`'s `Depth`), the
+/// first pass asks for all `limit` heads at once: one statement when
+/// heads are plentiful. [`Taken::deep`] says what the first pass that
+/// looked at the depth saw.
 macro_rules! claim_in_passes {
-    ($tx:ident, $dialect:expr, $waiting:path, $find:path, heads($after:ident, $ask:ident) => $heads:expr, claim: $claim:expr, limit: $limit:expr, per_aggregate: $per_aggregate:expr, lease: $lease:expr) => {{
+    ($tx:ident, $dialect:expr, $waiting:path, $find:path, heads($after:ident, $ask:ident) => $heads:expr, claim: $claim:expr, limit: $limit:expr, per_aggregate: $per_aggregate:expr, lease: $lease:expr, probe_depth: $probe:expr) => {{
         let limit: i64 = $limit;
         let mut taken = $crate::store::Taken::default();
         let mut room = limit;
         let mut $after: i64 = 0;
-        let mut $ask: i64 = $crate::store::heads_first(limit, $per_aggregate).min(room);
+        let mut $ask: i64 = match $probe {
+            true => $crate::store::heads_first(limit, $per_aggregate).min(room),
+            false => room,
+        };
         loop {
             let heads: Vec<$crate::store::Claimed> = $heads;
             let found = i64::try_from(heads.len()).unwrap_or(i64::MAX);
@@ -99,6 +106,9 @@ macro_rules! claim_in_passes {
             let pass = claim_followers!($tx, $dialect, $waiting, $find, heads: heads, claim: $claim, limit: room, per_aggregate: $per_aggregate, lease: $lease, deep_only: budgeted);
             room -= i64::try_from(pass.heads.len() + pass.followers.len()).unwrap_or(i64::MAX);
             let deep = budgeted && !pass.followers.is_empty();
+            if budgeted && taken.deep.is_none() {
+                taken.deep = Some(deep);
+            }
             taken.heads.extend(pass.heads);
             taken.runs.extend(pass.runs);
             taken.followers.extend(pass.followers);
@@ -245,6 +255,8 @@ pub(crate) struct Claim {
     /// Rows the claim holds that are in no chain (a follower after one it
     /// could not take): the round releases them unpublished.
     pub(crate) stranded: usize,
+    /// What the claim saw of the backlog's depth ([`Taken::deep`]).
+    pub(crate) deep: Option<bool>,
 }
 
 /// What [`Database::claim`] took: the heads, the followers it asked for
@@ -254,6 +266,10 @@ pub(crate) struct Taken {
     pub(crate) heads: Vec<Claimed>,
     pub(crate) runs: Runs,
     pub(crate) followers: Vec<Claimed>,
+    /// Whether the heads of a pass that asked for fewer than all the room
+    /// had at least two followers each (deep backlog); `None` when no
+    /// pass looked.
+    pub(crate) deep: Option<bool>,
 }
 
 /// How many heads a pass of a claim of `limit` rows asks for while the
@@ -592,21 +608,31 @@ impl OutboxStore {
     /// heads. The lease lasts `lease`. Heads are taken in passes of a
     /// quarter of `limit` while they have versions after them
     /// ([`heads_first`], [`claim_in_passes!`]), so a backlog goes out in
-    /// chains from fewer aggregates.
+    /// chains from fewer aggregates; without `probe_depth`, all `limit`
+    /// heads are asked for at once.
     pub(crate) async fn claim(
         &self,
         claim: &str,
         limit: i64,
         per_aggregate: usize,
         lease: Duration,
+        probe_depth: bool,
     ) -> Result<Claim> {
         let Taken {
             heads,
             runs,
             followers,
-        } = self.database().claim(claim, limit, per_aggregate, lease).await?;
+            deep,
+        } = self
+            .database()
+            .claim(claim, limit, per_aggregate, lease, probe_depth)
+            .await?;
         let (chains, stranded) = chains(heads, &runs, followers);
-        Ok(Claim { chains, stranded })
+        Ok(Claim {
+            chains,
+            stranded,
+            deep,
+        })
     }
 
     /// Extends the lease of every row still held under `claim` whose lease
@@ -784,7 +810,14 @@ pub(crate) trait Database: Send + Sync {
     /// `room` heads with a pending row after them, by `event_version` then
     /// `seq`), in one transaction (`claim_followers!`; see
     /// [`OutboxStore::claim`]); rows in any order.
-    async fn claim(&self, claim: &str, limit: i64, per_aggregate: usize, lease: Duration) -> Result<Taken>;
+    async fn claim(
+        &self,
+        claim: &str,
+        limit: i64,
+        per_aggregate: usize,
+        lease: Duration,
+        probe_depth: bool,
+    ) -> Result<Taken>;
 
     /// Whether relay `relay` may run a round now. SQLite: only the holder of
     /// the database's relay lease (taken or renewed for `lease`); PostgreSQL:

@@ -31,7 +31,14 @@ impl Database for PgPool {
             .map_err(|e| Error::backend("outbox migration failed", e))
     }
 
-    async fn claim(&self, claim: &str, limit: i64, per_aggregate: usize, lease: Duration) -> Result<Taken> {
+    async fn claim(
+        &self,
+        claim: &str,
+        limit: i64,
+        per_aggregate: usize,
+        lease: Duration,
+        probe_depth: bool,
+    ) -> Result<Taken> {
         // The lock is taken inside the limited scan: rows another relay is
         // claiming are skipped and the LIMIT fills with later heads, so
         // concurrent relays take disjoint sets instead of colliding on the
@@ -79,7 +86,7 @@ impl Database for PgPool {
         };
         let taken = claim_in_passes!(tx, Dialect::Postgres, heads_waiting, find_followers,
             heads(after, ask) => heads(after, ask).fetch_all(&mut *tx).await.map_err(db("claim"))?,
-            claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
+            claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease, probe_depth: probe_depth);
         tx.commit().await.map_err(db("claim"))?;
         Ok(taken)
     }

@@ -39,7 +39,14 @@ impl Database for SqlitePool {
             .map_err(|e| Error::backend("outbox migration failed", e))
     }
 
-    async fn claim(&self, claim: &str, limit: i64, per_aggregate: usize, lease: Duration) -> Result<Taken> {
+    async fn claim(
+        &self,
+        claim: &str,
+        limit: i64,
+        per_aggregate: usize,
+        lease: Duration,
+        probe_depth: bool,
+    ) -> Result<Taken> {
         let sql = format!(
             "UPDATE outbox_events SET claimed_by = ?, lease_until = {NOW_US} + ? WHERE seq IN ({}) {}",
             super::heads_sql(NOW_US, ""),
@@ -56,7 +63,7 @@ impl Database for SqlitePool {
         };
         let taken = claim_in_passes!(tx, Dialect::Sqlite, heads_waiting, find_followers,
             heads(after, ask) => heads(after, ask).fetch_all(&mut *tx).await.map_err(db("claim"))?,
-            claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease);
+            claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease, probe_depth: probe_depth);
         tx.commit().await.map_err(db("claim"))?;
         Ok(taken)
     }
