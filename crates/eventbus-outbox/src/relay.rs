@@ -22,7 +22,12 @@ pub struct RelayConfig {
     pub batch_size: i64,
     /// Most rows of one aggregate a round claims (count; 0 counts as 1):
     /// its head, then, while the heads leave room in `batch_size`, up to
-    /// this many minus one versions after it. A round publishes each
+    /// this many minus one versions after it. With more than 1, a claim
+    /// over a deep backlog (two or more versions waiting after each head)
+    /// takes a quarter of `batch_size` in heads first and fills the room
+    /// with their versions, so fewer aggregates are in flight at once and
+    /// claims walk fewer held rows (3 relays on PostgreSQL: 30–40 % more
+    /// events/s, stop 37; see the README). A round publishes each
     /// aggregate's rows one after another, each only after its
     /// predecessor's ACK, and stops at the first that fails. With 1, one
     /// version per aggregate per round: an aggregate with many pending
@@ -138,7 +143,8 @@ fn now_ms() -> u64 {
 ///
 /// Each round claims the head row of each aggregate and, while the heads
 /// leave room in `batch_size`, the versions right after it
-/// (`versions_per_aggregate`); it publishes the aggregates in parallel and
+/// (`versions_per_aggregate`; over a deep backlog, heads for a quarter of
+/// the batch first, then their versions); it publishes the aggregates in parallel and
 /// each aggregate's rows one at a time, strictly in `event_version` order,
 /// each after its predecessor's ACK (at most one event per aggregate in
 /// flight), marks the confirmed ones published in one statement, and

@@ -283,8 +283,8 @@ pub(crate) struct Taken {
 /// Filling each round with one version of each of `limit` aggregates put
 /// most aggregates of a backlog in flight at once: with 3 relays × 2
 /// rounds of 500 over 2,500 aggregates with 20 versions each, claims
-/// walked most of the table, and the database spent 118–169 µs of CPU per
-/// event relayed, against 75–84 µs with a quarter (`eventbus outbox
+/// walked most of the table, and the database spent 113–149 µs of CPU per
+/// event relayed, against 66–76 µs with a quarter (`eventbus outbox
 /// bench`, PostgreSQL, stop 37). A round of a quarter of the heads and
 /// three versions after each carries the same rows.
 pub(crate) fn heads_first(limit: i64, per_aggregate: usize) -> i64 {
@@ -294,8 +294,8 @@ pub(crate) fn heads_first(limit: i64, per_aggregate: usize) -> i64 {
     }
 }
 
-/// How many followers a claim of `limit` rows that took `heads` heads may
-/// take: none when the heads fill it or one version per aggregate is asked
+/// How many followers a pass of a claim with `limit` rows of room that
+/// took `heads` heads may take: none when the heads fill it or one version per aggregate is asked
 /// for (0 counts as 1).
 pub(crate) fn follower_room(limit: i64, heads: usize, per_aggregate: usize) -> usize {
     match per_aggregate {
