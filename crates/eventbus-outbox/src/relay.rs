@@ -12,7 +12,7 @@ use eventbus_core::{
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::store::{Claim, OutboxRow, OutboxStore, Wakeups, now_us};
+use crate::store::{Ask, Claim, OutboxRow, OutboxStore, Wakeups, now_us};
 
 /// Relay settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -428,13 +428,13 @@ impl Relay {
         // Taken before the claim is sent: the lease the database gives
         // starts later, so the fence ends no later than the lease.
         let fence = Fence::new(lease);
-        let statement = self.store.claim(
-            &claim,
-            self.config.batch_size,
-            self.config.versions_per_aggregate.max(1),
+        let statement = self.store.claim(Ask {
+            claim: &claim,
+            limit: self.config.batch_size,
+            per_aggregate: self.config.versions_per_aggregate.max(1),
             lease,
-            depth.probe(),
-        );
+            probe_depth: depth.probe(),
+        });
         let claimed = match tokio::time::timeout(lease, self.within_grace(lane, "claim", statement)).await {
             Ok(claimed) => claimed,
             Err(_) => Err(eventbus_core::Error::timeout(format!(

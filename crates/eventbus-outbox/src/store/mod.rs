@@ -259,6 +259,21 @@ pub(crate) struct Claim {
     pub(crate) deep: Option<bool>,
 }
 
+/// What one claim asks for (see [`OutboxStore::claim`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ask<'a> {
+    /// The claim token (unique to one relay round).
+    pub(crate) claim: &'a str,
+    /// Most rows (count).
+    pub(crate) limit: i64,
+    /// Most rows of one aggregate (count).
+    pub(crate) per_aggregate: usize,
+    /// How long the rows stay held.
+    pub(crate) lease: Duration,
+    /// Whether the claim looks at the backlog's depth ([`heads_first`]).
+    pub(crate) probe_depth: bool,
+}
+
 /// What [`Database::claim`] took: the heads, the followers it asked for
 /// (per aggregate) and those it got.
 #[derive(Debug, Default)]
@@ -598,35 +613,27 @@ impl OutboxStore {
         self.database().migrate().await
     }
 
-    /// Claims up to `limit` due rows under `claim` (a token unique to one
-    /// relay round), as chains, oldest head first. A chain is the head
+    /// Claims, as `ask` says ([`Ask`]), up to `limit` due rows under
+    /// `claim` (a token unique to one relay round), as chains, oldest head
+    /// first. A chain is the head
     /// (lowest pending `event_version`, with no live lease on the database
     /// clock) of an aggregate, then, while the heads leave room below
     /// `limit`, up to `per_aggregate - 1` pending versions right after it,
     /// each due and held by no live lease. The followers cannot be claimed
     /// by another relay meanwhile: while the head is pending they are no
-    /// heads. The lease lasts `lease`. Heads are taken in passes of a
-    /// quarter of `limit` while they have versions after them
-    /// ([`heads_first`], [`claim_in_passes!`]), so a backlog goes out in
-    /// chains from fewer aggregates; without `probe_depth`, all `limit`
-    /// heads are asked for at once.
-    pub(crate) async fn claim(
-        &self,
-        claim: &str,
-        limit: i64,
-        per_aggregate: usize,
-        lease: Duration,
-        probe_depth: bool,
-    ) -> Result<Claim> {
+    /// heads. The lease lasts `lease`. Over a deep backlog (two or more
+    /// versions after each head), heads are taken in passes of a quarter
+    /// of `limit`, each followed by their versions ([`heads_first`],
+    /// [`claim_in_passes!`]), so it goes out in chains from fewer
+    /// aggregates; without `probe_depth`, all `limit` heads are asked for
+    /// at once.
+    pub(crate) async fn claim(&self, ask: Ask<'_>) -> Result<Claim> {
         let Taken {
             heads,
             runs,
             followers,
             deep,
-        } = self
-            .database()
-            .claim(claim, limit, per_aggregate, lease, probe_depth)
-            .await?;
+        } = self.database().claim(ask).await?;
         let (chains, stranded) = chains(heads, &runs, followers);
         Ok(Claim {
             chains,
@@ -810,14 +817,7 @@ pub(crate) trait Database: Send + Sync {
     /// `room` heads with a pending row after them, by `event_version` then
     /// `seq`), in one transaction (`claim_followers!`; see
     /// [`OutboxStore::claim`]); rows in any order.
-    async fn claim(
-        &self,
-        claim: &str,
-        limit: i64,
-        per_aggregate: usize,
-        lease: Duration,
-        probe_depth: bool,
-    ) -> Result<Taken>;
+    async fn claim(&self, ask: Ask<'_>) -> Result<Taken>;
 
     /// Whether relay `relay` may run a round now. SQLite: only the holder of
     /// the database's relay lease (taken or renewed for `lease`); PostgreSQL:

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use eventbus_core::{Error, Result};
 use sqlx::postgres::{PgListener, PgPool, PgPoolOptions};
 
-use super::{Claimed, Database, Dialect, Follower, Taken, db};
+use super::{Ask, Claimed, Database, Dialect, Follower, Taken, db};
 
 /// The database's clock in µs since the Unix epoch.
 pub(super) const NOW_US: &str = "(EXTRACT(EPOCH FROM clock_timestamp()) * 1000000)::BIGINT";
@@ -31,14 +31,14 @@ impl Database for PgPool {
             .map_err(|e| Error::backend("outbox migration failed", e))
     }
 
-    async fn claim(
-        &self,
-        claim: &str,
-        limit: i64,
-        per_aggregate: usize,
-        lease: Duration,
-        probe_depth: bool,
-    ) -> Result<Taken> {
+    async fn claim(&self, ask: Ask<'_>) -> Result<Taken> {
+        let Ask {
+            claim,
+            limit,
+            per_aggregate,
+            lease,
+            probe_depth,
+        } = ask;
         // The lock is taken inside the limited scan: rows another relay is
         // claiming are skipped and the LIMIT fills with later heads, so
         // concurrent relays take disjoint sets instead of colliding on the

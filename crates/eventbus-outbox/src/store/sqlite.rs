@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use eventbus_core::{Error, Result};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 
-use super::{Claimed, Database, Dialect, Follower, Taken, Wakeups, db};
+use super::{Ask, Claimed, Database, Dialect, Follower, Taken, Wakeups, db};
 
 /// Name of the lease a SQLite relay holds (one relay per SQLite database).
 const RELAY_LEASE: &str = "sqlite-relay";
@@ -39,14 +39,14 @@ impl Database for SqlitePool {
             .map_err(|e| Error::backend("outbox migration failed", e))
     }
 
-    async fn claim(
-        &self,
-        claim: &str,
-        limit: i64,
-        per_aggregate: usize,
-        lease: Duration,
-        probe_depth: bool,
-    ) -> Result<Taken> {
+    async fn claim(&self, ask: Ask<'_>) -> Result<Taken> {
+        let Ask {
+            claim,
+            limit,
+            per_aggregate,
+            lease,
+            probe_depth,
+        } = ask;
         let sql = format!(
             "UPDATE outbox_events SET claimed_by = ?, lease_until = {NOW_US} + ? WHERE seq IN ({}) {}",
             super::heads_sql(NOW_US, ""),
