@@ -22,11 +22,12 @@ pub struct RelayConfig {
     pub batch_size: i64,
     /// Most rows of one aggregate a round claims (count; 0 counts as 1):
     /// its head, then, while the heads leave room in `batch_size`, up to
-    /// this many minus one versions after it. With more than 1, a claim
-    /// over a deep backlog (two or more versions waiting after each head)
+    /// this many minus one versions after it. With 3 or more, a claim
+    /// over a deep backlog (two or more versions waiting per head, on
+    /// average)
     /// takes a quarter of `batch_size` in heads first and fills the room
     /// with their versions, so fewer aggregates are in flight at once and
-    /// claims walk fewer held rows (3 relays on PostgreSQL: 30–40 % more
+    /// claims walk fewer held rows (3 relays on PostgreSQL: 25–48 % more
     /// events/s, stop 37; see the README). A round publishes each
     /// aggregate's rows one after another, each only after its
     /// predecessor's ACK, and stops at the first that fails. With 1, one
@@ -462,6 +463,17 @@ impl Relay {
             }
         };
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
+        if chains.is_empty() && stranded > 0 {
+            // Every row held is in no chain (an aggregate with two heads in
+            // the claim): give them back now, not after the lease.
+            if let Err(e) = self
+                .persist(lane, "release claim", || self.store.release(&claim))
+                .await
+            {
+                tracing::warn!(error = %e, "releasing a claim with no chain failed: its rows wait for their lease");
+            }
+            return Ok(None);
+        }
         Ok((!chains.is_empty()).then_some(Round {
             claim,
             chains,

@@ -253,7 +253,8 @@ pub(crate) struct Claim {
     /// versions after it, in order.
     pub(crate) chains: Vec<Vec<OutboxRow>>,
     /// Rows the claim holds that are in no chain (a follower after one it
-    /// could not take): the round releases them unpublished.
+    /// could not take, every row of an aggregate with two heads in the
+    /// claim): the round releases them unpublished.
     pub(crate) stranded: usize,
     /// What the claim saw of the backlog's depth ([`Taken::deep`]).
     pub(crate) deep: Option<bool>,
@@ -282,15 +283,16 @@ pub(crate) struct Taken {
     pub(crate) runs: Runs,
     pub(crate) followers: Vec<Claimed>,
     /// Whether the heads of a pass that asked for fewer than all the room
-    /// had at least two followers each (deep backlog); `None` when no
-    /// pass looked.
+    /// had at least two followers each on average (deep backlog); `None`
+    /// when no pass looked.
     pub(crate) deep: Option<bool>,
 }
 
 /// How many heads a pass of a claim of `limit` rows asks for while the
 /// heads it finds have versions after them ([`claim_in_passes!`]): a
-/// quarter of `limit` (at least 1) when versions after the heads are
-/// asked for (`per_aggregate` > 1), else all `limit`.
+/// quarter of `limit` (at least 1) when two or more versions after each
+/// head may be asked for (`per_aggregate` ≥ 3: a pass takes followers
+/// only then, see [`claim_in_passes!`]), else all `limit`.
 ///
 /// Why not all `limit` at once: a claim walks the pending rows oldest
 /// first, and fetches and skips every row of an aggregate in flight (its
@@ -298,13 +300,13 @@ pub(crate) struct Taken {
 /// Filling each round with one version of each of `limit` aggregates put
 /// most aggregates of a backlog in flight at once: with 3 relays × 2
 /// rounds of 500 over 2,500 aggregates with 20 versions each, claims
-/// walked most of the table, and the database spent 113–149 µs of CPU per
+/// walked most of the table, and the database spent 113–127 µs of CPU per
 /// event relayed, against 66–76 µs with a quarter (`eventbus outbox
 /// bench`, PostgreSQL, stop 37). A round of a quarter of the heads and
 /// three versions after each carries the same rows.
 pub(crate) fn heads_first(limit: i64, per_aggregate: usize) -> i64 {
     match per_aggregate {
-        0 | 1 => limit,
+        0..=2 => limit,
         _ => (limit / 4).max(1),
     }
 }
