@@ -24,11 +24,10 @@ pub struct RelayConfig {
     /// its head, then, while the heads leave room in `batch_size`, up to
     /// this many minus one versions after it. With 3 or more, a claim
     /// over a deep backlog (two or more versions waiting per head, on
-    /// average)
-    /// takes a quarter of `batch_size` in heads first and fills the room
-    /// with their versions, so fewer aggregates are in flight at once and
-    /// claims walk fewer held rows (3 relays on PostgreSQL: 25–48 % more
-    /// events/s, stop 37; see the README). A round publishes each
+    /// average) takes a quarter of `batch_size` in heads first and fills
+    /// the room with their versions, so fewer aggregates are in flight at
+    /// once and claims walk fewer held rows (3 relays on PostgreSQL:
+    /// 25–48 % more events/s, stop 37; see the README). A round publishes each
     /// aggregate's rows one after another, each only after its
     /// predecessor's ACK, and stops at the first that fails. With 1, one
     /// version per aggregate per round: an aggregate with many pending
@@ -145,10 +144,10 @@ fn now_ms() -> u64 {
 /// Each round claims the head row of each aggregate and, while the heads
 /// leave room in `batch_size`, the versions right after it
 /// (`versions_per_aggregate`; over a deep backlog, heads for a quarter of
-/// the batch first, then their versions); it publishes the aggregates in parallel and
-/// each aggregate's rows one at a time, strictly in `event_version` order,
-/// each after its predecessor's ACK (at most one event per aggregate in
-/// flight), marks the confirmed ones published in one statement, and
+/// the batch first, then their versions); it publishes the aggregates in
+/// parallel and each aggregate's rows one at a time, strictly in
+/// `event_version` order, each after its predecessor's ACK (at most one
+/// event per aggregate in flight), marks the confirmed ones published in one statement, and
 /// reschedules failures with backoff; after `backoff.max_attempts` a row is
 /// dead-lettered and its aggregate moves on. A failed row blocks its
 /// aggregate's later rows until then: the round publishes none after it.
