@@ -462,18 +462,9 @@ impl Relay {
             }
         };
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
-        if chains.is_empty() && stranded > 0 {
-            // Every row held is in no chain (an aggregate with two heads in
-            // the claim): give them back now, not after the lease.
-            if let Err(e) = self
-                .persist(lane, "release claim", || self.store.release(&claim))
-                .await
-            {
-                tracing::warn!(error = %e, "releasing a claim with no chain failed: its rows wait for their lease");
-            }
-            return Ok(None);
-        }
-        Ok((!chains.is_empty()).then_some(Round {
+        // A claim holding rows in no chain only (an aggregate with two
+        // heads in it) is a round too: finishing it releases them.
+        Ok((!chains.is_empty() || stranded > 0).then_some(Round {
             claim,
             chains,
             stranded,

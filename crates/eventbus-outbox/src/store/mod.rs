@@ -312,8 +312,8 @@ pub(crate) fn heads_first(limit: i64, per_aggregate: usize) -> i64 {
 }
 
 /// How many followers a pass of a claim with `limit` rows of room that
-/// took `heads` heads may take: none when the heads fill it or one version per aggregate is asked
-/// for (0 counts as 1).
+/// took `heads` heads may take: none when the heads fill it or one version
+/// per aggregate is asked for (0 counts as 1).
 pub(crate) fn follower_room(limit: i64, heads: usize, per_aggregate: usize) -> usize {
     match per_aggregate {
         0 | 1 => 0,
@@ -508,14 +508,11 @@ pub(crate) fn pick_followers(mut found: Vec<Follower>, room: usize, per_aggregat
 fn chains(mut heads: Vec<Claimed>, runs: &Runs, followers: Vec<Claimed>) -> (Vec<Vec<OutboxRow>>, usize) {
     let mut claimed: std::collections::HashMap<i64, OutboxRow> =
         followers.into_iter().map(|c| (c.seq, c.row)).collect();
-    let mut heads_of: std::collections::HashMap<&str, usize> = std::collections::HashMap::new();
-    for head in &heads {
-        *heads_of.entry(head.row.aggregate_id.as_str()).or_default() += 1;
-    }
-    let twice: std::collections::HashSet<String> = heads_of
-        .into_iter()
-        .filter(|(_, n)| *n > 1)
-        .map(|(aggregate, _)| aggregate.to_owned())
+    let mut seen = std::collections::HashSet::new();
+    let twice: std::collections::HashSet<String> = heads
+        .iter()
+        .filter(|h| !seen.insert(h.row.aggregate_id.as_str()))
+        .map(|h| h.row.aggregate_id.clone())
         .collect();
     let before = heads.len();
     heads.retain(|h| !twice.contains(&h.row.aggregate_id));

@@ -32,13 +32,6 @@ impl Database for PgPool {
     }
 
     async fn claim(&self, ask: Ask<'_>) -> Result<Taken> {
-        let Ask {
-            claim,
-            limit,
-            per_aggregate,
-            lease,
-            probe_depth,
-        } = ask;
         // The lock is taken inside the limited scan: rows another relay is
         // claiming are skipped and the LIMIT fills with later heads, so
         // concurrent relays take disjoint sets instead of colliding on the
@@ -81,12 +74,12 @@ impl Database for PgPool {
                 .bind(super::now_us())
                 .bind(after)
                 .bind(limit)
-                .bind(claim)
-                .bind(lease.as_micros() as i64)
+                .bind(ask.claim)
+                .bind(ask.lease.as_micros() as i64)
         };
         let taken = claim_in_passes!(tx, Dialect::Postgres, heads_waiting, find_followers,
-            heads(after, ask) => heads(after, ask).fetch_all(&mut *tx).await.map_err(db("claim"))?,
-            claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease, probe_depth: probe_depth);
+            heads(after, count) => heads(after, count).fetch_all(&mut *tx).await.map_err(db("claim"))?,
+            claim: ask.claim, limit: ask.limit, per_aggregate: ask.per_aggregate, lease: ask.lease, probe_depth: ask.probe_depth);
         tx.commit().await.map_err(db("claim"))?;
         Ok(taken)
     }

@@ -40,13 +40,6 @@ impl Database for SqlitePool {
     }
 
     async fn claim(&self, ask: Ask<'_>) -> Result<Taken> {
-        let Ask {
-            claim,
-            limit,
-            per_aggregate,
-            lease,
-            probe_depth,
-        } = ask;
         let sql = format!(
             "UPDATE outbox_events SET claimed_by = ?, lease_until = {NOW_US} + ? WHERE seq IN ({}) {}",
             super::heads_sql(NOW_US, ""),
@@ -55,15 +48,15 @@ impl Database for SqlitePool {
         let mut tx = self.begin().await.map_err(db("claim"))?;
         let heads = |after: i64, limit: i64| {
             sqlx::query_as::<_, Claimed>(&sql)
-                .bind(claim)
-                .bind(lease.as_micros() as i64)
+                .bind(ask.claim)
+                .bind(ask.lease.as_micros() as i64)
                 .bind(super::now_us())
                 .bind(after)
                 .bind(limit)
         };
         let taken = claim_in_passes!(tx, Dialect::Sqlite, heads_waiting, find_followers,
-            heads(after, ask) => heads(after, ask).fetch_all(&mut *tx).await.map_err(db("claim"))?,
-            claim: claim, limit: limit, per_aggregate: per_aggregate, lease: lease, probe_depth: probe_depth);
+            heads(after, count) => heads(after, count).fetch_all(&mut *tx).await.map_err(db("claim"))?,
+            claim: ask.claim, limit: ask.limit, per_aggregate: ask.per_aggregate, lease: ask.lease, probe_depth: ask.probe_depth);
         tx.commit().await.map_err(db("claim"))?;
         Ok(taken)
     }
