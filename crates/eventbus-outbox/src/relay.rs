@@ -1,7 +1,7 @@
 //! [`Relay`]: publishes claimed outbox rows through any backend, in
 //! per-aggregate order, and records their ACKs.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -63,7 +63,26 @@ pub struct RelayConfig {
     /// being marked `dead_lettered` in the table. Default
     /// [`Disabled`](DeadLetterPolicy::Disabled): the table only.
     pub dead_letter: DeadLetterPolicy,
-    /// Published rows are deleted after this long, in ms. Default 24 h.
+    /// Published rows are deleted after this long, in ms (by the cleanup
+    /// every `cleanup_interval_ms`). Default 24 h (the Go SDK's).
+    ///
+    /// 0 deletes each row in the statement that would mark it published:
+    /// the cheapest way for the database. A mark writes a new version of
+    /// the row and an entry in each of the four indexes that keep
+    /// published rows (it changes the status, which the pending indexes'
+    /// predicate reads, so PostgreSQL cannot make it heap-only); a delete
+    /// writes neither. Measured on PostgreSQL: 0.32 against 2.13 ms for 80
+    /// rows; in the outbox bench the database's CPU per event fell from
+    /// 54–66 to 25–32 µs, and one relay publishing to NATS went from
+    /// 10,115–11,859 to 16,784–16,828 events/s (see the README).
+    ///
+    /// What 0 gives up: an event id or idempotency key is forgotten once
+    /// its row is published, so appending it again publishes it again
+    /// (with 24 h it is skipped within the day), and no published row is
+    /// left to look at (`outbox status` counts none). A delete retried
+    /// after an error cannot tell rows an earlier attempt deleted (its
+    /// answer lost) from rows another relay took over and deleted: it
+    /// counts them in `published`, not in `lost_claims`.
     pub retention_ms: u64,
     /// How often cleanup runs, in ms. Default 60,000.
     pub cleanup_interval_ms: u64,
@@ -570,23 +589,49 @@ impl Relay {
                     }
                 }
             }
+            // `retention_ms = 0`: the mark deletes the rows (see RelayConfig).
+            let delete = self.config.retention_ms == 0;
+            let attempts = AtomicU32::new(0);
             let marked = self
                 .persist_in_turn(lane, turn, "mark published", || {
-                    self.store.mark_published(&claim, &published)
+                    attempts.fetch_add(1, Ordering::Relaxed);
+                    async {
+                        if delete {
+                            self.store.delete_published(&claim, &published).await
+                        } else {
+                            self.store.mark_published(&claim, &published).await
+                        }
+                    }
                 })
                 .await?;
-            let mut ours = marked;
-            if ours < published.len() as u64 {
+            let all = published.len() as u64;
+            let ours = if marked == all {
+                marked
+            } else if !delete {
                 // A retried mark finds rows an earlier attempt marked
                 // before its answer was lost: ours, not another relay's.
-                ours = self
-                    .persist_in_turn(lane, turn, "count published", || {
-                        self.store.count_published(&claim, &published)
+                self.persist_in_turn(lane, turn, "count published", || {
+                    self.store.count_published(&claim, &published)
+                })
+                .await?
+            } else if attempts.load(Ordering::Relaxed) > 1 {
+                // A retried delete does not find the rows an earlier
+                // attempt deleted before its answer was lost. Those still
+                // in the table are another relay's now; the rest count as
+                // ours (another relay may have deleted some: no way to tell).
+                let present = self
+                    .persist_in_turn(lane, turn, "count present", || {
+                        self.store.count_present(&published)
                     })
                     .await?;
-            }
+                all - present.min(all)
+            } else {
+                // Answered on its first attempt: the rows it missed are
+                // another relay's.
+                marked
+            };
             self.count_published(ours);
-            let lost = published.len() as u64 - ours;
+            let lost = all - ours;
             if lost > 0 {
                 self.lost_claims(lost);
             }

@@ -66,6 +66,9 @@ macro_rules! outbox_store_tests {
             a_backlog_goes_out_in_chains_from_a_quarter_of_the_batchs_aggregates,
             a_stuck_lane_shows_in_the_relay_liveness,
             a_mark_refused_by_the_database_is_retried_not_left_for_the_lease,
+            with_no_retention_a_round_deletes_what_it_published_in_order,
+            with_no_retention_a_refused_delete_is_retried_not_left_for_the_lease,
+            with_no_retention_a_relay_frozen_past_its_lease_deletes_nothing_of_anothers,
             the_inbox_layer_gives_one_effect_per_event_and_handler,
             append_all_writes_the_rows_append_writes_in_one_statement,
         );
@@ -348,6 +351,66 @@ fn the_relay_keeps_per_aggregate_order_and_dead_letters_a_poison_event(
     })
 }
 
+/// `retention_ms = 0`: each round deletes the rows it published instead
+/// of marking them. Order holds as with marks (a deleted row is no longer
+/// pending, so its successor becomes the head), the poisoned row stays as
+/// dead-lettered, no published row is left, and an event id is forgotten
+/// once published: appended again, it goes out again (the trade-off
+/// RelayConfig::retention_ms documents).
+fn with_no_retention_a_round_deletes_what_it_published_in_order(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let store = store(f).await;
+        let bus = EventBus::memory();
+        let (_sub, checker, poisoned) = recorder(&bus, "orders").await;
+        let events: Vec<Envelope> = (1..=20)
+            .flat_map(|v| (0..25).map(move |a| envelope(&format!("a-{a}"), v)))
+            .collect();
+        business_write(&store, "bulk", &events, true).await;
+        let poison = envelope("poisoned", 1);
+        let json = String::from_utf8(poison.encode().unwrap().to_vec()).unwrap();
+        insert_raw(&store, &poison.event_id, "poisoned", 1, "bad topic", &json).await;
+        business_write(&store, "after-poison", &[envelope("poisoned", 2)], true).await;
+
+        let relay = Relay::new(
+            store.clone(),
+            bus.clone(),
+            RelayConfig {
+                retention_ms: 0,
+                ..fast()
+            },
+        );
+        let stats = relay.stats();
+        let (shutdown, running) = run_relay(relay);
+        let all = eventually(Duration::from_secs(60), || {
+            checker.report().received == 500 && poisoned.load(Ordering::SeqCst) == 1
+        })
+        .await;
+        let report = checker.report();
+        assert!(all, "{report}");
+        assert!(report.is_strictly_ordered() && report.duplicates == 0, "{report}");
+        let counts = store.status().await.unwrap().counts;
+        assert_eq!(
+            counts,
+            [("dead_lettered".to_owned(), 1)].into(),
+            "published rows were kept, or rows were left pending"
+        );
+        assert_eq!(stats.published.load(Ordering::SeqCst), 501);
+        assert_eq!(stats.lost_claims.load(Ordering::SeqCst), 0);
+        // Forgotten once published: the same event appended again goes out
+        // again (the consumer's event-id memory then drops it).
+        let again = business_write(&store, "again", &events[..1], true).await;
+        assert_eq!(again, [true], "a published event id was still remembered");
+        let republished = eventually(Duration::from_secs(30), || {
+            stats.published.load(Ordering::SeqCst) == 502
+        })
+        .await;
+        shutdown.cancel();
+        running.await.unwrap().unwrap();
+        assert!(republished, "the event appended again was not published");
+        assert!(store.status().await.unwrap().counts.get("pending").is_none());
+    })
+}
+
 fn cleanup_removes_only_published_rows_past_retention(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
     Box::pin(async move {
         let store = store(f).await;
@@ -578,8 +641,35 @@ impl Backend for StallFirstAck {
 /// its stale claim must not put v1 back to pending (which re-sent v1 after
 /// v2: the consumer saw 1, 1, 2, 1).
 fn a_relay_whose_claim_expired_never_undoes_another_relays_work(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
-    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenLose, 2, 32, false))
+    Box::pin(claim_expired_while_frozen(
+        f,
+        Stall::FreezeThenLose,
+        2,
+        32,
+        false,
+        KEEP,
+    ))
 }
+
+/// As [`a_relay_frozen_past_its_lease_publishes_no_more_on_waking`], with
+/// `retention_ms = 0`: relay B deletes what it publishes, and A's delete of
+/// v1 on waking (answered, finding nothing under its claim) counts v1 as a
+/// lost claim, not as published by A.
+fn with_no_retention_a_relay_frozen_past_its_lease_deletes_nothing_of_anothers(
+    f: &dyn StoreFactory,
+) -> BoxFuture<'_, ()> {
+    Box::pin(claim_expired_while_frozen(
+        f,
+        Stall::FreezeThenConfirm,
+        3,
+        2,
+        false,
+        0,
+    ))
+}
+
+/// `retention_ms` of the cases that keep published rows (the default).
+const KEEP: u64 = 24 * 3_600_000;
 
 /// Relay A claims v1..v3, publishes v1 and is frozen past its lease before
 /// the ACK comes; relay B takes the rows over (v1 and v2 in one round, v3
@@ -595,6 +685,7 @@ fn a_relay_frozen_past_its_lease_publishes_no_more_on_waking(f: &dyn StoreFactor
         3,
         2,
         false,
+        KEEP,
     ))
 }
 
@@ -603,22 +694,31 @@ fn a_relay_frozen_past_its_lease_publishes_no_more_on_waking(f: &dyn StoreFactor
 /// waking: it would be both published and in the dead-letter topic, and a
 /// replay of the dead letter would send it again after later versions.
 fn a_relay_frozen_past_its_lease_dead_letters_nothing_on_waking(f: &dyn StoreFactory) -> BoxFuture<'_, ()> {
-    Box::pin(claim_expired_while_frozen(f, Stall::FreezeThenLose, 1, 32, true))
+    Box::pin(claim_expired_while_frozen(
+        f,
+        Stall::FreezeThenLose,
+        1,
+        32,
+        true,
+        KEEP,
+    ))
 }
 
 /// Relay A's first ACK is held `how` for 800 ms, far past its 100 ms
 /// lease, while relay B (taking up to `b_versions` per aggregate and
 /// round) relays `versions` versions of one aggregate; with
 /// `last_attempt`, each row has one attempt and failures go to
-/// `orders.dlq`. A publishes only v1 (before it froze), discards its
-/// result, and changes no row; every version but v1 reaches the broker
-/// once, in order, and nothing is dead-lettered.
+/// `orders.dlq`; both keep published rows `retention_ms`. A publishes
+/// only v1 (before it froze), discards its result, and changes no row;
+/// every version but v1 reaches the broker once, in order, and nothing is
+/// dead-lettered.
 async fn claim_expired_while_frozen(
     f: &dyn StoreFactory,
     how: Stall,
     versions: i64,
     b_versions: usize,
     last_attempt: bool,
+    retention_ms: u64,
 ) {
     let (store, backend, bus, sub, checker) = relayed(f, BusConfig::default()).await;
     // Every delivery, repeats included (no event-id memory).
@@ -639,6 +739,7 @@ async fn claim_expired_while_frozen(
     business_write(&store, "lease", &events, true).await;
     let mut config = RelayConfig {
         lease_ms: 100,
+        retention_ms,
         ..fast()
     };
     if last_attempt {
@@ -701,7 +802,11 @@ async fn claim_expired_while_frozen(
         relay_b.run_once().await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let want: Vec<(i64, String)> = (1..=versions).map(|v| (v, "published".into())).collect();
+    // Deleted as published (`retention_ms = 0`), else all marked.
+    let want: Vec<(i64, String)> = match retention_ms {
+        0 => Vec::new(),
+        _ => (1..=versions).map(|v| (v, "published".into())).collect(),
+    };
     assert_eq!(statuses(&store).await, want, "a stale claim changed a row");
     assert!(
         eventually(Duration::from_secs(5), || checker.report().received
@@ -857,8 +962,9 @@ async fn execute(store: &OutboxStore, statements: &[&str]) {
     }
 }
 
-/// The database refuses to mark rows published (a trigger stands in for an
-/// outage between the ACK and the mark) while `outbox_fault.on_mark` is 1.
+/// The database refuses to mark rows published or delete them (triggers
+/// stand in for an outage between the ACK and the mark) while
+/// `outbox_fault.on_mark` is 1.
 async fn refuse_marks(store: &OutboxStore) {
     let table = [
         "CREATE TABLE outbox_fault (on_mark INTEGER NOT NULL)",
@@ -873,6 +979,9 @@ async fn refuse_marks(store: &OutboxStore) {
                     "CREATE TRIGGER outbox_fault_mark BEFORE UPDATE OF status ON outbox_events \
                    WHEN NEW.status = 'published' AND (SELECT on_mark FROM outbox_fault) = 1 \
                    BEGIN SELECT RAISE(ABORT, 'injected: mark refused'); END",
+                    "CREATE TRIGGER outbox_fault_delete BEFORE DELETE ON outbox_events \
+                   WHEN (SELECT on_mark FROM outbox_fault) = 1 \
+                   BEGIN SELECT RAISE(ABORT, 'injected: delete refused'); END",
                 ],
             )
             .await;
@@ -886,6 +995,11 @@ async fn refuse_marks(store: &OutboxStore) {
                      THEN RAISE EXCEPTION 'injected: mark refused'; END IF; RETURN NEW; END $$",
                     "CREATE TRIGGER outbox_fault_mark BEFORE UPDATE ON outbox_events \
                      FOR EACH ROW EXECUTE FUNCTION outbox_fault_mark()",
+                    "CREATE FUNCTION outbox_fault_delete() RETURNS trigger LANGUAGE plpgsql AS $$ \
+                     BEGIN IF (SELECT on_mark FROM outbox_fault) = 1 \
+                     THEN RAISE EXCEPTION 'injected: delete refused'; END IF; RETURN OLD; END $$",
+                    "CREATE TRIGGER outbox_fault_delete BEFORE DELETE ON outbox_events \
+                     FOR EACH ROW EXECUTE FUNCTION outbox_fault_delete()",
                 ],
             )
             .await;
@@ -902,41 +1016,58 @@ async fn refuse_marks(store: &OutboxStore) {
 fn a_mark_refused_by_the_database_is_retried_not_left_for_the_lease(
     f: &dyn StoreFactory,
 ) -> BoxFuture<'_, ()> {
-    Box::pin(async move {
-        let (store, _backend, bus, _sub, checker) = relayed(f, BusConfig::default()).await;
-        refuse_marks(&store).await;
-        business_write(&store, "mark", &[envelope("mark", 1), envelope("mark", 2)], true).await;
-        let relay = Relay::new(
-            store.clone(),
-            bus.clone(),
-            RelayConfig {
-                lease_ms: 60_000,
-                // v1 alone in its round: v2 needs v1's mark to be claimed.
-                versions_per_aggregate: 1,
-                ..fast()
-            },
-        );
-        let stats = relay.stats();
-        let (shutdown, running) = run_relay(relay);
-        assert!(
-            eventually(Duration::from_secs(10), || checker.report().received >= 1).await,
-            "v1 was never published"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await; // marks refused meanwhile
-        assert_eq!(checker.report().received, 1, "v2 went out before v1 was marked");
-        execute(&store, &["UPDATE outbox_fault SET on_mark = 0"]).await;
-        let both = eventually(Duration::from_secs(10), || checker.report().received >= 2).await;
-        let report = checker.report();
-        shutdown.cancel();
-        running.await.unwrap().unwrap();
-        assert!(both, "v2 waited for v1's lease: {report:?}");
-        assert!(report.is_strictly_ordered(), "{report}");
-        assert_eq!(report.duplicates, 0, "v1 was published again: {report:?}");
-        assert_eq!(stats.published.load(Ordering::SeqCst), 2);
-        assert_eq!(stats.lost_claims.load(Ordering::SeqCst), 0);
-        let published = store.status().await.unwrap().counts.get("published").copied();
-        assert_eq!(published, Some(2));
-    })
+    Box::pin(mark_refused_then_taken(f, RelayConfig::default().retention_ms))
+}
+
+/// As [`a_mark_refused_by_the_database_is_retried_not_left_for_the_lease`],
+/// with `retention_ms = 0`: the mark is a delete, refused, then retried.
+fn with_no_retention_a_refused_delete_is_retried_not_left_for_the_lease(
+    f: &dyn StoreFactory,
+) -> BoxFuture<'_, ()> {
+    Box::pin(mark_refused_then_taken(f, 0))
+}
+
+/// The marks of a relay keeping published rows `retention_ms` are refused
+/// for 500 ms after v1's ACK, then taken.
+async fn mark_refused_then_taken(f: &dyn StoreFactory, retention_ms: u64) {
+    let (store, _backend, bus, _sub, checker) = relayed(f, BusConfig::default()).await;
+    refuse_marks(&store).await;
+    business_write(&store, "mark", &[envelope("mark", 1), envelope("mark", 2)], true).await;
+    let relay = Relay::new(
+        store.clone(),
+        bus.clone(),
+        RelayConfig {
+            lease_ms: 60_000,
+            // v1 alone in its round: v2 needs v1's mark to be claimed.
+            versions_per_aggregate: 1,
+            retention_ms,
+            ..fast()
+        },
+    );
+    let stats = relay.stats();
+    let (shutdown, running) = run_relay(relay);
+    assert!(
+        eventually(Duration::from_secs(10), || checker.report().received >= 1).await,
+        "v1 was never published"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await; // marks refused meanwhile
+    assert_eq!(checker.report().received, 1, "v2 went out before v1 was marked");
+    execute(&store, &["UPDATE outbox_fault SET on_mark = 0"]).await;
+    let both = eventually(Duration::from_secs(10), || checker.report().received >= 2).await;
+    let report = checker.report();
+    shutdown.cancel();
+    running.await.unwrap().unwrap();
+    assert!(both, "v2 waited for v1's lease: {report:?}");
+    assert!(report.is_strictly_ordered(), "{report}");
+    assert_eq!(report.duplicates, 0, "v1 was published again: {report:?}");
+    assert_eq!(stats.published.load(Ordering::SeqCst), 2);
+    assert_eq!(stats.lost_claims.load(Ordering::SeqCst), 0);
+    let counts = store.status().await.unwrap().counts;
+    if retention_ms == 0 {
+        assert!(counts.is_empty(), "published rows were kept: {counts:?}");
+    } else {
+        assert_eq!(counts.get("published"), Some(&2), "{counts:?}");
+    }
 }
 
 /// A round claims at most `batch_size` rows, however the database plans the

@@ -72,6 +72,12 @@ pub(crate) struct BenchArgs {
     /// relay's own default is 500; PostgreSQL relays also wake on inserts).
     #[arg(long, default_value_t = 5)]
     poll_interval_ms: u64,
+    /// How long published rows are kept, in ms, in the saturation runs;
+    /// default `RelayConfig`'s (24 h). 0 deletes each row as it is
+    /// published. The latency run always keeps them: it reads their
+    /// `published_at`.
+    #[arg(long)]
+    retention_ms: Option<u64>,
 }
 
 pub(crate) async fn run(args: BenchArgs) -> Result<()> {
@@ -110,6 +116,10 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if let Some(n) = args.versions_per_aggregate {
         relay_config.versions_per_aggregate = n;
     }
+    let latency_config = relay_config.clone();
+    if let Some(ms) = args.retention_ms {
+        relay_config.retention_ms = ms;
+    }
     // The throwaway cluster's postmaster: its CPU (and its children's) per phase.
     let cluster = _pg.as_ref().and_then(|pg| pg.process().pid());
     let mut failed = Vec::new();
@@ -128,12 +138,17 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         let topic = phase.topic.clone();
         let report = phase.finish(args.events, args.backend).await?;
         println!(
-            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight, up to {} versions per aggregate: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy{cpu}, topic {}); order: {report}",
+            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight, up to {} versions per aggregate, {}: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy{cpu}, topic {}); order: {report}",
             args.events,
             (args.events / args.per_aggregate.max(1)).max(1),
             args.backend,
             relay_config.rounds_in_flight,
             relay_config.versions_per_aggregate,
+            if relay_config.retention_ms == 0 {
+                "rows deleted as published".to_owned()
+            } else {
+                format!("rows kept {} ms", relay_config.retention_ms)
+            },
             args.events as f64 / elapsed.as_secs_f64(),
             elapsed.as_secs_f64(),
             topic,
@@ -146,7 +161,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
     if args.rate > 0 {
         let events = (args.rate * args.rate_secs) as usize;
         let mut phase = Phase::start(&target, &url, 1, true).await?;
-        phase.relay(&relay_config);
+        phase.relay(&latency_config);
         let started = Instant::now();
         insert(&writer, &phase.topic, events, args.per_aggregate, Some(args.rate)).await?;
         let inserted = started.elapsed();
