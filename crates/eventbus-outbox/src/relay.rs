@@ -76,13 +76,21 @@ pub struct RelayConfig {
     /// 54–66 to 25–32 µs, and one relay publishing to NATS went from
     /// 10,115–11,859 to 16,784–16,828 events/s (see the README).
     ///
-    /// What 0 gives up: an event id or idempotency key is forgotten once
-    /// its row is published, so appending it again publishes it again
-    /// (with 24 h it is skipped within the day), and no published row is
-    /// left to look at (`outbox status` counts none). A delete retried
-    /// after an error cannot tell rows an earlier attempt deleted (its
-    /// answer lost) from rows another relay took over and deleted: it
-    /// counts them in `published`, not in `lost_claims`.
+    /// What 0 gives up:
+    /// - An event id or idempotency key is forgotten once its row is
+    ///   published (with 24 h an append of it is skipped within the day).
+    ///   A writer that retries a committed append (its commit's answer
+    ///   lost) after the relay published it publishes it again, after any
+    ///   later versions of its aggregate that went out meanwhile: an
+    ///   earlier version after a later one, which only a consumer's
+    ///   event-id memory (`consumer.dedup_window`) or the broker's
+    ///   duplicate window (JetStream's, 2 min) drops.
+    /// - No published row is left to look at: `outbox status` and the
+    ///   `eventbus_outbox_rows{status="published"}` gauge count none.
+    /// - A delete retried after an error cannot tell rows an earlier
+    ///   attempt deleted (its answer lost) from rows another relay took
+    ///   over and deleted since: it counts them in `published`, not in
+    ///   `lost_claims`, so two relays may both count such a row.
     pub retention_ms: u64,
     /// How often cleanup runs, in ms. Default 60,000.
     pub cleanup_interval_ms: u64,

@@ -69,6 +69,7 @@ macro_rules! outbox_store_tests {
             with_no_retention_a_round_deletes_what_it_published_in_order,
             with_no_retention_a_refused_delete_is_retried_not_left_for_the_lease,
             with_no_retention_a_relay_frozen_past_its_lease_deletes_nothing_of_anothers,
+            with_no_retention_a_retried_delete_counts_the_rows_another_relay_holds_as_lost,
             the_inbox_layer_gives_one_effect_per_event_and_handler,
             append_all_writes_the_rows_append_writes_in_one_statement,
         );
@@ -381,12 +382,19 @@ fn with_no_retention_a_round_deletes_what_it_published_in_order(f: &dyn StoreFac
         );
         let stats = relay.stats();
         let (shutdown, running) = run_relay(relay);
+        // Counted once its delete committed, so the table is read after.
         let all = eventually(Duration::from_secs(60), || {
-            checker.report().received == 500 && poisoned.load(Ordering::SeqCst) == 1
+            checker.report().received == 500
+                && poisoned.load(Ordering::SeqCst) == 1
+                && stats.published.load(Ordering::SeqCst) == 501
         })
         .await;
         let report = checker.report();
-        assert!(all, "{report}");
+        assert!(
+            all,
+            "{report}, {} counted published",
+            stats.published.load(Ordering::SeqCst)
+        );
         assert!(report.is_strictly_ordered() && report.duplicates == 0, "{report}");
         let counts = store.status().await.unwrap().counts;
         assert_eq!(
@@ -394,7 +402,6 @@ fn with_no_retention_a_round_deletes_what_it_published_in_order(f: &dyn StoreFac
             [("dead_lettered".to_owned(), 1)].into(),
             "published rows were kept, or rows were left pending"
         );
-        assert_eq!(stats.published.load(Ordering::SeqCst), 501);
         assert_eq!(stats.lost_claims.load(Ordering::SeqCst), 0);
         // Forgotten once published: the same event appended again goes out
         // again (the consumer's event-id memory then drops it).
@@ -1068,6 +1075,71 @@ async fn mark_refused_then_taken(f: &dyn StoreFactory, retention_ms: u64) {
     } else {
         assert_eq!(counts.get("published"), Some(&2), "{counts:?}");
     }
+}
+
+/// `retention_ms = 0`, a delete retried after an error: one round's three
+/// rows are confirmed, their delete refused; then, in one transaction, the
+/// refusal ends, another relay takes row 1 over (its claim token) and row
+/// 2 is deleted (as by an attempt whose answer was lost). The retry
+/// deletes row 3 only; the relay counts rows 2 and 3 as its own and row 1,
+/// still in the table, as a lost claim.
+fn with_no_retention_a_retried_delete_counts_the_rows_another_relay_holds_as_lost(
+    f: &dyn StoreFactory,
+) -> BoxFuture<'_, ()> {
+    Box::pin(async move {
+        let (store, _backend, bus, _sub, checker) = relayed(f, BusConfig::default()).await;
+        refuse_marks(&store).await;
+        let rows: Vec<Envelope> = ["r-1", "r-2", "r-3"].iter().map(|a| envelope(a, 1)).collect();
+        business_write(&store, "retried", &rows, true).await;
+        let relay = Relay::new(
+            store.clone(),
+            bus.clone(),
+            RelayConfig {
+                lease_ms: 60_000,
+                retention_ms: 0,
+                ..fast()
+            },
+        );
+        let stats = relay.stats();
+        let (shutdown, running) = run_relay(relay);
+        assert!(
+            eventually(Duration::from_secs(10), || checker.report().received == 3).await,
+            "the round was never published: {}",
+            checker.report()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await; // deletes refused meanwhile
+        let (taken, gone) = (&rows[0].event_id, &rows[1].event_id);
+        let statements = [
+            "UPDATE outbox_fault SET on_mark = 0".to_owned(),
+            format!("UPDATE outbox_events SET claimed_by = 'another-relay' WHERE id = '{taken}'"),
+            format!("DELETE FROM outbox_events WHERE id = '{gone}'"),
+        ];
+        on_pool!(&store, |pool| {
+            let mut tx = pool.begin().await.unwrap();
+            for statement in &statements {
+                sqlx::query(statement).execute(&mut *tx).await.unwrap();
+            }
+            tx.commit().await.unwrap();
+        });
+        let counted = eventually(Duration::from_secs(10), || {
+            stats.published.load(Ordering::SeqCst) + stats.lost_claims.load(Ordering::SeqCst) == 3
+        })
+        .await;
+        shutdown.cancel();
+        running.await.unwrap().unwrap();
+        assert!(counted, "the retried delete never finished");
+        assert_eq!(stats.published.load(Ordering::SeqCst), 2, "rows 2 and 3");
+        assert_eq!(
+            stats.lost_claims.load(Ordering::SeqCst),
+            1,
+            "row 1, another relay's"
+        );
+        let left: Vec<String> = on_pool!(&store, |pool| sqlx::query_scalar("SELECT id FROM outbox_events")
+            .fetch_all(pool)
+            .await
+            .unwrap());
+        assert_eq!(left, [taken.clone()], "only the row another relay holds is left");
+    })
 }
 
 /// A round claims at most `batch_size` rows, however the database plans the
