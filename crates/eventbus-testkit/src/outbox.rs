@@ -414,7 +414,7 @@ fn with_no_retention_a_round_deletes_what_it_published_in_order(f: &dyn StoreFac
         shutdown.cancel();
         running.await.unwrap().unwrap();
         assert!(republished, "the event appended again was not published");
-        assert!(store.status().await.unwrap().counts.get("pending").is_none());
+        assert!(!store.status().await.unwrap().counts.contains_key("pending"));
     })
 }
 
@@ -1138,7 +1138,11 @@ fn with_no_retention_a_retried_delete_counts_the_rows_another_relay_holds_as_los
             .fetch_all(pool)
             .await
             .unwrap());
-        assert_eq!(left, [taken.clone()], "only the row another relay holds is left");
+        assert_eq!(
+            left,
+            std::slice::from_ref(taken),
+            "only the row another relay holds is left"
+        );
     })
 }
 
