@@ -306,6 +306,20 @@ fn a_rolled_back_transaction_publishes_nothing_and_a_committed_one_everything(
     })
 }
 
+/// Writes 25 aggregates × 20 versions (returned), then aggregate
+/// `poisoned`: v1 whose topic is invalid (every publish fails), and v2.
+async fn write_bulk_and_poison(store: &OutboxStore) -> Vec<Envelope> {
+    let events: Vec<Envelope> = (1..=20)
+        .flat_map(|v| (0..25).map(move |a| envelope(&format!("a-{a}"), v)))
+        .collect();
+    business_write(store, "bulk", &events, true).await;
+    let poison = envelope("poisoned", 1);
+    let json = String::from_utf8(poison.encode().unwrap().to_vec()).unwrap();
+    insert_raw(store, &poison.event_id, "poisoned", 1, "bad topic", &json).await;
+    business_write(store, "after-poison", &[envelope("poisoned", 2)], true).await;
+    events
+}
+
 fn the_relay_keeps_per_aggregate_order_and_dead_letters_a_poison_event(
     f: &dyn StoreFactory,
 ) -> BoxFuture<'_, ()> {
@@ -313,15 +327,7 @@ fn the_relay_keeps_per_aggregate_order_and_dead_letters_a_poison_event(
         let store = store(f).await;
         let bus = EventBus::memory();
         let (_sub, checker, poisoned) = recorder(&bus, "orders").await;
-        let events: Vec<Envelope> = (1..=20)
-            .flat_map(|v| (0..25).map(move |a| envelope(&format!("a-{a}"), v)))
-            .collect();
-        business_write(&store, "bulk", &events, true).await;
-        // A poison event: its topic is invalid, so every publish fails.
-        let poison = envelope("poisoned", 1);
-        let json = String::from_utf8(poison.encode().unwrap().to_vec()).unwrap();
-        insert_raw(&store, &poison.event_id, "poisoned", 1, "bad topic", &json).await;
-        business_write(&store, "after-poison", &[envelope("poisoned", 2)], true).await;
+        write_bulk_and_poison(&store).await;
 
         let relay = Relay::new(store.clone(), bus.clone(), fast());
         let stats = relay.stats();
@@ -363,14 +369,7 @@ fn with_no_retention_a_round_deletes_what_it_published_in_order(f: &dyn StoreFac
         let store = store(f).await;
         let bus = EventBus::memory();
         let (_sub, checker, poisoned) = recorder(&bus, "orders").await;
-        let events: Vec<Envelope> = (1..=20)
-            .flat_map(|v| (0..25).map(move |a| envelope(&format!("a-{a}"), v)))
-            .collect();
-        business_write(&store, "bulk", &events, true).await;
-        let poison = envelope("poisoned", 1);
-        let json = String::from_utf8(poison.encode().unwrap().to_vec()).unwrap();
-        insert_raw(&store, &poison.event_id, "poisoned", 1, "bad topic", &json).await;
-        business_write(&store, "after-poison", &[envelope("poisoned", 2)], true).await;
+        let events = write_bulk_and_poison(&store).await;
 
         let relay = Relay::new(
             store.clone(),
