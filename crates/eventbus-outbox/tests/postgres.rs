@@ -941,3 +941,54 @@ async fn a_relay_hears_new_rows_again_after_postgres_comes_back() {
     shutdown.cancel();
     running.await.unwrap();
 }
+
+/// A claim cut off before its BEGIN is answered (the database frozen past
+/// the claim's `lease_ms`) leaves no session inside a transaction in the
+/// pool. sqlx 0.8.6 gives such a session back still in the transaction
+/// (transact-rs/sqlx#4393); the next statement on it (a mark, a renewal)
+/// then ran inside a transaction nobody commits, invisible to everyone
+/// else. The pool here has one session, and checks none before handing it
+/// out, so the statement after the thaw gets whatever the claim left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_cut_off_before_its_begin_is_answered_leaves_no_open_transaction_in_the_pool() {
+    let pg = PostgresServer::start().await.unwrap();
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    let store = OutboxStore::Postgres(pool.clone());
+    store.migrate().await.unwrap();
+    let relay = Relay::new(
+        store,
+        EventBus::memory(),
+        RelayConfig {
+            lease_ms: 300,
+            ..fast()
+        },
+    );
+    let frozen = Frozen::new(&pg);
+    let round = tokio::time::timeout(Duration::from_secs(10), relay.run_once()).await;
+    drop(frozen);
+    assert!(
+        matches!(round, Ok(Err(_))),
+        "the claim on a frozen database ended by its lease: {round:?}"
+    );
+    let write = "INSERT INTO outbox_relay_lease (name, holder, lease_until) VALUES ('probe', 'test', 0)";
+    tokio::time::timeout(Duration::from_secs(10), sqlx::query(write).execute(&pool))
+        .await
+        .expect("the write after the thaw ended within 10 s")
+        .unwrap();
+    let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url())
+        .await
+        .unwrap();
+    let (seen,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox_relay_lease WHERE name = 'probe'")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen, 1,
+        "the write ran inside the transaction the cut-off claim left open"
+    );
+}

@@ -67,7 +67,11 @@ impl Database for PgPool {
             super::RETURNING
         );
         let sql = Dialect::Postgres.sql(&sql);
-        let mut tx = self.begin_with(BEGIN_PINNED).await.map_err(db("claim"))?;
+        let mut session = Session(Some(self.acquire().await.map_err(db("claim"))?));
+        let conn = session.0.as_mut().expect("held until the commit");
+        let mut tx = sqlx::Connection::begin_with(&mut **conn, BEGIN_PINNED)
+            .await
+            .map_err(db("claim"))?;
         let heads = |after: i64, limit: i64| {
             sqlx::query_as::<_, Claimed>(&sql)
                 .bind(super::now_us())
@@ -80,6 +84,7 @@ impl Database for PgPool {
             heads(after, count) => heads(after, count).fetch_all(&mut *tx).await.map_err(db("claim"))?,
             claim: ask.claim, limit: ask.limit, per_aggregate: ask.per_aggregate, lease: ask.lease, probe_depth: ask.probe_depth);
         tx.commit().await.map_err(db("claim"))?;
+        session.release();
         Ok(taken)
     }
 
@@ -288,6 +293,33 @@ async fn find_followers(tx: &mut sqlx::PgConnection, heads: String, each: i64) -
         .fetch_all(tx)
         .await
         .map_err(db("claim"))
+}
+
+/// A claim's pooled session: closed, not given back to the pool, unless
+/// the claim committed ([`release`](Session::release)). sqlx 0.8.6 gives a
+/// session back still inside a transaction when the claim stops before
+/// its BEGIN's answer (cut off by `lease_ms` or the shutdown grace, or one
+/// of [`BEGIN_PINNED`]'s settings failing): its ROLLBACK guard counts the
+/// transaction only once that answer is read, and the pool's check on
+/// release does not look at the session's transaction status
+/// (transact-rs/sqlx#4393, fixed after 0.9.0 by #4394). The next user of
+/// that session (a mark, a renewal) would then write inside a transaction
+/// nobody commits.
+struct Session(Option<sqlx::pool::PoolConnection<sqlx::Postgres>>);
+
+impl Session {
+    /// The claim committed: the session goes back to the pool.
+    fn release(mut self) {
+        drop(self.0.take());
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.as_mut() {
+            conn.close_on_drop();
+        }
+    }
 }
 
 /// Begins a claim's transaction with its plans pinned to the ones that
