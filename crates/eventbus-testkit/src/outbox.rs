@@ -1106,7 +1106,10 @@ fn with_no_retention_a_retried_delete_counts_the_rows_another_relay_holds_as_los
             "the round was never published: {}",
             checker.report()
         );
-        tokio::time::sleep(Duration::from_millis(200)).await; // deletes refused meanwhile
+        // The round's delete follows the ACKs at once, and is refused, then
+        // retried at most 1 s apart: a second is ample for one refusal (the
+        // case needs the flip below to come after one).
+        tokio::time::sleep(Duration::from_secs(1)).await;
         let (taken, gone) = (&rows[0].event_id, &rows[1].event_id);
         let statements = [
             "UPDATE outbox_fault SET on_mark = 0".to_owned(),
