@@ -73,8 +73,8 @@ pub struct RelayConfig {
     /// predicate reads, so PostgreSQL cannot make it heap-only); a delete
     /// writes neither. Measured on PostgreSQL: 0.32 against 2.13 ms for 80
     /// rows; in the outbox bench the database's CPU per event fell from
-    /// 54–66 to 25–32 µs, and one relay publishing to NATS went from
-    /// 10,115–11,859 to 16,784–16,828 events/s (see the README).
+    /// 52–66 to 25–33 µs, and one relay publishing to NATS went from
+    /// 10,115–12,938 to 12,667–16,828 events/s (5 pairs; see the README).
     ///
     /// What 0 gives up:
     /// - An event id or idempotency key is forgotten once its row is
