@@ -307,40 +307,102 @@ fn busy_pct(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f64 {
 }
 
 /// How busy the machine's cores are from [`start`](CoresBusy::start) to
-/// [`pct`](CoresBusy::pct): whether a measurement was bound by CPU.
+/// [`pct`](CoresBusy::pct): whether a measurement was bound by CPU; and
+/// how much of their time the host gave to other guests
+/// ([`steal_pct`](CoresBusy::steal_pct)), which counts as busy.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct CoresBusy(Option<(u64, u64)>);
+pub(crate) struct CoresBusy(Option<Ticks>);
 
 impl CoresBusy {
     pub(crate) fn start() -> Self {
-        Self(machine_ticks())
+        Self(cpu_ticks())
     }
 
     /// Percent of all cores busy since `start` (Linux `/proc/stat`; 0 elsewhere).
     pub(crate) fn pct(&self) -> f64 {
-        busy_pct(self.0, machine_ticks())
+        busy_pct(self.0.map(Ticks::busy), cpu_ticks().map(Ticks::busy))
+    }
+
+    /// Percent of all cores' time since `start` that a virtual machine's
+    /// host took for other guests (`/proc/stat`'s steal; 0 elsewhere):
+    /// a measurement the host took much from is not comparable with one
+    /// it took little from.
+    pub(crate) fn steal_pct(&self) -> f64 {
+        busy_pct(self.0.map(Ticks::steal), cpu_ticks().map(Ticks::steal))
     }
 }
 
-/// The machine's (busy, total) CPU ticks over all cores so far, from the
-/// first line of Linux `/proc/stat`; idle and iowait are not busy.
-fn machine_ticks() -> Option<(u64, u64)> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let ticks: Vec<u64> = stat
-        .lines()
-        .next()?
-        .split_whitespace()
-        .skip(1)
-        .take(8) // user nice system idle iowait irq softirq steal (guest is in user)
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    if ticks.len() < 5 {
-        return None;
+/// The first line of Linux `/proc/stat`: every core's ticks so far.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Ticks {
+    /// user, nice, system, irq, softirq and steal (guest is in user).
+    busy: u64,
+    /// steal alone.
+    steal: u64,
+    /// all of the above, idle and iowait.
+    total: u64,
+}
+
+impl Ticks {
+    /// `cpu  user nice system idle iowait irq softirq steal ...`; `None`
+    /// when it has fewer than 5 numbers.
+    fn parse(stat: &str) -> Option<Self> {
+        let ticks: Vec<u64> = stat
+            .lines()
+            .next()?
+            .split_whitespace()
+            .skip(1)
+            .take(8)
+            .filter_map(|t| t.parse().ok())
+            .collect();
+        if ticks.len() < 5 {
+            return None;
+        }
+        let total: u64 = ticks.iter().sum();
+        Some(Self {
+            busy: total - ticks[3] - ticks[4],
+            steal: ticks.get(7).copied().unwrap_or(0),
+            total,
+        })
     }
-    let total: u64 = ticks.iter().sum();
-    Some((total - ticks[3] - ticks[4], total))
+
+    fn busy(self) -> (u64, u64) {
+        (self.busy, self.total)
+    }
+
+    fn steal(self) -> (u64, u64) {
+        (self.steal, self.total)
+    }
+}
+
+fn cpu_ticks() -> Option<Ticks> {
+    Ticks::parse(&std::fs::read_to_string("/proc/stat").ok()?)
+}
+
+/// The machine's (busy, total) CPU ticks over all cores so far (see
+/// [`Ticks`]); idle and iowait are not busy.
+fn machine_ticks() -> Option<(u64, u64)> {
+    cpu_ticks().map(Ticks::busy)
 }
 
 fn live_tasks() -> usize {
     tokio::runtime::Handle::current().metrics().num_alive_tasks()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_stat_ticks_count_steal_as_busy_and_apart() {
+        let stat = "cpu  100 5 50 800 20 3 2 40 0 0\ncpu0 50 2 25 400 10 1 1 20 0 0\n";
+        let t = Ticks::parse(stat).unwrap();
+        assert_eq!(t.total, 1020);
+        assert_eq!(t.busy, 200, "idle and iowait are not busy");
+        assert_eq!(t.steal, 40);
+        let later = Ticks::parse("cpu  200 5 50 880 20 3 2 60 0 0\n").unwrap();
+        assert_eq!(busy_pct(Some(t.steal()), Some(later.steal())), 10.0);
+        assert_eq!(busy_pct(Some(t.busy()), Some(later.busy())), 60.0);
+        assert_eq!(Ticks::parse("cpu 1 2 3\n"), None);
+    }
 }

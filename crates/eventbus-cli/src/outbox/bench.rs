@@ -133,12 +133,12 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         let bound = Duration::from_secs(60) + Duration::from_millis(args.events as u64);
         phase.wait_published(args.events, started + bound).await?;
         let elapsed = started.elapsed();
-        let busy = busy.pct();
+        let (busy, steal) = (busy.pct(), busy.steal_pct());
         let cpu = cpu.per_event(args.events);
         let topic = phase.topic.clone();
         let report = phase.finish(args.events, args.backend).await?;
         println!(
-            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight, up to {} versions per aggregate, {}: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy{cpu}, topic {}); order: {report}",
+            "outbox saturation: {} events ({} aggregates), {database}, {:?}, {relays} relay(s) x {} rounds in flight, up to {} versions per aggregate, {}: {:.0} events/s ({:.2}s from relay start to last mark, cores {busy:.0} % busy ({steal:.0} % taken by the host){cpu}, topic {}); order: {report}",
             args.events,
             (args.events / args.per_aggregate.max(1)).max(1),
             args.backend,
