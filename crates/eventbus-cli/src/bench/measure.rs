@@ -307,9 +307,8 @@ fn busy_pct(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f64 {
 }
 
 /// How busy the machine's cores are from [`start`](CoresBusy::start) to
-/// [`pct`](CoresBusy::pct): whether a measurement was bound by CPU; and
-/// how much of their time the host gave to other guests
-/// ([`steal_pct`](CoresBusy::steal_pct)), which counts as busy.
+/// [`pcts`](CoresBusy::pcts): whether a measurement was bound by CPU, and
+/// how much of their time the host gave to other guests.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct CoresBusy(Option<Ticks>);
 
@@ -318,17 +317,17 @@ impl CoresBusy {
         Self(cpu_ticks())
     }
 
-    /// Percent of all cores busy since `start` (Linux `/proc/stat`; 0 elsewhere).
-    pub(crate) fn pct(&self) -> f64 {
-        busy_pct(self.0.map(Ticks::busy), cpu_ticks().map(Ticks::busy))
-    }
-
-    /// Percent of all cores' time since `start` that a virtual machine's
-    /// host took for other guests (`/proc/stat`'s steal; 0 elsewhere):
-    /// a measurement the host took much from is not comparable with one
-    /// it took little from.
-    pub(crate) fn steal_pct(&self) -> f64 {
-        busy_pct(self.0.map(Ticks::steal), cpu_ticks().map(Ticks::steal))
+    /// Percent of all cores busy since `start`, and percent of their time
+    /// that a virtual machine's host took for other guests (steal, counted
+    /// in the first), from one reading of Linux `/proc/stat` (0 elsewhere):
+    /// a measurement the host took much from is not comparable with one it
+    /// took little from.
+    pub(crate) fn pcts(&self) -> (f64, f64) {
+        let now = cpu_ticks();
+        (
+            busy_pct(self.0.map(Ticks::busy), now.map(Ticks::busy)),
+            busy_pct(self.0.map(Ticks::steal), now.map(Ticks::steal)),
+        )
     }
 }
 

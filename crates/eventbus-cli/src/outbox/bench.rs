@@ -133,7 +133,7 @@ pub(crate) async fn run(args: BenchArgs) -> Result<()> {
         let bound = Duration::from_secs(60) + Duration::from_millis(args.events as u64);
         phase.wait_published(args.events, started + bound).await?;
         let elapsed = started.elapsed();
-        let (busy, steal) = (busy.pct(), busy.steal_pct());
+        let (busy, steal) = busy.pcts();
         let cpu = cpu.per_event(args.events);
         let topic = phase.topic.clone();
         let report = phase.finish(args.events, args.backend).await?;
