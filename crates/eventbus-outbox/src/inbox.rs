@@ -18,6 +18,30 @@ pub enum InboxOutcome {
     Duplicate,
 }
 
+/// Begins a transaction on `pool` in a task of its own and waits for it.
+///
+/// Dropping the caller's future (a handler timeout, a shutdown) then cannot
+/// cut the BEGIN off between sending it and reading its answer. sqlx 0.8
+/// counts a transaction only once PostgreSQL answered its BEGIN, so a BEGIN
+/// cut off there put the session back into the pool inside a transaction
+/// nobody would commit or roll back, and the pool's next user (the
+/// service's own writes, a relay's marks on a shared pool) wrote into it,
+/// unseen by everyone else (transact-rs/sqlx#4393; the fix, #4394, is in
+/// no release up to 0.9.0). Here a cut-off caller leaves the task to finish
+/// the BEGIN and drop the transaction, which rolls it back. The task waits
+/// as long as the database takes to answer, as the caller's BEGIN did.
+///
+/// # Errors
+/// `Backend` when the database refuses or cannot be reached (within the
+/// pool's `acquire_timeout`), or when the task panicked.
+async fn begin<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> Result<sqlx::Transaction<'static, DB>> {
+    let pool = pool.clone();
+    tokio::spawn(async move { pool.begin().await })
+        .await
+        .map_err(|e| Error::backend("outbox database: begin failed (its task ended)", e))?
+        .map_err(db("begin"))
+}
+
 const INSERT: &str =
     "INSERT INTO inbox_events (event_id, handler, processed_at) VALUES (?, ?, ?) ON CONFLICT DO NOTHING";
 
@@ -33,7 +57,7 @@ macro_rules! handle_once {
         where
             F: for<'t> FnOnce(&'t mut $conn) -> BoxFuture<'t, std::result::Result<(), BoxError>>,
         {
-            let mut tx = pool.begin().await.map_err(db("begin"))?;
+            let mut tx = begin(pool).await?;
             if !<$db as InboxDatabase>::claim(&mut tx, handler, event_id).await? {
                 return Ok(InboxOutcome::Duplicate);
             }
@@ -287,7 +311,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let InboxLayer { pool, handler } = self.layer.clone();
         Box::pin(async move {
-            let mut tx = pool.begin().await.map_err(db("begin"))?;
+            let mut tx = begin(&pool).await?;
             if !DB::claim(&mut tx, &handler, &envelope.event_id).await? {
                 tracing::debug!(%handler, event_id = %envelope.event_id, "inbox: already processed, not handled again");
                 return Ok(());

@@ -992,3 +992,97 @@ async fn a_claim_cut_off_before_its_begin_is_answered_leaves_no_open_transaction
         "the write ran inside the transaction the cut-off claim left open"
     );
 }
+
+/// A pool of one session that checks nothing before handing it out, so the
+/// statement after a cut-off inbox call gets whatever that call left on it.
+async fn one_session_pool(pg: &PostgresServer) -> sqlx::PgPool {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    OutboxStore::Postgres(pool.clone()).migrate().await.unwrap();
+    pool
+}
+
+/// Runs `call` (an inbox call on `pool`) on a frozen cluster until it is
+/// cut off after 300 ms, as a handler timeout cuts off a handler, thaws the
+/// cluster, then writes through `pool` and asserts another session sees
+/// the write: the cut-off call left no transaction open on the pooled
+/// session.
+async fn assert_a_cut_off_inbox_call_leaves_no_open_transaction(
+    pg: &PostgresServer,
+    pool: &sqlx::PgPool,
+    call: futures::future::BoxFuture<'_, ()>,
+) {
+    let frozen = Frozen::new(pg);
+    let cut = tokio::time::timeout(Duration::from_millis(300), call).await;
+    drop(frozen);
+    assert!(cut.is_err(), "the inbox call on a frozen database was cut off");
+    let write = "INSERT INTO outbox_relay_lease (name, holder, lease_until) VALUES ('probe', 'test', 0)";
+    tokio::time::timeout(Duration::from_secs(10), sqlx::query(write).execute(pool))
+        .await
+        .expect("the write after the thaw ended within 10 s")
+        .unwrap();
+    let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url())
+        .await
+        .unwrap();
+    let (seen,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox_relay_lease WHERE name = 'probe'")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(
+        seen, 1,
+        "the write ran inside the transaction the cut-off inbox call left open"
+    );
+}
+
+/// `handle_once_postgres` cut off (a handler timeout, a shutdown) while its
+/// BEGIN is sent but not answered: sqlx 0.8 counts the transaction only
+/// once BEGIN is answered, so dropping the call there put the session back
+/// into the caller's pool inside a transaction (transact-rs/sqlx#4393), and
+/// the pool's next user (a relay's mark, the service's own writes) wrote
+/// into a transaction nobody commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handle_once_cut_off_before_its_begin_is_answered_leaves_no_open_transaction_in_the_pool() {
+    let pg = PostgresServer::start().await.unwrap();
+    let pool = one_session_pool(&pg).await;
+    let call = eventbus_outbox::handle_once_postgres(&pool, "billing", "e-1", |_| Box::pin(async { Ok(()) }));
+    assert_a_cut_off_inbox_call_leaves_no_open_transaction(
+        &pg,
+        &pool,
+        Box::pin(async move {
+            let _ = call.await;
+        }),
+    )
+    .await;
+}
+
+/// A handler behind the inbox layer that writes nothing.
+async fn hand_back(
+    request: eventbus_outbox::InboxRequest<sqlx::Postgres>,
+) -> Result<sqlx::Transaction<'static, sqlx::Postgres>, eventbus_core::BoxError> {
+    Ok(request.tx)
+}
+
+/// As above, through [`eventbus_outbox::InboxLayer`].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbox_layer_cut_off_before_its_begin_is_answered_leaves_no_open_transaction_in_the_pool() {
+    use tower::ServiceExt as _;
+    let pg = PostgresServer::start().await.unwrap();
+    let pool = one_session_pool(&pg).await;
+    let service = tower_layer::Layer::layer(
+        &eventbus_outbox::InboxLayer::new(pool.clone(), "billing"),
+        tower::service_fn(hand_back),
+    );
+    let call = service.oneshot(envelope("order-1", 1));
+    assert_a_cut_off_inbox_call_leaves_no_open_transaction(
+        &pg,
+        &pool,
+        Box::pin(async move {
+            let _ = call.await;
+        }),
+    )
+    .await;
+}
