@@ -160,6 +160,11 @@ pub(crate) struct Resources {
     /// all cores (Linux `/proc/stat`): near 100, the run was bound by CPU,
     /// the broker's included.
     pub(crate) machine_busy_pct: f64,
+    /// Share of the cores' time over the same time that a virtual
+    /// machine's host gave to other guests (steal, Linux `/proc/stat`; it
+    /// counts in `machine_busy_pct`), percent: a run the host took much
+    /// from is slower for reasons outside the bench.
+    pub(crate) machine_steal_pct: f64,
     pub(crate) rss_before_mb: f64,
     pub(crate) rss_peak_mb: f64,
     pub(crate) rss_after_mb: f64,
@@ -175,13 +180,12 @@ pub(crate) struct Sampler {
     before: (f64, usize),
 }
 
-/// CPU counters at one instant: this process's ms, the machine's
-/// (busy, total) ticks.
+/// CPU counters at one instant: this process's ms, the machine's ticks.
 #[derive(Clone, Copy)]
 struct CpuSample {
     at: Instant,
     process_ms: f64,
-    machine: Option<(u64, u64)>,
+    machine: Option<Ticks>,
 }
 
 impl CpuSample {
@@ -189,7 +193,7 @@ impl CpuSample {
         Self {
             at: Instant::now(),
             process_ms: process_cpu_ms(),
-            machine: machine_ticks(),
+            machine: cpu_ticks(),
         }
     }
 }
@@ -223,7 +227,8 @@ impl Sampler {
         let start = cpu.iter().rev().find(|c| c.at <= from).unwrap_or(&cpu[0]);
         let stop = cpu.iter().find(|c| c.at >= to).unwrap_or(&end);
         let cpu_ms = stop.process_ms - start.process_ms;
-        let machine_busy_pct = busy_pct(start.machine, stop.machine);
+        let machine_busy_pct = busy_pct(start.machine.map(Ticks::busy), stop.machine.map(Ticks::busy));
+        let machine_steal_pct = busy_pct(start.machine.map(Ticks::steal), stop.machine.map(Ticks::steal));
         // Let closed tasks finish unwinding before counting what is left.
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -231,6 +236,7 @@ impl Sampler {
         Resources {
             cpu_ms,
             machine_busy_pct,
+            machine_steal_pct,
             rss_before_mb: self.before.0,
             rss_peak_mb: peak_rss.max(self.before.0),
             rss_after_mb: rss_mb(),
@@ -295,7 +301,7 @@ pub(crate) fn process_cpu_ms() -> f64 {
     ms(usage.ru_utime) + ms(usage.ru_stime)
 }
 
-/// The machine's cores busy between two [`machine_ticks`] readings,
+/// The machine's cores busy between two [`Ticks`] readings,
 /// percent of all cores; 0 when either is missing.
 fn busy_pct(before: Option<(u64, u64)>, after: Option<(u64, u64)>) -> f64 {
     match (before, after) {
@@ -376,12 +382,6 @@ impl Ticks {
 
 fn cpu_ticks() -> Option<Ticks> {
     Ticks::parse(&std::fs::read_to_string("/proc/stat").ok()?)
-}
-
-/// The machine's (busy, total) CPU ticks over all cores so far (see
-/// [`Ticks`]); idle and iowait are not busy.
-fn machine_ticks() -> Option<(u64, u64)> {
-    cpu_ticks().map(Ticks::busy)
 }
 
 fn live_tasks() -> usize {

@@ -322,6 +322,10 @@ pub(crate) struct Summary {
     /// The machine's cores busy while running, percent of all cores.
     machine_busy_pct: Spread,
     raw_machine_busy_pct: Option<Spread>,
+    /// The share of the cores' time the host took for other guests while
+    /// running (steal), percent.
+    machine_steal_pct: Spread,
+    raw_machine_steal_pct: Option<Spread>,
     order_violations: u64,
     overlaps: u64,
     duplicates: u64,
@@ -352,6 +356,7 @@ pub(crate) fn summaries(reports: &[LevelReport]) -> Vec<Summary> {
             let p99 = |r: &&LevelReport| r.end_to_end_us.value_at_quantile(0.99) as f64 / 1000.0;
             let cpu = |r: &&LevelReport| 1000.0 * r.resources.cpu_ms / r.events.max(1) as f64;
             let busy = |r: &&LevelReport| r.resources.machine_busy_pct;
+            let steal = |r: &&LevelReport| r.resources.machine_steal_pct;
             let rss: Vec<f64> = ours.iter().map(|r| r.resources.rss_peak_mb).collect();
             let first = rss.first().copied().unwrap_or(0.0).max(1e-9);
             let later = rss.iter().skip(1).copied().fold(first, f64::max);
@@ -373,6 +378,8 @@ pub(crate) fn summaries(reports: &[LevelReport]) -> Vec<Summary> {
                 raw_cpu_us_per_event: Spread::of(raw.iter().map(cpu).collect()),
                 machine_busy_pct: Spread::of(ours.iter().map(busy).collect())?,
                 raw_machine_busy_pct: Spread::of(raw.iter().map(busy).collect()),
+                machine_steal_pct: Spread::of(ours.iter().map(steal).collect())?,
+                raw_machine_steal_pct: Spread::of(raw.iter().map(steal).collect()),
                 order_violations: ours.iter().map(|r| r.order.violations()).sum(),
                 overlaps: ours.iter().map(|r| r.order.overlaps).sum(),
                 duplicates: ours.iter().map(|r| r.order.duplicates).sum(),
@@ -386,14 +393,14 @@ pub(crate) fn summaries(reports: &[LevelReport]) -> Vec<Summary> {
 /// The sustained summaries as a GitHub markdown table.
 pub(crate) fn summary_markdown(summaries: &[Summary]) -> String {
     let mut out = String::from(
-        "| backend | events | runs | events/s | raw events/s | vs raw | e2e p99 ms | raw e2e p99 ms | pub p99 µs | CPU µs/event | raw CPU µs/event | cores busy % | raw cores busy % | viol. / overlaps / dups | peak RSS MiB per run |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| backend | events | runs | events/s | raw events/s | vs raw | e2e p99 ms | raw e2e p99 ms | pub p99 µs | CPU µs/event | raw CPU µs/event | cores busy % | raw cores busy % | host steal % (medians), ours / raw | viol. / overlaps / dups | peak RSS MiB per run |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let or_dash =
         |s: Option<Spread>, scale: f64, digits: usize| s.map_or("-".into(), |s| s.show(scale, digits));
     for s in summaries {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} / {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} / {} | {} |\n",
             s.label,
             s.events,
             s.runs,
@@ -412,6 +419,8 @@ pub(crate) fn summary_markdown(summaries: &[Summary]) -> String {
             or_dash(s.raw_cpu_us_per_event, 1.0, 1),
             s.machine_busy_pct.show(1.0, 0),
             or_dash(s.raw_machine_busy_pct, 1.0, 0),
+            format!("{:.0}", s.machine_steal_pct.median),
+            s.raw_machine_steal_pct.map_or("-".into(), |r| format!("{:.0}", r.median)),
             s.order_violations,
             s.overlaps,
             s.duplicates,
@@ -504,6 +513,7 @@ mod tests {
         {
             r.resources.cpu_ms = cpu_ms;
             r.resources.machine_busy_pct = cpu_ms / 40.0;
+            r.resources.machine_steal_pct = cpu_ms / 300.0;
         }
         let s = summaries(&reports);
         assert_eq!(s.len(), 1, "one summary for ours, none for the raw client");
@@ -530,6 +540,15 @@ mod tests {
         assert_eq!(s.raw_cpu_us_per_event.unwrap().median, 1_000.0);
         assert_eq!(s.machine_busy_pct.median, 75.0);
         assert_eq!(s.raw_machine_busy_pct.unwrap().max, 25.0);
+        assert_eq!(s.machine_steal_pct.median, 10.0);
+        assert!((s.raw_machine_steal_pct.unwrap().max - 1_000.0 / 300.0).abs() < 1e-9);
+        let row = summary_markdown(std::slice::from_ref(s));
+        assert!(
+            row.lines()
+                .nth(2)
+                .is_some_and(|l| l.contains("| 75 [50–100] | 25 [25–25] | 10 / 3 |")),
+            "busy, raw busy and the steal medians side by side: {row}"
+        );
         assert!((s.rss_growth_pct - 20.0).abs() < 1e-9);
         assert!(summary_markdown(&[]).lines().count() == 2);
     }
