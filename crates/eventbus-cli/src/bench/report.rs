@@ -400,7 +400,7 @@ pub(crate) fn summary_markdown(summaries: &[Summary]) -> String {
         |s: Option<Spread>, scale: f64, digits: usize| s.map_or("-".into(), |s| s.show(scale, digits));
     for s in summaries {
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} / {} / {} | {} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} / {} | {} / {} / {} | {} |\n",
             s.label,
             s.events,
             s.runs,
@@ -419,7 +419,7 @@ pub(crate) fn summary_markdown(summaries: &[Summary]) -> String {
             or_dash(s.raw_cpu_us_per_event, 1.0, 1),
             s.machine_busy_pct.show(1.0, 0),
             or_dash(s.raw_machine_busy_pct, 1.0, 0),
-            format!("{:.0}", s.machine_steal_pct.median),
+            s.machine_steal_pct.median,
             s.raw_machine_steal_pct.map_or("-".into(), |r| format!("{:.0}", r.median)),
             s.order_violations,
             s.overlaps,
