@@ -18,7 +18,8 @@ pub enum InboxOutcome {
     Duplicate,
 }
 
-/// Begins a transaction on `pool` in a task of its own and waits for it.
+/// Takes a session from `pool`, then begins a transaction on it in a task
+/// of its own and waits for that.
 ///
 /// Dropping the caller's future (a handler timeout, a shutdown) then cannot
 /// cut the BEGIN off between sending it and reading its answer. sqlx 0.8
@@ -28,15 +29,30 @@ pub enum InboxOutcome {
 /// service's own writes, a relay's marks on a shared pool) wrote into it,
 /// unseen by everyone else (transact-rs/sqlx#4393; the fix, #4394, is in
 /// no release up to 0.9.0). Here a cut-off caller leaves the task to finish
-/// the BEGIN and drop the transaction, which rolls it back. The task waits
-/// as long as the database takes to answer, as the caller's BEGIN did.
+/// the BEGIN and drop the transaction, which queues a ROLLBACK that the
+/// pool sends before handing the session to anyone else.
+///
+/// The acquire stays in the caller: an unfinished acquire is safe to cut
+/// off (it just leaves the pool's queue), and a caller cut off while
+/// waiting for a session leaves no task behind to take one later for
+/// nobody. The task holds its session until PostgreSQL answers the BEGIN
+/// (no bound of its own; sqlx's check of a session given back waits the
+/// same way). It runs in the caller's span. SQLite needs none of this
+/// (sqlx's SQLite worker rolls back a BEGIN nobody received), but takes
+/// the same path.
+///
+/// `sqlx::Transaction::begin` is public but hidden from sqlx's docs: it is
+/// what `Pool::begin` calls on the session it acquired; a sqlx upgrade
+/// that changes it fails to compile here rather than behaving differently.
 ///
 /// # Errors
-/// `Backend` when the database refuses or cannot be reached (within the
-/// pool's `acquire_timeout`), or when the task panicked.
+/// `Backend` when no session comes within the pool's `acquire_timeout`,
+/// when the database refuses the BEGIN or the session fails, or when the
+/// task ended without an answer (a panic, the runtime shutting down).
 async fn begin<DB: sqlx::Database>(pool: &sqlx::Pool<DB>) -> Result<sqlx::Transaction<'static, DB>> {
-    let pool = pool.clone();
-    tokio::spawn(async move { pool.begin().await })
+    use tracing::Instrument as _;
+    let session = pool.acquire().await.map_err(db("begin (acquire)"))?;
+    tokio::spawn(sqlx::Transaction::begin(session, None).in_current_span())
         .await
         .map_err(|e| Error::backend("outbox database: begin failed (its task ended)", e))?
         .map_err(db("begin"))

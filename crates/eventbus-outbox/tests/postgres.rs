@@ -1016,6 +1016,16 @@ async fn assert_a_cut_off_inbox_call_leaves_no_open_transaction(
     pool: &sqlx::PgPool,
     call: futures::future::BoxFuture<'_, ()>,
 ) {
+    // The session must be idle in the pool before the freeze, so that the
+    // call sends its BEGIN at once (not still waiting for the migration's
+    // session to come back, which would send no BEGIN at all).
+    let idle = tokio::time::timeout(Duration::from_secs(10), async {
+        while pool.num_idle() != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(idle.is_ok(), "the pool's one session came back idle within 10 s");
     let frozen = Frozen::new(pg);
     let cut = tokio::time::timeout(Duration::from_millis(300), call).await;
     drop(frozen);
