@@ -952,14 +952,8 @@ async fn a_relay_hears_new_rows_again_after_postgres_comes_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_cut_off_before_its_begin_is_answered_leaves_no_open_transaction_in_the_pool() {
     let pg = PostgresServer::start().await.unwrap();
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .test_before_acquire(false)
-        .connect(&pg.url())
-        .await
-        .unwrap();
+    let pool = one_session_pool(&pg).await;
     let store = OutboxStore::Postgres(pool.clone());
-    store.migrate().await.unwrap();
     let relay = Relay::new(
         store,
         EventBus::memory(),
@@ -975,61 +969,17 @@ async fn a_claim_cut_off_before_its_begin_is_answered_leaves_no_open_transaction
         matches!(round, Ok(Err(_))),
         "the claim on a frozen database ended by its lease: {round:?}"
     );
-    let write = "INSERT INTO outbox_relay_lease (name, holder, lease_until) VALUES ('probe', 'test', 0)";
-    tokio::time::timeout(Duration::from_secs(10), sqlx::query(write).execute(&pool))
-        .await
-        .expect("the write after the thaw ended within 10 s")
-        .unwrap();
-    let mut other = <sqlx::PgConnection as sqlx::Connection>::connect(&pg.url())
-        .await
-        .unwrap();
-    let (seen,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM outbox_relay_lease WHERE name = 'probe'")
-        .fetch_one(&mut other)
-        .await
-        .unwrap();
-    assert_eq!(
-        seen, 1,
-        "the write ran inside the transaction the cut-off claim left open"
-    );
+    assert_a_write_through_the_pool_is_seen_by_another_session(&pg, &pool, "claim").await;
 }
 
-/// A pool of one session that checks nothing before handing it out, so the
-/// statement after a cut-off inbox call gets whatever that call left on it.
-async fn one_session_pool(pg: &PostgresServer) -> sqlx::PgPool {
-    let pool = sqlx::postgres::PgPoolOptions::new()
-        .max_connections(1)
-        .test_before_acquire(false)
-        .connect(&pg.url())
-        .await
-        .unwrap();
-    OutboxStore::Postgres(pool.clone()).migrate().await.unwrap();
-    pool
-}
-
-/// Runs `call` (an inbox call on `pool`) on a frozen cluster until it is
-/// cut off after 300 ms, as a handler timeout cuts off a handler, thaws the
-/// cluster, then writes through `pool` and asserts another session sees
-/// the write: the cut-off call left no transaction open on the pooled
-/// session.
-async fn assert_a_cut_off_inbox_call_leaves_no_open_transaction(
+/// Writes a row through `pool` (after a thaw) and asserts another session
+/// sees it: the session the pool handed out was not left inside a
+/// transaction by the cut-off `what` (nobody would commit the write).
+async fn assert_a_write_through_the_pool_is_seen_by_another_session(
     pg: &PostgresServer,
     pool: &sqlx::PgPool,
-    call: futures::future::BoxFuture<'_, ()>,
+    what: &str,
 ) {
-    // The session must be idle in the pool before the freeze, so that the
-    // call sends its BEGIN at once (not still waiting for the migration's
-    // session to come back, which would send no BEGIN at all).
-    let idle = tokio::time::timeout(Duration::from_secs(10), async {
-        while pool.num_idle() != 1 {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await;
-    assert!(idle.is_ok(), "the pool's one session came back idle within 10 s");
-    let frozen = Frozen::new(pg);
-    let cut = tokio::time::timeout(Duration::from_millis(300), call).await;
-    drop(frozen);
-    assert!(cut.is_err(), "the inbox call on a frozen database was cut off");
     let write = "INSERT INTO outbox_relay_lease (name, holder, lease_until) VALUES ('probe', 'test', 0)";
     tokio::time::timeout(Duration::from_secs(10), sqlx::query(write).execute(pool))
         .await
@@ -1044,8 +994,49 @@ async fn assert_a_cut_off_inbox_call_leaves_no_open_transaction(
         .unwrap();
     assert_eq!(
         seen, 1,
-        "the write ran inside the transaction the cut-off inbox call left open"
+        "the write ran inside the transaction the cut-off {what} left open"
     );
+}
+
+/// A pool of one session that checks nothing before handing it out, so the
+/// statement after a cut-off claim or inbox call gets whatever it left on it.
+async fn one_session_pool(pg: &PostgresServer) -> sqlx::PgPool {
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect(&pg.url())
+        .await
+        .unwrap();
+    OutboxStore::Postgres(pool.clone()).migrate().await.unwrap();
+    // The session must be idle in the pool before a test freezes the
+    // cluster, so that the call under test sends its BEGIN at once (not
+    // still waiting for the migration's session to come back, which would
+    // send no BEGIN at all and pass on any code).
+    let idle = tokio::time::timeout(Duration::from_secs(10), async {
+        while pool.num_idle() != 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert!(idle.is_ok(), "the pool's one session came back idle within 10 s");
+    pool
+}
+
+/// Runs `call` (an inbox call on `pool`) on a frozen cluster until it is
+/// cut off after 300 ms, as a handler timeout cuts off a handler, thaws the
+/// cluster, then writes through `pool` and asserts another session sees
+/// the write: the cut-off call left no transaction open on the pooled
+/// session.
+async fn assert_a_cut_off_inbox_call_leaves_no_open_transaction(
+    pg: &PostgresServer,
+    pool: &sqlx::PgPool,
+    call: impl std::future::Future,
+) {
+    let frozen = Frozen::new(pg);
+    let cut = tokio::time::timeout(Duration::from_millis(300), call).await;
+    drop(frozen);
+    assert!(cut.is_err(), "the inbox call on a frozen database was cut off");
+    assert_a_write_through_the_pool_is_seen_by_another_session(pg, pool, "inbox call").await;
 }
 
 /// `handle_once_postgres` cut off (a handler timeout, a shutdown) while its
@@ -1059,14 +1050,7 @@ async fn handle_once_cut_off_before_its_begin_is_answered_leaves_no_open_transac
     let pg = PostgresServer::start().await.unwrap();
     let pool = one_session_pool(&pg).await;
     let call = eventbus_outbox::handle_once_postgres(&pool, "billing", "e-1", |_| Box::pin(async { Ok(()) }));
-    assert_a_cut_off_inbox_call_leaves_no_open_transaction(
-        &pg,
-        &pool,
-        Box::pin(async move {
-            let _ = call.await;
-        }),
-    )
-    .await;
+    assert_a_cut_off_inbox_call_leaves_no_open_transaction(&pg, &pool, call).await;
 }
 
 /// A handler behind the inbox layer that writes nothing.
@@ -1087,12 +1071,5 @@ async fn an_inbox_layer_cut_off_before_its_begin_is_answered_leaves_no_open_tran
         tower::service_fn(hand_back),
     );
     let call = service.oneshot(envelope("order-1", 1));
-    assert_a_cut_off_inbox_call_leaves_no_open_transaction(
-        &pg,
-        &pool,
-        Box::pin(async move {
-            let _ = call.await;
-        }),
-    )
-    .await;
+    assert_a_cut_off_inbox_call_leaves_no_open_transaction(&pg, &pool, call).await;
 }
