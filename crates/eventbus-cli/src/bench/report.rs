@@ -506,14 +506,15 @@ mod tests {
             report("nats", 3, 1_000, 0.8, 120.0),
             report("nats-raw", 3, 1_000, 1.0, 100.0),
         ];
-        for (r, cpu_ms) in reports
+        for ((r, cpu_ms), steal) in reports
             .iter_mut()
             .skip(2)
             .zip([2_000.0, 1_000.0, 4_000.0, 1_000.0, 3_000.0, 1_000.0])
+            .zip([5.0, 2.0, 15.0, 4.0, 10.0, 3.0])
         {
             r.resources.cpu_ms = cpu_ms;
             r.resources.machine_busy_pct = cpu_ms / 40.0;
-            r.resources.machine_steal_pct = cpu_ms / 300.0;
+            r.resources.machine_steal_pct = steal;
         }
         let s = summaries(&reports);
         assert_eq!(s.len(), 1, "one summary for ours, none for the raw client");
@@ -540,8 +541,12 @@ mod tests {
         assert_eq!(s.raw_cpu_us_per_event.unwrap().median, 1_000.0);
         assert_eq!(s.machine_busy_pct.median, 75.0);
         assert_eq!(s.raw_machine_busy_pct.unwrap().max, 25.0);
-        assert_eq!(s.machine_steal_pct.median, 10.0);
-        assert!((s.raw_machine_steal_pct.unwrap().max - 1_000.0 / 300.0).abs() < 1e-9);
+        // Steal ours 5, 15, 10 and raw 2, 4, 3: the row shows both medians.
+        assert_eq!(
+            (s.machine_steal_pct.median, s.machine_steal_pct.max),
+            (10.0, 15.0)
+        );
+        assert_eq!(s.raw_machine_steal_pct.unwrap().min, 2.0);
         let row = summary_markdown(std::slice::from_ref(s));
         assert!(
             row.lines()
