@@ -41,6 +41,13 @@ pub enum InboxOutcome {
 /// (sqlx's SQLite worker rolls back a BEGIN nobody received), but takes
 /// the same path.
 ///
+/// The relay's PostgreSQL claim meets the same bug differently (`Session`
+/// in `store/postgres.rs`: it holds the session and closes it unless the
+/// claim committed, which also covers a failing `SET LOCAL` in its BEGIN);
+/// the inbox hands the handler a transaction that owns its session, so it
+/// cannot hold the session beside it, and its plain BEGIN cannot fail half
+/// done.
+///
 /// `sqlx::Transaction::begin` is public but hidden from sqlx's docs: it is
 /// what `Pool::begin` calls on the session it acquired; a sqlx upgrade
 /// that changes it fails to compile here rather than behaving differently.

@@ -227,8 +227,7 @@ impl Sampler {
         let start = cpu.iter().rev().find(|c| c.at <= from).unwrap_or(&cpu[0]);
         let stop = cpu.iter().find(|c| c.at >= to).unwrap_or(&end);
         let cpu_ms = stop.process_ms - start.process_ms;
-        let machine_busy_pct = busy_pct(start.machine.map(Ticks::busy), stop.machine.map(Ticks::busy));
-        let machine_steal_pct = busy_pct(start.machine.map(Ticks::steal), stop.machine.map(Ticks::steal));
+        let (machine_busy_pct, machine_steal_pct) = Ticks::pcts(start.machine, stop.machine);
         // Let closed tasks finish unwinding before counting what is left.
         for _ in 0..10 {
             tokio::task::yield_now().await;
@@ -329,11 +328,7 @@ impl CoresBusy {
     /// a measurement the host took much from is not comparable with one it
     /// took little from.
     pub(crate) fn pcts(&self) -> (f64, f64) {
-        let now = cpu_ticks();
-        (
-            busy_pct(self.0.map(Ticks::busy), now.map(Ticks::busy)),
-            busy_pct(self.0.map(Ticks::steal), now.map(Ticks::steal)),
-        )
+        Ticks::pcts(self.0, cpu_ticks())
     }
 }
 
@@ -369,6 +364,15 @@ impl Ticks {
             steal: ticks.get(7).copied().unwrap_or(0),
             total,
         })
+    }
+
+    /// Percent of all cores busy between two readings, and percent of
+    /// their time the host took (steal); 0 when either reading is missing.
+    fn pcts(before: Option<Self>, after: Option<Self>) -> (f64, f64) {
+        (
+            busy_pct(before.map(Self::busy), after.map(Self::busy)),
+            busy_pct(before.map(Self::steal), after.map(Self::steal)),
+        )
     }
 
     fn busy(self) -> (u64, u64) {
