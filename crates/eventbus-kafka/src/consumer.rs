@@ -117,6 +117,12 @@ impl ConsumerContext for MemberContext {
             .collect();
         let revoke = || {
             let offsets = self.tracker.revoke(&keys, self.revoke_timeout);
+            // Stored first: once this callback returns, librdkafka's unassign
+            // commits the partitions' stored offsets (auto-commit on), without
+            // comparing them to this commit's. An older stored offset (the
+            // poll task stores every 20 ms, and not while it serves this
+            // revoke) would move the group back: duplicates for the next owner.
+            store(consumer, &offsets);
             if let Err(e) = commit(consumer, &offsets, self.commit_timeout) {
                 tracing::warn!(error = %e, "commit on revoke failed; the next owner may see duplicates");
             }
@@ -191,6 +197,28 @@ pub(crate) fn commit<C: Consumer<X>, X: ConsumerContext>(
     match err {
         rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
         e => Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::from(e))),
+    }
+}
+
+/// Hands `offsets` (the next offset to consume, per partition) to
+/// librdkafka's offset store, in one call, for its auto-commit. A partition
+/// librdkafka no longer holds as assigned (just revoked) refuses its store
+/// (`_STATE`); the others are stored: not ours to commit, then, and
+/// nothing to retry.
+fn store<C: Consumer<X>, X: ConsumerContext>(consumer: &C, offsets: &[(PartitionKey, i64)]) {
+    if offsets.is_empty() {
+        return;
+    }
+    // `store_offsets` stores each offset as given (the next to consume);
+    // `store_offset` would add 1 (librdkafka's legacy rd_kafka_offset_store).
+    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
+    for ((topic, partition), offset) in offsets {
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
+            tracing::debug!(error = %e, "offset not stored");
+        }
+    }
+    if let Err(e) = consumer.store_offsets(&tpl) {
+        tracing::debug!(error = %e, "offsets not stored");
     }
 }
 
@@ -517,9 +545,10 @@ impl Poller {
             let next = tokio::select! {
                 _ = &mut stopped => return,
                 _ = self.tx.closed() => return,
-                // A finish may have made room for a paused partition (resume
-                // it now), or moved an offset to store.
-                _ = tracker.finishes.notified(), if !self.paused.is_empty() || !unstored => continue,
+                // A finish may have made room for a paused partition: resume
+                // it now. A finish moved an offset to store: store it.
+                _ = tracker.finishes.notified(), if !self.paused.is_empty() => continue,
+                _ = tracker.moved.notified(), if !unstored => continue,
                 next = tokio::time::timeout_at(now + tick, messages.next()) => next,
             };
             let delivery = match next {
@@ -599,22 +628,7 @@ impl Poller {
             return;
         }
         self.stored_at = Some(now);
-        let offsets = self.tracker.unstored();
-        if offsets.is_empty() {
-            return;
-        }
-        // `store_offsets` stores each offset as given (the next to consume);
-        // `store_offset` would add 1 (librdkafka's legacy rd_kafka_offset_store).
-        let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-        for ((topic, partition), offset) in &offsets {
-            if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
-                tracing::debug!(error = %e, "offset not stored");
-            }
-        }
-        // Fails only for a partition just revoked: then it is not ours to commit.
-        if let Err(e) = self.consumer.store_offsets(&tpl) {
-            tracing::debug!(error = %e, "offsets not stored");
-        }
+        store(&**self.consumer, &self.tracker.unstored());
     }
 
     /// The key of `m`'s partition, sharing the subscribed topic's name

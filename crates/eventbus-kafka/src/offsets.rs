@@ -42,12 +42,15 @@ impl Partition {
 pub(crate) struct OffsetTracker {
     partitions: Mutex<HashMap<PartitionKey, Partition, foldhash::fast::RandomState>>,
     /// Notified on every finish: a poll task waiting to resume a partition
-    /// paused at its in-flight bound, or to store finished offsets, re-checks
-    /// at once, not at its next tick.
+    /// paused at its in-flight bound re-checks at once, not at its next tick.
     pub(crate) finishes: tokio::sync::Notify,
+    /// Notified when a finish moved a committable offset while none was
+    /// waiting to be stored (once per store, not per finish): the poll
+    /// task stores it without waiting for its next tick.
+    pub(crate) moved: tokio::sync::Notify,
     /// Set when a finish moved a partition's committable offset past the
     /// one last stored; cleared by [`OffsetTracker::unstored`].
-    moved: AtomicBool,
+    unstored: AtomicBool,
 }
 
 /// Longest wait, after a revoke cancelled running handlers, for them to stop.
@@ -90,25 +93,25 @@ impl OffsetTracker {
         let before = p.committable();
         p.in_flight.remove(&offset);
         let after = p.committable();
-        let moved = after != before && !p.revoked;
-        if moved {
-            self.moved.store(true, Ordering::Release);
+        let advanced = after != before && !p.revoked;
+        if advanced && !self.unstored.swap(true, Ordering::AcqRel) {
+            self.moved.notify_one();
         }
         self.finishes.notify_one();
-        moved.then_some(after)
+        advanced.then_some(after)
     }
 
     /// Whether a finish moved some partition's committable offset since
     /// the last [`unstored`](Self::unstored) (no lock).
     pub(crate) fn has_unstored(&self) -> bool {
-        self.moved.load(Ordering::Acquire)
+        self.unstored.load(Ordering::Acquire)
     }
 
     /// The committable offsets that moved past the one last stored, of
     /// partitions still ours, marked stored: the poll task hands them to
     /// librdkafka's offset store in one call, for its auto-commit.
     pub(crate) fn unstored(&self) -> Vec<(PartitionKey, i64)> {
-        if !self.moved.swap(false, Ordering::AcqRel) {
+        if !self.unstored.swap(false, Ordering::AcqRel) {
             return Vec::new();
         }
         let mut parts = self.partitions.lock().unwrap();

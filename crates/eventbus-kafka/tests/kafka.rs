@@ -800,6 +800,83 @@ async fn lag_is_log_end_minus_committed_on_a_true_broker() {
     bus.close().await.unwrap();
 }
 
+/// A member's close leaves the group's committed offset at everything it
+/// handled, also what finished in its last moments. The close commits the
+/// finished prefix itself; librdkafka's unassign then commits the offsets
+/// in its offset store again, unchecked, so an older stored offset would
+/// move the group back and the next owner would handle those events
+/// again. Here 10 held handlers are released while the close waits for
+/// them: they finish in a burst right before the member leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_member_leaves_everything_it_handled_committed() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let kafka = on_mock(&cluster, "closing", 1);
+    let bus = EventBus::new(KafkaBackend::connect(kafka).await.unwrap(), BusConfig::default()).unwrap();
+    let hold = Arc::new(AtomicBool::new(true));
+    let (handled, held) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let sub = {
+        let (hold, handled, held) = (hold.clone(), handled.clone(), held.clone());
+        bus.subscribe_envelope("closing", SubscribeOptions::group("g"), move |e: Envelope| {
+            let (hold, handled, held) = (hold.clone(), handled.clone(), held.clone());
+            async move {
+                if e.aggregate_id.starts_with("held") {
+                    held.fetch_add(1, Ordering::SeqCst);
+                    while hold.load(Ordering::SeqCst) {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                handled.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, std::io::Error>(())
+            }
+        })
+        .await
+        .unwrap()
+    };
+    for i in 0..5 {
+        bus.publish_envelope_sync("closing", &envelope(&format!("free-{i}"), 1))
+            .await
+            .unwrap();
+    }
+    for i in 0..10 {
+        bus.publish_envelope_sync("closing", &envelope(&format!("held-{i}"), 1))
+            .await
+            .unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(30), || handled.load(Ordering::SeqCst) == 5
+            && held.load(Ordering::SeqCst) == 10)
+        .await,
+        "handled {} and holding {}",
+        handled.load(Ordering::SeqCst),
+        held.load(Ordering::SeqCst)
+    );
+    // The first 5 stored and committed (every 200 ms).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let closing = tokio::spawn(async move { sub.close().await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hold.store(false, Ordering::SeqCst);
+    closing.await.unwrap().unwrap();
+    assert_eq!(handled.load(Ordering::SeqCst), 15);
+    bus.close().await.unwrap();
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("group.id", "g.closing")
+        .create()
+        .unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions.add_partition("closing", 0);
+    let committed = reader
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .unwrap();
+    assert_eq!(
+        committed.find_partition("closing", 0).unwrap().offset(),
+        rdkafka::Offset::Offset(15),
+        "committed once the member closed"
+    );
+}
+
 /// The lag of a partition paused by the bus counts what was published
 /// after the pause. The log end of a fetched partition comes from its last
 /// fetch response, but a paused partition is not fetched: its end is asked
