@@ -201,10 +201,10 @@ pub(crate) fn commit<C: Consumer<X>, X: ConsumerContext>(
 }
 
 /// Hands `offsets` (the next offset to consume, per partition) to
-/// librdkafka's offset store, in one call, for its auto-commit. A partition
-/// librdkafka no longer holds as assigned (just revoked) refuses its store
-/// (`_STATE`); the others are stored: not ours to commit, then, and
-/// nothing to retry.
+/// librdkafka's offset store, in one call, for its auto-commit. A
+/// partition librdkafka no longer holds as assigned (just revoked) refuses
+/// its offset (`_STATE`) while the others are stored: that offset is no
+/// longer ours to commit, so nothing is retried.
 fn store<C: Consumer<X>, X: ConsumerContext>(consumer: &C, offsets: &[(PartitionKey, i64)]) {
     if offsets.is_empty() {
         return;
@@ -917,13 +917,13 @@ struct KafkaAcker {
 #[async_trait]
 impl Acker for KafkaAcker {
     async fn ack(&self) -> Result<()> {
-        self.store();
+        self.finish();
         Ok(())
     }
 
-    /// Storing the offset is a call into librdkafka that waits for nothing.
+    /// Marking the offset finished takes the tracker's lock and waits for nothing.
     fn ack_now(&self) -> Option<Result<()>> {
-        self.store();
+        self.finish();
         Some(Ok(()))
     }
 }
@@ -932,7 +932,7 @@ impl KafkaAcker {
     /// Marks the offset handled; the poll task stores the partition's
     /// next offset to commit when this finish moved it
     /// ([`Poller::store_finished`]).
-    fn store(&self) {
+    fn finish(&self) {
         self.tracker.finished(&self.key, self.offset, self.generation);
     }
 }
