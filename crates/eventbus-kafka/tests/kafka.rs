@@ -761,6 +761,27 @@ fn on_mock(
     kafka
 }
 
+/// Kafka group `group_id`'s committed offset of `topic`'s partition 0 on
+/// `cluster`, read by a client outside the group.
+fn committed_offset(
+    cluster: &rdkafka::mocking::MockCluster<'_, rdkafka::producer::DefaultProducerContext>,
+    group_id: &str,
+    topic: &str,
+) -> rdkafka::Offset {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let reader: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", cluster.bootstrap_servers())
+        .set("group.id", group_id)
+        .create()
+        .unwrap();
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions.add_partition(topic, 0);
+    let committed = reader
+        .committed_offsets(partitions, Duration::from_secs(10))
+        .unwrap();
+    committed.find_partition(topic, 0).unwrap().offset()
+}
+
 /// Lag against librdkafka's mock cluster, whose offsets are true (tansu's
 /// log-end offsets are not): 30 events published while the handler is held
 /// count 30 (log end minus the group's committed offset, over the topic's 4
@@ -809,7 +830,6 @@ async fn lag_is_log_end_minus_committed_on_a_true_broker() {
 /// them: they finish in a burst right before the member leaves.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_member_leaves_everything_it_handled_committed() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     let kafka = on_mock(&cluster, "closing", 1);
@@ -834,13 +854,12 @@ async fn a_closed_member_leaves_everything_it_handled_committed() {
         .await
         .unwrap()
     };
-    for i in 0..5 {
-        bus.publish_envelope_sync("closing", &envelope(&format!("free-{i}"), 1))
-            .await
-            .unwrap();
-    }
-    for i in 0..10 {
-        bus.publish_envelope_sync("closing", &envelope(&format!("held-{i}"), 1))
+    // Offsets 0 to 4 handled at once, 5 to 14 held.
+    let aggregates = (0..5)
+        .map(|i| format!("free-{i}"))
+        .chain((0..10).map(|i| format!("held-{i}")));
+    for aggregate in aggregates {
+        bus.publish_envelope_sync("closing", &envelope(&aggregate, 1))
             .await
             .unwrap();
     }
@@ -860,18 +879,8 @@ async fn a_closed_member_leaves_everything_it_handled_committed() {
     closing.await.unwrap().unwrap();
     assert_eq!(handled.load(Ordering::SeqCst), 15);
     bus.close().await.unwrap();
-    let reader: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
-        .set("group.id", "g.closing")
-        .create()
-        .unwrap();
-    let mut partitions = rdkafka::TopicPartitionList::new();
-    partitions.add_partition("closing", 0);
-    let committed = reader
-        .committed_offsets(partitions, Duration::from_secs(10))
-        .unwrap();
     assert_eq!(
-        committed.find_partition("closing", 0).unwrap().offset(),
+        committed_offset(&cluster, "g.closing", "closing"),
         rdkafka::Offset::Offset(15),
         "committed once the member closed"
     );
@@ -1418,7 +1427,6 @@ fn child_drops_its_member_and_exits() {
 /// longer than the commit): it guards the outcome, not that mechanism.
 #[test]
 fn a_member_dropped_right_before_its_process_exits_has_committed_what_it_handled() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
     let kafka = on_mock(&cluster, "exiting", 1);
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -1465,19 +1473,8 @@ fn a_member_dropped_right_before_its_process_exits_has_committed_what_it_handled
     let mut printed = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut printed).unwrap();
     assert!(status.success(), "the child failed: {status}\n{printed}");
-    let reader: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap_servers())
-        .set("group.id", "g.exiting")
-        .create()
-        .unwrap();
-    let mut partitions = rdkafka::TopicPartitionList::new();
-    partitions.add_partition("exiting", 0);
-    let committed = reader
-        .committed_offsets(partitions, Duration::from_secs(10))
-        .unwrap();
-    let offset = committed.find_partition("exiting", 0).unwrap().offset();
     assert_eq!(
-        offset,
+        committed_offset(&cluster, "g.exiting", "exiting"),
         rdkafka::Offset::Offset(5),
         "committed when the process exited"
     );
