@@ -539,9 +539,14 @@ impl Poller {
             let now = tokio::time::Instant::now();
             self.store_finished(now);
             self.measure_lag();
-            // Finished offsets waiting for their store: poll again when it is due.
+            // Finished offsets waiting for their store: poll again when it is
+            // due (20 ms after the last store), not a full tick from now.
             let unstored = tracker.has_unstored();
-            let tick = if unstored { STORE_EVERY } else { POLL_TICK };
+            let wake = match (unstored, self.stored_at) {
+                (true, Some(at)) => (at + STORE_EVERY).max(now),
+                (true, None) => now + STORE_EVERY,
+                (false, _) => now + POLL_TICK,
+            };
             let next = tokio::select! {
                 _ = &mut stopped => return,
                 _ = self.tx.closed() => return,
@@ -549,7 +554,7 @@ impl Poller {
                 // it now. A finish moved an offset to store: store it.
                 _ = tracker.finishes.notified(), if !self.paused.is_empty() => continue,
                 _ = tracker.moved.notified(), if !unstored => continue,
-                next = tokio::time::timeout_at(now + tick, messages.next()) => next,
+                next = tokio::time::timeout_at(wake, messages.next()) => next,
             };
             let delivery = match next {
                 Err(_) => continue, // polled, nothing came: the member stays alive

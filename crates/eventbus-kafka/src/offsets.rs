@@ -132,8 +132,9 @@ impl OffsetTracker {
     /// a queued or retrying message starts any more, backoffs end), running
     /// attempts get until `timeout` to finish and are then cancelled. Then
     /// returns the committable offsets (the finished contiguous prefix; the
-    /// unfinished rest goes to the next owner) and forgets the partitions'
-    /// in-flight offsets.
+    /// unfinished rest goes to the next owner) of the partitions fetched
+    /// since their last revoke, and forgets the partitions' in-flight
+    /// offsets.
     pub(crate) fn revoke(&self, keys: &[PartitionKey], timeout: Duration) -> Vec<(PartitionKey, i64)> {
         let deadline = Instant::now() + timeout;
         let owned: Vec<Ownership> = {
@@ -153,7 +154,10 @@ impl OffsetTracker {
         let mut parts = self.partitions.lock().unwrap();
         keys.iter()
             .filter_map(|k| {
-                let p = parts.get_mut(k)?;
+                // Revoked before and nothing fetched since (fetching makes it
+                // ours again): its offset is the earlier assignment's, which
+                // another owner may have moved past. Nothing to commit.
+                let p = parts.get_mut(k).filter(|p| !p.revoked)?;
                 let committable = p.committable();
                 p.revoked = true;
                 p.generation += 1;
@@ -246,6 +250,31 @@ mod tests {
         let (next, fresh) = t.fetched(&key(), 1);
         assert_eq!(next, generation + 1);
         assert!(!fresh.is_revoked(), "a re-assignment is owned anew");
+    }
+
+    /// A partition assigned back after a revoke and revoked again before
+    /// anything was fetched from it has nothing of its own to commit: the
+    /// offset left from the earlier assignment may be behind what another
+    /// owner committed meanwhile, and committing (and storing) it would
+    /// move the group back.
+    #[test]
+    fn a_partition_revoked_again_before_any_fetch_commits_nothing() {
+        let t = OffsetTracker::default();
+        let (generation, _) = t.fetched(&key(), 99);
+        t.finished(&key(), 99, generation);
+        assert_eq!(t.revoke(&[key()], Duration::from_secs(1)), vec![(key(), 100)]);
+        assert_eq!(
+            t.revoke(&[key()], Duration::from_secs(1)),
+            vec![],
+            "nothing fetched since the last revoke"
+        );
+        let (generation, _) = t.fetched(&key(), 250);
+        t.finished(&key(), 250, generation);
+        assert_eq!(
+            t.revoke(&[key()], Duration::from_secs(1)),
+            vec![(key(), 251)],
+            "fetched again: its own prefix"
+        );
     }
 
     #[test]
