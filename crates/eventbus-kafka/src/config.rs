@@ -255,11 +255,6 @@ pub struct KafkaConsumer {
     /// `heartbeat.interval.ms`. Default 1,000.
     pub heartbeat_interval_ms: u64,
     /// `auto.commit.interval.ms`: how often the finished prefix is committed, in ms. Default 200.
-    /// The poll task hands finished offsets to librdkafka's offset store
-    /// every 20 ms at most, so a finished offset is committed within this
-    /// plus 20 ms (later only while the poll task is held up: waiting up to
-    /// 1 s for the bus to take its deliveries, or serving a rebalance), and
-    /// at once on a revoke or `close`.
     pub commit_interval_ms: u64,
     /// On a rebalance revoke, longest wait for in-flight messages of the
     /// revoked partitions before their finished prefix is committed, in ms. Default 5,000.

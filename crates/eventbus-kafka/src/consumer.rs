@@ -19,7 +19,6 @@ use eventbus_core::{
     Acker, BackendSubscription, Delivery, Error, ErrorKind, GroupAssignment, Headers, Message, Position,
     Result,
 };
-use futures::StreamExt;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::{Headers as _, Message as _};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
@@ -117,12 +116,6 @@ impl ConsumerContext for MemberContext {
             .collect();
         let revoke = || {
             let offsets = self.tracker.revoke(&keys, self.revoke_timeout);
-            // Stored first: once this callback returns, librdkafka's unassign
-            // commits the partitions' stored offsets (auto-commit on), without
-            // comparing them to this commit's. An older stored offset (the
-            // poll task stores every 20 ms, and not while it serves this
-            // revoke) would move the group back: duplicates for the next owner.
-            store(consumer, &offsets);
             if let Err(e) = commit(consumer, &offsets, self.commit_timeout) {
                 tracing::warn!(error = %e, "commit on revoke failed; the next owner may see duplicates");
             }
@@ -197,28 +190,6 @@ pub(crate) fn commit<C: Consumer<X>, X: ConsumerContext>(
     match err {
         rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR => Ok(()),
         e => Err(KafkaError::ConsumerCommit(RDKafkaErrorCode::from(e))),
-    }
-}
-
-/// Hands `offsets` (the next offset to consume, per partition) to
-/// librdkafka's offset store, in one call, for its auto-commit. A
-/// partition librdkafka no longer holds as assigned (just revoked) refuses
-/// its offset (`_STATE`) while the others are stored: that offset is no
-/// longer ours to commit, so nothing is retried.
-fn store<C: Consumer<X>, X: ConsumerContext>(consumer: &C, offsets: &[(PartitionKey, i64)]) {
-    if offsets.is_empty() {
-        return;
-    }
-    // `store_offsets` stores each offset as given (the next to consume);
-    // `store_offset` would add 1 (librdkafka's legacy rd_kafka_offset_store).
-    let mut tpl = TopicPartitionList::with_capacity(offsets.len());
-    for ((topic, partition), offset) in offsets {
-        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*offset)) {
-            tracing::debug!(error = %e, "offset not stored");
-        }
-    }
-    if let Err(e) = consumer.store_offsets(&tpl) {
-        tracing::debug!(error = %e, "offsets not stored");
     }
 }
 
@@ -321,15 +292,6 @@ const HANDOVER: usize = 256;
 /// How often the poll task polls when nothing arrives (paused or idle).
 const POLL_TICK: Duration = Duration::from_millis(500);
 
-/// How often, at most, the poll task hands the finished offsets to
-/// librdkafka's offset store, which its auto-commit commits every
-/// `commit_interval_ms` (200 by default): one store call for every
-/// partition that moved, not one per acked message (a topic-partition
-/// list and a lock in librdkafka each time, about 1 % of the bus's CPU on
-/// Kafka). It adds at most this much to the time a finished offset takes
-/// to be committed.
-const STORE_EVERY: Duration = Duration::from_millis(20);
-
 /// How long a fetched message waits for room in the handover before its
 /// partition is paused and rewound (a busy bus drains it much faster).
 const ROOM_WAIT: Duration = Duration::from_secs(1);
@@ -369,7 +331,6 @@ impl KafkaSubscription {
             lag_request_timeout: fetch_wait + LAG_REQUEST_TIMEOUT,
             resumed: std::collections::HashMap::default(),
             rebalanced_at: None,
-            stored_at: None,
             consumer: consumer.clone(),
             tracker: tracker.clone(),
             rebalances,
@@ -418,8 +379,6 @@ struct Poller {
     /// can have come since, every cached log end may be from an earlier
     /// assignment (librdkafka keeps a partition's across unassign and assign).
     rebalanced_at: Option<std::time::Instant>,
-    /// When finished offsets were last stored (see [`STORE_EVERY`]).
-    stored_at: Option<tokio::time::Instant>,
     consumer: Arc<Member>,
     tracker: Arc<OffsetTracker>,
     rebalances: Arc<AtomicU64>,
@@ -531,36 +490,21 @@ impl Poller {
         let tx = self.tx.clone();
         let stopped = stop.notified();
         tokio::pin!(stopped);
-        // One stream for the member's life (`recv` makes one per message).
-        let mut messages = consumer.stream();
         loop {
             self.after_rebalance();
             self.resume_with_room();
-            let now = tokio::time::Instant::now();
-            self.store_finished(now);
             self.measure_lag();
-            // Finished offsets waiting for their store: poll again when it is
-            // due (20 ms after the last store), not a full tick from now.
-            let unstored = tracker.has_unstored();
-            let wake = match (unstored, self.stored_at) {
-                (true, Some(at)) => (at + STORE_EVERY).max(now),
-                (true, None) => now + STORE_EVERY,
-                (false, _) => now + POLL_TICK,
-            };
             let next = tokio::select! {
                 _ = &mut stopped => return,
                 _ = self.tx.closed() => return,
-                // A finish may have made room for a paused partition: resume
-                // it now. A finish moved an offset to store: store it.
+                // A finish may have made room for a paused partition: resume it now.
                 _ = tracker.finishes.notified(), if !self.paused.is_empty() => continue,
-                _ = tracker.moved.notified(), if !unstored => continue,
-                next = tokio::time::timeout_at(wake, messages.next()) => next,
+                next = tokio::time::timeout(POLL_TICK, consumer.recv()) => next,
             };
             let delivery = match next {
                 Err(_) => continue, // polled, nothing came: the member stays alive
-                Ok(None) => return, // rdkafka's streams never end
-                Ok(Some(Err(e))) => Err(Error::new(ErrorKind::Backend, "Kafka fetch failed").with_source(e)),
-                Ok(Some(Ok(m))) => {
+                Ok(Err(e)) => Err(Error::new(ErrorKind::Backend, "Kafka fetch failed").with_source(e)),
+                Ok(Ok(m)) => {
                     self.consumer
                         .context()
                         .state
@@ -621,19 +565,6 @@ impl Poller {
                 Err(mpsc::error::TrySendError::Full(Ok(_))) => {}
             }
         }
-    }
-
-    /// Hands the offsets finished since the last store to librdkafka's
-    /// offset store, in one call, at most every [`STORE_EVERY`]. Here on the
-    /// poll task, which also serves the rebalances: a partition revoked in
-    /// a poll is fenced in the tracker before the next store, so no offset
-    /// of a partition no longer ours is stored.
-    fn store_finished(&mut self, now: tokio::time::Instant) {
-        if !self.tracker.has_unstored() || self.stored_at.is_some_and(|at| now < at + STORE_EVERY) {
-            return;
-        }
-        self.stored_at = Some(now);
-        store(&**self.consumer, &self.tracker.unstored());
     }
 
     /// The key of `m`'s partition, sharing the subscribed topic's name
@@ -812,7 +743,7 @@ fn delivery<M: rdkafka::Message>(
         }),
         delivery_count: 1,
         acker: Box::new(KafkaAcker {
-            _consumer: consumer.clone(),
+            consumer: consumer.clone(),
             tracker: tracker.clone(),
             key,
             offset: m.offset(),
@@ -911,8 +842,7 @@ impl BackendSubscription for KafkaSubscription {
 }
 
 struct KafkaAcker {
-    /// Held so the consumer outlives every handler (see [`Member`]).
-    _consumer: Arc<Member>,
+    consumer: Arc<Member>,
     tracker: Arc<OffsetTracker>,
     key: PartitionKey,
     offset: i64,
@@ -922,22 +852,32 @@ struct KafkaAcker {
 #[async_trait]
 impl Acker for KafkaAcker {
     async fn ack(&self) -> Result<()> {
-        self.finish();
+        self.store();
         Ok(())
     }
 
-    /// Marking the offset finished takes the tracker's lock and waits for nothing.
+    /// Storing the offset is a call into librdkafka that waits for nothing.
     fn ack_now(&self) -> Option<Result<()>> {
-        self.finish();
+        self.store();
         Some(Ok(()))
     }
 }
 
 impl KafkaAcker {
-    /// Marks the offset handled; the poll task stores the partition's
-    /// next offset to commit when this finish moved it
-    /// ([`Poller::store_finished`]).
-    fn finish(&self) {
-        self.tracker.finished(&self.key, self.offset, self.generation);
+    /// Marks the offset handled and stores the partition's next offset to
+    /// commit, when this ack moved it.
+    fn store(&self) {
+        if let Some(next) = self.tracker.finished(&self.key, self.offset, self.generation) {
+            // `store_offsets` stores the offset as given (the next to consume);
+            // `store_offset` would add 1 (librdkafka's legacy rd_kafka_offset_store).
+            let mut tpl = TopicPartitionList::with_capacity(1);
+            let stored = tpl
+                .add_partition_offset(&self.key.0, self.key.1, Offset::Offset(next))
+                .and_then(|()| self.consumer.store_offsets(&tpl));
+            // Fails only when the partition was just revoked: then it is not ours to commit.
+            if let Err(e) = stored {
+                tracing::debug!(error = %e, "offset not stored");
+            }
+        }
     }
 }

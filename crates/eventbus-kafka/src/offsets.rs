@@ -4,7 +4,6 @@
 //! an unfinished message; finished ones above a gap are consumed again.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -18,9 +17,6 @@ pub(crate) type PartitionKey = (Arc<str>, i32);
 struct Partition {
     in_flight: BTreeSet<i64>,
     next_after_fetched: i64,
-    /// The committable offset last handed to librdkafka's offset store
-    /// (see [`OffsetTracker::unstored`]); 0 before the first.
-    stored: i64,
     /// Revoked in a rebalance: its offsets are no longer ours to commit.
     revoked: bool,
     /// Bumped on each revoke, so a late finish of an earlier assignment's
@@ -44,13 +40,6 @@ pub(crate) struct OffsetTracker {
     /// Notified on every finish: a poll task waiting to resume a partition
     /// paused at its in-flight bound re-checks at once, not at its next tick.
     pub(crate) finishes: tokio::sync::Notify,
-    /// Notified when a finish moved a committable offset while none was
-    /// waiting to be stored (once per store, not per finish): the poll
-    /// task stores it without waiting for its next tick.
-    pub(crate) moved: tokio::sync::Notify,
-    /// Set when a finish moved a partition's committable offset past the
-    /// one last stored; cleared by [`OffsetTracker::unstored`].
-    unstored: AtomicBool,
 }
 
 /// Longest wait, after a revoke cancelled running handlers, for them to stop.
@@ -68,7 +57,6 @@ impl OffsetTracker {
         if p.revoked {
             p.revoked = false;
             p.next_after_fetched = 0;
-            p.stored = 0;
             p.ownership = Ownership::new();
         }
         p.in_flight.insert(offset);
@@ -92,40 +80,9 @@ impl OffsetTracker {
         let p = parts.get_mut(key).filter(|p| p.generation == generation)?;
         let before = p.committable();
         p.in_flight.remove(&offset);
-        let after = p.committable();
-        let advanced = after != before && !p.revoked;
-        if advanced && !self.unstored.swap(true, Ordering::AcqRel) {
-            self.moved.notify_one();
-        }
         self.finishes.notify_one();
-        advanced.then_some(after)
-    }
-
-    /// Whether a finish moved some partition's committable offset since
-    /// the last [`unstored`](Self::unstored) (no lock).
-    pub(crate) fn has_unstored(&self) -> bool {
-        self.unstored.load(Ordering::Acquire)
-    }
-
-    /// The committable offsets that moved past the one last stored, of
-    /// partitions still ours, marked stored: the poll task hands them to
-    /// librdkafka's offset store in one call, for its auto-commit.
-    pub(crate) fn unstored(&self) -> Vec<(PartitionKey, i64)> {
-        if !self.unstored.swap(false, Ordering::AcqRel) {
-            return Vec::new();
-        }
-        let mut parts = self.partitions.lock().unwrap();
-        parts
-            .iter_mut()
-            .filter(|(_, p)| !p.revoked)
-            .filter_map(|(k, p)| {
-                let committable = p.committable();
-                (committable > p.stored).then(|| {
-                    p.stored = committable;
-                    (k.clone(), committable)
-                })
-            })
-            .collect()
+        let after = p.committable();
+        (after != before && !p.revoked).then_some(after)
     }
 
     /// Fences revoked partitions: their ownership is revoked (no attempt of
@@ -198,41 +155,6 @@ mod tests {
         assert_eq!(t.finished(&key(), 14, 0), None);
         assert_eq!(t.finished(&key(), 13, 0), Some(15));
         assert_eq!(t.committable(), vec![(key(), 15)]);
-    }
-
-    #[test]
-    fn finished_offsets_are_stored_once_each_and_never_for_a_revoked_partition() {
-        let t = OffsetTracker::default();
-        let other: PartitionKey = ("t".into(), 1);
-        for o in 0..4 {
-            t.fetched(&key(), o);
-        }
-        t.fetched(&other, 7);
-        assert!(!t.has_unstored());
-        assert!(t.unstored().is_empty(), "nothing finished yet");
-        t.finished(&key(), 1, 0);
-        assert!(!t.has_unstored(), "a finish above a gap moves nothing");
-        t.finished(&key(), 0, 0);
-        t.finished(&other, 7, 0);
-        assert!(t.has_unstored());
-        let mut got = t.unstored();
-        got.sort();
-        assert_eq!(got, vec![(key(), 2), (other.clone(), 8)]);
-        assert!(!t.has_unstored());
-        assert!(t.unstored().is_empty(), "each offset is stored once");
-        t.finished(&key(), 2, 0);
-        t.revoke(&[key()], Duration::from_secs(1));
-        assert!(
-            t.unstored().is_empty(),
-            "a revoked partition's offsets are not ours to store"
-        );
-        let (generation, _) = t.fetched(&key(), 2);
-        t.finished(&key(), 2, generation);
-        assert_eq!(
-            t.unstored(),
-            vec![(key(), 3)],
-            "a re-assignment stores from its own start"
-        );
     }
 
     #[test]

@@ -828,9 +828,9 @@ async fn lag_is_log_end_minus_committed_on_a_true_broker() {
 /// move the group back and the next owner would handle those events
 /// again. Here 10 held handlers are released while the close waits for
 /// them: they finish in a burst right before the member leaves. (It
-/// catches an unstored tail when the close follows the burst within the
-/// poll task's 20 ms store interval, as it did in 4 runs of 4 on the code
-/// that left the revoke's offsets unstored.)
+/// failed in 4 runs of 4 on a tried version that stored offsets from the
+/// poll task every 20 ms and left the revoke's unstored: README
+/// "Benchmark", stop 40.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_member_leaves_everything_it_handled_committed() {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
