@@ -177,8 +177,8 @@ mod tests {
     /// A partition assigned back after a revoke and revoked again before
     /// anything was fetched from it has nothing of its own to commit: the
     /// offset left from the earlier assignment may be behind what another
-    /// owner committed meanwhile, and committing (and storing) it would
-    /// move the group back.
+    /// owner committed meanwhile, and committing it would move the group
+    /// back.
     #[test]
     fn a_partition_revoked_again_before_any_fetch_commits_nothing() {
         let t = OffsetTracker::default();
